@@ -1,0 +1,67 @@
+"""The ``recsvc`` command line: one group, subcommands loaded lazily.
+
+Each subcommand lives in the module that owns its work and is imported only when it runs, so
+``recsvc serve`` never imports ``implicit`` and ``recsvc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+# name -> "module:attribute" of a click command
+COMMANDS: dict[str, str] = {
+    "sample-data": "training.synth:sample_data",
+    "train": "training.cli:train",
+    "evaluate": "training.cli:evaluate",
+    "recommend": "training.cli:recommend",
+    "publish": "recsvc.commands.serving:publish",
+    "rollback": "recsvc.commands.serving:rollback",
+    "versions": "recsvc.commands.serving:versions",
+    "serve": "recsvc.commands.serving:serve",
+    "events": "recsvc.commands.events:events",
+    "retrain": "training.retrain:retrain",
+    "export": "training.export:export",
+    "segments": "training.segments:segments",
+    "report": "recsvc.commands.report:report",
+}
+
+HELP: dict[str, str] = {
+    "sample-data": "Generate a seeded synthetic shop (catalog + events) for demos and tests.",
+    "train": "Train an ALS model from event files and write a versioned artifact.",
+    "evaluate": "Evaluate ALS against baselines on a time split and print a table.",
+    "recommend": "Write top-N recommendations for every known user to CSV.",
+    "publish": "Load a model artifact into Redis and switch serving to it.",
+    "rollback": "Switch serving back to the previous published version.",
+    "versions": "List published versions, marking the live one.",
+    "serve": "Serve the HTTP API (gunicorn; --dev for the Flask dev server).",
+    "events": "Real-time event stream tools (dump to an events file).",
+    "retrain": "Nightly job: dump, train, evaluate, gate, publish, prune.",
+    "export": "Export top-N picks per user of a segment for email campaigns.",
+    "segments": "Print customer segment sizes.",
+    "report": "A/B experiment attribution report.",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing must not import every module (and implicit with them): use the short help table.
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, HELP.get(name, "")) for name in self.list_commands(ctx)])
+
+
+@click.group(cls=LazyGroup)
+@click.version_option(package_name="recsvc")
+def main() -> None:
+    """recsvc: train, publish and serve product recommendations."""

@@ -1,0 +1,1 @@
+"""CLI subcommands of the online side, one module per area."""
