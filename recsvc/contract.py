@@ -1,0 +1,134 @@
+"""The events and catalog input contract, shared by the file loader and ``POST /v1/events``.
+
+events: ``user_id, item_id, event, timestamp`` required; optional ``order_id, quantity, price, rec_id``.
+``event`` is one of :data:`EVENT_TYPES`; ``timestamp`` is ISO-8601 (naive = UTC) or Unix seconds.
+catalog: ``item_id`` required; optional ``title, category, price, available`` (default true).
+
+The file loader (``training.events``) applies these rules vectorised; :func:`validate_event` applies
+them to one JSON event. Both report the same reason codes (:data:`REASONS`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from typing import Any
+
+from recsvc.ids import MAX_ID_LENGTH, is_valid_id
+
+# Order matters: codes are stored as int8 in event tables. impression/click come from the
+# storefront's A/B attribution; they carry little preference signal and are weighted accordingly.
+EVENT_TYPES: tuple[str, ...] = ("view", "cart", "purchase", "impression", "click")
+EVENT_CODE: dict[str, int] = {name: code for code, name in enumerate(EVENT_TYPES)}
+VIEW, CART, PURCHASE, IMPRESSION, CLICK = range(len(EVENT_TYPES))
+
+EVENT_REQUIRED = ("user_id", "item_id", "event", "timestamp")
+EVENT_OPTIONAL = ("order_id", "quantity", "price", "rec_id")
+CATALOG_REQUIRED = ("item_id",)
+CATALOG_OPTIONAL = ("title", "category", "price", "available")
+
+MAX_TITLE_LENGTH = 512
+MAX_CATEGORY_LENGTH = 128
+MAX_QUANTITY = 10_000
+# Timestamps outside [2000-01-01, 2100-01-01) are typos (milliseconds, zero), not events.
+MIN_TIMESTAMP = 946_684_800
+MAX_TIMESTAMP = 4_102_444_800
+
+REASONS: dict[str, str] = {
+    "missing_field": "a required field is empty or missing",
+    "invalid_user_id": "user_id is not 1-128 characters of [A-Za-z0-9._:-]",
+    "invalid_item_id": "item_id is not 1-128 characters of [A-Za-z0-9._:-]",
+    "invalid_order_id": "order_id is not 1-128 characters of [A-Za-z0-9._:-]",
+    "invalid_rec_id": "rec_id is not 1-128 characters of [A-Za-z0-9._:-]",
+    "unknown_event": f"event is not one of {', '.join(EVENT_TYPES)}",
+    "invalid_timestamp": "timestamp is not ISO-8601 or Unix seconds between 2000 and 2100",
+    "invalid_quantity": f"quantity is not a number in 0..{MAX_QUANTITY} (negative quantities are rejected)",
+    "invalid_price": "price is not a finite number >= 0",
+}
+
+
+class ContractError(ValueError):
+    """One field of one record breaks the contract."""
+
+    def __init__(self, field: str, reason: str, message: str):
+        super().__init__(message)
+        self.field, self.reason, self.message = field, reason, message
+
+
+def parse_timestamp(value: Any) -> int:
+    """Unix seconds from an int/float, a numeric string, or an ISO-8601 string (naive = UTC)."""
+    if isinstance(value, bool):
+        raise ValueError("boolean timestamp")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parsed = _dt.datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=_dt.UTC)
+            seconds = parsed.timestamp()
+    else:
+        raise ValueError("empty timestamp")
+    if not math.isfinite(seconds) or not MIN_TIMESTAMP <= seconds < MAX_TIMESTAMP:
+        raise ValueError("timestamp out of range")
+    return int(seconds)
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValueError("boolean")
+    return float(value)
+
+
+def validate_event(raw: Any) -> dict[str, Any]:
+    """Check one event (a JSON object) and return it normalised, or raise :class:`ContractError`.
+
+    The result has ``user_id, item_id, event, timestamp`` (int seconds) and whichever of
+    ``order_id, quantity, price, rec_id`` were given. Unknown fields are rejected so typos such as
+    ``"item"`` for ``"item_id"`` are noticed rather than silently dropped.
+    """
+    if not isinstance(raw, dict):
+        raise ContractError("event", "missing_field", "each event must be a JSON object")
+    unknown = sorted(set(raw) - set(EVENT_REQUIRED) - set(EVENT_OPTIONAL))
+    if unknown:
+        raise ContractError(unknown[0], "unknown_field", f"unknown field {unknown[0]!r}")
+    for name in EVENT_REQUIRED:
+        if raw.get(name) in (None, ""):
+            raise ContractError(name, "missing_field", f"{name} is required")
+    out: dict[str, Any] = {}
+    for name in ("user_id", "item_id"):
+        if not is_valid_id(raw[name]):
+            raise ContractError(name, f"invalid_{name}", f"{name} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._:-]")
+        out[name] = raw[name]
+    if raw["event"] not in EVENT_CODE:
+        raise ContractError("event", "unknown_event", REASONS["unknown_event"])
+    out["event"] = raw["event"]
+    try:
+        out["timestamp"] = parse_timestamp(raw["timestamp"])
+    except (ValueError, TypeError, OverflowError):
+        raise ContractError("timestamp", "invalid_timestamp", REASONS["invalid_timestamp"]) from None
+    for name in ("order_id", "rec_id"):
+        if raw.get(name) not in (None, ""):
+            if not is_valid_id(raw[name]):
+                raise ContractError(name, f"invalid_{name}", REASONS[f"invalid_{name}"])
+            out[name] = raw[name]
+    if raw.get("quantity") is not None:
+        try:
+            quantity = _number(raw["quantity"])
+        except (TypeError, ValueError):
+            quantity = -1.0
+        if not (math.isfinite(quantity) and 0 <= quantity <= MAX_QUANTITY):
+            raise ContractError("quantity", "invalid_quantity", REASONS["invalid_quantity"])
+        out["quantity"] = quantity
+    if raw.get("price") is not None:
+        try:
+            price = _number(raw["price"])
+        except (TypeError, ValueError):
+            price = -1.0
+        if not (math.isfinite(price) and price >= 0):
+            raise ContractError("price", "invalid_price", REASONS["invalid_price"])
+        out["price"] = price
+    return out
