@@ -428,3 +428,43 @@ def prune(models_dir: str | os.PathLike, keep: int, protect: set[str] | frozense
         if time.time() - p.stat().st_mtime > 3600:
             shutil.rmtree(p, ignore_errors=True)
     return [p.name for p in doomed]
+
+
+# ------------------------------------------------------------------------------------------------
+# Added for the batch jobs (training/retrain.py): record facts about a version after it is written
+# (the retrain gate's decision). Nothing above changes.
+# ------------------------------------------------------------------------------------------------
+
+# Fields that describe the files themselves; changing them would make the manifest lie.
+_MANIFEST_FIXED = frozenset({"format", "format_version", "version", "files", "counts"})
+
+
+def update_manifest(path: str | os.PathLike, **fields: Any) -> dict[str, Any]:
+    """Set top-level fields of an existing version's manifest; return the new manifest.
+
+    ``manifest.json`` is rewritten through a temporary file, fsynced and renamed, so a reader sees
+    the old or the new manifest, never half of one. The checksums in ``files`` cover the other
+    files only, so they stay valid.
+
+    Raises
+    ------
+    ArtifactError
+        ``path`` is not a version folder, or a field that describes the files is given.
+    """
+    path = Path(path)
+    fixed = sorted(_MANIFEST_FIXED.intersection(fields))
+    if fixed:
+        raise ArtifactError(f"{path / MANIFEST}: field(s) {', '.join(fixed)} cannot be updated")
+    manifest = read_manifest(path)
+    manifest.update(fields)
+    tmp = path / f".{MANIFEST}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=_json_default)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / MANIFEST)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return manifest

@@ -49,6 +49,8 @@ class Config:
     max_events_batch: int = 1000
     history_length: int = 200  # recent events kept per user for fold-in
     events_rate_limit_per_min: int = 600  # per API key; 429 beyond
+    # (added by real-time) a visitor's recent list expires this long after their newest event
+    history_ttl_s: int = 30 * 86_400
 
     # --- bundles ---------------------------------------------------------------------------------
     bundle_size: int = 3

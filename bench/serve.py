@@ -1,0 +1,365 @@
+"""Serving benchmark: recsvc under gunicorn versus a bare Flask app doing one Redis GET.
+
+Run from the repository root::
+
+    .venv/bin/python bench/serve.py            # ~2 minutes
+    .venv/bin/python bench/serve.py --quick    # ~40 seconds
+
+What it does, all on 127.0.0.1 with a throw-away redis-server:
+
+1. Publish: a synthetic model (users x items x 64 factors) is published with ``recsvc.store.publish``;
+   the table shows the end-to-end rate and the Redis write path alone (packing + pipelined HSETs,
+   scoring excluded), in users/s. Target for the write path: >= 100k users/s.
+2. Serving: ``recsvc serve`` (gunicorn, gthread) and a bare Flask app whose one route does one Redis
+   GET of a stored 20-item JSON list, each with the same gunicorn worker and thread count, are loaded
+   with ``wrk`` at a fixed connection count (max throughput). recsvc answers
+   ``GET /v1/users/<id>/recommendations?n=20`` for random known users. Target: recsvc >= 0.8 x bare.
+3. Latency at half load: recsvc is paced at half its measured max throughput (wrk's Lua ``delay()``
+   per connection) and p50/p99 are reported. Target: p99 <= 10 ms.
+
+Both servers share the machine with wrk and Redis, so absolute numbers depend on the host; the
+ratio is what the targets are about, and both sides are measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+BARE_KEY_PREFIX = "bench:bare:"
+
+
+# ------------------------------------------------------------------------------------------------
+# The bare baseline app (imported by gunicorn in its own process: `serve:bare_app()`)
+# ------------------------------------------------------------------------------------------------
+
+
+def bare_app():
+    """A Flask app whose one route returns a stored 20-item JSON list with one Redis GET."""
+    import redis
+    from flask import Flask, Response
+
+    client = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
+    app = Flask("bare")
+
+    @app.get("/bare/<user_id>")
+    def bare(user_id: str):
+        value = client.get(BARE_KEY_PREFIX + user_id)
+        return Response(value or b"[]", mimetype="application/json")
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0):
+    import scipy.sparse as sp
+
+    from recsvc.artifact import Artifact, BundleCandidates
+
+    rng = np.random.default_rng(seed)
+    per_user = 10
+    rows = np.repeat(np.arange(n_users), per_user)
+    cols = rng.integers(0, n_items, n_users * per_user)
+    interactions = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
+    interactions.sum_duplicates()
+    bought = rng.random(len(rows)) < 0.2
+    purchases = sp.csr_matrix(
+        (np.ones(bought.sum(), np.float32), (rows[bought], cols[bought])), shape=(n_users, n_items)
+    )
+    purchases.sum_duplicates()
+    categories = [f"cat{c}" for c in range(20)]
+    return Artifact(
+        item_ids=[f"sku{i:06d}" for i in range(n_items)],
+        user_ids=[f"user{u:07d}" for u in range(n_users)],
+        item_factors=(rng.standard_normal((n_items, factors)) * 0.3).astype(np.float32),
+        user_factors=(rng.standard_normal((n_users, factors)) * 0.3).astype(np.float32),
+        price=rng.uniform(1, 200, n_items).astype(np.float32),
+        available=rng.random(n_items) < 0.95,
+        category=rng.integers(0, len(categories), n_items).astype(np.int32),
+        categories=categories,
+        titles=[f"Product {i}" for i in range(n_items)],
+        popularity=rng.pareto(1.5, n_items).astype(np.float32),
+        interactions=interactions,
+        purchases=purchases,
+        bundles=BundleCandidates.empty(n_items),
+        manifest={"data_fingerprint": f"bench{seed}", "params": {"factors": factors}},
+    )
+
+
+def wait_http(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+def free_port() -> int:
+    from recsvc.redis_conn import free_port as _free
+
+    return _free()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # gunicorn: graceful stop of master and workers
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+WRK_SCRIPT = """
+local paths = {%(paths)s}
+local pace_ms = %(pace_ms)s
+math.randomseed(%(seed)d)
+request = function()
+  return wrk.format("GET", paths[math.random(#paths)])
+end
+if pace_ms > 0 then
+  delay = function() return pace_ms end
+end
+"""
+
+
+def run_wrk(
+    base: str, paths: list[str], seconds: int, connections: int, pace_ms: float, workdir: Path
+) -> dict[str, float]:
+    """Run wrk; return req/s, p50, p99 (ms), errors."""
+    script = workdir / f"wrk-{time.monotonic_ns()}.lua"
+    script.write_text(
+        WRK_SCRIPT % {"paths": ",".join(json.dumps(p) for p in paths), "pace_ms": f"{pace_ms:.3f}", "seed": 7}
+    )
+    cmd = [
+        "wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s",
+        "--latency", "--timeout", "5s", "-s", str(script), base,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return parse_wrk(out)
+
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if not m:
+        raise ValueError(f"cannot parse wrk latency {text!r}")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_wrk(out: str) -> dict[str, float]:
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))
+    errors = 0
+    m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if m:
+        errors += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    return {"rps": rps, "p50": p50, "p99": p99, "errors": errors, "requests": total}
+
+
+# ------------------------------------------------------------------------------------------------
+# The benchmark
+# ------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model, short load runs (~40 s)")
+    from recsvc.commands.serving import DEFAULT_THREADS, DEFAULT_WORKERS
+
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        help="gunicorn workers for both apps (recsvc serve's default)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=DEFAULT_THREADS,
+        help="threads per worker for both apps (recsvc serve's default)",
+    )
+    parser.add_argument(
+        "--connections", type=int, default=16, help="wrk connections at max load (default 16)"
+    )
+    parser.add_argument("--seconds", type=int, default=None, help="seconds per load run")
+    args = parser.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+
+    from recsvc import store
+    from recsvc.artifact import write_artifact
+    from recsvc.config import Config
+    from recsvc.redis_conn import RedisServer, connect_admin
+
+    quick = args.quick
+    seconds = args.seconds or (4 if quick else 12)
+    publish_users, publish_items = (30_000, 1_000) if quick else (100_000, 1_000)
+    serve_users, serve_items = (20_000, 5_000) if quick else (50_000, 20_000)
+    factors = 64
+    rounds = 1 if quick else 2
+
+    workdir = Path(tempfile.mkdtemp(prefix="recsvc-bench-serve-"))
+    server = RedisServer(workdir / "redis").start()
+    procs: list[subprocess.Popen] = []
+    try:
+        client = connect_admin(server.url)
+        models = workdir / "models"
+        config = Config(redis_url=server.url, models_dir=models, var_dir=workdir / "var")
+
+        # -- 1. publish throughput ----------------------------------------------------------------
+        print(
+            f"# publish: {publish_users:,} users x {publish_items:,} items x {factors} factors, K=200",
+            flush=True,
+        )
+        big = synthetic_artifact(publish_users, publish_items, factors, seed=1)
+        write_artifact(big, models)
+        stats: list[store.PublishStats] = []
+        store.publish(client, big, config, stats=stats)
+        s = stats[0]
+        mem = store.version_memory(client, s.version)
+        print(f"{'step':<34}{'seconds':>10}{'users/s':>14}")
+        print(f"{'top-K scoring (numpy)':<34}{s.score_seconds:>10.2f}{s.users / s.score_seconds:>14,.0f}")
+        print(
+            f"{'Redis write path (pipelined)':<34}{s.write_seconds:>10.2f}{s.write_users_per_second:>14,.0f}"
+            f"   target >= 100,000: {'PASS' if s.write_users_per_second >= 100_000 else 'MISS'}"
+        )
+        print(f"{'whole publish (incl. verify, flip)':<34}{s.seconds:>10.2f}{s.users_per_second:>14,.0f}")
+        print(f"Redis memory for the version: {mem / 1e6:.1f} MB ({mem / publish_users:.0f} B/user)\n")
+        del big
+
+        # -- 2. serving ----------------------------------------------------------------------------
+        print(
+            f"# serving: model of {serve_users:,} users x {serve_items:,} items x {factors} factors",
+            flush=True,
+        )
+        artifact = synthetic_artifact(serve_users, serve_items, factors, seed=2)
+        write_artifact(artifact, models)
+        store.publish(client, artifact, config)
+        rng = np.random.default_rng(3)
+        sample_users = [artifact.user_ids[u] for u in rng.choice(serve_users, 1000, replace=False)]
+        # The bare app's data: a 20-item JSON list per user, as recsvc would answer it.
+        pipe = client.pipeline(transaction=False)
+        for user in sample_users:
+            items = [
+                {
+                    "item_id": f"sku{i:06d}",
+                    "score": 1.0,
+                    "title": f"Product {i}",
+                    "category": "cat1",
+                    "price": 9.99,
+                }
+                for i in rng.choice(serve_items, 20, replace=False)
+            ]
+            pipe.set(BARE_KEY_PREFIX + user, json.dumps(items))
+        pipe.execute()
+
+        env = dict(os.environ)
+        env.update(
+            REDIS_URL=server.url,
+            BENCH_REDIS_URL=server.url,
+            RECSVC_MODELS_DIR=str(models),
+            RECSVC_VAR_DIR=str(workdir / "var"),
+            PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")])),
+        )
+        bare_port, rec_port = free_port(), free_port()
+        gunicorn = [
+            sys.executable, "-m", "gunicorn", "--worker-class", "gthread",
+            "--workers", str(args.workers), "--threads", str(args.threads),
+            "--bind", f"127.0.0.1:{bare_port}", "--log-level", "warning",
+            "--pythonpath", str(REPO / "bench"), "serve:bare_app()",
+        ]  # fmt: skip
+        recsvc_cmd = [
+            str(Path(sys.executable).parent / "recsvc"), "serve", "--port", str(rec_port),
+            "--workers", str(args.workers), "--threads", str(args.threads),
+        ]  # fmt: skip
+        log = open(workdir / "servers.log", "w")  # noqa: SIM115 - closed in finally via procs
+        procs.append(subprocess.Popen(gunicorn, env=env, stdout=log, stderr=log, cwd=workdir))
+        procs.append(subprocess.Popen(recsvc_cmd, env=env, stdout=log, stderr=log, cwd=workdir))
+        bare_base, rec_base = f"http://127.0.0.1:{bare_port}", f"http://127.0.0.1:{rec_port}"
+        wait_http(f"{bare_base}/bare/{sample_users[0]}")
+        wait_http(f"{rec_base}/health/ready")
+        bare_paths = [f"/bare/{u}" for u in sample_users]
+        rec_paths = [f"/v1/users/{u}/recommendations?n=20" for u in sample_users]
+        # Sanity: recsvc answers personalised 20-item lists for these users.
+        with urllib.request.urlopen(rec_base + rec_paths[0]) as r:
+            body = json.loads(r.read())
+        assert body["source"] == "personalized" and len(body["items"]) == 20, body
+
+        # warm-up (load the model in every worker, JIT-free but caches and connections)
+        run_wrk(bare_base, bare_paths, 1, args.connections, 0, workdir)
+        run_wrk(rec_base, rec_paths, 2, args.connections, 0, workdir)
+
+        results: dict[str, list[dict[str, float]]] = {"bare": [], "recsvc": []}
+        for _ in range(rounds):  # alternate, so background load hits both alike
+            results["bare"].append(run_wrk(bare_base, bare_paths, seconds, args.connections, 0, workdir))
+            results["recsvc"].append(run_wrk(rec_base, rec_paths, seconds, args.connections, 0, workdir))
+        best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
+        half_rate = best["recsvc"]["rps"] / 2
+        # Pace each connection so all together offer half of recsvc's max throughput.
+        pace_conns = args.connections
+        pace_ms = 1000.0 * pace_conns / half_rate
+        paced = run_wrk(rec_base, rec_paths, seconds, pace_conns, pace_ms, workdir)
+
+        ratio = best["recsvc"]["rps"] / best["bare"]["rps"]
+        print(
+            f"workers={args.workers} threads={args.threads} connections={args.connections} "
+            f"seconds/run={seconds} rounds={rounds} (best round shown)"
+        )
+        print(f"{'server':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+        for label, r in (
+            ("bare Flask: 1 Redis GET of a 20-item list", best["bare"]),
+            ("recsvc /v1/users/<id>/recommendations?n=20", best["recsvc"]),
+            (f"recsvc paced at half max (~{half_rate:,.0f} req/s)", paced),
+        ):
+            print(f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")
+        print(
+            f"\nratio recsvc / bare req/s: {ratio:.2f}   target >= 0.80: {'PASS' if ratio >= 0.8 else 'MISS'}"
+        )
+        print(
+            f"p99 at half of recsvc max: {paced['p99']:.2f} ms   target <= 10 ms: "
+            f"{'PASS' if paced['p99'] <= 10 else 'MISS'}"
+        )
+        errors = sum(r["errors"] for runs in results.values() for r in runs) + paced["errors"]
+        return 1 if errors else 0
+    finally:
+        for proc in procs:
+            stop(proc)
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

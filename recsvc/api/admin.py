@@ -1,0 +1,103 @@
+"""Admin endpoints (API key): publish a version from the models folder, roll back.
+
+``POST /v1/admin/publish`` ``{"version": "latest" | "<version name>"}`` publishes a folder of
+``Config.models_dir`` -- only a version *name*, never a path, so a caller cannot make the server read
+arbitrary files. ``POST /v1/admin/rollback`` switches to the previously live version.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, g
+
+from recsvc import store
+from recsvc.api.auth import require_api_key
+from recsvc.api.common import PERSONALIZED, answer, json_body, query_args, request_id, services
+from recsvc.artifact import ArtifactError, resolve
+from recsvc.errors import ApiError, bad_request
+from recsvc.ids import is_valid_version
+from recsvc.serving import REDIS_DOWN_ERRORS
+
+log = logging.getLogger("recsvc.admin")
+
+bp = Blueprint("admin", __name__)
+
+
+def _redis_unavailable(e: BaseException) -> ApiError:
+    return ApiError(
+        503, "redis_unavailable", f"Redis is unreachable ({type(e).__name__}); nothing was changed"
+    )
+
+
+@bp.post("/v1/admin/publish")
+@require_api_key
+def publish():
+    query_args(())
+    body = json_body(allowed=("version",))
+    ref = body.get("version", "latest")
+    if not isinstance(ref, str) or not (ref == "latest" or is_valid_version(ref)):
+        raise bad_request(
+            "version", 'version must be "latest" or a version name ([A-Za-z0-9][A-Za-z0-9._-]{0,63})'
+        )
+    svc = services()
+    try:
+        path = resolve(svc.config.models_dir, ref)
+    except ArtifactError:
+        raise ApiError(
+            404, "unknown_version", f"no model version {ref!r} in the models folder", field="version"
+        ) from None
+    client = svc.admin_client()
+    try:
+        previous = store.current_version(client)
+        stats: list[store.PublishStats] = []
+        version = store.publish(client, path, svc.config, stats=stats)
+    except ArtifactError as e:
+        raise ApiError(422, "invalid_artifact", str(e), field="version") from None
+    except store.PublishError as e:
+        raise ApiError(409, "publish_failed", str(e)) from None
+    except REDIS_DOWN_ERRORS as e:
+        raise _redis_unavailable(e) from None
+    finally:
+        client.close()
+    svc.models.invalidate()
+    log.info("admin publish %s by key %s (previous %s)", version, g.get("api_key_fingerprint"), previous)
+    s = stats[0]
+    return answer(
+        {
+            "model_version": version,
+            "source": PERSONALIZED,
+            "request_id": request_id(),
+            "published": version,
+            "previous": previous,
+            "users": s.users,
+            "items": s.items,
+            "seconds": round(s.seconds, 3),
+            "reused": s.reused,
+        }
+    )
+
+
+@bp.post("/v1/admin/rollback")
+@require_api_key
+def rollback():
+    query_args(())
+    json_body(allowed=())
+    svc = services()
+    try:
+        previous = store.current_version(svc.client)
+        version = store.rollback(svc.client, svc.config)
+    except store.RollbackError as e:
+        raise ApiError(409, "no_previous_version", str(e)) from None
+    except REDIS_DOWN_ERRORS as e:
+        raise _redis_unavailable(e) from None
+    svc.models.invalidate()
+    log.info("admin rollback %s -> %s by key %s", previous, version, g.get("api_key_fingerprint"))
+    return answer(
+        {
+            "model_version": version,
+            "source": PERSONALIZED,
+            "request_id": request_id(),
+            "previous": previous,
+        }
+    )

@@ -1,0 +1,322 @@
+"""Admin API for A/B experiments (API key): define, list, inspect, delete, and report.
+
+* ``GET /v1/admin/experiments`` -- every experiment (file and Redis) with its status.
+* ``GET /v1/admin/experiments/<name>`` -- one definition with bucket layout, status and source.
+* ``PUT /v1/admin/experiments/<name>`` -- create or replace (stored in Redis). Changing shares
+  keeps users sticky: only the buckets that must change owner move (see
+  :func:`recsvc.experiments.rebalance`). 201 when created, 200 when replaced.
+* ``DELETE /v1/admin/experiments/<name>`` -- remove a stored definition (events stay attributable).
+* ``GET /v1/admin/experiments/<name>/assignment?user_id=`` -- which variant a user gets now.
+* ``GET /v1/admin/experiments/<name>/report`` -- the attribution report over the events that went
+  through the service: stream dumps under ``<var_dir>/events/``, the live stream, and the
+  served log (same numbers as ``recsvc report``).
+
+Experiments from ``RECSVC_EXPERIMENTS_FILE`` are read-only here (409): edit the file instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from flask import Blueprint, request
+
+from recsvc import experiments as ex
+from recsvc.api.auth import require_api_key
+from recsvc.api.common import answer, json_body, parse_id, query_args, request_id, services
+from recsvc.errors import ApiError, bad_request
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("experiments", __name__)
+
+DEFAULT_REPORT_EVENTS = 200_000
+MAX_REPORT_EVENTS = 1_000_000
+#: Stream dumps read by the report endpoint at most (bytes on disk); beyond, use ``recsvc report``.
+DEFAULT_REPORT_MAX_BYTES = 256 * 1024 * 1024
+_DUMP_SUFFIXES = (".csv", ".parquet", ".csv.gz")
+
+
+@bp.record_once
+def _init(setup_state: Any) -> None:
+    # Runs inside create_app: a bad experiments file stops start-up with its error message.
+    ex.init_app(setup_state.app)
+
+
+def _state() -> ex.ExperimentState:
+    from flask import current_app
+
+    return ex.init_app(current_app)
+
+
+def _check_name(name: str) -> str:
+    if ex.NAME_PATTERN.fullmatch(name) is None:
+        raise bad_request("name", "experiment names are 1-32 characters of [A-Za-z0-9_-]")
+    return name
+
+
+def _redis_unavailable(error: Exception) -> ApiError:
+    services().health.mark_down(error)
+    return ApiError(503, "redis_unavailable", "Redis is unavailable; try again shortly")
+
+
+def _describe(experiment: ex.Experiment, source: str | None, now: float) -> dict[str, Any]:
+    return {**experiment.to_dict(), "status": experiment.status(now), "source": source}
+
+
+def _published_versions() -> set[str] | None:
+    from recsvc import store
+
+    try:
+        return {entry["version"] for entry in store.list_published(services().client)}
+    except Exception:  # noqa: BLE001 - only used for warnings
+        return None
+
+
+@bp.get("/v1/admin/experiments")
+@require_api_key
+def list_experiments():
+    """Every known experiment, ordered by start then name."""
+    query_args(())
+    registry = _state().registry
+    registry.refresh(force=True)
+    now = registry.clock()
+    items = [_describe(e, registry.source_of(e.name), now) for e in registry.all()]
+    return answer({"request_id": request_id(), "experiments": items})
+
+
+@bp.get("/v1/admin/experiments/<name>")
+@require_api_key
+def get_experiment(name: str):
+    """One experiment's definition, bucket layout, status and source."""
+    name = _check_name(name)
+    query_args(())
+    registry = _state().registry
+    registry.refresh(force=True)
+    experiment = registry.get(name)
+    if experiment is None:
+        raise ApiError(404, "not_found", f"no experiment named {name!r}", field="name")
+    return answer(
+        {
+            "request_id": request_id(),
+            "experiment": _describe(experiment, registry.source_of(name), registry.clock()),
+        }
+    )
+
+
+@bp.put("/v1/admin/experiments/<name>")
+@require_api_key
+def put_experiment(name: str):
+    """Create or replace an experiment (body: the definition; ``name`` optional, must match)."""
+    import redis
+
+    name = _check_name(name)
+    query_args(())
+    if len(request.get_data(cache=True)) > ex.MAX_DEFINITION_BYTES:
+        raise ApiError(
+            413, "too_large", f"a definition is at most {ex.MAX_DEFINITION_BYTES} bytes", field="body"
+        )
+    body = json_body(ex.DEFINITION_FIELDS)
+    registry = _state().registry
+    registry.refresh(force=True)
+    if registry.source_of(name) == "file":
+        raise ApiError(
+            409, "conflict", f"{name!r} is defined in the experiments file; edit the file", field="name"
+        )
+    client = services().client
+    try:
+        previous = ex.load_stored_experiments(client).get(name)
+    except redis.RedisError as e:
+        raise _redis_unavailable(e) from None
+    try:
+        experiment = ex.parse_experiment(body, previous=previous, name=name)
+    except ex.ExperimentError as e:
+        raise bad_request(e.field, e.message) from None
+    warnings = []
+    published = _published_versions()
+    for variant in experiment.variants:
+        if (
+            variant.model_version is not None
+            and published is not None
+            and variant.model_version not in published
+        ):
+            warnings.append(
+                f"variant {variant.name}: model version {variant.model_version} is not published; "
+                "its users are served the default, untagged, until it is"
+            )
+    try:
+        created = ex.store_experiment(client, experiment)
+    except ex.ExperimentError as e:
+        raise ApiError(409, "limit_reached", e.message, field="name") from None
+    except redis.RedisError as e:
+        raise _redis_unavailable(e) from None
+    registry.refresh(force=True)
+    log.info("experiment %s %s", name, "created" if created else "replaced")
+    body = {
+        "request_id": request_id(),
+        "experiment": _describe(experiment, "redis", registry.clock()),
+        "created": created,
+        "warnings": warnings,
+    }
+    return answer(body, 201 if created else 200)
+
+
+@bp.delete("/v1/admin/experiments/<name>")
+@require_api_key
+def delete_experiment(name: str):
+    """Remove a stored experiment; its users are served the default from the next refresh on."""
+    import redis
+
+    name = _check_name(name)
+    query_args(())
+    registry = _state().registry
+    registry.refresh(force=True)
+    if registry.source_of(name) == "file":
+        raise ApiError(
+            409, "conflict", f"{name!r} is defined in the experiments file; edit the file", field="name"
+        )
+    try:
+        removed = ex.delete_stored_experiment(services().client, name)
+    except redis.RedisError as e:
+        raise _redis_unavailable(e) from None
+    if not removed:
+        raise ApiError(404, "not_found", f"no experiment named {name!r}", field="name")
+    registry.refresh(force=True)
+    return answer({"request_id": request_id(), "deleted": name})
+
+
+@bp.get("/v1/admin/experiments/<name>/assignment")
+@require_api_key
+def assignment(name: str):
+    """The bucket and variant ``user_id`` gets in this experiment (whether or not it is active)."""
+    name = _check_name(name)
+    args = query_args(("user_id",))
+    user_id = parse_id(args.get("user_id", ""), "user_id")
+    registry = _state().registry
+    experiment = registry.get(name)
+    if experiment is None:
+        raise ApiError(404, "not_found", f"no experiment named {name!r}", field="name")
+    variant = experiment.variant_for(user_id)
+    return answer(
+        {
+            "request_id": request_id(),
+            "experiment": name,
+            "user_id": user_id,
+            "bucket": experiment.bucket(user_id),
+            "variant": variant.name if variant is not None else None,
+            "status": experiment.status(registry.clock()),
+        }
+    )
+
+
+def _number(
+    args: Any, name: str, default: float, low: float, high: float, *, low_open: bool = False
+) -> float:
+    raw = args.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise bad_request(name, f"{name} must be a number") from None
+    if not (low < value if low_open else low <= value) or not value <= high:
+        raise bad_request(name, f"{name} must be {'>' if low_open else '>='} {low:g} and <= {high:g}")
+    return value
+
+
+def _dump_files(var_dir: Path, since: float | None) -> list[Path]:
+    folder = var_dir / "events"
+    if not folder.is_dir():
+        return []
+    files = []
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or not path.name.endswith(_DUMP_SUFFIXES):
+            continue
+        if since is not None and path.stat().st_mtime < since:
+            continue  # dumped before the experiment could have any event
+        files.append(path)
+    return files
+
+
+@bp.get("/v1/admin/experiments/<name>/report")
+@require_api_key
+def report(name: str):
+    """Attribution report: per variant metrics, both attribution models, z-test verdicts."""
+    import redis
+
+    from recsvc.commands.report import combine_events, make_report, read_stream_events
+
+    name = _check_name(name)
+    args = query_args(("window_days", "alpha", "attribution", "control", "max_events", "include_dumps"))
+    window_days = _number(args, "window_days", 7.0, 0, 365)
+    alpha = _number(args, "alpha", 0.05, 0, 0.5, low_open=True)
+    attribution = args.get("attribution") or "last_click"
+    if attribution not in ("last_click", "linear"):
+        raise bad_request("attribution", "attribution must be last_click or linear")
+    max_events = int(_number(args, "max_events", DEFAULT_REPORT_EVENTS, 1, MAX_REPORT_EVENTS))
+    include_dumps = (args.get("include_dumps") or "true").lower()
+    if include_dumps not in ("true", "false", "1", "0"):
+        raise bad_request("include_dumps", "include_dumps must be true or false")
+    control = args.get("control") or None
+    if control is not None and ex.NAME_PATTERN.fullmatch(control) is None:
+        raise bad_request("control", "control must be a variant name")
+
+    svc = services()
+    registry = _state().registry
+    definition = registry.get(name)
+    warnings: list[str] = []
+    parts: list[Any] = []
+    if include_dumps in ("true", "1"):
+        since = (
+            definition.start - window_days * 86400 if definition is not None and definition.start else None
+        )
+        files = _dump_files(Path(svc.config.var_dir), since)
+        limit = int(svc.config.extra.get("experiments_report_max_bytes", DEFAULT_REPORT_MAX_BYTES))
+        total = sum(p.stat().st_size for p in files)
+        if total > limit:
+            raise ApiError(
+                413,
+                "too_much_data",
+                f"{len(files)} stream dumps hold {total:,} bytes (limit {limit:,}); run `recsvc report` "
+                "on them, or pass include_dumps=false for the live stream only",
+            )
+        if files:
+            from training.events import BadInputError, load_events
+
+            for path in files:
+                try:
+                    parts.append(load_events(path)[0])
+                except BadInputError as e:
+                    warnings.append(f"skipped {path.name}: {e}")
+    try:
+        stream = read_stream_events(svc.client, svc.config.events_stream, max_events)
+        served = ex.read_served(svc.client, name, limit=max_events)
+    except redis.RedisError as e:
+        raise _redis_unavailable(e) from None
+    parts.append(stream)
+    if stream.skipped:
+        warnings.append(f"{stream.skipped} invalid stream entries skipped")
+    events = combine_events(parts)
+    try:
+        result = make_report(
+            events,
+            name,
+            definition,
+            window_days=window_days,
+            alpha=alpha,
+            attribution=attribution,
+            control=control,
+            served=served,
+        )
+    except ValueError as e:
+        if definition is None:
+            raise ApiError(
+                404, "not_found", f"no experiment named {name!r} and no event of it", field="name"
+            ) from None
+        raise bad_request("control" if "control" in str(e) else "name", str(e)) from None
+    body = result.to_dict()
+    body["warnings"] = warnings + body["warnings"]
+    body["definition_source"] = registry.source_of(name)
+    body["request_id"] = request_id()
+    return answer(body)

@@ -1,0 +1,118 @@
+"""Health checks and the live model's description.
+
+* ``GET /health/live``  -- the process answers (never touches Redis).
+* ``GET /health/ready`` -- 200 ``ready`` when Redis answers and a published model is loaded;
+  200 ``degraded`` when Redis is unreachable but a fallback can be served; 503 ``not_ready`` when
+  nothing is published (or nothing at all can be served).
+* ``GET /v1/model``     -- the live version's manifest summary and the published versions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint
+
+from recsvc import store
+from recsvc.api.common import FALLBACK, PERSONALIZED, answer, live_model, query_args, request_id, services
+from recsvc.serving import REDIS_DOWN_ERRORS
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/health/live")
+def live():
+    query_args(())
+    model = services().models.current()
+    return answer(
+        {
+            "status": "ok",
+            "model_version": model.version if model else None,
+            "source": PERSONALIZED if model is not None and model.origin == "redis" else FALLBACK,
+            "request_id": request_id(),
+        }
+    )
+
+
+@bp.get("/health/ready")
+def ready():
+    query_args(())
+    svc = services()
+    checks: dict[str, Any] = {}
+    redis_ok = False
+    if not svc.health.is_down():
+        try:
+            t0 = time.perf_counter()
+            svc.client.ping()
+            checks["redis_ms"] = round(1000 * (time.perf_counter() - t0), 3)
+            redis_ok = True
+        except REDIS_DOWN_ERRORS as e:
+            svc.health.mark_down(e)
+    checks["redis"] = "ok" if redis_ok else "unreachable"
+    if not redis_ok and svc.health.last_error:
+        checks["redis_error"] = svc.health.last_error
+    choice = live_model()
+    model = choice.model
+    body: dict[str, Any] = {
+        "model_version": model.version if model is not None else None,
+        "source": FALLBACK if choice.degraded else PERSONALIZED,
+        "request_id": request_id(),
+    }
+    if not choice.degraded:
+        body.update(status="ready", checks=checks)
+        return answer(body)
+    checks["model"] = choice.reason
+    checks["fallback"] = model.origin if model is not None else None
+    if choice.reason == "redis_unavailable" and model is not None:
+        body.update(status="degraded", reason=choice.reason, checks=checks)
+        return answer(body)
+    body.update(
+        status="not_ready",
+        reason=choice.reason,
+        message=(
+            "no model is published: run `recsvc publish latest`"
+            if choice.reason == "not_published"
+            else "Redis is unreachable and no model is in memory or on disk"
+        ),
+        checks=checks,
+    )
+    return answer(body, status=503)
+
+
+@bp.get("/v1/model")
+def model_info():
+    """The live model: version, when it was trained, its parameters, metrics and counts."""
+    query_args(())
+    svc = services()
+    choice = live_model()
+    model = choice.model
+    body: dict[str, Any] = {
+        "model_version": model.version if model is not None else None,
+        "source": FALLBACK if choice.degraded else PERSONALIZED,
+        "request_id": request_id(),
+    }
+    if choice.degraded:
+        body["reason"] = choice.reason
+    if model is not None:
+        m = model.manifest
+        body["model"] = {
+            "version": model.version,
+            "origin": model.origin,
+            "created_at": m.get("created_at"),
+            "trained_until": m.get("trained_until"),
+            "data_fingerprint": m.get("data_fingerprint"),
+            "params": m.get("params", {}),
+            "metrics": m.get("metrics", {}),
+            "counts": m.get("counts", {}),
+            "categories": model.categories,
+            "cached_top_k": model.k,
+        }
+    versions = []
+    if not choice.degraded or choice.reason == "not_published":
+        try:
+            versions = store.list_published(svc.client)
+        except REDIS_DOWN_ERRORS as e:
+            svc.health.mark_down(e)
+    body["versions"] = versions
+    return answer(body)

@@ -1,0 +1,304 @@
+"""``recsvc publish | rollback | versions | serve``: the serving side of the command line.
+
+Exit codes: 0 success; 1 the artifact is missing/corrupt, the publish failed verification, or there
+is nothing to roll back to; 2 bad usage (click); 3 Redis is unreachable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import redis
+
+from recsvc.config import Config
+
+EXIT_FAILED = 1
+EXIT_REDIS = 3
+
+# A request is ~0.1 ms of Redis wait and ~0.3 ms of Python: processes, not threads, add throughput
+# (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded workers per core.
+DEFAULT_WORKERS = max(2, 2 * (os.cpu_count() or 1))
+DEFAULT_THREADS = 1
+
+
+class _Failed(click.ClickException):
+    exit_code = EXIT_FAILED
+
+
+class _RedisDown(click.ClickException):
+    exit_code = EXIT_REDIS
+
+
+def _config(models_dir: str | None = None) -> Config:
+    try:
+        config = Config.from_env()
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    return config.with_overrides(models_dir=Path(models_dir)) if models_dir else config
+
+
+def _admin_client(config: Config) -> redis.Redis:
+    from recsvc.redis_conn import connect_admin, ensure_redis
+
+    try:
+        url = ensure_redis(config)
+        client = connect_admin(url)
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError, RuntimeError) as e:
+        where = config.redis_url or f"embedded redis under {config.var_dir}/redis"
+        raise _RedisDown(f"Redis is unreachable ({where}): {e}") from None
+    return client
+
+
+@click.command()
+@click.argument("ref", required=False, default="latest")
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where versions live (default: RECSVC_MODELS_DIR or ./models).",
+)
+@click.option("--force", is_flag=True, help="Publish even a version the retrain quality gate refused.")
+def publish(ref: str, models_dir: str | None, force: bool) -> None:
+    """Load model REF into Redis, verify it, then switch serving to it.
+
+    REF is a version folder, a version name under the models folder, or `latest` (the default).
+    The previous live version stays published for `recsvc rollback`; versions beyond
+    RECSVC_KEEP_VERSIONS (3) are deleted from Redis. A version the retrain quality gate refused is
+    not published unless --force is given.
+    """
+    from tqdm import tqdm
+
+    from recsvc import store
+    from recsvc.artifact import ArtifactError, read_artifact, resolve
+
+    config = _config(models_dir)
+    try:
+        artifact = read_artifact(resolve(config.models_dir, ref))
+    except ArtifactError as e:
+        raise _Failed(str(e)) from None
+    gate = artifact.manifest.get("gate")
+    if gate and not (gate.get("passed") or gate.get("forced")):
+        if not force:
+            raise _Failed(
+                f"{artifact.version} was refused by the retrain gate: "
+                f"{gate.get('reason', 'no reason recorded')} (use --force to publish it anyway)"
+            )
+        click.echo(
+            f"warning: publishing {artifact.version} although the retrain gate refused it (--force)", err=True
+        )
+    client = _admin_client(config)
+    stats: list[store.PublishStats] = []
+    with tqdm(
+        total=artifact.n_users,
+        unit="users",
+        desc=f"publish {artifact.version}",
+        disable=not sys.stderr.isatty(),
+    ) as bar:
+        try:
+            previous = store.current_version(client)
+            version = store.publish(client, artifact, config, progress=bar.update, stats=stats)
+        except (ArtifactError, store.PublishError) as e:
+            raise _Failed(str(e)) from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise _RedisDown(f"Redis failed during publish: {e}; the live version is unchanged") from None
+    s = stats[0]
+    note = " (already in Redis; made live again)" if s.reused else ""
+    click.echo(
+        f"published {version}{note}: {s.users} users, {s.items} items, {s.buckets} buckets "
+        f"in {s.seconds:.2f}s ({s.users_per_second:,.0f} users/s); previous live: {previous or 'none'}"
+    )
+
+
+@click.command()
+def rollback() -> None:
+    """Switch serving back to the version that was live before the current one."""
+    from recsvc import store
+
+    client = _admin_client(_config())
+    before = store.current_version(client)
+    try:
+        version = store.rollback(client, _config())
+    except store.RollbackError as e:
+        raise _Failed(str(e)) from None
+    click.echo(f"rolled back: {before} -> {version}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def versions(as_json: bool) -> None:
+    """List the versions published in Redis, newest first, marking the live one with `*`."""
+    import json
+
+    from recsvc import store
+
+    rows = store.list_published(_admin_client(_config()))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no published versions (run `recsvc publish latest`)")
+        return
+    click.echo(f"  {'version':<40} {'published (UTC)':<20} {'users':>9} {'items':>9}")
+    for row in rows:
+        when = _dt.datetime.fromtimestamp(row["published_at"], _dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        mark = "*" if row["live"] else " "
+        click.echo(f"{mark} {row['version']:<40} {when:<20} {row['users']:>9} {row['items']:>9}")
+
+
+def example_requests(client: redis.Redis, base_url: str) -> list[str]:
+    """Three ``curl`` lines that work against the live model: a known user, an item, a category.
+
+    Returns an empty list when nothing is published.
+    """
+    from recsvc import store
+    from recsvc.serving import ServingModel
+
+    version = store.current_version(client)
+    if version is None:
+        return []
+    model = ServingModel.load(client, version)
+    user = None
+    for bucket in range(model.n_buckets):
+        found = client.hrandfield(store.bucket_key(version, "topk", bucket))
+        if found:
+            user = found.decode()
+            break
+    item = model.item_ids[int(model.popular[0])]
+    lines = []
+    if user:
+        lines.append(f"curl -s '{base_url}/v1/users/{user}/recommendations?n=5'")
+    lines.append(f"curl -s '{base_url}/v1/items/{item}/similar?n=5'")
+    cat = model.category[int(model.popular[0])]
+    if cat >= 0:
+        from urllib.parse import quote
+
+        lines.append(f"curl -s '{base_url}/v1/popular?n=5&category={quote(model.categories[cat])}'")
+    else:
+        lines.append(f"curl -s '{base_url}/v1/popular?n=5'")
+    return lines
+
+
+class _GunicornApp:
+    """Run gunicorn in-process with recsvc's app factory (called once per worker, after fork)."""
+
+    def __init__(self, options: dict[str, Any]):
+        from gunicorn.app.base import BaseApplication
+
+        outer = self
+
+        class App(BaseApplication):
+            def load_config(self) -> None:
+                for key, value in outer.options.items():
+                    self.cfg.set(key, value)
+
+            def load(self):
+                from recsvc.app import create_app
+
+                return create_app()
+
+        self.options = options
+        self.app = App()
+
+    def run(self) -> None:
+        self.app.run()
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port.")
+@click.option(
+    "--workers",
+    default=DEFAULT_WORKERS,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="gunicorn worker processes (default: 2 per CPU core).",
+)
+@click.option(
+    "--threads",
+    default=DEFAULT_THREADS,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Threads per worker (gthread).",
+)
+@click.option(
+    "--timeout", default=120, show_default=True, type=click.IntRange(5, 3600), help="Worker timeout, s."
+)
+@click.option("--access-log", is_flag=True, help="Log every request to stderr (gunicorn access log).")
+@click.option(
+    "--dev", is_flag=True, help="Flask's development server instead of gunicorn (never in production)."
+)
+@click.option(
+    "--examples", is_flag=True, help="Print three curl lines that work against the live model first."
+)
+def serve(
+    host: str,
+    port: int,
+    workers: int,
+    threads: int,
+    timeout: int,
+    access_log: bool,
+    dev: bool,
+    examples: bool,
+) -> None:
+    """Serve the HTTP API: gunicorn (gthread workers) in production, --dev for Flask's server.
+
+    Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
+    every worker through the environment.
+    """
+    from recsvc.redis_conn import ensure_redis
+
+    # Scoring one user is a small matrix-vector product: BLAS threads only contend with the other
+    # workers (bench/realtime.py measured ~2x the latency with the default). Set before numpy loads.
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    config = _config()
+    try:
+        url = ensure_redis(config)
+    except (RuntimeError, OSError) as e:
+        raise _RedisDown(f"cannot start the embedded Redis: {e}") from None
+    os.environ["REDIS_URL"] = url  # every worker (and its create_app) uses this one server
+    base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}"
+    client = _admin_client(config.with_overrides(redis_url=url))
+    if examples:
+        lines = example_requests(client, base)
+        if lines:
+            click.echo("Try:")
+            for line in lines:
+                click.echo(f"  {line}")
+        else:
+            click.echo(
+                "nothing is published yet: run `recsvc publish latest` (answers are fallbacks until then)"
+            )
+    client.close()
+    click.echo(f"recsvc serving on {base} ({'flask dev server' if dev else f'gunicorn, {workers} workers'})")
+    sys.stdout.flush()
+    if dev:
+        from recsvc.app import create_app
+
+        create_app().run(host=host, port=port, threaded=True, use_reloader=False)
+        return
+    options = {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "worker_class": "gthread",
+        "threads": threads,
+        "timeout": timeout,
+        "graceful_timeout": 30,
+        "keepalive": 5,
+        "accesslog": "-" if access_log else None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "recsvc",
+    }
+    click.echo(
+        "gunicorn " + " ".join(shlex.quote(f"--{k}={v}") for k, v in options.items() if v is not None),
+        err=True,
+    )
+    _GunicornApp(options).run()

@@ -1,0 +1,490 @@
+"""The in-process side of serving: the live model held in memory, and per-request user data.
+
+A :class:`ServingModel` is everything about one published version that does not depend on the user
+(item ids, factors, metadata, popularity orders, bundle candidates). It is loaded from Redis once per
+version switch and then shared, read-only, by every request thread of the process. Per-user data
+(cached top-K, user factors, purchases) stays in Redis and is fetched per request by
+:func:`fetch_user` in one round trip that also reads the live pointer, so a publish is noticed by the
+next request without polling.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import redis
+
+from recsvc import store
+from recsvc.artifact import Artifact, ArtifactError, BundleCandidates, latest_version, read_artifact
+from recsvc.config import Config
+
+log = logging.getLogger("recsvc.serving")
+
+T = TypeVar("T")
+
+# Redis failures that mean "unreachable or too slow" (fallback), as opposed to programming errors.
+REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr
+
+
+class ModelNotPublished(LookupError):
+    """Redis holds no complete version under the name asked for (or nothing is live)."""
+
+
+@dataclass(eq=False)
+class ServingModel:
+    """One model version in process memory, immutable after construction and safe to share.
+
+    Attributes
+    ----------
+    version : str
+        The model version.
+    manifest : dict
+        The artifact's manifest (params, metrics, counts, trained_until...).
+    item_ids : list of str
+        Item id per item index.
+    item_index : dict
+        Item id -> item index.
+    item_factors : np.ndarray
+        float32 ``(n_items, factors)``, read-only.
+    price, available, category, popularity : np.ndarray
+        Per item: float32 (NaN = unknown), bool, int32 code (-1 = none), float32.
+    categories : list of str
+        Category name per code; ``category_index`` maps name -> code.
+    titles : list of str
+        Title per item ("" when unknown).
+    popular : np.ndarray
+        int32 item indices, most popular first; ``popular_by_category[code]`` the same per category.
+    bundles : BundleCandidates
+        The artifact's bundle candidates per anchor item.
+    k : int
+        Length of each user's cached top-K list in Redis.
+    n_buckets : int
+        Number of per-user bucket hashes in Redis.
+    origin : str
+        ``"redis"`` (the published version) or ``"artifact"`` (a local folder, used as fallback).
+    """
+
+    version: str
+    manifest: dict[str, Any]
+    item_ids: list[str]
+    item_index: dict[str, int]
+    item_factors: np.ndarray
+    price: np.ndarray
+    available: np.ndarray
+    category: np.ndarray
+    categories: list[str]
+    category_index: dict[str, int]
+    titles: list[str]
+    popularity: np.ndarray
+    popular: np.ndarray
+    popular_by_category: dict[int, np.ndarray]
+    bundles: BundleCandidates
+    k: int
+    n_buckets: int
+    n_users: int
+    index_dtype: str = "<i4"  # packed dtype of item indices in per-user records
+    origin: str = "redis"
+    loaded_at: float = field(default_factory=time.time)
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    _memo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Only for models built from a local artifact: user id -> index and purchases.
+    _local_users: dict[str, int] | None = field(default=None, repr=False)
+    _local_artifact: Artifact | None = field(default=None, repr=False)
+
+    # --------------------------------------------------------------------------------------------
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def factors(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    @property
+    def trained_until(self) -> int | None:
+        """Newest event timestamp in the training data (unix seconds), when the manifest has it."""
+        value = self.manifest.get("trained_until")
+        try:
+            return int(value) if value not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
+    @property
+    def item_ids_array(self) -> np.ndarray:
+        """Item ids as a numpy object array (fast fancy indexing when building answers)."""
+        return self.memo("item_ids_array", lambda: _readonly(np.asarray(self.item_ids, dtype=object)))
+
+    @property
+    def unit_item_factors(self) -> np.ndarray:
+        """Item factors scaled to unit length (cosine similarity for "similar items")."""
+
+        def build() -> np.ndarray:
+            norms = np.linalg.norm(self.item_factors, axis=1, keepdims=True)
+            return _readonly((self.item_factors / np.maximum(norms, 1e-12)).astype(np.float32))
+
+        return self.memo("unit_item_factors", build)
+
+    def memo(self, name: str, build: Callable[[], T]) -> T:
+        """Per-version derived data (e.g. fold-in's YtY), built once and shared by threads."""
+        try:
+            return self._memo[name]
+        except KeyError:
+            pass
+        with self._memo_lock:
+            if name not in self._memo:
+                self._memo[name] = build()
+            return self._memo[name]
+
+    def category_codes(self, names: list[str] | tuple[str, ...]) -> np.ndarray:
+        """int32 codes of known category names (unknown names have no items and are dropped)."""
+        codes = [self.category_index[n] for n in names if n in self.category_index]
+        return np.asarray(codes, dtype=np.int32)
+
+    def item_indices(self, ids: list[str] | tuple[str, ...]) -> np.ndarray:
+        """int32 indices of the known item ids among ``ids`` (unknown ids are skipped)."""
+        found = [self.item_index[i] for i in ids if i in self.item_index]
+        return np.asarray(found, dtype=np.int32)
+
+    # ---- keys of per-user data in Redis ------------------------------------------------------------
+    def user_key(self, part: str, user_id: str) -> str:
+        """Bucket hash holding ``user_id``'s ``topk`` (with purchases) or ``interactions`` field."""
+        prefix = self.memo(f"key_prefix:{part}", lambda: store.bucket_key(self.version, part, 0)[:-1])
+        return prefix + str(store.user_bucket(user_id, self.n_buckets))
+
+    def local_user(self, user_id: str) -> UserRecord | None:
+        """A user's data from the local artifact (models with origin ``artifact`` only)."""
+        if self._local_users is None or self._local_artifact is None:
+            return None
+        u = self._local_users.get(user_id)
+        if u is None:
+            return None
+        a = self._local_artifact
+        vector = a.user_factors[u]
+        row = a.purchases[u]
+        return UserRecord(
+            user_id, np.zeros(0, np.int32), vector, row.indices.astype(np.int32), a.item_factors
+        )
+
+    # ---- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_artifact(cls, artifact: Artifact, k: int = 200) -> ServingModel:
+        """Build from an in-memory artifact (tests, pure ranking, and the nothing-published fallback)."""
+        popular_packed = store.popular_lists(artifact.popularity, artifact.category, len(artifact.categories))
+        n_users = artifact.n_users
+        model = cls(
+            version=str(artifact.manifest.get("version", "local")),
+            manifest=dict(artifact.manifest),
+            item_ids=list(artifact.item_ids),
+            item_index=artifact.item_index(),
+            item_factors=_readonly(np.ascontiguousarray(artifact.item_factors, dtype=np.float32)),
+            price=_readonly(np.asarray(artifact.price, dtype=np.float32)),
+            available=_readonly(np.asarray(artifact.available, dtype=bool)),
+            category=_readonly(np.asarray(artifact.category, dtype=np.int32)),
+            categories=list(artifact.categories),
+            category_index={name: code for code, name in enumerate(artifact.categories)},
+            titles=list(artifact.titles),
+            popularity=_readonly(np.asarray(artifact.popularity, dtype=np.float32)),
+            popular=_readonly(store.unpack_indices(popular_packed["*"]).copy()),
+            popular_by_category={
+                int(name[1:]): _readonly(store.unpack_indices(v).copy())
+                for name, v in popular_packed.items()
+                if name != "*"
+            },
+            bundles=artifact.bundles,
+            k=min(k, artifact.n_items),
+            n_buckets=max(1, -(-n_users // store.USERS_PER_BUCKET)),
+            n_users=n_users,
+            index_dtype=store.index_dtype(artifact.n_items),
+            origin="artifact",
+        )
+        model._local_users = artifact.user_index()
+        model._local_artifact = artifact
+        return model
+
+    @classmethod
+    def load(cls, client: redis.Redis, version: str) -> ServingModel:
+        """Load a published version from Redis (one pipelined round trip).
+
+        Raises
+        ------
+        ModelNotPublished
+            Redis has no complete version ``version``.
+        """
+        pipe = client.pipeline(transaction=False)
+        pipe.hgetall(store.version_key(version, "info"))
+        pipe.get(store.version_key(version, "manifest"))
+        pipe.hgetall(store.version_key(version, "items"))
+        pipe.hgetall(store.version_key(version, "popular"))
+        pipe.hgetall(store.version_key(version, "bundles"))
+        info, manifest, items, popular, bundles = pipe.execute()
+        info = {k.decode(): v.decode() for k, v in info.items()}
+        if info.get("status") != "complete" or not items or manifest is None:
+            raise ModelNotPublished(f"version {version} is not completely published in Redis")
+        n_items, factors = int(info["n_items"]), int(info["factors"])
+        categories = json.loads(items[b"categories"])
+        item_ids = json.loads(items[b"ids"])
+        by_category = {}
+        for name, value in popular.items():
+            name = name.decode()
+            if name.startswith("c"):
+                by_category[int(name[1:])] = _readonly(store.unpack_indices(value))
+        return cls(
+            version=version,
+            manifest=json.loads(manifest),
+            item_ids=item_ids,
+            item_index={item: i for i, item in enumerate(item_ids)},
+            item_factors=_readonly(np.frombuffer(items[b"factors"], dtype="<f4").reshape(n_items, factors)),
+            price=_readonly(np.frombuffer(items[b"price"], dtype="<f4")),
+            available=_readonly(np.frombuffer(items[b"available"], dtype="u1").astype(bool)),
+            category=_readonly(np.frombuffer(items[b"category"], dtype="<i4")),
+            categories=categories,
+            category_index={name: code for code, name in enumerate(categories)},
+            titles=json.loads(items[b"titles"]),
+            popularity=_readonly(np.frombuffer(items[b"popularity"], dtype="<f4")),
+            popular=_readonly(store.unpack_indices(popular[b"*"])),
+            popular_by_category=by_category,
+            bundles=BundleCandidates(
+                indptr=_readonly(np.frombuffer(bundles[b"indptr"], dtype="<i8")),
+                indices=_readonly(np.frombuffer(bundles[b"indices"], dtype="<i4")),
+                score=_readonly(np.frombuffer(bundles[b"score"], dtype="<f4")),
+                support=_readonly(np.frombuffer(bundles[b"support"], dtype="<i4")),
+            ),
+            k=int(info["k"]),
+            n_buckets=int(info["n_buckets"]),
+            n_users=int(info["n_users"]),
+            index_dtype=info.get("index_dtype", "<i4"),
+            origin="redis",
+        )
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """A user's per-request data: cached top-K, user factors, purchased items (all read-only).
+
+    ``topk_scores`` is computed on first use (``item_factors[topk_items] @ vector``): the
+    recommendation path scores only the items it returns.
+    """
+
+    user_id: str
+    topk_items: np.ndarray  # int32, best first
+    vector: np.ndarray  # float32 (factors,)
+    purchased: np.ndarray  # int32 item indices
+    item_factors: np.ndarray | None = field(default=None, repr=False)  # the model's, for topk_scores
+
+    @functools.cached_property
+    def topk_scores(self) -> np.ndarray:
+        """float32 scores of ``topk_items``, best first."""
+        return (self.item_factors[self.topk_items] @ self.vector).astype(np.float32)
+
+
+# One round trip per recommendation request: the live pointer, the user's record under the version
+# the process holds, and EXISTS of optional probe keys (e.g. the user's real-time history). A script
+# rather than a pipeline because one command costs the client far less than a pipeline of three.
+_FETCH_SCRIPT = """
+local out = {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], ARGV[1])}
+for i = 3, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+return out
+"""
+_FETCH_SHA = hashlib.sha1(_FETCH_SCRIPT.encode()).hexdigest()
+
+
+def fetch_user(
+    client: redis.Redis, model: ServingModel, user_id: str
+) -> tuple[str | None, UserRecord | None]:
+    """Read the live pointer and ``user_id``'s data under ``model``'s version, in one round trip.
+
+    Returns
+    -------
+    (live_version, record)
+        ``record`` is None when the user is unknown to ``model``. When ``live_version`` differs from
+        ``model.version`` the caller should switch models and fetch again.
+    """
+    live, record, _ = fetch_request_data(client, model, user_id)
+    return live, record
+
+
+def fetch_request_data(
+    client: redis.Redis,
+    model: ServingModel,
+    user_id: str,
+    exists_keys: tuple[str, ...] = (),
+) -> tuple[str | None, UserRecord | None, list[int]]:
+    """:func:`fetch_user` plus ``EXISTS`` of ``exists_keys``, still in one round trip.
+
+    ``exists_keys`` must be built from validated ids (``recsvc.ids``). The third element holds one
+    0/1 per key, in order.
+    """
+    keys = (store.CURRENT_KEY, model.user_key("topk", user_id), *exists_keys)
+    try:
+        replies = client.evalsha(_FETCH_SHA, len(keys), *keys, user_id)
+    except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
+        client.script_load(_FETCH_SCRIPT)
+        replies = client.evalsha(_FETCH_SHA, len(keys), *keys, user_id)
+    live, value = replies[0], replies[1]
+    live = live.decode() if live is not None else None
+    if value is None:
+        return live, None, replies[2:]
+    items, vector, purchased = store.unpack_user(value, model.k, model.factors, model.index_dtype)
+    return live, UserRecord(user_id, items, vector, purchased, model.item_factors), replies[2:]
+
+
+def fetch_interactions(
+    client: redis.Redis, model: ServingModel, user_id: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The user's training interactions (item indices, confidence before alpha) for fold-in."""
+    if model.origin != "redis":
+        a = model._local_artifact
+        u = model._local_users.get(user_id) if model._local_users else None
+        if a is None or u is None:
+            return np.zeros(0, np.int32), np.zeros(0, np.float32)
+        row = a.interactions[u]
+        return row.indices.astype(np.int32), row.data.astype(np.float32)
+    return store.unpack_weighted(client.hget(model.user_key("interactions", user_id), user_id))
+
+
+class RedisHealth:
+    """Remembers that Redis just failed, so the next requests go straight to the fallback.
+
+    After a failure, requests skip Redis for ``recheck_s`` seconds instead of each waiting for a
+    timeout; the first request after that window tries Redis again.
+    """
+
+    def __init__(self, recheck_s: float):
+        self.recheck_s = recheck_s
+        self._down_until = 0.0
+        self.last_error: str | None = None
+        self.last_failure_at: float | None = None
+
+    def is_down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def mark_down(self, error: BaseException) -> None:
+        self._down_until = time.monotonic() + self.recheck_s
+        self.last_error = f"{type(error).__name__}: {error}"
+        self.last_failure_at = time.time()
+        log.warning("redis unavailable, serving fallback for %.1fs: %s", self.recheck_s, self.last_error)
+
+    def mark_up(self) -> None:
+        self._down_until = 0.0
+
+
+class ModelCache:
+    """The process's live :class:`ServingModel`, swapped atomically when the pointer moves.
+
+    Readers take ``cache.model`` (one attribute read: atomic under the GIL) and keep using that object
+    for the whole request, so a swap in another thread never mixes two versions in one answer.
+    Loading is serialised by a lock so a version switch loads the model once per process.
+
+    Parameters
+    ----------
+    config : Config
+        ``models_dir`` (local fallback) and ``topk_cached``.
+    check_interval_s : float
+        How long an endpoint without per-user data (popular, similar) trusts the model it has before
+        reading the pointer again. Recommendation requests read the pointer on every request.
+    keep : int
+        Loaded versions kept (the live one plus recently used ones, e.g. for experiments).
+    """
+
+    def __init__(self, config: Config, check_interval_s: float = 1.0, keep: int = 3):
+        self.config = config
+        self.check_interval_s = check_interval_s
+        self.keep = max(1, keep)
+        self.model: ServingModel | None = None
+        self.checked_at = 0.0
+        self._by_version: OrderedDict[str, ServingModel] = OrderedDict()
+        self._lock = threading.Lock()
+        self._local: tuple[Path, float, ServingModel] | None = None
+        self._local_lock = threading.Lock()
+
+    def current(self) -> ServingModel | None:
+        """The model in memory (no I/O); None before the first successful load."""
+        return self.model
+
+    def invalidate(self) -> None:
+        """Make the next :meth:`get` read the pointer (after a publish or rollback in this process)."""
+        self.checked_at = 0.0
+
+    def get(self, client: redis.Redis, force_check: bool = False) -> ServingModel | None:
+        """The live model, reading the pointer when the check interval has passed.
+
+        Returns None when nothing is published. Redis errors propagate (the caller falls back).
+        """
+        model = self.model
+        now = time.monotonic()
+        if model is not None and not force_check and now - self.checked_at < self.check_interval_s:
+            return model
+        live = client.get(store.CURRENT_KEY)
+        self.checked_at = now
+        if live is None:
+            self.model = None
+            return None
+        return self.switch(client, live.decode())
+
+    def switch(self, client: redis.Redis, version: str) -> ServingModel:
+        """Make ``version`` the process's live model (loading it unless already loaded)."""
+        model = self.model_for(client, version)
+        self.model = model
+        self.checked_at = time.monotonic()
+        return model
+
+    def model_for(self, client: redis.Redis, version: str) -> ServingModel:
+        """A loaded published version (live or not), loading it once; raises :class:`ModelNotPublished`."""
+        model = self._by_version.get(version)
+        if model is not None:
+            return model
+        with self._lock:
+            model = self._by_version.get(version)
+            if model is None:
+                t0 = time.perf_counter()
+                model = ServingModel.load(client, version)
+                log.info(
+                    "loaded model %s (%d items) in %.3fs", version, model.n_items, time.perf_counter() - t0
+                )
+                self._by_version[version] = model
+                while len(self._by_version) > self.keep:
+                    self._by_version.popitem(last=False)
+            return model
+
+    def local_fallback(self) -> ServingModel | None:
+        """The newest complete local artifact under ``config.models_dir`` (popularity fallback)."""
+        try:
+            path = latest_version(self.config.models_dir)
+        except OSError:
+            return None
+        if path is None:
+            return None
+        try:
+            mtime = (path / "manifest.json").stat().st_mtime
+        except OSError:
+            return None
+        cached = self._local
+        if cached is not None and cached[0] == path and cached[1] == mtime:
+            return cached[2]
+        with self._local_lock:
+            cached = self._local
+            if cached is not None and cached[0] == path and cached[1] == mtime:
+                return cached[2]
+            try:
+                model = ServingModel.from_artifact(read_artifact(path), k=self.config.topk_cached)
+            except (ArtifactError, OSError) as e:
+                log.error("local fallback artifact %s is unusable: %s", path, e)
+                return None
+            self._local = (path, mtime, model)
+            return model

@@ -1,0 +1,269 @@
+"""`recsvc retrain` end to end: real training on a synthetic shop, a real Redis, the real store.
+
+A small shop and small parameters (16 factors, 5 iterations) keep one run near a second; the
+crash test runs the command as a subprocess that SIGKILLs itself after each step
+(RECSVC_RETRAIN_CRASH_AFTER) and checks that the live model is intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from recsvc.artifact import list_versions, read_manifest, update_manifest
+from recsvc.config import Config
+from training.retrain import LOCK_KEY, ExitCode, RetrainLock, retrain, run_retrain
+
+store = pytest.importorskip(
+    "recsvc.store", reason="recsvc.store (publish/current_version) has not landed yet"
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+SMALL = {"factors": 16, "iterations": 5}
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    from training.synth import write_shop
+
+    folder = tmp_path_factory.mktemp("shop")
+    events, catalog = write_shop(folder, seed=7, n_users=1200, n_items=300, days=40, sessions_per_user=8)
+    params_toml = folder / "params.toml"
+    params_toml.write_text("".join(f"{k} = {v}\n" for k, v in SMALL.items()))
+    return events, catalog, params_toml
+
+
+def retrain_once(config, shop, **kwargs):
+    from training.als import TrainParams
+
+    events, catalog, _ = shop
+    kwargs.setdefault("params", TrainParams(**SMALL))
+    return run_retrain(config, [events], catalog, **kwargs)
+
+
+@pytest.fixture
+def config(tmp_path, redis_url):
+    return Config(
+        redis_url=redis_url, models_dir=tmp_path / "models", var_dir=tmp_path / "var", keep_versions=3
+    )
+
+
+def live(client) -> str | None:
+    value = store.current_version(client)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def test_first_run_publishes_and_records_the_gate(shop, config, redis_client):
+    summary = retrain_once(config, shop, params=None)
+    assert summary.exit_code == ExitCode.OK and summary.status == "published", summary
+    assert summary.live_before is None and summary.live_after == summary.version == live(redis_client)
+    gate = read_manifest(config.models_dir / summary.version)["gate"]
+    assert gate["passed"] and not gate["forced"] and "nothing live yet" in gate["reason"]
+    assert gate["new"] > gate["popularity"]
+    assert summary.params_source == "defaults"
+    assert set(summary.steps_s) == {"train", "gate", "publish", "prune"}
+    assert redis_client.get(LOCK_KEY) is None  # released
+
+
+def test_regression_is_refused_then_forced(shop, config, redis_client):
+    first = retrain_once(config, shop)
+    assert first.exit_code == ExitCode.OK
+    # Make the live model look much better than anything today's data can give.
+    live_path = config.models_dir / first.version
+    metrics = read_manifest(live_path)["metrics"]
+    metrics["als"]["ndcg@10"] = 0.99
+    update_manifest(live_path, metrics=metrics)
+
+    refused = retrain_once(config, shop, tolerance=0.02, params=None)
+    assert refused.exit_code == ExitCode.GATE_REFUSED and refused.status == "refused"
+    assert live(redis_client) == first.version == refused.live_after
+    gate = read_manifest(config.models_dir / refused.version)["gate"]
+    assert (
+        not gate["passed"] and "worse than live" in gate["reason"] and gate["floor"] == pytest.approx(0.9702)
+    )
+    assert refused.params_source == "live"  # the live model's parameters are reused
+
+    forced = retrain_once(config, shop, tolerance=0.02, force=True)
+    assert forced.exit_code == ExitCode.OK and forced.forced
+    assert live(redis_client) == forced.version
+    gate = read_manifest(config.models_dir / forced.version)["gate"]
+    assert gate["forced"] and not gate["passed"]
+
+
+def test_second_run_while_locked_exits_4(shop, config, redis_client):
+    holder = RetrainLock(redis_client, ttl_s=60)
+    assert holder.acquire()
+    try:
+        summary = retrain_once(config, shop)
+    finally:
+        holder.release()
+    assert summary.exit_code == ExitCode.LOCKED and summary.status == "locked"
+    assert '"pid"' in summary.error and "expires in" in summary.error
+    assert list_versions(config.models_dir) == []  # nothing trained
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, config):
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,item_id,event\nu1,i1,view\n")
+    summary = run_retrain(config, [bad], None)
+    assert summary.exit_code == ExitCode.BAD_INPUT and "timestamp" in summary.error
+    assert list_versions(config.models_dir) == []
+    empty = tmp_path / "dumps"
+    empty.mkdir()
+    assert run_retrain(config, [empty], None).exit_code == ExitCode.BAD_INPUT
+
+
+def test_prune_keeps_live_and_previous(shop, tmp_path, redis_url, redis_client):
+    # Redis keeps 2 versions for rollback; the disk keeps 1 plus whatever is live or in Redis.
+    config = Config(
+        redis_url=redis_url, models_dir=tmp_path / "models", var_dir=tmp_path / "var", keep_versions=2
+    )
+    published = []
+    for _ in range(3):
+        summary = retrain_once(config, shop, keep=1, tolerance=1.0)
+        assert summary.exit_code == ExitCode.OK, summary
+        published.append(summary.version)
+    on_disk = [p.name for p in list_versions(config.models_dir)]
+    assert on_disk == published[1:]  # live + the one it replaced (still in Redis); the oldest went
+    assert summary.pruned == [published[0]]
+
+
+def test_command_prints_one_json_line(shop, config):
+    events, catalog, params_toml = shop
+    env = {
+        "REDIS_URL": config.redis_url,
+        "RECSVC_MODELS_DIR": str(config.models_dir),
+        "RECSVC_VAR_DIR": str(config.var_dir),
+    }
+    args = ["--events", str(events), "--catalog", str(catalog), "--config", str(params_toml)]
+    result = CliRunner().invoke(retrain, args, env=env)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "published" and summary["exit_code"] == 0
+    bad_config = config.var_dir / "params.toml"
+    bad_config.parent.mkdir(parents=True, exist_ok=True)
+    bad_config.write_text("factors = 'many'\n")
+    result = CliRunner().invoke(retrain, ["--events", str(events), "--config", str(bad_config)], env=env)
+    assert result.exit_code == 2 and "factors" in result.stdout
+
+
+def run_cli(args: list[str], config: Config, crash_after: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.update(
+        REDIS_URL=config.redis_url,
+        RECSVC_MODELS_DIR=str(config.models_dir),
+        RECSVC_VAR_DIR=str(config.var_dir),
+    )
+    env.pop("RECSVC_RETRAIN_CRASH_AFTER", None)
+    if crash_after:
+        env["RECSVC_RETRAIN_CRASH_AFTER"] = crash_after
+    code = "from recsvc.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def redis_versions(client: redis.Redis) -> set[str]:
+    """Versions that have any key under recsvc:v:<version>:..."""
+    found = set()
+    for key in client.scan_iter(match="recsvc:v:*", count=1000):
+        found.add(key.decode().split(":")[2])
+    return found
+
+
+def test_crash_between_steps_keeps_live_model(shop, config, redis_client):
+    events, catalog, params_toml = shop
+    first = retrain_once(config, shop)
+    assert first.exit_code == ExitCode.OK
+    args = ["retrain", "--events", str(events), "--catalog", str(catalog), "--config", str(params_toml)]
+    args += ["--lock-ttl", "10", "--gate-tolerance", "1"]
+    for step in ("lock", "train", "gate", "publish"):
+        live_before = live(redis_client)
+        proc = run_cli(args, config, crash_after=step)
+        assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed itself after `step`
+        assert proc.stdout == ""  # it died before any summary
+        versions = [p.name for p in list_versions(config.models_dir)]
+        if step == "publish":
+            # Killed right after publish completed: the new version is live and whole.
+            assert live(redis_client) == versions[-1] != live_before
+        else:
+            assert live(redis_client) == live_before, step
+        # No half-published version: Redis holds keys only of complete, published versions.
+        assert redis_versions(redis_client) == set(store_versions(redis_client)) <= set(versions)
+        assert all(
+            store.read_info(redis_client, v)["status"] == "complete" for v in redis_versions(redis_client)
+        )
+        assert not any(p.name.startswith(".") for p in config.models_dir.iterdir())  # no temp folders
+        # The live version still serves: the API answers from it.
+        assert api_model_version(config) == live(redis_client)
+        # The dead run's lock keeps the next run off until it expires (10 s here).
+        locked = retrain_once(config, shop)
+        assert locked.exit_code == ExitCode.LOCKED and 0 < redis_client.pttl(LOCK_KEY) <= 10_000, step
+        redis_client.delete(LOCK_KEY)  # what the expiry does
+    again = retrain_once(config, shop, tolerance=1.0)
+    assert again.exit_code == ExitCode.OK, again
+
+
+def store_versions(client) -> list[str]:
+    return [entry["version"] for entry in store.list_published(client)]
+
+
+def api_model_version(config: Config) -> str:
+    """The version the HTTP API serves a known user's recommendations from."""
+    from recsvc.app import create_app
+
+    live_version = live(redis.Redis.from_url(config.redis_url))
+    user = read_manifest_users(config.models_dir / live_version)[0]
+    client = create_app(config).test_client()
+    response = client.get(f"/v1/users/{user}/recommendations?n=5")
+    assert response.status_code == 200, response.get_data(as_text=True)
+    body = response.get_json()
+    assert body["source"] == "personalized" and len(body["items"]) == 5, body
+    return body["model_version"]
+
+
+def read_manifest_users(path: Path) -> list[str]:
+    from recsvc.artifact import read_artifact
+
+    return read_artifact(path, verify=False).user_ids
+
+
+def test_dump_stream_trains_on_the_dumped_events(shop, config, redis_client):
+    from recsvc.realtime import append_events
+
+    events = [
+        {"user_id": "u000001", "item_id": "sku-00001", "event": "purchase", "timestamp": 1_719_700_000},
+        {"user_id": "u-brand-new", "item_id": "sku-00002", "event": "view", "timestamp": 1_719_700_100},
+    ]
+    append_events(redis_client, events, stream=config.events_stream, history_length=10, history_ttl_s=60)
+    summary = retrain_once(config, shop, dump_stream=True)
+    assert summary.exit_code == ExitCode.OK, summary
+    assert summary.dumped_events == 2 and "dump" in summary.steps_s
+    dumped = [p for p in (config.var_dir / "events").iterdir() if p.suffix == ".csv"]
+    assert len(dumped) == 1 and str(dumped[0]) in summary.event_files
+    assert redis_client.xlen(config.events_stream) == 0  # moved, not copied
+    manifest = read_manifest(config.models_dir / summary.version)
+    assert str(dumped[0]) in manifest["inputs"]["events"]
+    # Nothing new in the stream: the next run dumps nothing; naming the dump folder in --events
+    # keeps the earlier dump in the training history.
+    from training.als import TrainParams
+
+    again = run_retrain(
+        config,
+        [shop[0], config.var_dir / "events"],
+        shop[1],
+        dump_stream=True,
+        tolerance=1.0,
+        params=TrainParams(**SMALL),
+    )
+    assert again.exit_code == ExitCode.OK and again.dumped_events == 0
+    assert again.event_files == [str(shop[0]), str(dumped[0])]

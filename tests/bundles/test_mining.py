@@ -1,0 +1,220 @@
+"""Bundle mining on tiny hand-made baskets: counts, significance, blend and ordering, by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recsvc.artifact import BundleCandidates, read_artifact, write_artifact
+from recsvc.contract import PURCHASE, VIEW
+from tests.factories import make_artifact
+from training.cooccurrence import (
+    MiningParams,
+    build_baskets,
+    count_pairs,
+    mine_bundles,
+    mine_bundles_report,
+    rerank_for_coverage,
+    significance,
+)
+from training.events import EventTable
+
+ITEMS = ["A", "B", "C", "D", "E", "F", "G", "H"]
+INDEX = {item: i for i, item in enumerate(ITEMS)}
+A, B, C, D, E, F, G, H = range(8)
+
+
+def events(rows: list[tuple[str, str, int, int, str]]) -> EventTable:
+    """Rows of (user, item, event code, timestamp, order id)."""
+    return EventTable(
+        user_id=np.array([r[0] for r in rows], dtype=object),
+        item_id=np.array([r[1] for r in rows], dtype=object),
+        event=np.array([r[2] for r in rows], dtype=np.int8),
+        timestamp=np.array([r[3] for r in rows], dtype=np.int64),
+        order_id=np.array([r[4] for r in rows], dtype=object),
+    )
+
+
+def orders(baskets: dict[str, str], start: int = 1_700_000_000) -> list[tuple[str, str, int, int, str]]:
+    """Purchase rows for ``{"o1": "ABC", ...}`` (one user per order)."""
+    rows = []
+    for n, (order, items) in enumerate(baskets.items()):
+        for item in items:
+            rows.append((f"user{order}", item, PURCHASE, start + n, order))
+    return rows
+
+
+# o1..o6 plus a single-item order; user s9 has no order ids: E,F within the window, G later.
+SHOP = orders({"o1": "ABC", "o2": "AB", "o3": "AC", "o4": "BD", "o5": "D", "o6": "AB"}) + [
+    ("s9", "E", PURCHASE, 1_700_000_000, ""),
+    ("s9", "F", PURCHASE, 1_700_000_100, ""),
+    ("s9", "G", PURCHASE, 1_700_010_000, ""),
+    ("s9", "H", VIEW, 1_700_000_050, ""),  # a view is not a purchase: never in a basket
+    ("s9", "unknown-item", PURCHASE, 1_700_000_060, ""),
+]
+
+NO_BLEND = {"als_neighbours": 0, "coverage_positions": 0}
+
+
+def dense(baskets) -> np.ndarray:
+    return baskets.matrix.toarray()
+
+
+def test_baskets_from_order_ids_and_user_windows():
+    b = build_baskets(events(SHOP), INDEX)
+    assert (b.from_orders, b.from_sessions, b.n_baskets) == (6, 2, 8)
+    assert b.unknown_items == 1 and b.capped == 0
+    rows = {frozenset(ITEMS[i] for i in np.flatnonzero(r)) for r in dense(b)}
+    assert rows == {
+        frozenset("ABC"), frozenset("AB"), frozenset("AC"), frozenset("BD"), frozenset("D"),
+        frozenset("EF"), frozenset("G"),
+    }  # fmt: skip
+    # The window decides: with 50 s, E and F (100 s apart) are separate baskets.
+    b = build_baskets(events(SHOP), INDEX, MiningParams(basket_window_s=50))
+    assert b.from_sessions == 3
+
+
+def test_repeated_item_counts_once_and_basket_size_is_capped():
+    rows = orders({"o1": "AABCDE"})
+    b = build_baskets(events(rows), INDEX)
+    assert dense(b).tolist()[0] == [1, 1, 1, 1, 1, 0, 0, 0]
+    capped = build_baskets(events(rows), INDEX, MiningParams(max_basket_items=3))
+    # The first three distinct items in event order are kept.
+    assert dense(capped).tolist()[0] == [1, 1, 1, 0, 0, 0, 0, 0] and capped.capped == 1
+
+
+def test_pair_counts_and_confidence_strength_by_hand():
+    # 8 baskets; A in 4, B in 4, C in 2; AB together 3 times, AC 2, BC 1, BD 1, EF 1.
+    params = MiningParams(min_support=2, measure="confidence", shrinkage=2.0, **NO_BLEND)
+    pairs = count_pairs(build_baskets(events(SHOP), INDEX), params)
+    assert pairs.n_baskets == 8
+    assert pairs.item_baskets.tolist() == [4, 4, 2, 2, 1, 1, 1, 0]
+    got = {
+        (ITEMS[r], ITEMS[c]): (s, round(x, 6))
+        for r, c, s, x in zip(pairs.rows, pairs.cols, pairs.support, pairs.strength, strict=True)
+    }
+    # Row A: B (conf 3/4) is the best -> 1.0 * 3/(3+2); C (conf 2/4) -> (0.5/0.75) * 2/(2+2).
+    assert got == {
+        ("A", "B"): (3, 0.6),
+        ("A", "C"): (2, round(2 / 3 * 0.5, 6)),
+        ("B", "A"): (3, 0.6),
+        ("C", "A"): (2, 0.5),
+    }
+    assert pairs.pairs_counted == 10  # AB AC BC BD EF, both directions
+
+
+def test_significance_measures_by_hand():
+    support, n_a, n_b, total = np.array([3, 1]), np.array([4, 4]), np.array([4, 8]), 8
+    # lift = s N / (n_a n_b): 1.5 and 0.25 (negatively associated -> 0 whatever the measure)
+    assert significance(support, n_a, n_b, total, "confidence").tolist() == [0.75, 0.0]
+    assert significance(support, n_a, n_b, total, "lift") == pytest.approx([1 - 1 / 1.5, 0.0])
+    assert significance(support, n_a, n_b, total, "cosine") == pytest.approx([3 / 4, 0.0])
+    npmi = np.log(1.5) / -np.log(3 / 8)
+    assert significance(support, n_a, n_b, total, "npmi") == pytest.approx([npmi, 0.0])
+    assert significance(support, n_a, n_b, total, "damped", gamma=1.0) == pytest.approx([0.75 * 1.5, 0.0])
+    with pytest.raises(ValueError, match="measure"):
+        significance(support, n_a, n_b, total, "jaccard")
+
+
+def test_mine_bundles_blends_and_orders_best_first():
+    params = MiningParams(min_support=2, evidence_baskets=10.0, **NO_BLEND)
+    factors = np.eye(8, dtype=np.float32)
+    b = mine_bundles(events(SHOP), INDEX, factors, np.full(8, -1, np.int32), params)
+    assert isinstance(b, BundleCandidates) and b.n_items == 8
+    items, score, support = b.row(A)
+    assert [ITEMS[i] for i in items] == ["B", "C"]
+    # evidence(A) = 4 / (4 + 10)
+    assert score.tolist() == pytest.approx([4 / 14 * 0.6, 4 / 14 * (2 / 3 * 0.5)], rel=1e-6)
+    assert support.tolist() == [3, 2] and score.dtype == np.float32 and support.dtype == np.int32
+    assert [ITEMS[i] for i in b.row(C)[0]] == ["A"] and b.row(C)[1][0] == pytest.approx(2 / 12 * 0.5)
+    assert len(b.row(D)[0]) == 0  # BD bought together once: below min_support
+
+
+def test_items_with_few_orders_get_als_candidates():
+    # H was never bought; its factors are close to G's, which is close to F's.
+    factors = np.zeros((8, 3), dtype=np.float32)
+    factors[:, 0] = 1.0
+    factors[F] = [0.0, 1.0, 0.2]
+    factors[G] = [0.0, 1.0, 0.5]
+    factors[H] = [0.0, 0.9, 0.6]
+    params = MiningParams(als_neighbours=2, als_weight=0.5, coverage_positions=0)
+    b = mine_bundles(events(SHOP), INDEX, factors, np.full(8, -1, np.int32), params)
+    items, score, support = b.row(H)
+    assert [ITEMS[i] for i in items] == ["G", "F"]
+    unit = factors / np.linalg.norm(factors, axis=1, keepdims=True)
+    assert score.tolist() == pytest.approx([0.5 * unit[H] @ unit[G], 0.5 * unit[H] @ unit[F]], rel=1e-5)
+    assert support.tolist() == [0, 0]
+    # A well-sold item keeps its co-purchase partners first.
+    assert ITEMS[b.row(A)[0][0]] == "B" and b.row(A)[2][0] == 3
+
+
+def test_coverage_rerank_prefers_companions_from_other_baskets():
+    # B and C are bought with A in the same 3 baskets (redundant); D in 2 other baskets of A.
+    # (EF baskets make A's partners positively associated: lift > 1.)
+    shop = orders(
+        {f"p{i}": "ABC" for i in range(3)}
+        | {f"r{i}": "AD" for i in range(2)}
+        | {f"x{i}": "EF" for i in range(5)}
+    )
+    params = MiningParams(min_support=1, coverage_positions=3, coverage_min_baskets=5, als_neighbours=0)
+    baskets = build_baskets(events(shop), INDEX, params)
+    plain = mine_bundles(
+        events(shop),
+        INDEX,
+        np.eye(8, dtype=np.float32),
+        np.full(8, -1, np.int32),
+        {**params.as_dict(), "coverage_positions": 0},
+    )
+    assert [ITEMS[i] for i in plain.row(A)[0]] == ["B", "C", "D"]
+    reranked = rerank_for_coverage(plain, baskets, params)
+    assert [ITEMS[i] for i in reranked.row(A)[0]] == ["B", "D", "C"]
+    # Scores stay non-increasing along the row, support travels with its item.
+    assert np.all(np.diff(reranked.row(A)[1]) <= 0)
+    assert reranked.row(A)[2].tolist() == [3, 2, 3]
+
+
+def test_block_size_does_not_change_the_result():
+    rng = np.random.default_rng(3)
+    rows = []
+    for o in range(600):
+        for item in rng.choice(8, size=rng.integers(2, 6), replace=False, p=np.linspace(2, 1, 8) / 12):
+            rows.append((f"u{o}", ITEMS[item], PURCHASE, 1_700_000_000 + o, f"o{o}"))
+    ev = events(rows)
+    baskets = build_baskets(ev, INDEX)
+    one = count_pairs(baskets, MiningParams(max_pairs_per_block=10_000_000))
+    many = count_pairs(baskets, MiningParams(max_pairs_per_block=1000))
+    for name in ("rows", "cols", "support"):
+        assert getattr(one, name).tolist() == getattr(many, name).tolist()
+    assert one.strength == pytest.approx(many.strength)
+
+
+def test_mined_candidates_fit_the_artifact(tmp_path):
+    artifact = make_artifact(n_items=8)
+    artifact.item_ids = ITEMS
+    artifact.bundles, report = mine_bundles_report(
+        events(SHOP), INDEX, artifact.item_factors, artifact.category, {"min_support": 1}
+    )
+    artifact.validate()  # shapes, ranges, monotone indptr
+    assert report["baskets"] == 8 and report["baskets_from_sessions"] == 2 and report["unknown_items"] == 1
+    assert report["candidates"] == len(artifact.bundles.indices) and report["params"]["min_support"] == 1
+    # Written and read back unchanged (the artifact stores them without pickle).
+    written = read_artifact(write_artifact(artifact, tmp_path))
+    assert written.bundles.indices.tolist() == artifact.bundles.indices.tolist()
+    assert written.bundles.support.tolist() == artifact.bundles.support.tolist()
+
+
+def test_empty_and_bad_inputs():
+    none = events([("u", "A", VIEW, 1_700_000_000, "")])
+    b = mine_bundles(
+        none, INDEX, np.ones((8, 2), np.float32), np.full(8, -1, np.int32), {"als_neighbours": 0}
+    )
+    assert len(b.indices) == 0 and b.n_items == 8
+    assert mine_bundles(none, {}, np.zeros((0, 2), np.float32), np.zeros(0, np.int32)).n_items == 0
+    with pytest.raises(ValueError, match="item_factors"):
+        mine_bundles(none, INDEX, np.ones((7, 2), np.float32), np.full(8, -1, np.int32))
+    with pytest.raises(ValueError, match="unknown bundle mining parameter 'min_suport'"):
+        mine_bundles(none, INDEX, np.ones((8, 2), np.float32), np.full(8, -1, np.int32), {"min_suport": 2})
+    with pytest.raises(ValueError, match="min_support"):
+        MiningParams(min_support=0)
+    with pytest.raises(ValueError, match="measure"):
+        MiningParams(measure="jaccard")

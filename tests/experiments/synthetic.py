@@ -1,0 +1,131 @@
+"""A synthetic shop for experiment tests: known conversion rates per variant, plus noise.
+
+Users are assigned with the real hash, get rec ids from the real generator, see 4 items, click
+some, and convert with a probability that depends only on their variant; noise that must not be
+credited is mixed in (organic purchases of items never recommended, purchases after the window).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from recsvc.contract import CLICK, IMPRESSION, PURCHASE
+from recsvc.experiments import new_rec_id, parse_experiment
+from training.events import EventTable
+
+T = 1_700_000_000
+DAY = 86_400
+
+
+def simulate(seed: int, rates: dict[str, float], n_users: int) -> EventTable:
+    rng = np.random.default_rng(seed)
+    experiment = parse_experiment(
+        {
+            "name": "sim",
+            "salt": f"sim-{seed}",
+            "variants": [{"name": "A", "share": 50}, {"name": "B", "share": 50}],
+        }
+    )
+    users = np.array([f"s{seed}u{i}" for i in range(n_users)], dtype=object)
+    variant = np.array([experiment.variant_for(u).name for u in users], dtype=object)
+    served = T + rng.integers(0, 3 * DAY, n_users)
+    rec = np.array([new_rec_id("sim", v, s) for v, s in zip(variant, served, strict=True)], dtype=object)
+    # 4 distinct items per user: a random start and a random stride (at most 3 * 124 < 500 apart).
+    shown = (
+        rng.integers(0, 500, n_users)[:, None] + np.arange(4) * rng.integers(1, 125, n_users)[:, None]
+    ) % 500
+    rate = np.where(variant == "B", rates["B"], rates["A"])
+    converts = rng.random(n_users) < rate
+    clicks = converts | (rng.random(n_users) < 0.3)
+    late = ~converts & (rng.random(n_users) < 0.05)  # buy the clicked item after the 7-day window
+    organic = rng.random(n_users) < 0.1  # buy something never recommended
+
+    cols: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "event", "ts", "rec", "price")}
+
+    def add(mask, item, event, ts, with_rec, price):
+        k = int(mask.sum())
+        cols["user"].append(users[mask])
+        cols["item"].append(
+            np.asarray(item, dtype=object)[mask] if np.ndim(item) else np.full(k, item, object)
+        )
+        cols["event"].append(np.full(k, event, np.int8))
+        cols["ts"].append(np.asarray(ts)[mask])
+        cols["rec"].append(rec[mask] if with_rec else np.full(k, "", object))
+        cols["price"].append(np.full(k, price, np.float32))
+
+    item_ids = np.array([f"i{i}" for i in range(500)], dtype=object)
+    everyone = np.ones(n_users, bool)
+    for slot in range(4):
+        add(everyone, item_ids[shown[:, slot]], IMPRESSION, served + 5, True, np.nan)
+    add(clicks, item_ids[shown[:, 0]], CLICK, served + 60, True, np.nan)
+    add(
+        converts,
+        item_ids[shown[:, 0]],
+        PURCHASE,
+        served + 60 + rng.integers(60, 5 * DAY, n_users),
+        False,
+        20.0,
+    )
+    add(late, item_ids[shown[:, 0]], PURCHASE, served + 10 * DAY, False, 20.0)
+    add(
+        organic,
+        np.array([f"o{i}" for i in rng.integers(0, 100, n_users)], dtype=object),
+        PURCHASE,
+        served + DAY,
+        False,
+        9.0,
+    )
+    return EventTable(
+        user_id=np.concatenate(cols["user"]),
+        item_id=np.concatenate(cols["item"]),
+        event=np.concatenate(cols["event"]),
+        timestamp=np.concatenate(cols["ts"]),
+        rec_id=np.concatenate(cols["rec"]),
+        price=np.concatenate(cols["price"]),
+    )
+
+
+def write_events_csv(table: EventTable, path) -> None:
+    """Write a table as an events file per the contract (empty price where unknown)."""
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+
+    from recsvc.contract import EVENT_TYPES
+
+    names = np.array(EVENT_TYPES, dtype=object)[table.event]
+    price = pa.array(table.price.astype(np.float64), mask=np.isnan(table.price))
+    pa_csv.write_csv(
+        pa.table(
+            {
+                "user_id": pa.array(table.user_id, pa.string()),
+                "item_id": pa.array(table.item_id, pa.string()),
+                "event": pa.array(names, pa.string()),
+                "timestamp": pa.array(table.timestamp),
+                "rec_id": pa.array(table.rec_id, pa.string()),
+                "price": price,
+            }
+        ),
+        str(path),
+    )
+
+
+def push_to_stream(client, table: EventTable, stream: str = "recsvc:events") -> None:
+    """Append a table's events to the live stream the way ``POST /v1/events`` does."""
+    from recsvc.contract import EVENT_TYPES
+    from recsvc.realtime import append_events
+
+    batch = []
+    for i in range(len(table)):
+        event = {
+            "user_id": table.user_id[i],
+            "item_id": table.item_id[i],
+            "event": EVENT_TYPES[table.event[i]],
+            "timestamp": int(table.timestamp[i]),
+        }
+        if table.rec_id[i]:
+            event["rec_id"] = table.rec_id[i]
+        if not np.isnan(table.price[i]):
+            event["price"] = float(table.price[i])
+        batch.append(event)
+    for start in range(0, len(batch), 1000):
+        append_events(client, batch[start : start + 1000], stream=stream, history_length=5, history_ttl_s=60)

@@ -1,0 +1,169 @@
+"""Fallbacks, never a 5xx: Redis stopped or stalled, nothing published, nothing anywhere.
+
+Each test runs its own redis-server (recsvc.redis_conn.RedisServer) so it can stop it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import redis
+
+from recsvc import store
+from recsvc.app import create_app
+from recsvc.artifact import write_artifact
+from recsvc.config import Config
+from recsvc.redis_conn import RedisServer
+from tests.factories import make_artifact
+
+URLS = [
+    "/v1/users/u1/recommendations?n=5&category=hats",
+    "/v1/users/visitor/recommendations?n=5",
+    "/v1/items/i4/similar?n=5",
+    "/v1/popular?n=5",
+    "/v1/model",
+]
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = RedisServer(tmp_path / "redis").start()
+    yield srv
+    srv.stop()
+
+
+def _config(server, tmp_path, **overrides) -> Config:
+    base = dict(
+        redis_url=server.url,
+        models_dir=tmp_path / "models",
+        var_dir=tmp_path / "var",
+        redis_down_recheck_s=0.3,
+        extra={"model_check_interval_s": 0.0},
+    )
+    base.update(overrides)
+    return Config(**base)
+
+
+def _ids(body) -> list[str]:
+    return [it["item_id"] for it in body["items"]]
+
+
+def test_redis_stopped_serves_the_in_process_popular_list(server, tmp_path):
+    config = _config(server, tmp_path)
+    artifact = make_artifact()
+    write_artifact(artifact, config.models_dir)
+    store.publish(redis.Redis.from_url(server.url), artifact, config)
+    # Make the local artifact differ from the live one, to prove the fallback is the in-process copy.
+    write_artifact(make_artifact(seed=7), config.models_dir, version="29990101T000000Z-other")
+    http = create_app(config).test_client()
+    assert http.get(URLS[0]).get_json()["source"] == "personalized"
+
+    server.stop()
+    started = time.perf_counter()
+    body = http.get(URLS[0]).get_json()
+    assert time.perf_counter() - started < 1.0  # bounded timeouts and retries, no hang
+    assert body["source"] == "fallback" and body["reason"] == "redis_unavailable"
+    assert body["model_version"] == artifact.version
+    assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]  # popular hats of the live version
+    for url in URLS:
+        r = http.get(url)
+        assert r.status_code == 200, (url, r.get_data(as_text=True))
+        assert r.get_json()["source"] == "fallback"
+        assert r.get_json()["model_version"] == artifact.version
+    ready = http.get("/health/ready")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "degraded"
+    assert ready.get_json()["checks"]["redis"] == "unreachable"
+    assert http.get("/health/live").status_code == 200
+
+    # Redis comes back: after the recheck window, answers are personalized again.
+    server.start()
+    store.publish(redis.Redis.from_url(server.url), artifact, config)
+    time.sleep(0.35)
+    body = http.get(URLS[0]).get_json()
+    assert body["source"] == "personalized"
+    assert http.get("/health/ready").get_json()["status"] == "ready"
+
+
+def test_redis_stalled_is_treated_like_down(server, tmp_path):
+    config = _config(server, tmp_path)
+    artifact = make_artifact()
+    write_artifact(artifact, config.models_dir)
+    admin = redis.Redis.from_url(server.url)
+    store.publish(admin, artifact, config)
+    http = create_app(config).test_client()
+    assert http.get(URLS[0]).get_json()["source"] == "personalized"
+
+    # CLIENT PAUSE stalls every other client's commands: Redis is up but too slow to answer.
+    pauser = threading.Thread(target=lambda: admin.execute_command("CLIENT", "PAUSE", 1500, "ALL"))
+    pauser.start()
+    pauser.join()
+    try:
+        started = time.perf_counter()
+        r = http.get(URLS[0])
+        elapsed = time.perf_counter() - started
+        assert r.status_code == 200 and r.get_json()["source"] == "fallback"
+        assert r.get_json()["reason"] == "redis_unavailable"
+        assert elapsed < 1.0
+        # Within the recheck window, requests do not even try Redis: fast.
+        started = time.perf_counter()
+        assert http.get(URLS[1]).get_json()["source"] == "fallback"
+        assert time.perf_counter() - started < 0.1
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+
+
+def test_redis_down_before_any_model_was_loaded_uses_the_newest_local_artifact(server, tmp_path):
+    config = _config(server, tmp_path)
+    artifact = make_artifact()
+    write_artifact(artifact, config.models_dir)
+    http = create_app(config).test_client()
+    server.stop()
+    body = http.get(URLS[0]).get_json()
+    assert body["source"] == "fallback" and body["model_version"] == artifact.version
+    assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]
+    assert http.get("/health/ready").get_json()["status"] == "degraded"
+
+
+def test_nothing_published_serves_local_popularity_and_ready_is_503(server, tmp_path):
+    config = _config(server, tmp_path)
+    artifact = make_artifact()
+    write_artifact(artifact, config.models_dir)
+    http = create_app(config).test_client()
+    for url in URLS:
+        r = http.get(url)
+        assert r.status_code == 200 and r.get_json()["source"] == "fallback"
+    body = http.get(URLS[0]).get_json()
+    assert body["reason"] == "not_published" and body["model_version"] == artifact.version
+    assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]
+    ready = http.get("/health/ready")
+    assert ready.status_code == 503
+    assert ready.get_json()["status"] == "not_ready" and "recsvc publish" in ready.get_json()["message"]
+    # Publishing makes it ready without a restart.
+    store.publish(redis.Redis.from_url(server.url), artifact, config)
+    assert http.get("/health/ready").status_code == 200
+    assert http.get(URLS[0]).get_json()["source"] == "personalized"
+
+
+def test_nothing_published_and_no_artifact_is_an_empty_200(server, tmp_path):
+    http = create_app(_config(server, tmp_path)).test_client()
+    for url in URLS:
+        r = http.get(url)
+        assert r.status_code == 200
+        body = r.get_json()
+        assert body["source"] == "fallback" and body["model_version"] is None
+        assert body.get("items", []) == []
+    assert http.get("/health/ready").status_code == 503
+    server.stop()
+    assert http.get(URLS[0]).status_code == 200
+    assert http.get("/health/ready").status_code == 503
+
+
+def test_admin_answers_503_when_redis_is_down(server, tmp_path):
+    config = _config(server, tmp_path, api_keys=("k",))
+    write_artifact(make_artifact(), config.models_dir)
+    http = create_app(config).test_client()
+    server.stop()
+    r = http.post("/v1/admin/rollback", headers={"X-API-Key": "k"})
+    assert r.status_code == 503 and r.get_json()["error"] == "redis_unavailable"

@@ -1,0 +1,440 @@
+"""``recsvc train``, ``recsvc evaluate`` and ``recsvc recommend`` (registered in recsvc/cli.py).
+
+Exit codes: 0 success; 2 bad input (a file, a config or a parameter; the message names file,
+line and column where it can, and nothing is written); 1 any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from recsvc.config import Config
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(click.ClickException):
+    """Bad input: exit code 2, message on stderr, nothing written."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+def _err(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _parse_weights(text: str | None) -> dict[str, float] | None:
+    """``view=1,cart=4,purchase=10`` -> dict (None when not given)."""
+    if not text:
+        return None
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise BadInput(f"--weights: expected name=value pairs like view=1,cart=4, got {part!r}")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise BadInput(f"--weights: {name.strip()} has a non-numeric value {value!r}") from None
+    return out
+
+
+def _params(config: str | None, overrides: dict[str, Any]) -> Any:
+    """Defaults <- config file <- command-line overrides; errors exit with code 2."""
+    from training.als import TrainParams
+
+    try:
+        params = TrainParams.from_toml(config) if config else TrainParams()
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "half_life_days" in changes and changes["half_life_days"] <= 0:
+            changes["half_life_days"] = None  # --half-life-days 0 turns decay off
+        if changes:
+            params = params.replace(**changes)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    return params
+
+
+def _param_options(func: Any) -> Any:
+    """Model parameter overrides shared by train and evaluate."""
+    options = [
+        click.option("--config", type=click.Path(dir_okay=False), help="TOML file with model parameters."),
+        click.option("--factors", type=click.IntRange(1, 1024), help="Latent factors."),
+        click.option("--regularization", type=click.FloatRange(0, None), help="ALS L2 regularization."),
+        click.option("--alpha", type=click.FloatRange(0, None, min_open=True), help="Confidence multiplier."),
+        click.option("--iterations", type=click.IntRange(1, 200), help="ALS sweeps."),
+        click.option("--scaling", type=click.Choice(["linear", "log", "bm25"]), help="Confidence scaling."),
+        click.option("--half-life-days", type=float, help="Time-decay half-life in days (0 = no decay)."),
+        click.option("--bm25-k1", type=click.FloatRange(0, None, min_open=True)),
+        click.option("--bm25-b", type=click.FloatRange(0, 1)),
+        click.option("--weights", help="Event weights, e.g. view=1,cart=4,purchase=10,click=2,impression=0."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "factors": kwargs.pop("factors"),
+        "regularization": kwargs.pop("regularization"),
+        "alpha": kwargs.pop("alpha"),
+        "iterations": kwargs.pop("iterations"),
+        "scaling": kwargs.pop("scaling"),
+        "half_life_days": kwargs.pop("half_life_days"),
+        "bm25_k1": kwargs.pop("bm25_k1"),
+        "bm25_b": kwargs.pop("bm25_b"),
+        "event_weights": _parse_weights(kwargs.pop("weights")),
+    }
+
+
+def _show_progress(flag: bool | None) -> bool:
+    return sys.stderr.isatty() if flag is None else flag
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+
+@click.command("train")
+@click.option(
+    "--events",
+    "events",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Events file (CSV or Parquet); repeat for several.",
+)
+@click.option("--catalog", type=click.Path(dir_okay=False), help="Catalog file (CSV or Parquet).")
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where versions go [default: $RECSVC_MODELS_DIR or models].",
+)
+@click.option(
+    "--max-bad-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.01,
+    show_default=True,
+    help="Fail (and write nothing) when more rows than this are invalid.",
+)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option(
+    "--threads", type=click.IntRange(0, 1024), default=0, show_default=True, help="0 = one per core."
+)
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option(
+    "--evaluate/--no-evaluate",
+    default=True,
+    show_default=True,
+    help="Evaluate ALS vs baselines on a time split before the final fit.",
+)
+@click.option(
+    "--split-days",
+    type=click.FloatRange(0, None, min_open=True),
+    help="Evaluation window [default: 10% of the span, 1-14 days].",
+)
+@click.option("--tune", is_flag=True, help="Bounded hyperparameter search on a validation split first.")
+@click.option("--tune-trials", type=click.IntRange(1, 200), default=12, show_default=True)
+@click.option(
+    "--tune-budget-s",
+    type=click.FloatRange(1, None),
+    default=600,
+    show_default=True,
+    help="Stop starting trials after this many seconds.",
+)
+@click.option("--progress/--no-progress", default=None, help="Progress bars [default: when on a terminal].")
+@_param_options
+def train(**kwargs: Any) -> None:
+    """Train an ALS model from event files and write a versioned artifact.
+
+    Prints the version folder on stdout and the evaluation table; the load report goes to stderr.
+    """
+    from training.events import BadInputError
+    from training.pipeline import train_model
+
+    params = _params(kwargs.pop("config"), _overrides(kwargs))
+    models_dir = kwargs["models_dir"] or Config.from_env().models_dir
+    try:
+        result = train_model(
+            list(kwargs["events"]),
+            kwargs["catalog"],
+            models_dir=models_dir,
+            params=params,
+            evaluate=kwargs["evaluate"],
+            max_bad_fraction=kwargs["max_bad_fraction"],
+            seed=kwargs["seed"],
+            tune=kwargs["tune"],
+            show_progress=_show_progress(kwargs["progress"]),
+            threads=kwargs["threads"],
+            split_days=kwargs["split_days"],
+            tune_trials=kwargs["tune_trials"],
+            tune_time_budget_s=kwargs["tune_budget_s"],
+            device=kwargs["device"],
+            echo=_err,
+        )
+    except BadInputError as e:
+        raise BadInput(str(e)) from None
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    from training.evaluation import format_table
+
+    click.echo(str(result.path))
+    if result.metrics:
+        click.echo(format_table(result.metrics))
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate
+# --------------------------------------------------------------------------------------------
+
+
+@click.command("evaluate")
+@click.option(
+    "--events",
+    "events",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="Events file (CSV or Parquet); repeat for several.",
+)
+@click.option("--catalog", type=click.Path(dir_okay=False), help="Catalog file.")
+@click.option(
+    "--dataset",
+    help="Convert and evaluate a public dataset instead (see `python -m training.datasets list`).",
+)
+@click.option(
+    "--data-dir",
+    default="../shared/data",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Where --dataset finds its source files.",
+)
+@click.option(
+    "--split-days",
+    type=click.FloatRange(0, None, min_open=True),
+    help="Test window in days [default: the dataset's, else 10% of the span, 1-14 days].",
+)
+@click.option("--k", "ks", type=click.IntRange(1, 1000), multiple=True, default=(10, 20), show_default=True)
+@click.option(
+    "--include-purchased",
+    is_flag=True,
+    help="Keep items bought before the split in recommendations and relevant sets.",
+)
+@click.option("--max-bad-fraction", type=click.FloatRange(0, 1), default=0.01, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True)
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
+@click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
+@click.option("--bundles/--no-bundles", default=True, show_default=True,
+              help="Also score bundles (training.cooccurrence.evaluate_bundles) when available.")
+@_param_options
+def evaluate(**kwargs: Any) -> None:
+    """Evaluate ALS against baselines on a time split and print a table."""
+    from training.evaluation import evaluate as run_evaluation
+    from training.evaluation import format_table
+    from training.events import BadInputError, load_catalog, load_events
+
+    params = _params(kwargs.pop("config"), _overrides(kwargs))
+    events_paths = list(kwargs["events"])
+    catalog_path = kwargs["catalog"]
+    split_days = kwargs["split_days"]
+    if kwargs["dataset"]:
+        if events_paths:
+            raise BadInput("give either --events or --dataset, not both")
+        from training.datasets import DATASETS, convert
+
+        if kwargs["dataset"] not in DATASETS:
+            raise BadInput(f"--dataset: unknown dataset {kwargs['dataset']!r} (known: {', '.join(DATASETS)})")
+        try:
+            converted = convert(
+                kwargs["dataset"], kwargs["data_dir"], Path("var/datasets") / kwargs["dataset"]
+            )
+        except FileNotFoundError as e:
+            raise BadInput(str(e)) from None
+        _err(f"converted {kwargs['dataset']}: {converted.notes}")
+        events_paths, catalog_path = [converted.events], converted.catalog
+        split_days = split_days or converted.split_days
+    if not events_paths:
+        raise BadInput("give --events PATH (or --dataset NAME)")
+    try:
+        events, report = load_events(events_paths, max_bad_fraction=kwargs["max_bad_fraction"])
+        _err(report.format())
+        catalog = None
+        if catalog_path:
+            catalog, catalog_report = load_catalog(catalog_path, max_bad_fraction=kwargs["max_bad_fraction"])
+            _err("catalog: " + catalog_report.format())
+        start = time.perf_counter()
+        metrics = run_evaluation(
+            events,
+            catalog,
+            params,
+            k=kwargs["ks"],
+            split_days=split_days,
+            seed=kwargs["seed"],
+            threads=kwargs["threads"],
+            exclude_purchased=not kwargs["include_purchased"],
+            device=kwargs["device"],
+            bundles=kwargs["bundles"],
+        )
+    except BadInputError as e:
+        raise BadInput(str(e)) from None
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    click.echo(format_table(metrics))
+    _err(f"evaluated in {time.perf_counter() - start:.1f}s")
+    if kwargs["json_out"]:
+        document = {"metrics": metrics, "params": params.to_manifest(kwargs["seed"]), "events": events_paths}
+        _write_atomic_text(
+            Path(kwargs["json_out"]), json.dumps(document, indent=2, sort_keys=True, default=str)
+        )
+
+
+def _write_atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# recommend
+# --------------------------------------------------------------------------------------------
+
+
+@click.command("recommend")
+@click.option(
+    "--model",
+    "model_ref",
+    default="latest",
+    show_default=True,
+    help="Version folder, version name, or 'latest' (in --models-dir).",
+)
+@click.option(
+    "--models-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to resolve names [default: $RECSVC_MODELS_DIR or models].",
+)
+@click.option("--n", "n", type=click.IntRange(1, 1000), default=20, show_default=True, help="Items per user.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="recs.csv", show_default=True)
+@click.option("--include-purchased", is_flag=True, help="Keep items the user already purchased.")
+@click.option("--include-unavailable", is_flag=True, help="Keep out-of-stock items.")
+@click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1, 1_000_000), default=10_000, show_default=True)
+@click.option("--progress/--no-progress", default=None)
+def recommend(**kwargs: Any) -> None:
+    """Write top-N recommendations for every known user to CSV (user_id,rank,item_id,score).
+
+    Uses implicit's batched recommend on the artifact's factors. The file is written under a
+    temporary name and renamed, so an interrupted run never leaves a partial file behind.
+    """
+    from recsvc.artifact import ArtifactError, read_artifact, resolve
+
+    models_dir = kwargs["models_dir"] or Config.from_env().models_dir
+    try:
+        artifact = read_artifact(resolve(models_dir, kwargs["model_ref"]))
+    except ArtifactError as e:
+        raise BadInput(str(e)) from None
+    out = Path(kwargs["out_path"])
+    rows = write_recommendations(
+        artifact,
+        out,
+        n=kwargs["n"],
+        include_purchased=kwargs["include_purchased"],
+        include_unavailable=kwargs["include_unavailable"],
+        threads=kwargs["threads"],
+        batch_size=kwargs["batch_size"],
+        show_progress=_show_progress(kwargs["progress"]),
+    )
+    click.echo(f"wrote {rows:,} rows for {artifact.n_users:,} users to {out} (model {artifact.version})")
+
+
+def write_recommendations(
+    artifact: Any,
+    out: Path,
+    *,
+    n: int = 20,
+    include_purchased: bool = False,
+    include_unavailable: bool = False,
+    threads: int = 0,
+    batch_size: int = 10_000,
+    show_progress: bool = False,
+) -> int:
+    """Top-``n`` per user with implicit's batched ``recommend``; returns the number of rows written.
+
+    Parameters
+    ----------
+    artifact : recsvc.artifact.Artifact
+        A loaded model.
+    out : Path
+        CSV file to write (``user_id,rank,item_id,score``; rank starts at 1).
+    n : int
+        Items per user (fewer when filters leave fewer).
+    include_purchased : bool
+        Keep items the user purchased (excluded by default).
+    include_unavailable : bool
+        Keep out-of-stock items (excluded by default).
+    threads, batch_size, show_progress
+        implicit threads, users per recommend call, tqdm bar.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.csv as pa_csv
+    from tqdm import tqdm
+
+    from training.als import recommender_from_factors
+
+    model = recommender_from_factors(artifact.user_factors, artifact.item_factors, threads=threads)
+    user_ids = np.asarray(artifact.user_ids, dtype=object)
+    item_ids = np.asarray(artifact.item_ids, dtype=object)
+    unavailable = None if include_unavailable else np.flatnonzero(~artifact.available).astype(np.int32)
+    if unavailable is not None and len(unavailable) == 0:
+        unavailable = None
+    purchases = artifact.purchases.tocsr()
+    schema = pa.schema(
+        [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    written = 0
+    n_users = artifact.n_users
+    try:
+        with pa_csv.CSVWriter(tmp, schema) as writer:
+            for lo in tqdm(range(0, n_users, batch_size), disable=not show_progress, unit="batch"):
+                users = np.arange(lo, min(lo + batch_size, n_users))
+                ids, scores = model.recommend(
+                    users,
+                    purchases[users],
+                    N=min(n, artifact.n_items),
+                    filter_already_liked_items=not include_purchased,
+                    filter_items=unavailable,
+                )
+                ids = np.atleast_2d(ids)
+                scores = np.atleast_2d(scores)
+                valid = (ids >= 0) & np.isfinite(scores)
+                rows, cols = np.nonzero(valid)
+                writer.write_table(
+                    pa.table(
+                        {
+                            "user_id": pa.array(user_ids[users[rows]], pa.string()),
+                            "rank": pa.array(cols + 1, pa.int32()),
+                            "item_id": pa.array(item_ids[ids[rows, cols]], pa.string()),
+                            "score": pa.array(scores[rows, cols], pa.float32()),
+                        },
+                        schema=schema,
+                    )
+                )
+                written += len(rows)
+        tmp.replace(out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return written

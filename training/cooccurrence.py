@@ -1,0 +1,899 @@
+"""Bundle mining: which items are bought together, and how well the mined bundles predict orders.
+
+The pipeline calls :func:`mine_bundles` after fitting ALS and stores the result in the artifact
+(``bundles.npz``); ``recsvc evaluate`` calls :func:`evaluate_bundles`.
+
+How candidates are mined
+------------------------
+1. **Baskets.** Purchase events that share a non-empty ``order_id`` form one basket. Purchases
+   without an order id are grouped per user into sessions: consecutive purchases no more than
+   ``basket_window_s`` apart belong to the same basket. An item counts once per basket, and only
+   the first ``max_basket_items`` distinct items of a basket are kept, so one wholesale order of
+   a thousand lines cannot cost a million pairs or drown everyone else's signal.
+2. **Pair counts.** ``B`` is the binary baskets x items matrix; the co-purchase counts are
+   ``C = B^T B`` (scipy sparse), computed in row blocks of anchor items whose size is bounded by
+   ``max_pairs_per_block`` so memory stays bounded on any input.
+3. **Significance.** A pair needs at least ``min_support`` baskets and a lift above 1 (bought
+   together more often than chance). Its strength is the measure named by ``measure`` (see
+   :data:`MEASURES`), shrunk towards zero for thin evidence: ``s / (s + shrinkage)``.
+4. **ALS blend.** Each anchor also gets its ``als_neighbours`` nearest items by cosine of the
+   ALS item factors. The final score is ``evidence * co_purchase + als_weight * cosine`` where
+   ``evidence = n / (n + evidence_baskets)`` grows with the number of baskets ``n`` the anchor
+   appears in -- items with few orders lean on ALS, well-sold items on what was really bought
+   together.
+5. The best ``candidates_per_item`` per anchor are kept, best first, with their float32 score
+   and int32 support (co-purchase count; 0 for an ALS-only candidate).
+
+Serving (:mod:`recsvc.bundles`) then applies stock, category, price and near-duplicate rules.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from recsvc.artifact import BundleCandidates
+from recsvc.contract import PURCHASE
+
+#: Significance measures for a co-purchased pair (``s`` support, ``n_a``/``n_b`` baskets holding
+#: each item, ``N`` baskets). Each is mapped to [0, 1] so it can be blended with a cosine.
+MEASURES: dict[str, str] = {
+    "cosine": "s / sqrt(n_a * n_b) (Ochiai): lift tempered by the candidate's popularity",
+    "npmi": "log(lift) / -log(s / N), normalised pointwise mutual information",
+    "lift": "1 - 1 / lift, with lift = s * N / (n_a * n_b)",
+    "confidence": "s / n_a = P(candidate | anchor); ranks like raw counts",
+    "damped": "P(candidate | anchor) * lift^gamma: gamma = popularity_exponent (0 confidence, 1 lift)",
+}
+
+
+@dataclass(frozen=True)
+class MiningParams:
+    """Knobs of :func:`mine_bundles` (recorded in the manifest via :meth:`as_dict`).
+
+    Attributes
+    ----------
+    basket_window_s : int
+        Purchases by one user without an order id belong to one basket when no more than this
+        many seconds separate consecutive purchases.
+    max_basket_items : int
+        Distinct items of a basket used for pairs (the first ones in event order).
+    min_support : int
+        Baskets that must contain a pair before it counts as bought together.
+    measure : str
+        One of :data:`MEASURES`.
+    shrinkage : float
+        Support at which a pair's strength is halved: ``strength * s / (s + shrinkage)``.
+    evidence_baskets : float
+        Anchor basket count at which co-purchase data and ALS similarity weigh the same.
+    als_neighbours : int
+        ALS nearest neighbours per anchor blended in (0 disables the blend).
+    als_weight : float
+        Weight of the ALS cosine in the blended score.
+    als_max_anchors : int
+        On catalogues larger than this, ALS neighbours are computed only for this many anchors,
+        those with the fewest baskets (the blend costs ``anchors * n_items * factors``).
+    candidates_per_item : int
+        Candidates kept per anchor item (``M``).
+    max_pairs_per_block : int
+        Upper bound on pair entries materialised at once (memory bound of the ``B^T B`` step).
+    coverage_positions : int
+        Leading places of each row re-ordered for basket coverage (0 or 1: off); see
+        :func:`rerank_for_coverage`.
+    coverage_pool : int
+        Best candidates of a row the coverage re-ordering chooses from.
+    coverage_min_baskets : int
+        Anchors in fewer baskets keep their order (too little data to judge coverage).
+    """
+
+    basket_window_s: int = 3600
+    max_basket_items: int = 60
+    min_support: int = 2
+    measure: str = "confidence"
+    popularity_exponent: float = 0.5
+    min_lift: float = 1.0
+    shrinkage: float = 2.0
+    evidence_baskets: float = 10.0
+    als_neighbours: int = 20
+    als_weight: float = 0.05
+    als_max_anchors: int = 20_000
+    candidates_per_item: int = 50
+    max_pairs_per_block: int = 20_000_000
+    coverage_positions: int = 4
+    coverage_pool: int = 20
+    coverage_min_baskets: int = 5
+
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {self.measure!r}")
+        for name in (
+            "basket_window_s",
+            "max_basket_items",
+            "min_support",
+            "candidates_per_item",
+            "als_max_anchors",
+        ):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("shrinkage", "evidence_baskets", "als_weight"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("als_neighbours", "coverage_positions"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if int(self.max_pairs_per_block) < 1000:
+            raise ValueError(f"max_pairs_per_block must be >= 1000, got {self.max_pairs_per_block!r}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Baskets:
+    """Baskets of purchased items, as a binary CSR matrix plus how it was built.
+
+    Attributes
+    ----------
+    matrix : scipy.sparse.csr_matrix
+        int32 (n_baskets, n_items), 1 where the basket holds the item (after the size cap).
+    from_orders : int
+        Baskets formed by a shared order id.
+    from_sessions : int
+        Baskets formed from purchases of one user within the window.
+    capped : int
+        Baskets that had more than ``max_basket_items`` distinct items.
+    unknown_items : int
+        Purchase events whose item is not in the item index (ignored).
+    """
+
+    matrix: sp.csr_matrix
+    from_orders: int
+    from_sessions: int
+    capped: int
+    unknown_items: int
+
+    @property
+    def n_baskets(self) -> int:
+        return int(self.matrix.shape[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Baskets
+# --------------------------------------------------------------------------------------------
+
+
+def _positions(values: np.ndarray, item_index: Mapping[str, int]) -> np.ndarray:
+    """Index of each id in ``item_index`` (-1 when absent), vectorised with arrow."""
+    ids = np.empty(len(item_index), dtype=object)
+    ids[np.fromiter(item_index.values(), dtype=np.int64, count=len(item_index))] = list(item_index.keys())
+    found = pc.index_in(pa.array(values, type=pa.string()), value_set=pa.array(ids, type=pa.string()))
+    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _codes(values: np.ndarray) -> np.ndarray:
+    encoded = pa.array(values, type=pa.string()).dictionary_encode()
+    return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def build_baskets(events: Any, item_index: Mapping[str, int], params: MiningParams | None = None) -> Baskets:
+    """Group purchase events into baskets.
+
+    Parameters
+    ----------
+    events : training.events.EventTable
+        Any events; only purchases are used.
+    item_index : Mapping[str, int]
+        Item id -> column of the result; purchases of other items are ignored (and counted).
+    params : MiningParams, optional
+        ``basket_window_s`` and ``max_basket_items`` are used.
+
+    Returns
+    -------
+    Baskets
+    """
+    params = params or MiningParams()
+    n_items = len(item_index)
+    purchase = np.flatnonzero(np.asarray(events.event) == PURCHASE)
+    item = (
+        _positions(np.asarray(events.item_id)[purchase], item_index)
+        if len(purchase)
+        else np.zeros(0, np.int64)
+    )
+    unknown = int((item < 0).sum())
+    known = item >= 0
+    purchase, item = purchase[known], item[known]
+    if len(purchase) == 0:
+        return Baskets(sp.csr_matrix((0, n_items), dtype=np.int32), 0, 0, 0, unknown)
+
+    order_id = np.asarray(events.order_id, dtype=object)[purchase]
+    timestamp = np.asarray(events.timestamp, dtype=np.int64)[purchase]
+    has_order = order_id != ""
+    basket = np.empty(len(purchase), dtype=np.int64)
+    n_orders = 0
+    if has_order.any():
+        _, inverse = np.unique(_codes(order_id[has_order]), return_inverse=True)
+        basket[has_order] = inverse
+        n_orders = int(inverse.max()) + 1
+    n_sessions = 0
+    loose = np.flatnonzero(~has_order)
+    if len(loose):
+        user = _codes(np.asarray(events.user_id, dtype=object)[purchase[loose]])
+        ts = timestamp[loose]
+        order = np.lexsort((ts, user))
+        user, ts = user[order], ts[order]
+        new = np.ones(len(order), dtype=bool)
+        new[1:] = (user[1:] != user[:-1]) | (ts[1:] - ts[:-1] > int(params.basket_window_s))
+        session = np.cumsum(new) - 1
+        basket[loose[order]] = n_orders + session
+        n_sessions = int(session[-1]) + 1
+
+    # One entry per (basket, item), in event order within a basket so the cap keeps the first items.
+    sequence = np.lexsort((np.arange(len(basket)), basket))
+    basket, item = basket[sequence], item[sequence]
+    key = basket * n_items + item
+    _, first = np.unique(key, return_index=True)
+    first.sort()
+    basket, item = basket[first], item[first]
+    starts = np.flatnonzero(np.r_[True, basket[1:] != basket[:-1]])
+    lengths = np.diff(np.r_[starts, len(basket)])
+    rank = np.arange(len(basket)) - np.repeat(starts, lengths)
+    capped = int((lengths > params.max_basket_items).sum())
+    keep = rank < params.max_basket_items
+    basket, item = basket[keep], item[keep]
+    n_baskets = n_orders + n_sessions
+    matrix = sp.csr_matrix(
+        (np.ones(len(basket), dtype=np.int32), (basket, item)), shape=(n_baskets, n_items), dtype=np.int32
+    )
+    return Baskets(matrix, n_orders, n_sessions, capped, unknown)
+
+
+# --------------------------------------------------------------------------------------------
+# Pair counts and significance
+# --------------------------------------------------------------------------------------------
+
+
+def _row_blocks(work: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Split rows into consecutive blocks whose summed ``work`` stays under ``budget``."""
+    blocks, lo, acc = [], 0, 0
+    for i, w in enumerate(work.tolist()):
+        if acc + w > budget and i > lo:
+            blocks.append((lo, i))
+            lo, acc = i, 0
+        acc += w
+    blocks.append((lo, len(work)))
+    return blocks
+
+
+def _top_per_row(
+    rows: np.ndarray, cols: np.ndarray, score: np.ndarray, keep: int, *extra: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Keep the ``keep`` highest-scoring entries per row; rows ascending, best first within a row.
+
+    Ties are broken by the smaller column index so the result is deterministic.
+    """
+    order = np.lexsort((cols, -score, rows))
+    rows, cols, score = rows[order], cols[order], score[order]
+    extra = tuple(e[order] for e in extra)
+    if len(rows) == 0:
+        return (rows, cols, score, *extra)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    lengths = np.diff(np.r_[starts, len(rows)])
+    rank = np.arange(len(rows)) - np.repeat(starts, lengths)
+    sel = rank < keep
+    return (rows[sel], cols[sel], score[sel], *(e[sel] for e in extra))
+
+
+def significance(
+    support: np.ndarray,
+    n_anchor: np.ndarray,
+    n_candidate: np.ndarray,
+    n_baskets: int,
+    measure: str,
+    gamma: float = 0.5,
+    min_lift: float = 1.0,
+) -> np.ndarray:
+    """Strength in [0, 1] of pairs bought together ``support`` times (vectorised).
+
+    Parameters
+    ----------
+    support : numpy.ndarray
+        Baskets holding both items.
+    n_anchor, n_candidate : numpy.ndarray
+        Baskets holding the anchor, and the candidate.
+    n_baskets : int
+        All baskets.
+    measure : str
+        One of :data:`MEASURES`.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, 0 where the pair is not positively associated (lift <= 1).
+    """
+    s = np.asarray(support, dtype=np.float64)
+    na = np.asarray(n_anchor, dtype=np.float64)
+    nb = np.asarray(n_candidate, dtype=np.float64)
+    lift = s * float(n_baskets) / np.maximum(na * nb, 1.0)
+    if measure == "cosine":
+        value = s / np.sqrt(np.maximum(na * nb, 1.0))
+    elif measure == "npmi":
+        joint = np.clip(s / max(n_baskets, 1), 1e-300, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            value = np.where(joint < 1.0, np.log(np.maximum(lift, 1e-300)) / -np.log(joint), 1.0)
+    elif measure == "lift":
+        value = 1.0 - 1.0 / np.maximum(lift, 1.0)
+    elif measure == "confidence":
+        value = s / np.maximum(na, 1.0)
+    elif measure == "damped":
+        value = s / np.maximum(na, 1.0) * np.maximum(lift, 1e-12) ** gamma
+    else:
+        raise ValueError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    return np.where(lift > min_lift, np.maximum(value, 0.0), 0.0)
+
+
+@dataclass
+class PairCounts:
+    """Top co-purchase partners per anchor, as parallel COO arrays (rows ascending)."""
+
+    rows: np.ndarray  # int64 anchor
+    cols: np.ndarray  # int64 candidate
+    strength: np.ndarray  # float64 significance after shrinkage, in [0, 1]
+    support: np.ndarray  # int64 co-purchase count
+    item_baskets: np.ndarray  # int64 per item: baskets holding it
+    n_baskets: int
+    pairs_counted: int  # distinct ordered pairs with support >= 1
+
+
+def count_pairs(baskets: Baskets, params: MiningParams | None = None, keep: int | None = None) -> PairCounts:
+    """Co-purchase counts ``B^T B`` in bounded row blocks, filtered and scored.
+
+    Parameters
+    ----------
+    baskets : Baskets
+        From :func:`build_baskets`.
+    params : MiningParams, optional
+        ``min_support``, ``measure``, ``shrinkage`` and ``max_pairs_per_block`` are used.
+    keep : int, optional
+        Partners kept per anchor (default ``params.candidates_per_item``).
+
+    Returns
+    -------
+    PairCounts
+    """
+    params = params or MiningParams()
+    keep = params.candidates_per_item if keep is None else keep
+    matrix = baskets.matrix
+    n_items = matrix.shape[1]
+    item_baskets = np.asarray(matrix.sum(axis=0), dtype=np.int64).ravel()
+    sizes = np.diff(matrix.indptr)
+    multi = matrix[sizes >= 2]  # a single-item basket holds no pair
+    by_item = multi.T.tocsr()  # items x baskets
+    # Entries row i of B^T B can have at most: the summed sizes of the baskets holding i.
+    work = np.asarray(by_item @ np.diff(multi.indptr).astype(np.int64), dtype=np.int64).ravel()
+    out_rows, out_cols, out_strength, out_support = [], [], [], []
+    counted = 0
+    for lo, hi in _row_blocks(work, int(params.max_pairs_per_block)):
+        if work[lo:hi].sum() == 0:
+            continue
+        block = (by_item[lo:hi] @ multi).tocoo()
+        rows = block.row.astype(np.int64) + lo
+        cols = block.col.astype(np.int64)
+        support = block.data.astype(np.int64)
+        off_diagonal = rows != cols
+        counted += int(off_diagonal.sum())
+        ok = off_diagonal & (support >= params.min_support)
+        rows, cols, support = rows[ok], cols[ok], support[ok]
+        strength = significance(
+            support,
+            item_baskets[rows],
+            item_baskets[cols],
+            baskets.n_baskets,
+            params.measure,
+            params.popularity_exponent,
+            params.min_lift,
+        )
+        positive = strength > 0
+        rows, cols, strength, support = _top_per_row(
+            rows[positive], cols[positive], strength[positive], keep, support[positive]
+        )
+        # Relative to the anchor's best partner (first of each row), so every anchor's scale is
+        # [0, 1] and blends with a cosine; thin evidence is then shrunk towards zero.
+        if len(rows):
+            starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            best = np.repeat(strength[starts], np.diff(np.r_[starts, len(rows)]))
+            strength = strength / best * (support / (support + float(params.shrinkage)))
+        out_rows.append(rows)
+        out_cols.append(cols)
+        out_strength.append(strength)
+        out_support.append(support)
+
+    def cat(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+        return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+    del n_items
+    return PairCounts(
+        rows=cat(out_rows, np.int64),
+        cols=cat(out_cols, np.int64),
+        strength=cat(out_strength, np.float64),
+        support=cat(out_support, np.int64),
+        item_baskets=item_baskets,
+        n_baskets=baskets.n_baskets,
+        pairs_counted=counted,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# ALS neighbours
+# --------------------------------------------------------------------------------------------
+
+
+def als_neighbours(
+    item_factors: np.ndarray, k: int, anchors: np.ndarray | None = None, block_rows: int = 512
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``k`` items per anchor by cosine of the factors (positive cosines only).
+
+    Items whose factors are all zero (never seen in training) have no neighbours and are never
+    anyone's neighbour. Computed in blocks of ``block_rows`` anchors, so memory is
+    ``block_rows * n_items`` floats; time is ``len(anchors) * n_items * factors``.
+
+    Parameters
+    ----------
+    item_factors : numpy.ndarray
+        (n_items, factors).
+    k : int
+        Neighbours per anchor.
+    anchors : numpy.ndarray, optional
+        Item indices to find neighbours for (default: every item).
+
+    Returns
+    -------
+    (rows, cols, cosine)
+        int64, int64, float64 COO arrays, rows ascending, best first within a row.
+    """
+    factors = np.asarray(item_factors, dtype=np.float32)
+    n_items = factors.shape[0]
+    anchors = (
+        np.arange(n_items, dtype=np.int64) if anchors is None else np.sort(np.asarray(anchors, np.int64))
+    )
+    if k <= 0 or n_items < 2 or len(anchors) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float64)
+    norms = np.linalg.norm(factors, axis=1)
+    unit = np.divide(factors, norms[:, None], out=np.zeros_like(factors), where=norms[:, None] > 0)
+    k = min(k, n_items - 1)
+    # Selecting the k best of n per row dominates the cost, so it is done in two steps: the k-th
+    # best of a sample of every stride-th column is a threshold that at least k entries of the
+    # full row reach (the sample is part of the row), and only entries above it are sorted.
+    # About k * stride entries pass the threshold; the sample is 1/stride of the row.
+    stride = max(1, min(8, n_items // (4 * k)))
+    out_rows, out_cols, out_cos = [], [], []
+    for lo in range(0, len(anchors), block_rows):
+        block = anchors[lo : lo + block_rows]
+        sims = unit[block] @ unit.T
+        sims[np.arange(len(block)), block] = -np.inf
+        sample = sims[:, ::stride]
+        if sample.shape[1] > k:
+            threshold = np.partition(sample, sample.shape[1] - k, axis=1)[:, sample.shape[1] - k]
+            threshold = np.maximum(threshold, 0.0)  # only positive cosines are kept anyway
+            rows, cols = np.nonzero(sims >= threshold[:, None])
+        else:
+            rows, cols = np.nonzero(np.isfinite(sims))
+        cos = sims[rows, cols].astype(np.float64)
+        ok = cos > 0
+        out_rows.append(block[rows[ok]])
+        out_cols.append(cols[ok].astype(np.int64))
+        out_cos.append(cos[ok])
+    rows, cols, cos = np.concatenate(out_rows), np.concatenate(out_cols), np.concatenate(out_cos)
+    return _top_per_row(rows, cols, cos, k)
+
+
+# --------------------------------------------------------------------------------------------
+# Mining
+# --------------------------------------------------------------------------------------------
+
+
+def mine_bundles(
+    events: Any,
+    item_index: Mapping[str, int],
+    item_factors: np.ndarray,
+    category: np.ndarray,
+    params: MiningParams | Mapping[str, Any] | None = None,
+) -> BundleCandidates:
+    """Mine bundle candidates for every item (see the module docstring for the method).
+
+    Parameters
+    ----------
+    events : training.events.EventTable
+        The training events; purchases are grouped into baskets.
+    item_index : Mapping[str, int]
+        Item id -> row of ``item_factors`` (and of the result).
+    item_factors : numpy.ndarray
+        float32 (n_items, factors) ALS item factors.
+    category : numpy.ndarray
+        int32 category code per item (-1 unknown). Mining does not filter by category (serving
+        prefers other categories at assembly time); it is validated for shape only.
+    params : MiningParams or mapping, optional
+        Defaults to ``MiningParams()``; a mapping overrides some of its fields.
+
+    Returns
+    -------
+    recsvc.artifact.BundleCandidates
+        Row ``i`` lists up to ``candidates_per_item`` items for anchor ``i``, best first, with a
+        float32 ``score`` and int32 ``support`` (baskets holding both; 0 for ALS-only candidates).
+
+    Raises
+    ------
+    ValueError
+        Shapes disagree, or a parameter is out of range.
+    """
+    return mine_bundles_report(events, item_index, item_factors, category, params)[0]
+
+
+def mine_bundles_report(
+    events: Any,
+    item_index: Mapping[str, int],
+    item_factors: np.ndarray,
+    category: np.ndarray,
+    params: MiningParams | Mapping[str, Any] | None = None,
+) -> tuple[BundleCandidates, dict[str, Any]]:
+    """:func:`mine_bundles` plus a report for the manifest (parameters, counts, seconds).
+
+    Returns
+    -------
+    (BundleCandidates, dict)
+        The candidates, and ``{"params": {...}, "baskets", "baskets_from_orders",
+        "baskets_from_sessions", "baskets_capped", "unknown_items", "pairs_counted",
+        "significant_pairs", "anchors_with_candidates", "candidates", "seconds": {...}}``.
+    """
+    params = _params(params)
+    n_items = len(item_index)
+    item_factors = np.asarray(item_factors)
+    if item_factors.ndim != 2 or item_factors.shape[0] != n_items:
+        raise ValueError(f"item_factors has shape {item_factors.shape}, expected ({n_items}, factors)")
+    if np.asarray(category).shape != (n_items,):
+        raise ValueError(f"category has shape {np.asarray(category).shape}, expected ({n_items},)")
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 3)
+        clock = now
+
+    baskets = build_baskets(events, item_index, params)
+    lap("baskets")
+    pairs = count_pairs(baskets, params)
+    lap("pairs")
+    candidates = blend(pairs, item_factors, params)
+    lap("blend")
+    candidates = rerank_for_coverage(candidates, baskets, params)
+    lap("coverage")
+    report = {
+        "params": params.as_dict(),
+        "baskets": baskets.n_baskets,
+        "baskets_from_orders": baskets.from_orders,
+        "baskets_from_sessions": baskets.from_sessions,
+        "baskets_capped": baskets.capped,
+        "unknown_items": baskets.unknown_items,
+        "pairs_counted": pairs.pairs_counted,
+        "significant_pairs": int(len(pairs.rows)),
+        "anchors_with_candidates": int((np.diff(candidates.indptr) > 0).sum()),
+        "candidates": int(len(candidates.indices)),
+        "seconds": seconds,
+    }
+    return candidates, report
+
+
+def blend(pairs: PairCounts, item_factors: np.ndarray, params: MiningParams) -> BundleCandidates:
+    """Combine co-purchase strength with ALS cosine and keep the best candidates per anchor."""
+    n_items = int(item_factors.shape[0])
+    evidence = pairs.item_baskets / (pairs.item_baskets + float(params.evidence_baskets) + 1e-12)
+    co_score = evidence[pairs.rows] * pairs.strength
+    if params.als_neighbours > 0 and params.als_weight > 0:
+        anchors = None
+        if n_items > params.als_max_anchors:
+            # Bounded work on big catalogues: the items with the fewest baskets need the blend
+            # most; the others lean on co-purchases (and serving computes similarity on demand).
+            anchors = np.argsort(pairs.item_baskets, kind="stable")[: int(params.als_max_anchors)]
+        a_rows, a_cols, a_cos = als_neighbours(item_factors, int(params.als_neighbours), anchors)
+        a_score = float(params.als_weight) * a_cos
+    else:
+        a_rows = a_cols = np.zeros(0, dtype=np.int64)
+        a_score = np.zeros(0, dtype=np.float64)
+    # Sum the two sources per (anchor, candidate): a pair that is both co-purchased and similar in
+    # taste gets both contributions.
+    rows = np.concatenate([pairs.rows, a_rows])
+    cols = np.concatenate([pairs.cols, a_cols])
+    score = np.concatenate([co_score, a_score])
+    support = np.concatenate([pairs.support, np.zeros(len(a_rows), dtype=np.int64)])
+    if len(rows):
+        key = rows * n_items + cols
+        unique, inverse = np.unique(key, return_inverse=True)
+        score = np.bincount(inverse, weights=score, minlength=len(unique))
+        support = np.bincount(inverse, weights=support, minlength=len(unique)).astype(np.int64)
+        rows, cols = unique // n_items, unique % n_items
+    rows, cols, score, support = _top_per_row(rows, cols, score, int(params.candidates_per_item), support)
+    indptr = np.zeros(n_items + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_items), out=indptr[1:])
+    return BundleCandidates(
+        indptr=indptr,
+        indices=cols.astype(np.int32),
+        score=score.astype(np.float32),
+        support=np.minimum(support, np.iinfo(np.int32).max).astype(np.int32),
+    )
+
+
+def rerank_for_coverage(
+    candidates: BundleCandidates, baskets: Baskets, params: MiningParams
+) -> BundleCandidates:
+    """Re-order the head of each row so the first few companions cover different baskets.
+
+    Two companions that are always bought in the same baskets are redundant in a bundle: if one
+    is wanted, so is the other, and if not, neither is. For each anchor with at least
+    ``coverage_min_baskets`` baskets, the first ``coverage_positions`` places are chosen greedily
+    among the row's ``coverage_pool`` best candidates: each next companion is the one found in
+    the most of the anchor's baskets that no companion chosen so far is in (ties: the row's
+    order). This is the classic greedy for maximum coverage; it only re-orders candidates that
+    already passed the significance filter. Scores are then made non-increasing along the row
+    (a running minimum), so "best first" holds for the score too.
+
+    All anchors of a block are done at once: the membership of every candidate in every basket
+    of its anchor is looked up once (``anchor baskets x pool`` booleans, blocks bounded by
+    ``max_pairs_per_block``), then each greedy step is a few vectorised numpy operations.
+    """
+    positions = int(params.coverage_positions)
+    if positions <= 1 or len(candidates.indices) == 0:
+        return candidates
+    matrix = baskets.matrix
+    multi = matrix[np.diff(matrix.indptr) >= 2].tocsr()
+    if multi.shape[0] == 0:
+        return candidates
+    multi.sort_indices()
+    by_item = multi.T.tocsr()
+    indptr = candidates.indptr
+    lengths = np.diff(indptr)
+    item_baskets = np.diff(by_item.indptr)
+    eligible = np.flatnonzero((item_baskets >= int(params.coverage_min_baskets)) & (lengths >= 2))
+    if len(eligible) == 0:
+        return candidates
+    indices = candidates.indices.copy()
+    score = candidates.score.copy()
+    support = candidates.support.copy()
+    pool = int(params.coverage_pool)
+    offset = np.arange(pool)
+    for lo, hi in _row_blocks(item_baskets[eligible] * pool, int(params.max_pairs_per_block)):
+        anchors = eligible[lo:hi]
+        n = len(anchors)
+        width = np.minimum(lengths[anchors], pool)
+        # (n, pool) candidate table, -1 padded, in the row's order.
+        valid = offset[None, :] < width[:, None]
+        table = np.full((n, pool), -1, dtype=np.int64)
+        table[valid] = indices[(indptr[anchors][:, None] + offset[None, :])[valid]]
+        # One entry per (anchor, basket of the anchor); member[e, j]: that basket holds candidate j.
+        spans = by_item[anchors].tocoo()
+        row, basket = spans.row.astype(np.int64), spans.col.astype(np.int64)
+        member = np.zeros((len(row), pool), dtype=bool)
+        for j in range(pool):
+            cand = table[row, j]
+            ok = cand >= 0
+            if ok.any():
+                member[ok, j] = np.asarray(multi[basket[ok], cand[ok]]).ravel() > 0
+        uncovered = np.ones(len(row), dtype=bool)
+        free = valid.copy()
+        chosen = np.full((n, positions), -1, dtype=np.int64)  # positions in the row
+        active = np.ones(n, dtype=bool)
+        for step in range(min(positions, pool)):
+            gain = np.stack(
+                [np.bincount(row, weights=member[:, j] & uncovered, minlength=n) for j in range(pool)], axis=1
+            )
+            # Earlier (better-scored) candidates win ties; taken and padding slots are out.
+            gain = np.where(free, gain - offset[None, :] * 1e-6, -np.inf)
+            best = np.argmax(gain, axis=1)
+            best_gain = gain[np.arange(n), best]
+            if step > 0:
+                active &= best_gain > 0
+            active &= np.isfinite(best_gain)
+            if not active.any():
+                break
+            chosen[active, step] = best[active]
+            free[np.flatnonzero(active), best[active]] = False
+            # Baskets holding the picked item are now covered for that anchor.
+            uncovered &= ~(member[np.arange(len(row)), best[row]] & active[row])
+        for r in np.flatnonzero(chosen[:, 0] >= 0).tolist():
+            picks = [int(c) for c in chosen[r] if c >= 0]
+            top = int(width[r])
+            order = np.array(picks + [i for i in range(top) if i not in picks], dtype=np.int64)
+            a_lo = int(indptr[anchors[r]])
+            indices[a_lo : a_lo + top] = indices[a_lo : a_lo + top][order]
+            support[a_lo : a_lo + top] = support[a_lo : a_lo + top][order]
+            score[a_lo : a_lo + top] = np.minimum.accumulate(score[a_lo : a_lo + top][order])
+    return BundleCandidates(indptr=indptr, indices=indices, score=score, support=support)
+
+
+def _params(params: MiningParams | Mapping[str, Any] | None) -> MiningParams:
+    if params is None:
+        return MiningParams()
+    if isinstance(params, MiningParams):
+        return params
+    unknown = sorted(set(params) - set(MiningParams.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown bundle mining parameter {unknown[0]!r}")
+    return replace(MiningParams(), **dict(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_bundles(
+    train: Any,
+    test: Any,
+    item_index: Mapping[str, int],
+    item_factors: np.ndarray,
+    category: np.ndarray,
+    size: int = 3,
+    params: MiningParams | Mapping[str, Any] | None = None,
+    rules: Any = None,
+) -> dict[str, Any]:
+    """Hit rate@size of bundles on held-out orders, against two baselines, in one run.
+
+    For every held-out basket with at least two known items, each of its items is an anchor
+    (query); the query is a hit when the ``size - 1`` companions the method proposes contain
+    another item of the same basket. Methods: ``bundles`` (mined from ``train`` with ALS blend
+    and assembled like serving), ``cooccurrence`` (raw co-purchase counts, padded with popular
+    items), ``popularity`` (the most bought items).
+
+    Parameters
+    ----------
+    train, test : training.events.EventTable
+        Events before the split, and purchases after it.
+    item_index, item_factors, category
+        As for :func:`mine_bundles` (the model fitted on ``train``).
+    size : int
+        Bundle size including the anchor.
+    params : MiningParams or mapping, optional
+        Mining parameters.
+
+    rules : recsvc.bundles.BundleRules, optional
+        Assembly rules (default ``BundleRules(size=size)``: the served defaults).
+
+    Returns
+    -------
+    dict
+        ``{"size", "train_baskets", "test_orders", "queries", "hit_rate@<size>",
+        "cooccurrence_hit_rate@<size>", "popularity_hit_rate@<size>", "lift_vs_cooccurrence",
+        "lift_vs_popularity", "seconds"}`` plus ``"any_category_hit_rate@<size>"`` (the same
+        bundles with ``same_category`` rules) when items have categories. Hit rates are None
+        when there is no query.
+    """
+    from recsvc.bundles import companions_for_evaluation
+
+    if size < 2:
+        raise ValueError(f"size must be >= 2, got {size!r}")
+    params = _params(params)
+    start = time.perf_counter()
+    n_items = len(item_index)
+    k = size - 1
+    train_baskets = build_baskets(train, item_index, params)
+    test_baskets = build_baskets(test, item_index, params).matrix
+    test_baskets = test_baskets[np.diff(test_baskets.indptr) >= 2]
+    anchors = test_baskets.indices.astype(np.int64)
+    query_basket = np.repeat(np.arange(test_baskets.shape[0]), np.diff(test_baskets.indptr))
+    key = f"@{size}"
+    result: dict[str, Any] = {
+        "size": size,
+        "train_baskets": train_baskets.n_baskets,
+        "test_orders": int(test_baskets.shape[0]),
+        "queries": int(len(anchors)),
+    }
+    if len(anchors) == 0:
+        result.update(
+            {f"hit_rate{key}": None, f"cooccurrence_hit_rate{key}": None, f"popularity_hit_rate{key}": None}
+        )
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        return result
+
+    popularity = np.asarray(train_baskets.matrix.sum(axis=0), dtype=np.float64).ravel()
+    popular_order = np.lexsort((np.arange(n_items), -popularity))
+
+    # Mined bundles, assembled by the serving code (category preference, near-duplicates).
+    pairs = count_pairs(train_baskets, params)
+    candidates = rerank_for_coverage(blend(pairs, np.asarray(item_factors), params), train_baskets, params)
+    unique_anchors = np.unique(anchors)
+    mined = companions_for_evaluation(
+        unique_anchors,
+        candidates,
+        np.asarray(item_factors, dtype=np.float32),
+        np.asarray(category),
+        popularity,
+        k,
+        rules,
+    )
+    # Raw counts baseline: the most co-purchased partners, no significance test, no blend.
+    raw_params = replace(params, min_support=1, measure="confidence", shrinkage=0.0)
+    raw = count_pairs(train_baskets, raw_params, keep=k)
+    raw_table = _padded_table(raw.rows, raw.cols, unique_anchors, k, popular_order, n_items)
+    pop_table = _padded_table(
+        np.zeros(0, np.int64), np.zeros(0, np.int64), unique_anchors, k, popular_order, n_items
+    )
+
+    tables = [("", mined), ("cooccurrence_", raw_table), ("popularity_", pop_table)]
+    if (np.asarray(category) >= 0).any():
+        # The served rules keep the anchor's category out of its bundle; what that policy costs
+        # in hit rate is worth knowing, so the same bundles without category rules are scored too.
+        from recsvc.bundles import BundleRules
+
+        anyway = (rules or BundleRules(size=size)).with_(size=size, same_category=True)
+        tables.append(
+            (
+                "any_category_",
+                companions_for_evaluation(
+                    unique_anchors,
+                    candidates,
+                    np.asarray(item_factors, dtype=np.float32),
+                    np.asarray(category),
+                    popularity,
+                    k,
+                    anyway,
+                ),
+            )
+        )
+    position = np.searchsorted(unique_anchors, anchors)
+    for name, table in tables:
+        result[f"{name}hit_rate{key}"] = _hit_rate(table[position], query_basket, test_baskets)
+    base_co = result[f"cooccurrence_hit_rate{key}"]
+    base_pop = result[f"popularity_hit_rate{key}"]
+    ours = result[f"hit_rate{key}"]
+    result["lift_vs_cooccurrence"] = round(ours / base_co, 3) if base_co else None
+    result["lift_vs_popularity"] = round(ours / base_pop, 3) if base_pop else None
+    result["seconds"] = round(time.perf_counter() - start, 3)
+    return result
+
+
+def _padded_table(
+    rows: np.ndarray, cols: np.ndarray, anchors: np.ndarray, k: int, popular_order: np.ndarray, n_items: int
+) -> np.ndarray:
+    """(len(anchors), k) companions: the given partners first, then popular items, never the anchor."""
+    table = np.full((len(anchors), k), -1, dtype=np.int64)
+    lookup = np.full(n_items, -1, dtype=np.int64)
+    lookup[anchors] = np.arange(len(anchors))
+    slot = lookup[rows] if len(rows) else np.zeros(0, np.int64)
+    ok = slot >= 0
+    rows, cols, slot = rows[ok], cols[ok], slot[ok]
+    if len(rows):
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+        sel = rank < k
+        table[slot[sel], rank[sel]] = cols[sel]
+    head = popular_order[: k + 1]
+    for r in np.flatnonzero((table < 0).any(axis=1)):
+        have = [c for c in table[r] if c >= 0]
+        for c in head:
+            if len(have) >= k:
+                break
+            if c != anchors[r] and c not in have:
+                have.append(int(c))
+        table[r, : len(have)] = have
+    return table
+
+
+def _hit_rate(companions: np.ndarray, query_basket: np.ndarray, baskets: sp.csr_matrix) -> float:
+    """Share of queries whose companions include an item of the query's own basket."""
+    hits = np.zeros(len(companions), dtype=bool)
+    for j in range(companions.shape[1]):
+        item = companions[:, j]
+        valid = item >= 0
+        found = np.zeros(len(item), dtype=bool)
+        found[valid] = np.asarray(baskets[query_basket[valid], item[valid]]).ravel() > 0
+        hits |= found
+    return float(hits.mean())

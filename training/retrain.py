@@ -1,0 +1,651 @@
+"""Scheduled retraining: dump -> train -> evaluate -> gate -> publish -> prune, under a Redis lock.
+
+``recsvc retrain --events PATH... --catalog PATH [--dump-stream] [--gate-tolerance 0.02] [--force]``
+
+One command for cron, a systemd timer, Airflow or a Kubernetes CronJob. It prints one JSON line on
+stdout (for the scheduler) and logs each step on stderr, and exits with a code from
+:class:`ExitCode`:
+
+* 0 -- a new version was published;
+* 1 -- internal error (a bug, Redis unreachable...): the live model is untouched, unless the error
+  came after publishing (in prune; ``live_after`` in the summary says so);
+* 2 -- bad input (events/catalog file unusable, bad option);
+* 3 -- the quality gate refused the new model; it stays on disk with the reason in its manifest;
+* 4 -- another retrain holds the lock (or this run lost it before publishing, or a stream dump is
+  running).
+
+Crash safety: the new artifact is written to a temp folder and renamed (``recsvc.artifact``), and
+the live pointer only moves inside ``publish`` after the whole version is in Redis; so a crash at
+any step leaves the live model serving. ``RECSVC_RETRAIN_CRASH_AFTER=<step>`` makes the process
+SIGKILL itself right after that step; the tests use it to prove the point.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import click
+
+from recsvc.config import Config
+
+log = logging.getLogger("recsvc.retrain")
+
+LOCK_KEY = "recsvc:lock:retrain"
+STEPS: tuple[str, ...] = ("lock", "dump", "train", "gate", "publish", "prune")
+CRASH_ENV = "RECSVC_RETRAIN_CRASH_AFTER"
+GATE_METRIC = "ndcg@10"
+MAX_TOLERANCE = 1.0
+MIN_LOCK_TTL_S, MAX_LOCK_TTL_S = 10, 24 * 3600
+MAX_KEEP = 1000
+
+
+class ExitCode(IntEnum):
+    """Process exit codes shared by ``retrain`` and ``export`` (documented in docs/batch.md)."""
+
+    OK = 0  # published (retrain) / written (export)
+    INTERNAL = 1  # unexpected error; nothing live changed
+    BAD_INPUT = 2  # unusable input file or option (click usage errors are 2 as well)
+    GATE_REFUSED = 3  # the new model did not pass the quality gate; the live one keeps serving
+    LOCKED = 4  # another run holds the lock
+
+
+# ------------------------------------------------------------------------------------------------
+# The gate (pure)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GateDecision:
+    """Whether a new model may replace the live one, and why. Stored in the manifest as ``gate``."""
+
+    passed: bool
+    reason: str
+    metric: str
+    new: float | None
+    live: float | None
+    popularity: float | None
+    live_version: str | None
+    tolerance: float
+    floor: float | None  # the least the new model had to reach against the live one
+    forced: bool = False
+
+
+def _metric(metrics: dict[str, Any] | None, model: str, metric: str) -> float | None:
+    try:
+        value = float(metrics[model][metric])  # type: ignore[index]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def gate_decision(
+    new_metrics: dict[str, Any] | None,
+    live_metrics: dict[str, Any] | None,
+    tolerance: float,
+    live_version: str | None = None,
+    metric: str = GATE_METRIC,
+) -> GateDecision:
+    """Decide whether the new model may be published.
+
+    The rule: the new model's ``metric`` (``metrics["als"][metric]`` on its evaluation split) must
+    beat the popularity baseline measured on the same split (``metrics["popularity"][metric]``),
+    and must not be worse than the live model's by more than ``tolerance``, *relative*:
+    ``new >= live * (1 - tolerance)``. So 0.02 allows the new model to be at most 2% worse (data
+    drifts; a nightly job must not freeze on noise) while a real regression is stopped.
+
+    Parameters
+    ----------
+    new_metrics : dict
+        The new manifest's ``metrics``.
+    live_metrics : dict or None
+        The live version's manifest ``metrics``; None when nothing is live (first publish) or the
+        live version has no metrics (then only the popularity test applies; the reason says so).
+    tolerance : float
+        Allowed relative shortfall against the live model, 0..1.
+    live_version : str, optional
+        Recorded in the decision.
+    metric : str
+
+    Returns
+    -------
+    GateDecision
+    """
+    if not 0.0 <= tolerance <= MAX_TOLERANCE:
+        raise ValueError(f"tolerance must be in 0..{MAX_TOLERANCE}, got {tolerance}")
+    new = _metric(new_metrics, "als", metric)
+    popularity = _metric(new_metrics, "popularity", metric)
+    live = _metric(live_metrics, "als", metric)
+    floor = None if live is None else live * (1.0 - tolerance)
+
+    def decide(passed: bool, reason: str) -> GateDecision:
+        return GateDecision(passed, reason, metric, new, live, popularity, live_version, tolerance, floor)
+
+    if new is None:
+        return decide(False, f"the new model has no {metric} (evaluation did not run or had no test users)")
+    if popularity is None:
+        return decide(False, f"the new manifest has no popularity {metric} to compare with")
+    if new <= popularity:
+        return decide(False, f"new {metric} {new:.4f} does not beat popularity {popularity:.4f}")
+    if live_version is None:
+        return decide(True, f"new {metric} {new:.4f} beats popularity {popularity:.4f}; nothing live yet")
+    if live is None:
+        return decide(
+            True,
+            f"new {metric} {new:.4f} beats popularity {popularity:.4f}; live version {live_version} "
+            f"has no {metric} to compare with",
+        )
+    if new < floor:
+        return decide(
+            False,
+            f"new {metric} {new:.4f} is worse than live {live_version} ({live:.4f}) by more than "
+            f"{tolerance:.1%} (needed >= {floor:.4f})",
+        )
+    return decide(
+        True,
+        f"new {metric} {new:.4f} >= {floor:.4f} (live {live_version} {live:.4f} - {tolerance:.1%}) "
+        f"and beats popularity {popularity:.4f}",
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The lock
+# ------------------------------------------------------------------------------------------------
+
+
+class RetrainLock:
+    """A Redis lock with expiry that a heartbeat keeps alive while the run works.
+
+    redis-py's :class:`redis.lock.Lock` does ``SET key token NX PX ttl`` and releases/extends with
+    compare-and-delete / compare-and-pexpire Lua scripts, so only the holder's token can free it.
+    The token carries who holds it (host, pid, start), shown to a second run. A SIGKILLed holder's
+    lock expires after ``ttl_s``; a live holder renews it every ``ttl_s / 3``.
+    """
+
+    def __init__(self, client: Any, ttl_s: float, key: str = LOCK_KEY):
+        self.client, self.ttl_s, self.key = client, float(ttl_s), key
+        self.token = json.dumps(
+            {
+                "run": uuid.uuid4().hex,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+        self._lock = client.lock(key, timeout=self.ttl_s, blocking=False, thread_local=False)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.lost = False
+
+    def acquire(self) -> bool:
+        if not self._lock.acquire(blocking=False, token=self.token):
+            return False
+        self._thread = threading.Thread(target=self._heartbeat, name="retrain-lock", daemon=True)
+        self._thread.start()
+        return True
+
+    def holder(self) -> str:
+        raw = self.client.get(self.key)
+        ttl_ms = self.client.pttl(self.key)
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        return f"{text} (expires in {max(ttl_ms, 0) / 1000:.0f}s)"
+
+    def _heartbeat(self) -> None:
+        from redis.exceptions import LockError, RedisError
+
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self._lock.extend(self.ttl_s, replace_ttl=True)
+            except LockError:
+                self.lost = True
+                log.error("lost the retrain lock %s (expired or taken over)", self.key)
+                return
+            except RedisError as e:  # transient: try again at the next beat; owned() decides later
+                log.warning("could not renew the retrain lock: %s", e)
+
+    def still_held(self) -> bool:
+        """Ask Redis, not memory: is the key still ours? Checked right before publishing."""
+        return not self.lost and self._lock.owned()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            self._lock.release()
+        except Exception as e:  # noqa: BLE001 - expired or Redis gone: it frees itself at its TTL
+            log.warning("retrain lock not released cleanly (%s); it expires on its own", e)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RetrainSummary:
+    """The one JSON line printed on stdout."""
+
+    status: str = "error"  # published | refused | locked | bad_input | error
+    exit_code: int = int(ExitCode.INTERNAL)
+    version: str | None = None  # the newly trained version (if training finished)
+    live_before: str | None = None
+    live_after: str | None = None
+    forced: bool = False
+    gate: dict[str, Any] | None = None
+    metrics: dict[str, Any] | None = None
+    params_source: str | None = None  # config | live | defaults
+    dumped_events: int | None = None
+    event_files: list[str] = field(default_factory=list)
+    pruned: list[str] = field(default_factory=list)
+    steps_s: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, default=str)
+
+
+def _crash_point(step: str) -> None:
+    """Test hook: ``RECSVC_RETRAIN_CRASH_AFTER=<step>`` SIGKILLs this process after ``step``."""
+    if os.environ.get(CRASH_ENV) == step:
+        log.warning("%s=%s: killing this process now (test hook)", CRASH_ENV, step)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Step:
+    def __init__(self, summary: RetrainSummary, name: str):
+        self.summary, self.name = summary, name
+
+    def __enter__(self) -> _Step:
+        self.start = time.perf_counter()
+        log.info("step %s: start", self.name)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.summary.steps_s[self.name] = round(time.perf_counter() - self.start, 3)
+        if exc_type is None:
+            log.info("step %s: done in %.1fs", self.name, self.summary.steps_s[self.name])
+            _crash_point(self.name)
+
+
+def _live_manifest(config: Config, live_version: str | None) -> dict[str, Any] | None:
+    """The live version's manifest, from its folder in ``models_dir`` (None if not found)."""
+    if not live_version:
+        return None
+    from recsvc.artifact import ArtifactError, read_manifest
+
+    try:
+        return read_manifest(Path(config.models_dir) / live_version)
+    except ArtifactError as e:
+        log.warning("live version %s has no readable manifest here (%s)", live_version, e)
+        return None
+
+
+def _choose_params(given: Any, live_manifest: dict[str, Any] | None) -> tuple[Any, str]:
+    """``--config`` if given, else the live model's parameters, else the defaults."""
+    from training.als import TrainParams
+
+    if given is not None:
+        return given, "config"
+    if live_manifest and isinstance(live_manifest.get("params"), dict):
+        try:
+            return TrainParams.from_mapping(live_manifest["params"], source="live manifest params"), "live"
+        except ValueError as e:
+            log.warning("cannot reuse the live model's parameters (%s); using the defaults", e)
+    return TrainParams(), "defaults"
+
+
+def _published_versions(client: Any) -> set[str]:
+    """Versions Redis still holds for rollback: never pruned from disk."""
+    import recsvc.store as store
+
+    for name in ("published_versions", "list_versions", "versions"):
+        fn = getattr(store, name, None)
+        if callable(fn):
+            try:
+                found = fn(client)
+            except TypeError:
+                continue
+            out = set()
+            for item in found or ():
+                value = item[0] if isinstance(item, tuple | list) else getattr(item, "version", item)
+                out.add(value.decode() if isinstance(value, bytes) else str(value))
+            return out
+    # Fallback: the documented layout (docs/ARCHITECTURE.md) -- a zset of published versions.
+    return {
+        v.decode() if isinstance(v, bytes) else str(v) for v in client.zrange("recsvc:model:versions", 0, -1)
+    }
+
+
+def run_retrain(
+    config: Config,
+    event_paths: Sequence[str | os.PathLike],
+    catalog_path: str | os.PathLike | None = None,
+    *,
+    dump_stream: bool = False,
+    tolerance: float = 0.02,
+    force: bool = False,
+    keep: int | None = None,
+    lock_ttl_s: float = 300.0,
+    params: Any = None,
+    client: Any = None,
+) -> RetrainSummary:
+    """Run the whole job once; never raises -- the outcome is in the returned summary.
+
+    Parameters
+    ----------
+    config : Config
+        ``models_dir``, ``var_dir`` (stream dumps), ``keep_versions``, Redis settings.
+    event_paths : sequence of paths
+        Event files to train on (the dump, if any, is added).
+    catalog_path : path, optional
+    dump_stream : bool
+        First dump the real-time events stream to ``<var_dir>/events/`` and train on it too.
+    tolerance : float
+        Relative tolerance of the gate (:func:`gate_decision`).
+    force : bool
+        Publish even if the gate refuses (logged as a warning and recorded in the manifest).
+    keep : int, optional
+        Model folders kept on disk by the prune step (default ``max(config.keep_versions, 3)``);
+        the live version, the one it replaced and every version Redis holds are never pruned.
+    lock_ttl_s : float
+        Lock expiry; renewed every third of it while the run is alive.
+    params : TrainParams, optional
+        Training parameters. Default: the live version's ``manifest["params"]`` (so a tuned model
+        stays tuned), else the defaults of :class:`training.als.TrainParams`.
+    client : redis.Redis, optional
+        Default: ``connect_admin(ensure_redis(config))``.
+
+    Returns
+    -------
+    RetrainSummary
+    """
+    started = time.perf_counter()
+    summary = RetrainSummary(event_files=[str(p) for p in event_paths])
+    keep = max(config.keep_versions, 3) if keep is None else keep
+    lock: RetrainLock | None = None
+    own_client = client is None
+    from training.events import BadInputError
+
+    try:
+        if not 0 <= tolerance <= MAX_TOLERANCE:
+            raise _BadInput(f"--gate-tolerance must be in 0..{MAX_TOLERANCE}, got {tolerance}")
+        if own_client:
+            from recsvc.redis_conn import connect_admin, ensure_redis
+
+            client = connect_admin(ensure_redis(config))
+
+        candidate = RetrainLock(client, lock_ttl_s)
+        if not candidate.acquire():
+            summary.status, summary.exit_code = "locked", int(ExitCode.LOCKED)
+            summary.error = f"another retrain holds {LOCK_KEY}: {candidate.holder()}"
+            log.error("%s", summary.error)
+            return summary
+        lock = candidate
+        log.info("step lock: acquired %s (ttl %ss, renewed while running)", LOCK_KEY, lock_ttl_s)
+        _crash_point("lock")
+
+        from recsvc.store import current_version, publish
+        from training.segments import expand_event_paths
+
+        summary.live_before = _decode(current_version(client))
+        paths = expand_event_paths(event_paths)
+
+        if dump_stream:
+            with _Step(summary, "dump"):
+                dump_path, dumped = _dump_stream(client, config)
+                summary.dumped_events = dumped
+                if dumped and dump_path not in paths:  # --events may already name the dump folder
+                    paths.append(dump_path)
+
+        if not paths:
+            raise _BadInput(f"no events file in {', '.join(str(p) for p in event_paths)}")
+        summary.event_files = [str(p) for p in paths]
+
+        with _Step(summary, "train"):
+            from training.pipeline import train_model
+
+            live_manifest = _live_manifest(config, summary.live_before)
+            params, summary.params_source = _choose_params(params, live_manifest)
+            try:
+                result = train_model(
+                    [str(p) for p in paths],
+                    str(catalog_path) if catalog_path else None,
+                    models_dir=config.models_dir,
+                    params=params,
+                    evaluate=True,
+                    show_progress=False,
+                    echo=lambda line: log.info("train: %s", line),
+                )
+            except ValueError as e:  # documented: bad parameters or nothing to train on
+                raise _BadInput(str(e)) from None
+            new_path = Path(result.path)
+            summary.version = new_path.name
+            summary.metrics = _metric_summary(
+                result.manifest.get("metrics") or getattr(result, "metrics", None)
+            )
+            log.info("trained %s: %s", summary.version, json.dumps(summary.metrics))
+
+        with _Step(summary, "gate"):
+            from recsvc.artifact import update_manifest
+
+            new_metrics = result.manifest.get("metrics") or getattr(result, "metrics", None)
+            live_metrics = None if live_manifest is None else live_manifest.get("metrics")
+            decision = gate_decision(new_metrics, live_metrics, tolerance, summary.live_before)
+            if not decision.passed and force:
+                decision.forced = True
+                log.warning("gate REFUSED (%s) but --force given: publishing anyway", decision.reason)
+            elif decision.passed:
+                log.info("gate passed: %s", decision.reason)
+            else:
+                log.error(
+                    "gate refused: %s; %s keeps serving", decision.reason, summary.live_before or "nothing"
+                )
+            summary.forced = decision.forced
+            summary.gate = asdict(decision)
+            update_manifest(new_path, gate={**asdict(decision), "decided_at": _now_iso()})
+
+        if not (decision.passed or decision.forced):
+            summary.status, summary.exit_code = "refused", int(ExitCode.GATE_REFUSED)
+            summary.live_after = summary.live_before
+            return summary
+
+        with _Step(summary, "publish"):
+            if not lock.still_held():
+                summary.status, summary.exit_code = "locked", int(ExitCode.LOCKED)
+                summary.error = "lost the retrain lock before publishing; nothing published"
+                summary.live_after = summary.live_before
+                log.error("%s", summary.error)
+                return summary
+            published = _decode(publish(client, new_path, config)) or summary.version
+            summary.live_after = published
+            log.info("published %s (was %s)", published, summary.live_before)
+
+        with _Step(summary, "prune"):
+            from recsvc.artifact import prune
+
+            protect = {v for v in (summary.live_before, summary.live_after) if v}
+            protect |= _published_versions(client)
+            summary.pruned = prune(config.models_dir, keep, protect=protect)
+            if summary.pruned:
+                log.info("pruned %s", ", ".join(summary.pruned))
+
+        summary.status, summary.exit_code = "published", int(ExitCode.OK)
+        return summary
+    except _Locked as e:
+        summary.status, summary.exit_code, summary.error = "locked", int(ExitCode.LOCKED), str(e)
+        log.error("%s", e)
+        return summary
+    except (BadInputError, _BadInput) as e:
+        summary.status, summary.exit_code, summary.error = "bad_input", int(ExitCode.BAD_INPUT), str(e)
+        log.error("bad input: %s", e)
+        return summary
+    except Exception as e:  # noqa: BLE001 - the scheduler needs a code and a line, not a traceback only
+        summary.status, summary.exit_code = "error", int(ExitCode.INTERNAL)
+        summary.error = f"{type(e).__name__}: {e}"
+        if summary.live_after and summary.live_after != summary.live_before:
+            outcome = f"{summary.live_after} was published before the error"
+        else:
+            outcome = f"the live model ({summary.live_before or 'none'}) is unchanged"
+        log.error("internal error; %s\n%s", outcome, traceback.format_exc())
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
+        if own_client and client is not None:
+            client.close()
+        summary.seconds = round(time.perf_counter() - started, 3)
+
+
+class _BadInput(ValueError):
+    pass
+
+
+class _Locked(RuntimeError):
+    pass
+
+
+def _decode(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not isinstance(metrics, dict):
+        return None
+    out = {}
+    for model in ("als", "popularity"):
+        value = _metric(metrics, model, GATE_METRIC)
+        if value is not None:
+            out[f"{model}_{GATE_METRIC}"] = round(value, 6)
+    return out
+
+
+def _dump_stream(client: Any, config: Config) -> tuple[Path | None, int]:
+    """Move the real-time stream into ``<var_dir>/events/events-<UTC time>.csv``: ``(path, count)``.
+
+    :func:`recsvc.realtime.dump_events` is exactly-once (consumer group, fsync, commit record, then
+    XACK/XDEL), so a crash here loses nothing: the next dump writes or finishes what was read.
+    """
+    from recsvc.realtime import DumpLocked, dump_events
+
+    out_dir = Path(config.var_dir) / "events"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Our own name, to the microsecond: a dump made the same second (by hand, or an earlier run)
+    # must not collide, and names still sort by time.
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    try:
+        result = dump_events(client, out_dir / f"events-{stamp}.csv", stream=config.events_stream)
+    except DumpLocked as e:
+        raise _Locked(f"cannot dump the event stream: {e}") from None
+    if result.count:
+        log.info(
+            "dumped %d events to %s (%d left in the stream)", result.count, result.path, result.remaining
+        )
+    else:
+        log.info("the event stream is empty: nothing to dump")
+    return result.path, int(result.count)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command
+# ------------------------------------------------------------------------------------------------
+
+
+@click.command("retrain")
+@click.option(
+    "--events",
+    "event_paths",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="Event files to train on, or folders of them (repeatable; e.g. the --dump-stream folder).",
+)
+@click.option("--catalog", type=click.Path(dir_okay=False), default=None, help="Catalog file.")
+@click.option(
+    "--dump-stream", is_flag=True, help="First dump the real-time event stream and train on it too."
+)
+@click.option(
+    "--gate-tolerance",
+    type=click.FloatRange(0, MAX_TOLERANCE),
+    default=0.02,
+    show_default=True,
+    help="Relative: publish only if new nDCG@10 >= live nDCG@10 * (1 - tolerance) and beats popularity.",
+)
+@click.option(
+    "--force", is_flag=True, help="Publish even if the gate refuses (logged, recorded in the manifest)."
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(1, MAX_KEEP),
+    default=None,
+    help="Model folders kept on disk [default: max(RECSVC_KEEP_VERSIONS, 3)]; live/previous never pruned.",
+)
+@click.option(
+    "--lock-ttl",
+    "lock_ttl_s",
+    type=click.IntRange(MIN_LOCK_TTL_S, MAX_LOCK_TTL_S),
+    default=300,
+    show_default=True,
+    help="Lock expiry in seconds (renewed while running; frees itself this long after a crash).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML file of training parameters (as for `recsvc train`) [default: the live model's parameters].",
+)
+def retrain(event_paths, catalog, dump_stream, gate_tolerance, force, keep, lock_ttl_s, config_path) -> None:
+    """Nightly job: dump, train, evaluate, gate, publish, prune.
+
+    Prints one JSON line on stdout. Exit codes: 0 published, 1 internal error, 2 bad input,
+    3 gate refused, 4 another run holds the lock.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    params = None
+    if config_path:
+        from training.als import TrainParams
+
+        try:
+            params = TrainParams.from_toml(config_path)
+        except ValueError as e:
+            log.error("bad input: %s", e)
+            click.echo(
+                RetrainSummary(status="bad_input", exit_code=int(ExitCode.BAD_INPUT), error=str(e)).to_json()
+            )
+            raise SystemExit(int(ExitCode.BAD_INPUT)) from None
+    summary = run_retrain(
+        Config.from_env(),
+        list(event_paths),
+        catalog,
+        dump_stream=dump_stream,
+        tolerance=gate_tolerance,
+        force=force,
+        keep=keep,
+        lock_ttl_s=lock_ttl_s,
+        params=params,
+    )
+    click.echo(summary.to_json())
+    raise SystemExit(summary.exit_code)

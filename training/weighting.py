@@ -1,0 +1,374 @@
+"""Turn events into the user x item confidence matrix that ALS is fitted on.
+
+How one entry ``c[u, i]`` is computed (the real-time fold-in, ``recsvc/foldin.py``, rebuilds a
+user's row with exactly these steps from ``manifest["params"]``):
+
+1. Every event contributes ``w_e = event_weights[event] * decay(t)`` where
+   ``decay(t) = 0.5 ** (max(0, now - t) / (half_life_days * 86400))`` and ``decay = 1`` when
+   ``half_life_days`` is null. ``now`` is ``manifest["trained_until"]`` (the newest training event)
+   unless told otherwise. Quantity does not enter: one purchase line is one act of preference.
+2. ``r[u, i] = sum of w_e`` over the user's events on the item (float64). Entries ``<= 0`` are dropped
+   (an impression-only pair carries no preference).
+3. Scaling of the summed value ``r``:
+
+   * ``linear``: ``c = r``
+   * ``log``:    ``c = log1p(r)``
+   * ``bm25``:   ``c = r * (k1 + 1) / (r + k1 * (1 - b + b * L_u / L_avg)) * idf_i`` with
+     ``L_u = sum_i r[u, i]`` (the user's row sum before scaling), ``L_avg`` the mean ``L_u`` over
+     training users (``manifest["params"]["bm25_avg_length"]``), and
+     ``idf_i = log(1 + (N - df_i + 0.5) / (df_i + 0.5))`` where ``N`` is the number of training
+     users (``manifest["params"]["bm25_n_users"]``) and ``df_i`` the number of training users
+     with ``r[u, i] > 0`` -- exactly the column counts of ``interactions.npz``, whose sparsity
+     pattern is that of ``r`` (this idf is always > 0, so no entry vanishes).
+4. The result is stored as float32. ``alpha`` is *not* applied here: ALS multiplies by it, as
+   implicit does, so the effective confidence is ``alpha * c``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from recsvc.contract import EVENT_CODE, EVENT_TYPES, PURCHASE
+
+SCALINGS = ("linear", "log", "bm25")
+SECONDS_PER_DAY = 86_400
+
+#: Default weight per event type. Impressions only say "we showed it"; they are dropped.
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
+    "view": 1.0,
+    "cart": 4.0,
+    "purchase": 10.0,
+    "impression": 0.0,
+    "click": 2.0,
+}
+
+
+@dataclass(frozen=True)
+class WeightingParams:
+    """How events become confidence values (see the module docstring for the exact formula).
+
+    Parameters
+    ----------
+    event_weights : dict
+        Weight per event type (``view, cart, purchase, impression, click``); missing types take
+        the defaults. Weights must be finite and ``>= 0``.
+    scaling : {"linear", "log", "bm25"}
+        How the summed weights are scaled.
+    alpha : float
+        Confidence multiplier applied inside ALS (kept here because it belongs to the same recipe).
+    half_life_days : float or None
+        Time decay half-life; ``None`` means no decay.
+    bm25_k1, bm25_b : float
+        BM25 saturation and length normalisation (used only with ``scaling="bm25"``).
+    """
+
+    event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    scaling: str = "linear"
+    alpha: float = 5.0
+    half_life_days: float | None = None
+    bm25_k1: float = 1.2
+    bm25_b: float = 0.75
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.event_weights) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(
+                f"event_weights: unknown event type {unknown[0]!r} (known: {', '.join(EVENT_TYPES)})"
+            )
+        weights = {**DEFAULT_EVENT_WEIGHTS, **{k: float(v) for k, v in self.event_weights.items()}}
+        for name, value in weights.items():
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"event_weights.{name} must be a finite number >= 0, got {value!r}")
+        object.__setattr__(self, "event_weights", weights)
+        if self.scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+        if self.half_life_days is not None and not (
+            math.isfinite(self.half_life_days) and self.half_life_days > 0
+        ):
+            raise ValueError(f"half_life_days must be > 0 or null, got {self.half_life_days!r}")
+        if not (math.isfinite(self.bm25_k1) and self.bm25_k1 > 0):
+            raise ValueError(f"bm25_k1 must be > 0, got {self.bm25_k1!r}")
+        if not (math.isfinite(self.bm25_b) and 0 <= self.bm25_b <= 1):
+            raise ValueError(f"bm25_b must be in [0, 1], got {self.bm25_b!r}")
+        if all(weights[name] == 0 for name in EVENT_TYPES):
+            raise ValueError("event_weights: at least one event type needs a weight > 0")
+
+    def weight_table(self) -> np.ndarray:
+        """Weights as a float64 array indexed by event code (``recsvc.contract.EVENT_CODE``)."""
+        table = np.zeros(len(EVENT_TYPES), dtype=np.float64)
+        for name, code in EVENT_CODE.items():
+            table[code] = self.event_weights[name]
+        return table
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def event_contributions(
+    event: np.ndarray, timestamp: np.ndarray, params: WeightingParams, now: int | float | None
+) -> np.ndarray:
+    """Per-event contribution ``w_e = event_weights[event] * decay(t)`` (float64).
+
+    Parameters
+    ----------
+    event : numpy.ndarray
+        int8 event codes.
+    timestamp : numpy.ndarray
+        int64 Unix seconds.
+    params : WeightingParams
+        Event weights and half-life.
+    now : int, float or None
+        Reference time for the decay; events after ``now`` count as age 0. Ignored without decay.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 weight per event.
+    """
+    weights = params.weight_table()[np.asarray(event, dtype=np.intp)]
+    if params.half_life_days is None or len(weights) == 0:
+        return weights
+    if now is None:
+        now = int(np.max(timestamp))
+    age_days = np.maximum(0.0, (float(now) - np.asarray(timestamp, dtype=np.float64)) / SECONDS_PER_DAY)
+    return weights * np.exp2(-age_days / params.half_life_days)
+
+
+def index_positions(values: np.ndarray, index: Mapping[str, int] | Sequence[str] | np.ndarray) -> np.ndarray:
+    """Position of each of ``values`` in ``index`` (-1 when absent), vectorised with arrow.
+
+    ``index`` is either a mapping id -> position or a sequence of ids whose order is the position.
+    """
+    ids = _index_ids(index)
+    found = pc.index_in(pa.array(values, type=pa.string()), value_set=pa.array(ids, type=pa.string()))
+    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _index_ids(index: Mapping[str, int] | Sequence[str] | np.ndarray) -> np.ndarray:
+    if isinstance(index, Mapping):
+        ids = np.empty(len(index), dtype=object)
+        positions = np.fromiter(index.values(), dtype=np.int64, count=len(index))
+        if len(positions) and (
+            positions.min() < 0 or positions.max() >= len(index) or len(set(positions)) != len(index)
+        ):
+            raise ValueError("an index mapping must map ids to the positions 0..n-1")
+        ids[positions] = list(index.keys())
+        return ids
+    return np.asarray(index, dtype=object)
+
+
+def _rows_cols(events: Any, user_index: Any, item_index: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Row/column position of each event, through the tables' dictionary encoding when present."""
+    out = []
+    for column, index in (("user_id", user_index), ("item_id", item_index)):
+        if hasattr(events, "codes"):
+            codes, values = events.codes(column)
+            out.append(index_positions(values, index)[codes])
+        else:
+            out.append(index_positions(getattr(events, column), index))
+    return out[0], out[1]
+
+
+def raw_matrix(
+    events: Any,
+    user_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+    item_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+    params: WeightingParams,
+    now: int | float | None = None,
+) -> sp.csr_matrix:
+    """Summed event weights ``r[u, i]`` (steps 1-2), float64 CSR, entries ``<= 0`` removed.
+
+    Events whose user or item is not in the index are ignored.
+    """
+    n_users, n_items = len(user_index), len(item_index)
+    rows, cols = _rows_cols(events, user_index, item_index)
+    weights = event_contributions(events.event, events.timestamp, params, now)
+    keep = (rows >= 0) & (cols >= 0) & (weights > 0)
+    matrix = sp.csr_matrix(
+        (weights[keep], (rows[keep], cols[keep])), shape=(n_users, n_items), dtype=np.float64
+    )  # duplicates (several events on one pair) are summed here
+    matrix.sum_duplicates()
+    matrix.data[~np.isfinite(matrix.data)] = 0.0
+    matrix.eliminate_zeros()
+    return matrix
+
+
+@dataclass(frozen=True)
+class Bm25Stats:
+    """What BM25 scaling needs besides a user's own row: stored in ``manifest["params"]``."""
+
+    n_users: int
+    avg_length: float
+    document_frequency: np.ndarray  # int64 per item: users with r[u, i] > 0
+
+
+def bm25_stats(raw: sp.csr_matrix) -> Bm25Stats:
+    """Collection statistics of a raw (summed, unscaled) matrix."""
+    lengths = np.asarray(raw.sum(axis=1)).ravel()
+    avg = float(lengths.mean()) if len(lengths) else 1.0
+    df = np.bincount(raw.indices, minlength=raw.shape[1]).astype(np.int64)
+    return Bm25Stats(n_users=raw.shape[0], avg_length=avg if avg > 0 else 1.0, document_frequency=df)
+
+
+def bm25_idf(document_frequency: np.ndarray, n_users: int) -> np.ndarray:
+    """``log(1 + (N - df + 0.5) / (df + 0.5))``: positive for every df in ``0..N``."""
+    df = np.asarray(document_frequency, dtype=np.float64)
+    return np.log1p((n_users - df + 0.5) / (df + 0.5))
+
+
+def scale(raw: sp.csr_matrix, params: WeightingParams, stats: Bm25Stats | None = None) -> sp.csr_matrix:
+    """Apply the scaling step (3) to a raw matrix; returns a new float64 CSR with the same pattern.
+
+    For BM25, ``stats`` defaults to the statistics of ``raw`` itself (training); fold-in passes
+    the training statistics so a single user's row is scaled like the rest.
+    """
+    out = raw.copy()
+    if params.scaling == "linear":
+        return out
+    if params.scaling == "log":
+        out.data = np.log1p(out.data)
+        return out
+    stats = stats or bm25_stats(raw)
+    k1, b = params.bm25_k1, params.bm25_b
+    lengths = np.asarray(raw.sum(axis=1)).ravel()
+    norm = k1 * (1.0 - b + b * lengths / stats.avg_length)
+    row_of = np.repeat(np.arange(raw.shape[0]), np.diff(raw.indptr))
+    idf = bm25_idf(stats.document_frequency, stats.n_users)
+    out.data = out.data * (k1 + 1.0) / (out.data + norm[row_of]) * idf[out.indices]
+    return out
+
+
+def confidence_matrix(
+    events: Any,
+    user_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+    item_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+    params: WeightingParams,
+    now: int | float | None = None,
+) -> sp.csr_matrix:
+    """The confidence matrix ALS is fitted on, before alpha (float32 CSR, users x items).
+
+    Parameters
+    ----------
+    events : EventTable
+        Events (any object with ``user_id, item_id, event, timestamp`` arrays works).
+    user_index, item_index : mapping id -> position, or sequence of ids
+        Row and column order. Events of users/items not in them are ignored.
+    params : WeightingParams
+        Event weights, decay and scaling.
+    now : int or float, optional
+        Reference time for decay; defaults to the newest event.
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        float32, sorted indices, no explicit zeros.
+    """
+    if now is None and len(events.timestamp):
+        now = int(np.max(events.timestamp))
+    raw = raw_matrix(events, user_index, item_index, params, now)
+    return to_float32(scale(raw, params))
+
+
+def to_float32(matrix: sp.csr_matrix) -> sp.csr_matrix:
+    """float32 copy with sorted indices; values that would underflow to 0 are kept at the smallest
+    normal float32, so the sparsity pattern (which BM25's document frequencies rely on) survives."""
+    out = sp.csr_matrix(matrix, dtype=np.float32)
+    np.maximum(out.data, np.finfo(np.float32).tiny, out=out.data)
+    out.sort_indices()
+    return out
+
+
+def bm25_manifest_params(raw: sp.csr_matrix, params: WeightingParams) -> dict[str, Any]:
+    """Extra ``manifest["params"]`` keys fold-in needs for BM25 (empty for other scalings).
+
+    ``raw`` is the summed, unscaled matrix of the training users (:func:`raw_matrix`).
+    """
+    if params.scaling != "bm25":
+        return {}
+    stats = bm25_stats(raw)
+    return {"bm25_n_users": stats.n_users, "bm25_avg_length": stats.avg_length}
+
+
+def popularity_scores(
+    events: Any,
+    item_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+    params: WeightingParams,
+    now: int | float | None = None,
+    half_life_days: float = 14.0,
+) -> np.ndarray:
+    """Recency-aware, purchase-weighted popularity per item (float32), the serving fallback.
+
+    Each event adds ``event_weights[event] / event_weights["purchase"]`` (so a purchase counts 1)
+    times ``0.5 ** (age_days / half_life_days)``, age measured from ``now`` (default: newest event).
+    """
+    n_items = len(item_index)
+    if len(events.timestamp) == 0:
+        return np.zeros(n_items, dtype=np.float32)
+    if now is None:
+        now = int(np.max(events.timestamp))
+    if hasattr(events, "codes"):
+        codes, values = events.codes("item_id")
+        cols = index_positions(values, item_index)[codes]
+    else:
+        cols = index_positions(events.item_id, item_index)
+    purchase_weight = params.event_weights["purchase"] or max(params.event_weights.values())
+    table = params.weight_table() / purchase_weight
+    age_days = np.maximum(0.0, (float(now) - events.timestamp.astype(np.float64)) / SECONDS_PER_DAY)
+    contribution = table[events.event.astype(np.intp)] * np.exp2(-age_days / half_life_days)
+    keep = cols >= 0
+    return np.bincount(cols[keep], weights=contribution[keep], minlength=n_items).astype(np.float32)
+
+
+def purchase_counts(
+    events: Any,
+    user_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+    item_index: Mapping[str, int] | Sequence[str] | np.ndarray,
+) -> sp.csr_matrix:
+    """Purchase events per (user, item) as float32 CSR: what "already bought" means in serving."""
+    rows, cols = _rows_cols(events, user_index, item_index)
+    keep = (rows >= 0) & (cols >= 0) & (np.asarray(events.event) == PURCHASE)
+    matrix = sp.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], cols[keep])),
+        shape=(len(user_index), len(item_index)),
+        dtype=np.float32,
+    )
+    matrix.sum_duplicates()
+    return matrix
+
+
+def id_maps(
+    events: Any, params: WeightingParams, catalog_item_ids: Sequence[str] | np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The row and column order of a model: ``(user_ids, item_ids)`` as object arrays.
+
+    Users are every user with at least one event of positive weight (an impression-only visitor
+    has nothing to learn from), sorted. Items are the catalog's, in catalog order, followed by
+    items that appear in events but not in the catalog, sorted. Both orders depend only on the
+    data, never on row order, so training is reproducible.
+    """
+    weights = params.weight_table()[np.asarray(events.event, dtype=np.intp)]
+    if hasattr(events, "codes"):
+        codes, values = events.codes("user_id")
+        used = np.bincount(codes[weights > 0], minlength=len(values)) > 0
+        users = values[used]
+        codes, values = events.codes("item_id")
+        items_seen = values[np.bincount(codes, minlength=len(values)) > 0]
+    else:
+        users = np.unique(np.asarray(events.user_id, dtype=object)[weights > 0])
+        items_seen = np.unique(np.asarray(events.item_id, dtype=object))
+    users = np.sort(np.asarray(users, dtype=object))
+    if catalog_item_ids is None or len(catalog_item_ids) == 0:
+        return users, np.sort(np.asarray(items_seen, dtype=object))
+    catalog_ids = np.asarray(catalog_item_ids, dtype=object)
+    extra = items_seen[index_positions(items_seen, catalog_ids) < 0]
+    return users, np.concatenate([catalog_ids, np.sort(np.asarray(extra, dtype=object))])
