@@ -102,7 +102,8 @@ class ServingModel:
     origin: str = "redis"
     loaded_at: float = field(default_factory=time.time)
     _memo: dict[str, Any] = field(default_factory=dict, repr=False)
-    _memo_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Re-entrant: a memo builder may itself read another memoised value.
+    _memo_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     # Only for models built from a local artifact: user id -> index and purchases.
     _local_users: dict[str, int] | None = field(default=None, repr=False)
     _local_artifact: Artifact | None = field(default=None, repr=False)
