@@ -164,8 +164,9 @@ def print_mining(rows: list[dict]) -> None:
     for r in rows:
         st = r["stages"]
         print(
-            f"{r['label']:<34}{r['orders']:>10,}{r['items']:>8,}{r['seconds']:>8.2f}{st['baskets']:>8.2f}"
-            f"{st['pairs']:>7.2f}{st['blend']:>7.2f}{st['coverage']:>7.2f}{r['orders'] / r['seconds']:>11,.0f}"
+            f"{r['label']:<34}{r['orders']:>10,}{r['items']:>8,}{r['seconds']:>8.2f}"
+            f"{st['baskets']:>8.2f}{st['pairs']:>7.2f}{st['blend']:>7.2f}{st['coverage']:>7.2f}"
+            f"{r['orders'] / r['seconds']:>11,.0f}"
             f"{r['naive_s']:>9.2f}{r['naive_s'] / r['seconds']:>8.1f}x"
         )
     for r in rows:
@@ -197,17 +198,18 @@ def print_quality(rows: list[dict]) -> None:
         f"{'data (time split)':<34}{'test orders':>12}{'queries':>9}{'bundles':>9}"
         f"{'raw co-occ':>11}{'popular':>9}{'vs co-occ':>10}{'vs popular':>11}"
     )
+
+    def fmt(r: dict, key: str) -> str:
+        return "-" if r.get(key) is None else f"{r[key]:.4f}"
+
     for r in rows:
-
-        def f(key: str) -> str:
-            return "-" if r.get(key) is None else f"{r[key]:.4f}"
-
         vs_co = "-" if r["lift_vs_cooccurrence"] is None else f"{r['lift_vs_cooccurrence']:.3f}x"
         vs_pop = "-" if r["lift_vs_popularity"] is None else f"{r['lift_vs_popularity']:.3f}x"
         label = f"{r['name']} ({r['split_days']:g} d)"
         print(
             f"{label:<34}{r['test_orders']:>12,}{r['queries']:>9,}"
-            f"{f('hit_rate@3'):>9}{f('cooccurrence_hit_rate@3'):>11}{f('popularity_hit_rate@3'):>9}"
+            f"{fmt(r, 'hit_rate@3'):>9}{fmt(r, 'cooccurrence_hit_rate@3'):>11}"
+            f"{fmt(r, 'popularity_hit_rate@3'):>9}"
             f"{vs_co:>10}{vs_pop:>11}"
         )
 
@@ -221,7 +223,8 @@ local bodies = {%(bodies)s}
 local pace_ms = %(pace_ms)s
 math.randomseed(%(seed)d)
 request = function()
-  return wrk.format("POST", "/v1/bundles", {["Content-Type"] = "application/json"}, bodies[math.random(#bodies)])
+  local body = bodies[math.random(#bodies)]
+  return wrk.format("POST", "/v1/bundles", {["Content-Type"] = "application/json"}, body)
 end
 if pace_ms > 0 then
   delay = function() return pace_ms end
@@ -327,7 +330,8 @@ def endpoint_latency(quick: bool, workdir: Path, workers: int, threads: int, con
 
         print(f"workers={workers} threads={threads} connections={connections} seconds/run={seconds}")
         print(
-            f"{'endpoint':<42}{'max req/s':>10}{'p99@max':>9}{'p50@half':>9}{'p99@half':>9}{'p99 ratio':>10}{'errors':>7}"
+            f"{'endpoint':<42}{'max req/s':>10}{'p99@max':>9}{'p50@half':>9}{'p99@half':>9}"
+            f"{'p99 ratio':>10}{'errors':>7}"
         )
         base_p99 = results[0][2]["p99"]
         errors = 0
@@ -338,7 +342,8 @@ def endpoint_latency(quick: bool, workdir: Path, workers: int, threads: int, con
                 f"{pc['p99'] / base_p99:>9.2f}x{pk['errors'] + pc['errors']:>7}"
             )
         print(
-            "(latencies in ms; 'half' = paced at half of that endpoint's own max; ratio vs the baseline's p99@half)"
+            "(latencies in ms; 'half' = paced at half of that endpoint's own max; "
+            "ratio vs the baseline's p99@half)"
         )
         return 1 if errors else 0
     finally:

@@ -147,7 +147,9 @@ class Artifact:
             ("category", self.category, np.int32),
             ("popularity", self.popularity, np.float32),
         ):
-            _check(arr.dtype == dtype, "items.npz", f"{name} dtype is {arr.dtype}, expected {np.dtype(dtype)}")
+            _check(
+                arr.dtype == dtype, "items.npz", f"{name} dtype is {arr.dtype}, expected {np.dtype(dtype)}"
+            )
             _check(arr.shape == (n_items,), "items.npz", f"{name} shape {arr.shape}, expected ({n_items},)")
         _check(
             bool(((self.category >= -1) & (self.category < len(self.categories))).all()),
@@ -156,7 +158,9 @@ class Artifact:
         )
         _check(len(self.titles) == n_items, "catalog.json", "titles length differs from item count")
         for name, mat in (("interactions.npz", self.interactions), ("purchases.npz", self.purchases)):
-            _check(mat.shape == (n_users, n_items), name, f"shape {mat.shape}, expected ({n_users}, {n_items})")
+            _check(
+                mat.shape == (n_users, n_items), name, f"shape {mat.shape}, expected ({n_users}, {n_items})"
+            )
             _check(bool(np.isfinite(mat.data).all()), name, "contains NaN or inf")
         b = self.bundles
         _check(b.n_items == n_items, "bundles.npz", "indptr length differs from item count")
@@ -164,7 +168,11 @@ class Artifact:
         _check(int(b.indptr[-1]) == len(b.indices), "bundles.npz", "indptr does not end at nnz")
         _check(bool((np.diff(b.indptr) >= 0).all()), "bundles.npz", "indptr is not monotone")
         if len(b.indices):
-            _check(int(b.indices.min()) >= 0 and int(b.indices.max()) < n_items, "bundles.npz", "index out of range")
+            _check(
+                int(b.indices.min()) >= 0 and int(b.indices.max()) < n_items,
+                "bundles.npz",
+                "index out of range",
+            )
 
 
 def _check(ok: bool, file: str, problem: str) -> None:
@@ -256,7 +264,9 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
             category=artifact.category,
             popularity=artifact.popularity,
         )
-        _write_json(tmp / "catalog.json", {"categories": list(artifact.categories), "titles": list(artifact.titles)})
+        _write_json(
+            tmp / "catalog.json", {"categories": list(artifact.categories), "titles": list(artifact.titles)}
+        )
         _save_csr(tmp / "interactions.npz", artifact.interactions)
         _save_csr(tmp / "purchases.npz", artifact.purchases)
         b = artifact.bundles
@@ -414,7 +424,9 @@ def resolve(models_dir: str | os.PathLike, ref: str | os.PathLike) -> Path:
     return path
 
 
-def prune(models_dir: str | os.PathLike, keep: int, protect: set[str] | frozenset[str] = frozenset()) -> list[str]:
+def prune(
+    models_dir: str | os.PathLike, keep: int, protect: set[str] | frozenset[str] = frozenset()
+) -> list[str]:
     """Delete all but the newest ``keep`` versions (and any in ``protect``); return deleted names."""
     versions = list_versions(models_dir)
     doomed = [p for p in versions[: max(0, len(versions) - keep)] if p.name not in protect]

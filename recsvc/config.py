@@ -101,4 +101,6 @@ def _parse(name: str, raw: str, default: Any) -> Any:
         return raw
     except ValueError:
         env_name = "REDIS_URL" if name == "redis_url" else f"RECSVC_{name.upper()}"
-        raise ValueError(f"environment variable {env_name}={raw!r} is not a valid {type(default).__name__}") from None
+        raise ValueError(
+            f"environment variable {env_name}={raw!r} is not a valid {type(default).__name__}"
+        ) from None

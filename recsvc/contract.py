@@ -101,7 +101,9 @@ def validate_event(raw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("user_id", "item_id"):
         if not is_valid_id(raw[name]):
-            raise ContractError(name, f"invalid_{name}", f"{name} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._:-]")
+            raise ContractError(
+                name, f"invalid_{name}", f"{name} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._:-]"
+            )
         out[name] = raw[name]
     if raw["event"] not in EVENT_CODE:
         raise ContractError("event", "unknown_event", REASONS["unknown_event"])

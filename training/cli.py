@@ -234,8 +234,12 @@ def train(**kwargs: Any) -> None:
 @click.option("--threads", type=click.IntRange(0, 1024), default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True)
 @click.option("--json-out", type=click.Path(dir_okay=False), help="Also write the metrics as JSON here.")
-@click.option("--bundles/--no-bundles", default=True, show_default=True,
-              help="Also score bundles (training.cooccurrence.evaluate_bundles) when available.")
+@click.option(
+    "--bundles/--no-bundles",
+    default=True,
+    show_default=True,
+    help="Also score bundles (training.cooccurrence.evaluate_bundles) when available.",
+)
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate ALS against baselines on a time split and print a table."""

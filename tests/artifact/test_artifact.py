@@ -101,7 +101,9 @@ def test_unpickled_loading_only(tmp_path):
 
 
 def test_prune_keeps_newest(tmp_path):
-    names = [art.write_artifact(make_artifact(), tmp_path, version=f"2026010{i}T000000Z").name for i in range(1, 6)]
+    names = [
+        art.write_artifact(make_artifact(), tmp_path, version=f"2026010{i}T000000Z").name for i in range(1, 6)
+    ]
     deleted = art.prune(tmp_path, keep=2, protect={names[0]})
     assert deleted == names[1:3]
     assert [p.name for p in art.list_versions(tmp_path)] == [names[0], *names[3:]]
