@@ -238,7 +238,7 @@ def train(**kwargs: Any) -> None:
     "--bundles/--no-bundles",
     default=True,
     show_default=True,
-    help="Also score bundles (training.cooccurrence.evaluate_bundles) when available.",
+    help="Also score bundles (training.cooccurrence.evaluate_bundles).",
 )
 @_param_options
 def evaluate(**kwargs: Any) -> None:

@@ -662,7 +662,8 @@ def rerank_for_coverage(
     indptr = candidates.indptr
     lengths = np.diff(indptr)
     item_baskets = np.diff(by_item.indptr)
-    eligible = np.flatnonzero((item_baskets >= int(params.coverage_min_baskets)) & (lengths >= 2))
+    min_baskets = max(1, int(params.coverage_min_baskets))  # >= 1: reduceat needs non-empty rows
+    eligible = np.flatnonzero((item_baskets >= min_baskets) & (lengths >= 2))
     if len(eligible) == 0:
         return candidates
     indices = candidates.indices.copy()
@@ -679,22 +680,18 @@ def rerank_for_coverage(
         table = np.full((n, pool), -1, dtype=np.int64)
         table[valid] = indices[(indptr[anchors][:, None] + offset[None, :])[valid]]
         # One entry per (anchor, basket of the anchor); member[e, j]: that basket holds candidate j.
-        spans = by_item[anchors].tocoo()
-        row, basket = spans.row.astype(np.int64), spans.col.astype(np.int64)
-        member = np.zeros((len(row), pool), dtype=bool)
-        for j in range(pool):
-            cand = table[row, j]
-            ok = cand >= 0
-            if ok.any():
-                member[ok, j] = np.asarray(multi[basket[ok], cand[ok]]).ravel() > 0
+        spans = by_item[anchors]  # CSR: the anchors' baskets, row by row (every row non-empty)
+        starts = spans.indptr[:-1]
+        row = np.repeat(np.arange(n, dtype=np.int64), np.diff(spans.indptr))
+        basket = spans.indices.astype(np.int64)
+        member = _pool_membership(multi, row, basket, table, multi.shape[1])
         uncovered = np.ones(len(row), dtype=bool)
         free = valid.copy()
         chosen = np.full((n, positions), -1, dtype=np.int64)  # positions in the row
         active = np.ones(n, dtype=bool)
         for step in range(min(positions, pool)):
-            gain = np.stack(
-                [np.bincount(row, weights=member[:, j] & uncovered, minlength=n) for j in range(pool)], axis=1
-            )
+            # Baskets of each anchor still uncovered, per candidate: one segmented sum.
+            gain = np.add.reduceat(member & uncovered[:, None], starts, axis=0, dtype=np.int64).astype(float)
             # Earlier (better-scored) candidates win ties; taken and padding slots are out.
             gain = np.where(free, gain - offset[None, :] * 1e-6, -np.inf)
             best = np.argmax(gain, axis=1)
@@ -717,6 +714,31 @@ def rerank_for_coverage(
             support[a_lo : a_lo + top] = support[a_lo : a_lo + top][order]
             score[a_lo : a_lo + top] = np.minimum.accumulate(score[a_lo : a_lo + top][order])
     return BundleCandidates(indptr=indptr, indices=indices, score=score, support=support)
+
+
+def _pool_membership(
+    multi: sp.csr_matrix, row: np.ndarray, basket: np.ndarray, table: np.ndarray, n_items: int
+) -> np.ndarray:
+    """``member[e, j]``: basket ``basket[e]`` holds candidate ``table[row[e], j]``.
+
+    Baskets are short, so every item of every entry's basket is expanded once and matched against
+    the small sorted table of ``(anchor, candidate)`` keys -- far cheaper than one random sparse
+    lookup per entry and pool slot.
+    """
+    n, pool = table.shape
+    lengths = np.diff(multi.indptr)[basket]
+    entry = np.repeat(np.arange(len(row), dtype=np.int64), lengths)
+    first = np.repeat(multi.indptr[basket] - (np.cumsum(lengths) - lengths), lengths)
+    items = multi.indices[first + np.arange(len(entry), dtype=np.int64)].astype(np.int64)
+    keys = row[entry] * n_items + items
+    table_keys = np.where(table >= 0, np.arange(n, dtype=np.int64)[:, None] * n_items + table, -1).ravel()
+    order = np.argsort(table_keys, kind="stable")
+    sorted_keys = table_keys[order]
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    hit = sorted_keys[at] == keys
+    member = np.zeros((len(row), pool), dtype=bool)
+    member[entry[hit], order[at[hit]] % pool] = True
+    return member
 
 
 def _params(params: MiningParams | Mapping[str, Any] | None) -> MiningParams:

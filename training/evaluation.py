@@ -375,13 +375,13 @@ def evaluate(
     methods : sequence of str
         Subset of :data:`METHODS` to run.
     bundles : bool, default True
-        Also score bundles with ``training.cooccurrence.evaluate_bundles`` when it exists.
+        Also score bundles with ``training.cooccurrence.evaluate_bundles``.
 
     Returns
     -------
     dict
-        ``{"als": {"ndcg@10": ...}, "popularity": {...}, ..., "split": {...}}`` and, when
-        ``training.cooccurrence.evaluate_bundles`` exists, ``"bundles"``. When the test period
+        ``{"als": {"ndcg@10": ...}, "popularity": {...}, ..., "split": {...}}`` and, with
+        ``bundles``, ``"bundles"``. When the test period
         has no scorable user, only ``"split"`` and ``"note"`` are present.
     """
     params = params or TrainParams()
@@ -472,11 +472,9 @@ def _evaluate_knn(
 
 
 def _evaluate_bundles(prep: _Prepared, item_factors: np.ndarray, catalog: Any) -> dict[str, Any] | None:
-    """Bundle metrics from ``training.cooccurrence.evaluate_bundles`` when that module exists."""
-    try:
-        from training.cooccurrence import evaluate_bundles
-    except ImportError:
-        return None
+    """Bundle hit rate on the held-out orders against its two baselines (see training.cooccurrence)."""
+    from training.cooccurrence import evaluate_bundles
+
     item_index = {item: i for i, item in enumerate(prep.item_ids)}
     category = category_codes(prep.item_ids, catalog)[0]
     result = evaluate_bundles(prep.train, prep.test, item_index, item_factors, category)

@@ -109,16 +109,13 @@ def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, A
 
 
 def _bundles(
-    events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray, say: Any
-) -> tuple[BundleCandidates, str]:
-    """Bundle candidates from ``training.cooccurrence`` (another module); empty if it is absent."""
-    try:
-        from training.cooccurrence import mine_bundles
-    except ImportError:
-        say("warning: training.cooccurrence is not available, the artifact has no bundle candidates")
-        return BundleCandidates.empty(len(item_ids)), "absent"
+    events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray
+) -> tuple[BundleCandidates, dict[str, Any]]:
+    """Bundle candidates mined from the training orders, and the mining report for the manifest."""
+    from training.cooccurrence import mine_bundles_report
+
     item_index = {item: i for i, item in enumerate(item_ids)}
-    return mine_bundles(events, item_index, item_factors, category), "training.cooccurrence.mine_bundles"
+    return mine_bundles_report(events, item_index, item_factors, category)
 
 
 def train_model(
@@ -265,7 +262,7 @@ def train_model(
     purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bundles, bundle_source = _bundles(events, item_ids, item_factors, meta["category"], say)
+    bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"])
     timings["bundles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -285,7 +282,7 @@ def train_model(
         "training": {
             "threads": int(threads),
             "device": device,
-            "bundles": bundle_source,
+            "bundles": bundle_report,
             "popularity": "recency-aware purchase-weighted, half-life 14 days",
         },
         "counts": {
