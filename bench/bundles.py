@@ -366,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="recsvc-bench-bundles-"))
     rc = 0
     try:
-        print("# 1. mining speed (baseline: a pure-Python pair Counter on the same baskets, compared with the pairs stage)", flush=True)
+        print(
+            "# 1. mining speed (baseline: a pure-Python pair Counter on the same baskets, "
+            "compared with the pairs stage)",
+            flush=True,
+        )
         mining, quality, loaded = [], [], {}
         for name in DATASETS:
             try:
