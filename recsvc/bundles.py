@@ -52,6 +52,19 @@ _POPULAR_PER_CATEGORY = 20
 _POPULAR_GLOBAL = 200
 _COMPLEMENT_CATEGORIES = 10
 
+#: Passes of :meth:`_Picker.fill` over one pool, keyed by ``same_category``:
+#: ``(new categories only, base's category allowed, co-purchased items only)``.
+_PASSES: dict[bool, tuple[tuple[bool, bool, bool], ...]] = {
+    False: (
+        (True, False, True),
+        (False, False, True),
+        (False, True, True),
+        (True, False, False),
+        (False, False, False),
+    ),
+    True: ((False, True, True), (False, True, False)),
+}
+
 #: A pool of candidates: ``(items, co-purchase support, scores, reason code)``, best first.
 Pool = tuple[np.ndarray, np.ndarray, np.ndarray, str]
 
@@ -418,13 +431,15 @@ class _Picker:
         prices = catalog.price[list(base)] if len(base) else np.zeros(0, np.float32)
         self.prices = [float(p) for p in prices]
 
-    def allowed(self, item: int, distinct_categories: bool, support: int = 0) -> bool:
+    def allowed(
+        self, item: int, distinct_categories: bool, support: int = 0, base_category: bool = False
+    ) -> bool:
         cat = self.catalog
         if self.blocked[item] or not cat.available[item]:
             return False
         code = int(cat.category[item])
         if code >= 0:
-            if code in self.base_categories and not self.rules.same_category:
+            if code in self.base_categories and not (self.rules.same_category or base_category):
                 return False
             if distinct_categories and code in self.categories:
                 return False
@@ -465,37 +480,32 @@ class _Picker:
         self.prices.append(float(cat.price[item]))
 
     def fill(self, wanted: int, pools: Iterator[Pool]) -> None:
-        """Take up to ``wanted`` companions: distinct categories first, then any allowed one.
+        """Take up to ``wanted`` companions, evidence first.
 
-        With ``same_category`` rules there is one pass in pool order, categories ignored.
-
-        ``pools`` yields ``(items, support, scores, source)`` in fallback order; within each pass a pool
-        is exhausted before the next is tried, so co-purchase data always wins over fallbacks.
-        Pools are drawn lazily: a bundle filled from co-purchase data never computes the others.
+        ``pools`` yields ``(items, support, scores, source)`` in fallback order and each pool is
+        exhausted before the next is drawn (lazily: a bundle filled from co-purchase data never
+        computes the fallbacks), so what was really bought together always wins over a guess.
+        Within a pool, items co-purchased with the base go before similar-taste ones; within each,
+        categories not yet in the bundle go first, then the other categories, and -- for
+        co-purchased items only -- last the base's own category: other categories are preferred,
+        but a real co-purchase beats a guess. With ``same_category`` rules categories play no part.
         """
-        drawn: list[Pool] = []
-        # Sets of one category allowed: categories play no part, evidence order decides.
-        passes = (False,) if self.rules.same_category else (True, False)
-        for distinct in passes:
-            for position in itertools.count():
-                if len(self.items) - self.base >= wanted:
-                    return
-                if position == len(drawn):
-                    pool = next(pools, None)
-                    if pool is None:
-                        break
-                    drawn.append(pool)
-                items, support, scores, source = drawn[position]
+        for items, support, scores, source in pools:
+            for distinct, base_category, evidence_only in _PASSES[self.rules.same_category]:
                 for item, sup, score in zip(items.tolist(), support.tolist(), scores.tolist(), strict=True):
                     if len(self.items) - self.base >= wanted:
                         return
-                    if self.allowed(item, distinct, sup):
+                    if (sup > 0) != evidence_only:
+                        continue
+                    if self.allowed(item, distinct, sup, base_category):
                         # Mined rows also hold ALS-only candidates (support 0): those are taste,
                         # not co-purchase, and must not claim "bought together".
                         if source == REASON_BOUGHT_TOGETHER and sup <= 0:
                             self.take(item, 0, REASON_SIMILAR_TASTE, score)
                         else:
                             self.take(item, sup, source, score)
+            if len(self.items) - self.base >= wanted:
+                return
 
     def bundle(self, extra: dict[str, Any] | None = None) -> Bundle:
         base = self.base

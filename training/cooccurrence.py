@@ -95,7 +95,9 @@ class MiningParams:
 
     basket_window_s: int = 3600
     max_basket_items: int = 60
-    min_support: int = 2
+    min_support: int = (
+        1  # one shared basket counts (shrinkage and the lift filter temper it): best on sparse logs
+    )
     measure: str = "confidence"
     popularity_exponent: float = 0.5
     min_lift: float = 1.0

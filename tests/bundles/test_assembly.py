@@ -122,7 +122,7 @@ def test_rules_validation_and_config():
 # ---- one anchor ------------------------------------------------------------------------------
 
 
-def test_other_categories_first_and_never_the_anchors_by_default():
+def test_other_categories_are_preferred_to_the_anchors_by_default():
     # 0 phone; 1 phone (bought together most), 2 case, 3 case, 4 charger.
     cat = make_catalog([0, 0, 1, 1, 2], {0: [(1, 9), (2, 8), (3, 7), (4, 6)]})
     bundle = assemble_bundle(cat, 0, BundleRules(size=3))
@@ -131,8 +131,9 @@ def test_other_categories_first_and_never_the_anchors_by_default():
     assert bundle.reason == "bought together by 8 customers" and bundle.reason_code == "bought_together"
     # price 10 + 30 + 50 = 90, 10% off.
     assert bundle.offer == Offer(90.0, 81.0, 9.0)
-    # Size 4: the second case comes in the relaxed pass; the other phone never does.
+    # Size 4: the second case comes in the relaxed pass; size 5: the co-purchased phone last of all.
     assert assemble_bundle(cat, 0, BundleRules(size=4)).items == [0, 2, 4, 3]
+    assert assemble_bundle(cat, 0, BundleRules(size=5)).items == [0, 2, 4, 3, 1]
     # With same-category sets allowed, categories play no part: evidence order.
     assert assemble_bundle(cat, 0, BundleRules(size=5, same_category=True)).items == [0, 1, 2, 3, 4]
 
@@ -213,10 +214,22 @@ def test_fallback_chain_similarity_then_popular_complements():
 
 
 def test_similarity_candidates_in_the_mined_row_do_not_claim_bought_together():
+    # The mined row ranks 1 (ALS only, support 0) above 2 (bought together 4 times): evidence first.
     cat = make_catalog([0, 1, 2], {0: [(1, 0), (2, 4)]})
     bundle = assemble_bundle(cat, 0, BundleRules(size=3))
-    assert bundle.items == [0, 1, 2] and bundle.sources[1:] == ["similar_taste", "bought_together"]
+    assert bundle.items == [0, 2, 1] and bundle.sources[1:] == ["bought_together", "similar_taste"]
     assert bundle.reason == "bought together by 4 customers"
+
+
+def test_a_co_purchase_in_the_anchors_category_beats_a_guess_in_another():
+    # 0 and 1 phones bought together; 2 and 3 cases never bought with 0 (popular fallback only).
+    cat = make_catalog([0, 0, 1, 1], {0: [(1, 5)]}, popularity=[1, 2, 9, 8])
+    bundle = assemble_bundle(cat, 0, BundleRules(size=3))
+    assert bundle.items == [0, 1, 2]
+    assert bundle.sources[1:] == ["bought_together", "popular_pairing"]
+    # Without co-purchase evidence the anchor's category is never used for a fallback.
+    lonely = assemble_bundle(make_catalog([0, 0, 1, 1], {}, popularity=[1, 9, 8, 7]), 0, BundleRules(size=3))
+    assert 1 not in lonely.items
 
 
 def test_every_valid_item_gets_a_bundle():
