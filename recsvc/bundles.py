@@ -25,7 +25,6 @@ takes ``discount_pct`` off the cheapest item. Amounts are rounded to cents and
 
 from __future__ import annotations
 
-import itertools
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
