@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import redis
 
+from recsvc import store
+from recsvc.app import create_app
+from recsvc.artifact import Artifact
 from recsvc.redis_conn import RedisServer
 
 
@@ -28,3 +31,25 @@ def redis_client(redis_url) -> redis.Redis:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
+
+
+# The fixtures below need ``artifact`` and ``config`` fixtures from the test folder's conftest
+# (each area builds the model and settings its tests are about).
+
+
+@pytest.fixture
+def published(redis_client, artifact, config) -> Artifact:
+    store.publish(redis_client, artifact, config)
+    return artifact
+
+
+@pytest.fixture
+def app(config):
+    app = create_app(config)
+    yield app
+    app.extensions["recsvc"].client.close()
+
+
+@pytest.fixture
+def http(app):
+    return app.test_client()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc import store
-from recsvc.app import create_app
 from recsvc.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.config import Config
 from tests.factories import make_artifact
@@ -63,21 +61,3 @@ def config(redis_url, models_dir, tmp_path) -> Config:
         max_body_bytes=4096,
         extra={"model_check_interval_s": 0.0},
     )
-
-
-@pytest.fixture
-def published(redis_client, artifact, config) -> Artifact:
-    store.publish(redis_client, artifact, config)
-    return artifact
-
-
-@pytest.fixture
-def app(config):
-    app = create_app(config)
-    yield app
-    app.extensions["recsvc"].client.close()
-
-
-@pytest.fixture
-def http(app):
-    return app.test_client()

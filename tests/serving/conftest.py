@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import redis
 
-from recsvc import store
-from recsvc.app import create_app
 from recsvc.artifact import Artifact, write_artifact
 from recsvc.config import Config
 from tests.factories import make_artifact
@@ -49,24 +47,6 @@ def config(redis_url, models_dir, tmp_path) -> Config:
         api_keys=(API_KEY,),
         extra={"model_check_interval_s": 0.0},
     )
-
-
-@pytest.fixture
-def published(redis_client, artifact, config) -> Artifact:
-    store.publish(redis_client, artifact, config)
-    return artifact
-
-
-@pytest.fixture
-def app(config):
-    app = create_app(config)
-    yield app
-    app.extensions["recsvc"].client.close()
-
-
-@pytest.fixture
-def http(app):
-    return app.test_client()
 
 
 @pytest.fixture
