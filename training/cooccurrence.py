@@ -95,9 +95,7 @@ class MiningParams:
 
     basket_window_s: int = 3600
     max_basket_items: int = 60
-    min_support: int = (
-        1  # one shared basket counts (shrinkage and the lift filter temper it): best on sparse logs
-    )
+    min_support: int = 2  # 1 was no better on the samples and 4x slower to count on 1M orders
     measure: str = "confidence"
     popularity_exponent: float = 0.5
     min_lift: float = 1.0
