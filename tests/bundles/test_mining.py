@@ -218,3 +218,23 @@ def test_empty_and_bad_inputs():
         MiningParams(min_support=0)
     with pytest.raises(ValueError, match="measure"):
         MiningParams(measure="jaccard")
+
+
+@pytest.mark.parametrize("basket_items", [3, 40])  # short baskets: expansion; long: sparse lookups
+def test_pool_membership_matches_a_dense_check(basket_items):
+    import scipy.sparse as sp
+
+    from training.cooccurrence import _pool_membership
+
+    rng = np.random.default_rng(basket_items)
+    n_items, n_baskets, pool = 60, 200, 5
+    dense = np.zeros((n_baskets, n_items), dtype=bool)
+    for b in range(n_baskets):
+        dense[b, rng.choice(n_items, basket_items, replace=False)] = True
+    multi = sp.csr_matrix(dense.astype(np.int8))
+    table = rng.integers(-1, n_items, size=(4, pool))  # 4 anchors' candidate slots, -1 = padding
+    row = rng.integers(0, 4, size=300)
+    basket = rng.integers(0, n_baskets, size=300)
+    member = _pool_membership(multi, row, basket, table, n_items)
+    expected = (table[row] >= 0) & dense[basket[:, None], np.maximum(table[row], 0)]
+    assert member.any() and np.array_equal(member, expected)
