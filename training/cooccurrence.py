@@ -684,7 +684,7 @@ def rerank_for_coverage(
         starts = spans.indptr[:-1]
         row = np.repeat(np.arange(n, dtype=np.int64), np.diff(spans.indptr))
         basket = spans.indices.astype(np.int64)
-        member = _pool_membership(multi, row, basket, table, multi.shape[1])
+        member = _pool_membership(multi, row, basket, table)
         uncovered = np.ones(len(row), dtype=bool)
         free = valid.copy()
         chosen = np.full((n, positions), -1, dtype=np.int64)  # positions in the row
@@ -717,7 +717,7 @@ def rerank_for_coverage(
 
 
 def _pool_membership(
-    multi: sp.csr_matrix, row: np.ndarray, basket: np.ndarray, table: np.ndarray, n_items: int
+    multi: sp.csr_matrix, row: np.ndarray, basket: np.ndarray, table: np.ndarray
 ) -> np.ndarray:
     """``member[e, j]``: basket ``basket[e]`` holds candidate ``table[row[e], j]``.
 
@@ -726,6 +726,7 @@ def _pool_membership(
     sparse lookup per entry and pool slot, which is used for long baskets.
     """
     n, pool = table.shape
+    n_items = multi.shape[1]
     lengths = np.diff(multi.indptr)[basket]
     if int(lengths.sum()) * 2 > len(row) * pool:  # crossover measured on UCI baskets vs synthetic
         # Long baskets (wholesale orders): one sparse lookup per entry and slot is cheaper.

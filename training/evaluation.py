@@ -440,10 +440,8 @@ def evaluate(
     metrics["split"]["seconds"] = timings
     if bundles and item_factors is not None:
         start = time.perf_counter()
-        bundle_metrics = _evaluate_bundles(prep, item_factors, catalog)
-        if bundle_metrics is not None:
-            metrics["bundles"] = bundle_metrics
-            timings["bundles"] = round(time.perf_counter() - start, 3)
+        metrics["bundles"] = _evaluate_bundles(prep, item_factors, catalog)
+        timings["bundles"] = round(time.perf_counter() - start, 3)
     return metrics
 
 
@@ -471,14 +469,13 @@ def _evaluate_knn(
     return ranking_metrics(recs, prep.relevant, len(prep.item_ids), ks)
 
 
-def _evaluate_bundles(prep: _Prepared, item_factors: np.ndarray, catalog: Any) -> dict[str, Any] | None:
+def _evaluate_bundles(prep: _Prepared, item_factors: np.ndarray, catalog: Any) -> dict[str, Any]:
     """Bundle hit rate on the held-out orders against its two baselines (see training.cooccurrence)."""
     from training.cooccurrence import evaluate_bundles
 
     item_index = {item: i for i, item in enumerate(prep.item_ids)}
     category = category_codes(prep.item_ids, catalog)[0]
-    result = evaluate_bundles(prep.train, prep.test, item_index, item_factors, category)
-    return dict(result) if result is not None else None
+    return dict(evaluate_bundles(prep.train, prep.test, item_index, item_factors, category))
 
 
 def category_codes(item_ids: np.ndarray, catalog: Any) -> tuple[np.ndarray, list[str]]:

@@ -235,6 +235,6 @@ def test_pool_membership_matches_a_dense_check(basket_items):
     table = rng.integers(-1, n_items, size=(4, pool))  # 4 anchors' candidate slots, -1 = padding
     row = rng.integers(0, 4, size=300)
     basket = rng.integers(0, n_baskets, size=300)
-    member = _pool_membership(multi, row, basket, table, n_items)
+    member = _pool_membership(multi, row, basket, table)
     expected = (table[row] >= 0) & dense[basket[:, None], np.maximum(table[row], 0)]
     assert member.any() and np.array_equal(member, expected)

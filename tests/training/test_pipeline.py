@@ -65,6 +65,11 @@ def test_artifact_written_by_train_model_reads_back(shop, tmp_path):
         int(line.split(",")[3]) for line in Path(events_path).read_text().splitlines()[1:]
     )
     assert manifest["library_versions"]["implicit"] == "0.7.3"
+    # Bundle mining is reported with the model, and its candidates are the artifact's.
+    mining = manifest["training"]["bundles"]
+    assert mining["candidates"] == len(artifact.bundles.indices) > 0 and mining["baskets"] > 0
+    assert set(mining["seconds"]) == {"baskets", "pairs", "blend", "coverage"}
+    assert "hit_rate@3" in manifest["metrics"]["bundles"]
 
     # Catalog items first, in catalog order; every catalog item is present.
     catalog_ids = [line.split(",")[0].strip('"') for line in Path(catalog_path).read_text().splitlines()[1:]]
