@@ -490,8 +490,10 @@ class _Picker:
         but a real co-purchase beats a guess. With ``same_category`` rules categories play no part.
         """
         for items, support, scores, source in pools:
+            # Converted once per pool: the passes below walk it up to five times.
+            entries = list(zip(items.tolist(), support.tolist(), scores.tolist(), strict=True))
             for distinct, base_category, evidence_only in _PASSES[self.rules.same_category]:
-                for item, sup, score in zip(items.tolist(), support.tolist(), scores.tolist(), strict=True):
+                for item, sup, score in entries:
                     if len(self.items) - self.base >= wanted:
                         return
                     if (sup > 0) != evidence_only:
