@@ -8,9 +8,8 @@
 from __future__ import annotations
 
 import importlib
-import json
 import logging
-import uuid
+import os
 from typing import Any
 
 from flask import Flask, Response, g, request
@@ -19,6 +18,7 @@ from recsvc.api.common import Services
 from recsvc.config import Config
 from recsvc.errors import register_error_handlers
 from recsvc.ids import is_valid_id
+from recsvc.jsonio import OrjsonProvider, dumps, loads
 from recsvc.redis_conn import connect, ensure_redis
 from recsvc.serving import ModelCache, RedisHealth
 
@@ -64,8 +64,7 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
     config = _make_config(config)
     app = Flask("recsvc", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
-    app.json.sort_keys = False  # keep item order as ranked and the envelope fields first
-    app.json.compact = True
+    app.json = OrjsonProvider(app)  # compact, fields in insertion order (envelope first, items ranked)
 
     redis_url = ensure_redis(config)
     client = connect(redis_url, config)
@@ -92,7 +91,8 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
 
 def _assign_request_id() -> None:
     incoming = request.headers.get("X-Request-ID")
-    g.request_id = incoming if incoming and is_valid_id(incoming) else uuid.uuid4().hex
+    # 128 random bits as 32 hex digits (the shape of uuid4().hex, at a quarter of its cost).
+    g.request_id = incoming if incoming and is_valid_id(incoming) else os.urandom(16).hex()
 
 
 def _finish_response(response: Response) -> Response:
@@ -102,10 +102,10 @@ def _finish_response(response: Response) -> Response:
         # Error bodies come from recsvc.errors (and werkzeug); give them the request id too.
         if response.status_code >= 400 and response.mimetype == "application/json":
             try:
-                body = json.loads(response.get_data())
+                body = loads(response.get_data())
             except ValueError:
                 return response
             if isinstance(body, dict) and "request_id" not in body:
                 body["request_id"] = rid
-                response.set_data(json.dumps(body))
+                response.set_data(dumps(body))
     return response

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,7 +101,7 @@ class ServingModel:
     index_dtype: str = "<i4"  # packed dtype of item indices in per-user records
     origin: str = "redis"
     loaded_at: float = field(default_factory=time.time)
-    _memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
     # Re-entrant: a memo builder may itself read another memoised value.
     _memo_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     # Only for models built from a local artifact: user id -> index and purchases.
@@ -141,7 +141,7 @@ class ServingModel:
 
         return self.memo("unit_item_factors", build)
 
-    def memo(self, name: str, build: Callable[[], T]) -> T:
+    def memo(self, name: Hashable, build: Callable[[], T]) -> T:
         """Per-version derived data (e.g. fold-in's YtY), built once and shared by threads."""
         try:
             return self._memo[name]

@@ -11,7 +11,6 @@ Other blueprints (events, bundles, experiments) use these instead of re-implemen
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import redis
 from flask import current_app, g, request
 from werkzeug.datastructures import MultiDict
 
-from recsvc import experiments
+from recsvc import experiments, jsonio
 from recsvc.config import Config
 from recsvc.errors import ApiError, bad_request
 from recsvc.ids import MAX_ID_LENGTH, is_valid_id
@@ -68,9 +67,12 @@ def request_id() -> str:
 
 
 def query_args(allowed: Iterable[str]) -> MultiDict:
-    """The query parameters, after rejecting any not in ``allowed``."""
+    """The query parameters, after rejecting any not in ``allowed`` (pass a frozenset on hot paths)."""
     args = request.args
-    allowed = set(allowed)
+    if not args:
+        return args
+    if not isinstance(allowed, frozenset | set):
+        allowed = frozenset(allowed)
     for name in args:
         if name not in allowed:
             expected = ", ".join(sorted(allowed)) or "none"
@@ -205,19 +207,23 @@ class FilterArgs:
 
     def for_model(self, model: ServingModel, config: Config, purchased: np.ndarray | None = None) -> Filters:
         """The :class:`~recsvc.ranking.Filters` for ``model`` (unknown names/ids simply match nothing)."""
+        repurchase = config.repurchase_categories
         return Filters(
             in_stock_only=self.in_stock_only,
             categories=None if self.categories is None else model.category_codes(self.categories),
             min_price=self.min_price,
             max_price=self.max_price,
-            exclude=model.item_indices(self.exclude) if self.exclude else np.zeros(0, np.int32),
-            purchased=purchased if purchased is not None else np.zeros(0, np.int32),
+            exclude=model.item_indices(self.exclude) if self.exclude else _NO_ITEMS,
+            purchased=purchased if purchased is not None else _NO_ITEMS,
             exclude_purchased=True,
             repurchase_categories=model.memo(
-                f"repurchase:{config.repurchase_categories}",
-                lambda: model.category_codes(config.repurchase_categories),
+                ("repurchase", *repurchase), lambda: model.category_codes(repurchase)
             ),
         )
+
+
+_NO_ITEMS = np.zeros(0, np.int32)
+_NO_ITEMS.flags.writeable = False
 
 
 FILTER_PARAMS = ("category", "min_price", "max_price", "exclude")
@@ -304,15 +310,17 @@ def item_list(model: ServingModel | None, items: np.ndarray, scores: np.ndarray)
         return []
     # Built once per model version: per answer only list look-ups remain.
     ids, titles, categories, prices = model.memo("api_display_fields", lambda: _display_fields(model))
+    # Six decimals keep the answer short; one numpy call rounds them all.
+    rounded = np.round(np.asarray(scores, dtype=np.float64), 6).tolist()
     return [
         {
             "item_id": ids[i],
-            "score": round(s, 6),
+            "score": s,
             "title": titles[i],
             "category": categories[i],
             "price": prices[i],
         }
-        for i, s in zip(items.tolist(), scores.tolist(), strict=True)
+        for i, s in zip(items.tolist(), rounded, strict=True)
     ]
 
 
@@ -343,9 +351,7 @@ def recommendation_body(
 def answer(body: dict[str, Any], status: int = 200):
     """A JSON response from a body that already names ``model_version``, ``source``, ``request_id``."""
     body.setdefault("request_id", request_id())
-    # json.dumps straight into a Response: Flask's jsonify costs a multiple of this per answer.
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-    return current_app.response_class(text, status=status, mimetype="application/json")
+    return current_app.response_class(jsonio.dumps(body), status=status, mimetype="application/json")
 
 
 def not_found(field: str, message: str) -> ApiError:

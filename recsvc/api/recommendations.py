@@ -24,7 +24,7 @@ from recsvc.serving import REDIS_DOWN_ERRORS, ModelNotPublished, UserRecord, fet
 
 bp = Blueprint("recommendations", __name__)
 
-PARAMS = ("n", *FILTER_PARAMS)
+PARAMS = frozenset(("n", *FILTER_PARAMS))
 
 
 @bp.get("/v1/users/<user_id>/recommendations")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -296,6 +298,15 @@ def test_rec_ids_are_valid_unique_and_decodable():
     assert "." not in plain and ex.parse_rec_id(plain) == ex.RecIdInfo(None, None, 1_704_067_200)
     assert ex.parse_rec_id("storefront-123") is None
     assert ex.parse_token(sample) == sample.rsplit(".", 1)[1]
+    # The second's digits are cached: a new second must give new digits.
+    assert ex.parse_rec_id(ex.new_rec_id(now=1_704_067_201)).served_at == 1_704_067_201
+    assert ex.parse_rec_id(ex.new_rec_id(now=1_704_067_200)).served_at == 1_704_067_200
+
+
+def test_rec_id_random_part_is_base32_of_the_random_bytes():
+    rng = random.Random(5)
+    for raw in [bytes(10), b"\xff" * 10, *(rng.randbytes(10) for _ in range(1000))]:
+        assert ex._b32_80(raw) == base64.b32encode(raw).decode("ascii").lower()
 
 
 def test_registry_assigns_first_active_experiment_that_claims_the_user(tmp_path):
