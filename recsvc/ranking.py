@@ -134,8 +134,11 @@ def allowed(
             if filters.max_price is not None:
                 ok &= price <= filters.max_price
     excluded = excluded_items(model, filters) if excluded is None else excluded
-    if len(excluded):
-        ok &= ~_member(items, excluded)
+    if 0 < len(excluded) <= 8:  # the usual handful of purchases: a comparison each, no sorting
+        for item in excluded.tolist():
+            ok &= items != item
+    elif len(excluded):
+        ok &= ~np.isin(items, excluded)
     return ok
 
 
@@ -240,7 +243,7 @@ def recommend_from_cache(
         raise ValueError("recommend_from_cache needs cached_scores or user_vector")
     if len(items) >= n or len(cached_items) >= model.n_items:
         # Enough survived, or the cache held every item so nothing else can pass the filters.
-        return items.astype(np.int32), scores.astype(np.float32), "cache"
+        return items.astype(np.int32, copy=False), scores.astype(np.float32, copy=False), "cache"
     if user_vector is not None:
         full_items, full_scores = top_n_from_scores(
             score_items(model.item_factors, user_vector), allowed_mask(model, filters, excluded), n

@@ -165,7 +165,7 @@ class ServingModel:
     # ---- keys of per-user data in Redis ------------------------------------------------------------
     def user_key(self, part: str, user_id: str) -> str:
         """Bucket hash holding ``user_id``'s ``topk`` (with purchases) or ``interactions`` field."""
-        prefix = self.memo(f"key_prefix:{part}", lambda: store.bucket_key(self.version, part, 0)[:-1])
+        prefix = self.memo(("key_prefix", part), lambda: store.bucket_key(self.version, part, 0)[:-1])
         return prefix + str(store.user_bucket(user_id, self.n_buckets))
 
     def local_user(self, user_id: str) -> UserRecord | None:

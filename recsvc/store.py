@@ -290,9 +290,10 @@ def unpack_user(
     Indices come back as int32 whatever their packed ``dtype``.
     """
     width = np.dtype(dtype).itemsize
-    indices = np.frombuffer(value, dtype=dtype, count=k).astype(np.int32)
+    # copy=False: with 4-byte indices these stay read-only views of ``value`` (no copy per request).
+    indices = np.frombuffer(value, dtype=dtype, count=k).astype(np.int32, copy=False)
     vector = np.frombuffer(value, dtype="<f4", count=factors, offset=width * k)
-    purchased = np.frombuffer(value, dtype=dtype, offset=width * k + 4 * factors).astype(np.int32)
+    purchased = np.frombuffer(value, dtype=dtype, offset=width * k + 4 * factors).astype(np.int32, copy=False)
     return indices, vector, purchased
 
 

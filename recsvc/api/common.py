@@ -293,35 +293,40 @@ def live_model() -> ModelChoice:
 # ------------------------------------------------------------------------------------------------
 
 
-def _display_fields(model: ServingModel) -> tuple[list, list, list, list]:
-    """Per item, as plain Python lists: id, title, category name (None), price (None when unknown)."""
+def _item_templates(model: ServingModel) -> list[dict[str, Any]]:
+    """Per item, the answer's dict with a placeholder score: ``item_id, score, title, category, price``.
+
+    Built once per model version, so an answer copies 20 small dicts and sets their scores instead
+    of looking up four fields per item. The placeholder keeps ``score`` second in the JSON.
+    """
     categories = model.categories
-    return (
-        list(model.item_ids),
-        list(model.titles),
-        [categories[c] if c >= 0 else None for c in model.category.tolist()],
-        [None if p != p else round(p, 2) for p in model.price.tolist()],  # p != p: NaN, unknown
-    )
+    return [
+        {
+            "item_id": item_id,
+            "score": 0.0,
+            "title": title,
+            "category": categories[code] if code >= 0 else None,
+            "price": None if price != price else round(price, 2),  # price != price: NaN, unknown
+        }
+        for item_id, title, code, price in zip(
+            model.item_ids, model.titles, model.category.tolist(), model.price.tolist(), strict=True
+        )
+    ]
 
 
 def item_list(model: ServingModel | None, items: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
     """Items as the API shows them: ``item_id, score, title, category, price``."""
     if model is None or len(items) == 0:
         return []
-    # Built once per model version: per answer only list look-ups remain.
-    ids, titles, categories, prices = model.memo("api_display_fields", lambda: _display_fields(model))
+    templates = model.memo("api_item_templates", lambda: _item_templates(model))
     # Six decimals keep the answer short; one numpy call rounds them all.
     rounded = np.round(np.asarray(scores, dtype=np.float64), 6).tolist()
-    return [
-        {
-            "item_id": ids[i],
-            "score": s,
-            "title": titles[i],
-            "category": categories[i],
-            "price": prices[i],
-        }
-        for i, s in zip(items.tolist(), rounded, strict=True)
-    ]
+    out = []
+    for i, score in zip(items.tolist(), rounded, strict=True):
+        item = templates[i].copy()
+        item["score"] = score
+        out.append(item)
+    return out
 
 
 def recommendation_body(
