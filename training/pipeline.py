@@ -109,13 +109,17 @@ def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, A
 
 
 def _bundles(
-    events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray
+    events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray, threads: int
 ) -> tuple[BundleCandidates, dict[str, Any]]:
-    """Bundle candidates mined from the training orders, and the mining report for the manifest."""
+    """Bundle candidates mined from the training orders, and the mining report for the manifest.
+
+    Mining runs after the fit, so it may use the fit's cores (``threads``, 0 = one per core).
+    """
     from training.cooccurrence import mine_bundles_report
 
     item_index = {item: i for i, item in enumerate(item_ids)}
-    return mine_bundles_report(events, item_index, item_factors, category)
+    threads = threads or os.cpu_count() or 1
+    return mine_bundles_report(events, item_index, item_factors, category, threads=threads)
 
 
 def train_model(
@@ -262,7 +266,7 @@ def train_model(
     purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"])
+    bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"], threads)
     timings["bundles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

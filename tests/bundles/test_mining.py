@@ -10,6 +10,7 @@ from recsvc.contract import PURCHASE, VIEW
 from tests.factories import make_artifact
 from training.cooccurrence import (
     MiningParams,
+    als_neighbours,
     build_baskets,
     count_pairs,
     mine_bundles,
@@ -186,6 +187,25 @@ def test_block_size_does_not_change_the_result():
     for name in ("rows", "cols", "support"):
         assert getattr(one, name).tolist() == getattr(many, name).tolist()
     assert one.strength == pytest.approx(many.strength)
+
+
+def test_als_neighbours_by_hand_and_independent_of_blocks_and_threads():
+    # Items 0 and 1 point the same way, 2 is orthogonal to both, 3 opposite to 0, 4 never seen.
+    factors = np.array([[1, 0], [2, 0.1], [0, 1], [-1, 0], [0, 0]], dtype=np.float32)
+    rows, cols, cos = als_neighbours(factors, k=2)
+    got = {(int(r), int(c)) for r, c in zip(rows, cols, strict=True)}
+    # Only positive cosines count; the unseen item 4 has no neighbours and is nobody's.
+    assert got == {(0, 1), (1, 0), (1, 2), (2, 1)}
+    assert cos[(rows == 0) & (cols == 1)][0] == pytest.approx(2 / np.hypot(2, 0.1))
+    rng = np.random.default_rng(11)
+    many = rng.standard_normal((300, 8)).astype(np.float32)
+    anchors = rng.choice(300, 120, replace=False)
+    serial = als_neighbours(many, 7, anchors, block_rows=512, threads=1)
+    for block_rows, threads in ((16, 1), (16, 2), (7, 3)):
+        other = als_neighbours(many, 7, anchors, block_rows=block_rows, threads=threads)
+        for a, b in zip(serial, other, strict=True):
+            assert a.tolist() == b.tolist()
+    assert len(serial[0]) == 120 * 7 and set(serial[0].tolist()) == set(anchors.tolist())
 
 
 def test_mined_candidates_fit_the_artifact(tmp_path):
