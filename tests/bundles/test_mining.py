@@ -174,7 +174,38 @@ def test_coverage_rerank_prefers_companions_from_other_baskets():
     assert reranked.row(A)[2].tolist() == [3, 2, 3]
 
 
-def test_block_size_does_not_change_the_result():
+def test_coverage_rerank_is_the_same_for_any_block_size_and_thread_count():
+    # Every item is an anchor with a redundant pair (always bought together with it) and a
+    # companion from other baskets, as in the test above, plus random baskets as noise.
+    rng = np.random.default_rng(8)
+    baskets_of = []
+    for a in range(8):
+        baskets_of += [[a, (a + 1) % 8, (a + 2) % 8]] * 3 + [[a, (a + 3) % 8]] * 2
+    baskets_of += [rng.choice(8, size=rng.integers(2, 5), replace=False).tolist() for _ in range(40)]
+    rows = [
+        (f"u{o}", ITEMS[item], PURCHASE, 1_700_000_000 + o, f"o{o}")
+        for o, basket in enumerate(baskets_of)
+        for item in basket
+    ]
+    params = MiningParams(min_support=1, coverage_positions=3, coverage_min_baskets=5, als_neighbours=0)
+    baskets = build_baskets(events(rows), INDEX, params)
+    plain = mine_bundles(
+        events(rows), INDEX, np.eye(8, dtype=np.float32), np.full(8, -1, np.int32),
+        {**params.as_dict(), "coverage_positions": 0},
+    )  # fmt: skip
+    one = rerank_for_coverage(plain, baskets, params)
+    assert one.indices.tolist() != plain.indices.tolist()  # the re-rank did change something
+    small = MiningParams(**{**params.as_dict(), "max_pairs_per_block": 1000})
+    for other in (
+        rerank_for_coverage(plain, baskets, small),
+        rerank_for_coverage(plain, baskets, small, threads=3),
+        rerank_for_coverage(plain, baskets, params, threads=2),
+    ):
+        for name in ("indptr", "indices", "score", "support"):
+            assert getattr(one, name).tolist() == getattr(other, name).tolist()
+
+
+def test_block_size_and_threads_do_not_change_the_result():
     rng = np.random.default_rng(3)
     rows = []
     for o in range(600):
@@ -183,10 +214,15 @@ def test_block_size_does_not_change_the_result():
     ev = events(rows)
     baskets = build_baskets(ev, INDEX)
     one = count_pairs(baskets, MiningParams(max_pairs_per_block=10_000_000))
-    many = count_pairs(baskets, MiningParams(max_pairs_per_block=1000))
-    for name in ("rows", "cols", "support"):
-        assert getattr(one, name).tolist() == getattr(many, name).tolist()
-    assert one.strength == pytest.approx(many.strength)
+    for other in (
+        count_pairs(baskets, MiningParams(max_pairs_per_block=1000)),
+        count_pairs(baskets, MiningParams(max_pairs_per_block=1000), threads=3),
+        count_pairs(baskets, threads=2),  # threads alone split the rows into blocks
+    ):
+        for name in ("rows", "cols", "support"):
+            assert getattr(one, name).tolist() == getattr(other, name).tolist()
+        assert one.strength == pytest.approx(other.strength)
+        assert one.pairs_counted == other.pairs_counted
 
 
 def test_als_neighbours_by_hand_and_independent_of_blocks_and_threads():
