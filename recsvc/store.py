@@ -47,6 +47,7 @@ import redis
 from recsvc.artifact import Artifact, ArtifactError, read_artifact, resolve
 from recsvc.config import Config
 from recsvc.ids import is_valid_version
+from recsvc.ranking import mask_positions
 
 log = logging.getLogger("recsvc.store")
 
@@ -200,7 +201,7 @@ def _top_columns(scores: np.ndarray, wide: int) -> np.ndarray:
         ok = counts >= wide
         if ok.any():
             sub_mask, sub_scores, sub_counts = mask[ok], scores[ok], counts[ok]
-            r, c = np.nonzero(sub_mask)
+            r, c = mask_positions(sub_mask)
             starts = np.concatenate(([0], np.cumsum(sub_counts)[:-1]))
             pos = np.arange(len(c)) - np.repeat(starts, sub_counts)
             width = int(sub_counts.max())

@@ -394,6 +394,7 @@ def write_recommendations(
     import pyarrow.csv as pa_csv
     from tqdm import tqdm
 
+    from recsvc.ranking import mask_positions
     from training.als import recommender_from_factors
 
     model = recommender_from_factors(artifact.user_factors, artifact.item_factors, threads=threads)
@@ -424,7 +425,7 @@ def write_recommendations(
                 ids = np.atleast_2d(ids)
                 scores = np.atleast_2d(scores)
                 valid = (ids >= 0) & np.isfinite(scores)
-                rows, cols = np.nonzero(valid)
+                rows, cols = mask_positions(valid)
                 writer.write_table(
                     pa.table(
                         {

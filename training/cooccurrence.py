@@ -43,6 +43,7 @@ import scipy.sparse as sp
 
 from recsvc.artifact import BundleCandidates
 from recsvc.contract import PURCHASE
+from recsvc.ranking import mask_positions
 
 #: Significance measures for a co-purchased pair (``s`` support, ``n_a``/``n_b`` baskets holding
 #: each item, ``N`` baskets). Each is mapped to [0, 1] so it can be blended with a cosine.
@@ -504,9 +505,9 @@ def als_neighbours(
         if sample.shape[1] > k:
             threshold = np.partition(sample, sample.shape[1] - k, axis=1)[:, sample.shape[1] - k]
             threshold = np.maximum(threshold, 0.0)  # only positive cosines are kept anyway
-            rows, cols = np.nonzero(sims >= threshold[:, None])
+            rows, cols = mask_positions(sims >= threshold[:, None])
         else:
-            rows, cols = np.nonzero(np.isfinite(sims))
+            rows, cols = mask_positions(np.isfinite(sims))
         cos = sims[rows, cols].astype(np.float64)
         ok = cos > 0
         return block[rows[ok]], cols[ok].astype(np.int64), cos[ok]

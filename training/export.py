@@ -53,6 +53,7 @@ import scipy.sparse as sp
 
 from recsvc.artifact import Artifact
 from recsvc.config import Config
+from recsvc.ranking import mask_positions
 from training.segments import (
     DORMANT,
     NEW,
@@ -943,7 +944,7 @@ def _row_table(
     bundles: AnchorBundles | None,
 ) -> tuple[pa.Table, pa.Array, pa.Array]:
     valid = picks >= 0
-    row, rank0 = np.nonzero(valid)
+    row, rank0 = mask_positions(valid)
     item = plan.columns[picks[row, rank0]]
     user_pos = lo + row
     take = pa.array(user_pos)

@@ -195,3 +195,21 @@ def test_allowed_mask_and_subset_agree(model):
     mask = ranking.allowed_mask(model, f)
     subset = ranking.allowed(model, f, np.arange(6))
     assert mask.tolist() == subset.tolist() == [False, True, False, False, False, False]
+
+
+def test_mask_positions_is_nonzero_in_row_major_order():
+    rng = np.random.default_rng(4)
+    wide = rng.random((37, 1001)) < 0.05
+    cases = [
+        wide,
+        wide[:, ::3],  # not contiguous
+        wide.T,  # Fortran order
+        np.zeros((5, 7), dtype=bool),
+        np.ones((3, 4), dtype=bool),
+        np.zeros((4, 0), dtype=bool),
+        np.zeros((0, 6), dtype=bool),
+    ]
+    for mask in cases:
+        rows, cols = ranking.mask_positions(mask)
+        want_rows, want_cols = np.nonzero(mask)
+        assert rows.tolist() == want_rows.tolist() and cols.tolist() == want_cols.tolist()
