@@ -510,7 +510,9 @@ def als_neighbours(
             rows, cols = mask_positions(np.isfinite(sims))
         cos = sims[rows, cols].astype(np.float64)
         ok = cos > 0
-        return block[rows[ok]], cols[ok].astype(np.int64), cos[ok]
+        # Top k per anchor inside the block (in the worker thread, on ~k * stride entries a row):
+        # blocks hold disjoint, ascending anchors, so their results only need concatenating.
+        return _top_per_row(block[rows[ok]], cols[ok].astype(np.int64), cos[ok], k)
 
     blocks = [anchors[lo : lo + block_rows] for lo in range(0, len(anchors), block_rows)]
     if threads > 1 and len(blocks) > 1:
@@ -523,7 +525,7 @@ def als_neighbours(
     else:
         parts = [one_block(block) for block in blocks]
     rows, cols, cos = (np.concatenate([part[i] for part in parts]) for i in range(3))
-    return _top_per_row(rows, cols, cos, k)
+    return rows, cols, cos
 
 
 # --------------------------------------------------------------------------------------------
