@@ -133,10 +133,12 @@ def naive_pair_count(baskets) -> tuple[float, int]:
     return time.perf_counter() - start, len(counts)
 
 
-def mining_row(label: str, events: EventTable, factors: np.ndarray, index: dict[str, int]) -> dict:
+def mining_row(
+    label: str, events: EventTable, factors: np.ndarray, index: dict[str, int], threads: int
+) -> dict:
     category = np.full(len(index), -1, np.int32)
     start = time.perf_counter()
-    candidates, report = mine_bundles_report(events, index, factors, category)
+    candidates, report = mine_bundles_report(events, index, factors, category, threads=threads)
     total = time.perf_counter() - start
     baskets = build_baskets(events, index)
     naive_s, naive_pairs = naive_pair_count(baskets)
@@ -362,13 +364,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument(
+        "--mining-threads", type=int, default=0, help="mining threads, as `recsvc train` uses (0 = all cores)"
+    )
     args = parser.parse_args(argv)
+    mining_threads = args.mining_threads or os.cpu_count() or 1
     workdir = Path(tempfile.mkdtemp(prefix="recsvc-bench-bundles-"))
     rc = 0
     try:
         print(
-            "# 1. mining speed (baseline: a pure-Python pair Counter on the same baskets, "
-            "compared with the pairs stage)",
+            f"# 1. mining speed, {mining_threads} threads (baseline: a pure-Python pair Counter on the "
+            "same baskets, compared with the pairs stage)",
             flush=True,
         )
         mining, quality, loaded = [], [], {}
@@ -381,12 +387,12 @@ def main(argv: list[str] | None = None) -> int:
             loaded[name] = (events, split_days)
             index = item_index_of(events)
             factors = fit_factors(events, list(index))
-            mining.append(mining_row(name, events, factors, index))
+            mining.append(mining_row(name, events, factors, index, mining_threads))
         n_orders = 100_000 if args.quick else 1_000_000
         orders = synthetic_orders(n_orders, 20_000, seed=1)
         index = {f"sku{i:06d}": i for i in range(20_000)}
         factors = (np.random.default_rng(2).standard_normal((20_000, 64)) * 0.3).astype(np.float32)
-        mining.append(mining_row(f"synthetic {n_orders:,} orders", orders, factors, index))
+        mining.append(mining_row(f"synthetic {n_orders:,} orders", orders, factors, index, mining_threads))
         del orders
         print_mining(mining)
 
