@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -263,8 +263,13 @@ def build_baskets(events: Any, item_index: Mapping[str, int], params: MiningPara
 # --------------------------------------------------------------------------------------------
 
 
-def _row_blocks(work: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Split rows into consecutive blocks whose summed ``work`` stays under ``budget``."""
+def _row_blocks(work: np.ndarray, budget: int, threads: int = 1) -> list[tuple[int, int]]:
+    """Split rows into consecutive blocks whose summed ``work`` stays under ``budget``.
+
+    With ``threads``, blocks are also small enough that every thread gets at least two.
+    """
+    if threads > 1:
+        budget = max(1, min(budget, int(work.sum()) // (2 * threads) + 1))
     blocks, lo, acc = [], 0, 0
     for i, w in enumerate(work.tolist()):
         if acc + w > budget and i > lo:
@@ -273,6 +278,18 @@ def _row_blocks(work: np.ndarray, budget: int) -> list[tuple[int, int]]:
         acc += w
     blocks.append((lo, len(work)))
     return blocks
+
+
+def _map_blocks(work: Callable[[Any], Any], blocks: Sequence[Any], threads: int) -> list[Any]:
+    """``[work(block) for block in blocks]`` on up to ``threads`` threads, results in block order.
+
+    Threads pay off because numpy and scipy release the GIL in the products and sorts of a block;
+    callers give each block disjoint output, so the result does not depend on ``threads``.
+    """
+    if threads > 1 and len(blocks) > 1:
+        with ThreadPoolExecutor(min(threads, len(blocks))) as pool:
+            return list(pool.map(work, blocks))
+    return [work(block) for block in blocks]
 
 
 def _top_per_row(
@@ -416,16 +433,9 @@ def count_pairs(
             strength = strength / best * (support / (support + float(params.shrinkage)))
         return rows, cols, strength, support, counted
 
-    # With threads, smaller blocks (at least two per thread) so every thread has work.
-    budget = int(params.max_pairs_per_block)
-    if threads > 1:
-        budget = max(1, min(budget, int(work.sum()) // (2 * threads) + 1))
-    blocks = [(lo, hi) for lo, hi in _row_blocks(work, budget) if work[lo:hi].sum() > 0]
-    if threads > 1 and len(blocks) > 1:
-        with ThreadPoolExecutor(min(threads, len(blocks))) as pool:
-            parts = list(pool.map(lambda block: one_block(*block), blocks))  # in block order
-    else:
-        parts = [one_block(lo, hi) for lo, hi in blocks]
+    blocks = _row_blocks(work, int(params.max_pairs_per_block), threads)
+    blocks = [(lo, hi) for lo, hi in blocks if work[lo:hi].sum() > 0]
+    parts = _map_blocks(lambda block: one_block(*block), blocks, threads)
 
     def cat(i: int, dtype: Any) -> np.ndarray:
         return np.concatenate([part[i] for part in parts]).astype(dtype) if parts else np.zeros(0, dtype)
@@ -515,15 +525,11 @@ def als_neighbours(
         return _top_per_row(block[rows[ok]], cols[ok].astype(np.int64), cos[ok], k)
 
     blocks = [anchors[lo : lo + block_rows] for lo in range(0, len(anchors), block_rows)]
-    if threads > 1 and len(blocks) > 1:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        # One BLAS thread per block: the blocks are the parallelism, BLAS threads would oversubscribe.
-        workers = min(threads, len(blocks))
-        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(one_block, blocks))  # in block order: the same result as serial
-    else:
-        parts = [one_block(block) for block in blocks]
+    # One BLAS thread per block: the blocks are the parallelism, BLAS threads would oversubscribe.
+    with threadpool_limits(limits=1 if threads > 1 else None, user_api="blas"):
+        parts = _map_blocks(one_block, blocks, threads)
     rows, cols, cos = (np.concatenate([part[i] for part in parts]) for i in range(3))
     return rows, cols, cos
 
@@ -760,17 +766,8 @@ def rerank_for_coverage(
             support[a_lo : a_lo + top] = support[a_lo : a_lo + top][order]
             score[a_lo : a_lo + top] = np.minimum.accumulate(score[a_lo : a_lo + top][order])
 
-    work = item_baskets[eligible] * pool
-    budget = int(params.max_pairs_per_block)
-    if threads > 1:
-        budget = max(1, min(budget, int(work.sum()) // (2 * threads) + 1))
-    blocks = _row_blocks(work, budget)
-    if threads > 1 and len(blocks) > 1:
-        with ThreadPoolExecutor(min(threads, len(blocks))) as pool_:
-            list(pool_.map(lambda block: one_block(*block), blocks))
-    else:
-        for lo, hi in blocks:
-            one_block(lo, hi)
+    blocks = _row_blocks(item_baskets[eligible] * pool, int(params.max_pairs_per_block), threads)
+    _map_blocks(lambda block: one_block(*block), blocks, threads)
     return BundleCandidates(indptr=indptr, indices=indices, score=score, support=support)
 
 
