@@ -148,11 +148,8 @@ def allowed(
             if filters.max_price is not None:
                 ok &= price <= filters.max_price
     excluded = excluded_items(model, filters) if excluded is None else excluded
-    if 0 < len(excluded) <= 8:  # the usual handful of purchases: a comparison each, no sorting
-        for item in excluded.tolist():
-            ok &= items != item
-    elif len(excluded):
-        ok &= ~np.isin(items, excluded)
+    if len(excluded):
+        ok &= ~_member(items, excluded)
     return ok
 
 

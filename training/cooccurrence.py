@@ -587,7 +587,8 @@ def mine_bundles_report(
 ) -> tuple[BundleCandidates, dict[str, Any]]:
     """:func:`mine_bundles` plus a report for the manifest (parameters, counts, seconds).
 
-    ``threads`` parallelises pair counting and the ALS blend (the result does not depend on it).
+    ``threads`` parallelises pair counting, the ALS blend and the coverage re-rank (the result does
+    not depend on it).
 
     Returns
     -------
