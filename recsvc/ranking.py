@@ -22,7 +22,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-_EMPTY_I32 = np.zeros(0, dtype=np.int32)
+#: No items (int32, read-only): the shared default for exclusions, purchases and empty answers.
+EMPTY_ITEMS = np.zeros(0, dtype=np.int32)
+EMPTY_ITEMS.flags.writeable = False
 _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 
 
@@ -68,10 +70,10 @@ class Filters:
     categories: np.ndarray | None = None
     min_price: float | None = None
     max_price: float | None = None
-    exclude: np.ndarray = field(default_factory=lambda: _EMPTY_I32)
-    purchased: np.ndarray = field(default_factory=lambda: _EMPTY_I32)
+    exclude: np.ndarray = field(default_factory=lambda: EMPTY_ITEMS)
+    purchased: np.ndarray = field(default_factory=lambda: EMPTY_ITEMS)
     exclude_purchased: bool = True
-    repurchase_categories: np.ndarray = field(default_factory=lambda: _EMPTY_I32)
+    repurchase_categories: np.ndarray = field(default_factory=lambda: EMPTY_ITEMS)
 
     def with_exclusions(self, items: np.ndarray | None) -> Filters:
         """A copy that also excludes ``items`` (int item indices)."""
@@ -111,7 +113,7 @@ def excluded_items(model: RankingModel, filters: Filters) -> np.ndarray:
         parts.append(bought)
     parts = [p for p in parts if len(p)]
     if not parts:
-        return _EMPTY_I32
+        return EMPTY_ITEMS
     if len(parts) == 1:  # duplicates are harmless to np.isin and mask[...] = False
         return np.asarray(parts[0], dtype=np.int32)
     return np.unique(np.concatenate(parts)).astype(np.int32)
@@ -277,7 +279,7 @@ def _first_allowed(
         got += len(hits)
         start += step
         step *= 4
-    return np.concatenate(found).astype(np.int32) if found else _EMPTY_I32
+    return np.concatenate(found).astype(np.int32) if found else EMPTY_ITEMS
 
 
 def popular_items(
@@ -298,7 +300,7 @@ def popular_items(
             for c in np.unique(filters.categories)
             if int(c) in model.popular_by_category
         ]
-        items = np.concatenate(lists) if lists else _EMPTY_I32
+        items = np.concatenate(lists) if lists else EMPTY_ITEMS
         if len(lists) > 1:
             items = items[np.lexsort((items, -model.popularity[items].astype(np.float64)))][:n]
     items = items.astype(np.int32)

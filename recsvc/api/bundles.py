@@ -49,6 +49,7 @@ from recsvc.bundles import (
 from recsvc.contract import CART, PURCHASE, VIEW
 from recsvc.errors import bad_request
 from recsvc.ids import is_valid_id
+from recsvc.ranking import EMPTY_ITEMS
 from recsvc.serving import REDIS_DOWN_ERRORS, ModelNotPublished, ServingModel, UserRecord, fetch_user
 
 bp = Blueprint("bundles", __name__)
@@ -56,8 +57,6 @@ bp = Blueprint("bundles", __name__)
 MAX_USER_BUNDLES = 10
 DEFAULT_USER_BUNDLES = 3
 RECENT_ANCHORS = 50  # newest recent events read for anchors: bounded Redis reply
-
-_EMPTY = np.zeros(0, np.int32)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,7 +148,7 @@ def _source_of(bundle: Bundle | None) -> str:
 
 
 def _empty(source: str = FALLBACK, **extra: Any):
-    return answer(recommendation_body(None, _EMPTY, _EMPTY, source=source, bundles=[], **extra))
+    return answer(recommendation_body(None, EMPTY_ITEMS, EMPTY_ITEMS, source=source, bundles=[], **extra))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def cart_bundle():
     catalog = _catalog(model)
     cart = [model.item_index[i] for i in ids if i in model.item_index]
     unknown = [i for i in ids if i not in model.item_index]
-    exclude = _EMPTY
+    exclude = EMPTY_ITEMS
     if user_id is not None and not choice.degraded:
         record = _user_record(model, user_id)
         if record is not None:
@@ -315,7 +314,7 @@ def user_bundles_view(user_id: str):
     for item in catalog.popular_order[: 4 * MAX_USER_BUNDLES * MAX_BUNDLE_SIZE].tolist():
         origin.setdefault(int(item), FALLBACK)
     anchors = list(origin)
-    bought = np.concatenate(purchased) if purchased else _EMPTY
+    bought = np.concatenate(purchased) if purchased else EMPTY_ITEMS
     exclude = already_bought(bought, catalog.category, _repurchase_codes(model, config))
 
     bundles = user_bundles(catalog, anchors, n, rules, exclude=exclude)

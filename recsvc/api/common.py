@@ -25,7 +25,7 @@ from recsvc import experiments, jsonio
 from recsvc.config import Config
 from recsvc.errors import ApiError, bad_request
 from recsvc.ids import MAX_ID_LENGTH, is_valid_id
-from recsvc.ranking import Filters
+from recsvc.ranking import EMPTY_ITEMS, Filters
 from recsvc.serving import REDIS_DOWN_ERRORS, ModelCache, ModelNotPublished, RedisHealth, ServingModel
 
 # Sources of an answer (also in the OpenAPI document).
@@ -213,17 +213,13 @@ class FilterArgs:
             categories=None if self.categories is None else model.category_codes(self.categories),
             min_price=self.min_price,
             max_price=self.max_price,
-            exclude=model.item_indices(self.exclude) if self.exclude else _NO_ITEMS,
-            purchased=purchased if purchased is not None else _NO_ITEMS,
+            exclude=model.item_indices(self.exclude) if self.exclude else EMPTY_ITEMS,
+            purchased=purchased if purchased is not None else EMPTY_ITEMS,
             exclude_purchased=True,
             repurchase_categories=model.memo(
                 ("repurchase", *repurchase), lambda: model.category_codes(repurchase)
             ),
         )
-
-
-_NO_ITEMS = np.zeros(0, np.int32)
-_NO_ITEMS.flags.writeable = False
 
 
 FILTER_PARAMS = ("category", "min_price", "max_price", "exclude")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 from flask import Blueprint
 
 from recsvc import ranking
@@ -19,12 +18,11 @@ from recsvc.api.common import (
     recommendation_body,
     services,
 )
+from recsvc.ranking import EMPTY_ITEMS
 
 bp = Blueprint("items", __name__)
 
 PARAMS = ("n", *FILTER_PARAMS)
-
-_EMPTY = np.zeros(0, np.int32)
 
 
 @bp.get("/v1/items/<item_id>/similar")
@@ -43,7 +41,9 @@ def similar(item_id: str):
     model = choice.model
     if model is None:
         return answer(
-            recommendation_body(None, _EMPTY, _EMPTY, source=FALLBACK, item_id=item_id, reason=choice.reason)
+            recommendation_body(
+                None, EMPTY_ITEMS, EMPTY_ITEMS, source=FALLBACK, item_id=item_id, reason=choice.reason
+            )
         )
     filters = wanted.for_model(model, config)
     anchor = model.item_index.get(item_id)
@@ -70,6 +70,6 @@ def popular():
     model = choice.model
     extra = {"reason": choice.reason} if choice.degraded else {}
     if model is None:
-        return answer(recommendation_body(None, _EMPTY, _EMPTY, source=FALLBACK, **extra))
+        return answer(recommendation_body(None, EMPTY_ITEMS, EMPTY_ITEMS, source=FALLBACK, **extra))
     items, scores = ranking.popular_items(model, wanted.for_model(model, config), n)
     return answer(recommendation_body(model, items, scores, source=FALLBACK, **extra))
