@@ -46,9 +46,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from recsvc.contract import PURCHASE  # noqa: E402
+from recsvc.core.contract import PURCHASE  # noqa: E402
+from recsvc.core.events import EventTable  # noqa: E402
 from training.cooccurrence import build_baskets, evaluate_bundles, mine_bundles_report  # noqa: E402
-from training.events import EventTable  # noqa: E402
 
 DATA_DIR = REPO.parent / "shared" / "data"
 DATASETS = ("online-retail-uci-baskets", "instacart")
@@ -87,8 +87,8 @@ def synthetic_orders(n_orders: int, n_items: int, seed: int = 0) -> EventTable:
 
 
 def load_dataset(name: str, workdir: Path):
+    from recsvc.core.events import load_events
     from training.datasets import convert
-    from training.events import load_events
 
     converted = convert(name, DATA_DIR, workdir / name)
     events, _ = load_events(converted.events)
@@ -103,8 +103,8 @@ def item_index_of(events: EventTable) -> dict[str, int]:
 
 def fit_factors(events: EventTable, item_ids: list[str], cutoff: int | None = None) -> np.ndarray:
     """ALS item factors as ``recsvc train`` fits them (default parameters), rows in ``item_ids`` order."""
+    from recsvc.core.weighting import confidence_matrix, id_maps
     from training.als import TrainParams, fit_als
-    from training.weighting import confidence_matrix, id_maps
 
     params = TrainParams()
     users, _ = id_maps(events, params.weighting())
@@ -251,10 +251,10 @@ def run_wrk_post(base: str, bodies: list[str], seconds: int, connections: int, p
 def endpoint_latency(quick: bool, workdir: Path, workers: int, threads: int, connections: int) -> int:
     from serve import free_port, run_wrk, stop, synthetic_artifact, wait_http
 
-    from recsvc import store
-    from recsvc.artifact import write_artifact
-    from recsvc.config import Config
-    from recsvc.redis_conn import RedisServer, connect_admin
+    from recsvc.core.artifact import write_artifact
+    from recsvc.core.config import Config
+    from recsvc.storage import store
+    from recsvc.storage.connection import RedisServer, connect_admin
 
     if shutil.which("wrk") is None:
         print("wrk is not installed: endpoint latency skipped (apt-get install wrk)")

@@ -32,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recsvc import experiments as ex  # noqa: E402
-from recsvc.attribution import build_report  # noqa: E402
-from recsvc.contract import CLICK, EVENT_TYPES, IMPRESSION, PURCHASE  # noqa: E402
-from recsvc.redis_conn import RedisServer, connect  # noqa: E402
+from recsvc.analytics import experiments as ex  # noqa: E402
+from recsvc.analytics.attribution import build_report  # noqa: E402
+from recsvc.core.contract import CLICK, EVENT_TYPES, IMPRESSION, PURCHASE  # noqa: E402
+from recsvc.storage.connection import RedisServer, connect  # noqa: E402
 
 T0 = 1_700_000_000
 DAY = 86_400
@@ -88,8 +88,8 @@ def hook_cost(redis_url: str, experiments_file: Path, n_requests: int) -> dict[s
     wall time, the hook's thread CPU time is recorded (immune to preemption by other processes).
     """
     from recsvc.api.experiments import bp
-    from recsvc.app import create_app
-    from recsvc.config import Config
+    from recsvc.core.config import Config
+    from recsvc.web.app import create_app
 
     app = create_app(Config(redis_url=redis_url, experiments_file=experiments_file))
     if "experiments" not in app.blueprints:
@@ -156,7 +156,7 @@ def report_speed(n_users: int, workdir: Path) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    from training.events import load_events
+    from recsvc.core.events import load_events
 
     columns = synthetic_events(n_users)
     path = workdir / "events.csv"

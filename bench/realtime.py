@@ -59,7 +59,7 @@ def build_artifact(models_dir: Path):
     """A written artifact of the benchmark's size (random but valid)."""
     import scipy.sparse as sp
 
-    from recsvc.artifact import Artifact, BundleCandidates, write_artifact
+    from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 
     rng = np.random.default_rng(0)
     categories = [f"cat{c}" for c in range(16)]
@@ -123,10 +123,12 @@ def timed(fn, runs: int, warmup: int = 20) -> list[float]:
 def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, float]]:
     import redis
 
-    from recsvc import ranking, realtime, store
-    from recsvc.config import Config
-    from recsvc.ranking import Filters
+    from recsvc import realtime
+    from recsvc.core import ranking
+    from recsvc.core.config import Config
+    from recsvc.core.ranking import Filters
     from recsvc.serving import ServingModel
+    from recsvc.storage import store
 
     model = ServingModel.from_artifact(artifact)
     realtime.foldin_state(model)  # once per version, as when a worker switches versions
@@ -167,7 +169,7 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        from recsvc.foldin import add_raw_rows, raw_user_row, scale_row, unscale_row
+        from recsvc.core.foldin import add_raw_rows, raw_user_row, scale_row, unscale_row
 
         state = realtime.foldin_state(model)
         positions = np.array([model.item_index[i] for i in recent.item_ids])
@@ -239,7 +241,7 @@ def _request(conn: http.client.HTTPConnection, method: str, path: str, body: byt
 def over_http(
     models_dir: Path, redis_url: str, rounds: int, blas_threads: int | None = None
 ) -> list[tuple[str, float, float]]:
-    from recsvc.redis_conn import free_port
+    from recsvc.storage.connection import free_port
 
     port = free_port()
     env = dict(
@@ -347,7 +349,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     runs, rounds = (300, 100) if args.quick else (3000, 500)
 
-    from recsvc.redis_conn import RedisServer
+    from recsvc.storage.connection import RedisServer
 
     work = Path(tempfile.mkdtemp(prefix="recsvc-bench-realtime-"))
     try:

@@ -83,8 +83,9 @@ def floor_app():
     import redis
     from flask import Flask, Response
 
-    from recsvc import realtime, store
+    from recsvc import realtime
     from recsvc.serving import ServingModel, fetch_request_data
+    from recsvc.storage import store
 
     client = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
     model = ServingModel.load(client, client.get(store.CURRENT_KEY).decode())
@@ -129,7 +130,7 @@ def floor_app():
 def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0):
     import scipy.sparse as sp
 
-    from recsvc.artifact import Artifact, BundleCandidates
+    from recsvc.core.artifact import Artifact, BundleCandidates
 
     rng = np.random.default_rng(seed)
     per_user = 10
@@ -174,7 +175,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 def free_port() -> int:
-    from recsvc.redis_conn import free_port as _free
+    from recsvc.storage.connection import free_port as _free
 
     return _free()
 
@@ -279,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         print("wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
 
-    from recsvc import store
-    from recsvc.artifact import write_artifact
-    from recsvc.config import Config
-    from recsvc.redis_conn import RedisServer, connect_admin
+    from recsvc.core.artifact import write_artifact
+    from recsvc.core.config import Config
+    from recsvc.storage import store
+    from recsvc.storage.connection import RedisServer, connect_admin
 
     quick = args.quick
     seconds = args.seconds or (3 if quick else 6)

@@ -71,7 +71,7 @@ def child_train(args: argparse.Namespace) -> dict:
         if e.code:
             raise
     wall = time.perf_counter() - _STARTED
-    from recsvc.artifact import latest_version, read_manifest
+    from recsvc.core.artifact import latest_version, read_manifest
 
     manifest = read_manifest(latest_version(args.models_dir))
     return {
@@ -88,7 +88,7 @@ def child_fit(args: argparse.Namespace) -> dict:
     import numpy as np
     from threadpoolctl import threadpool_limits
 
-    from recsvc.artifact import read_artifact
+    from recsvc.core.artifact import read_artifact
     from training.als import TrainParams
 
     artifact = read_artifact(args.model)

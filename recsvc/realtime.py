@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import redis
 
-from recsvc.contract import EVENT_CODE, EVENT_TYPES, ContractError, validate_event
-from recsvc.ids import check_id
+from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, ContractError, validate_event
+from recsvc.core.ids import check_id
 
 log = logging.getLogger("recsvc.realtime")
 
@@ -700,7 +700,7 @@ class FoldInState:
 
 
 def _build_state(model: Any) -> FoldInState:
-    from recsvc.foldin import FoldInParams, gramian
+    from recsvc.core.foldin import FoldInParams, gramian
 
     try:
         params = FoldInParams.from_manifest(model.manifest.get("params") or {})
@@ -780,8 +780,8 @@ def realtime_vector(
         None when real time does not apply: nothing new, no event on an item the model knows, or a
         model version fold-in cannot use.
     """
-    from recsvc.contract import PURCHASE
-    from recsvc.foldin import add_raw_rows, fold_in, raw_user_row, scale_row, unscale_row
+    from recsvc.core.contract import PURCHASE
+    from recsvc.core.foldin import add_raw_rows, fold_in, raw_user_row, scale_row, unscale_row
 
     state = foldin_state(model)
     if state.params is None or len(recent) == 0:
@@ -856,8 +856,8 @@ def user_vector_for(
     recent_entries : sequence, optional
         The raw ``LRANGE recsvc:recent:<user_id> 0 history_length-1`` reply, when already read.
     """
-    from recsvc import store
     from recsvc.serving import REDIS_DOWN_ERRORS
+    from recsvc.storage import store
 
     key = recent_key(user_id)
     empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
@@ -902,8 +902,8 @@ def _may_apply(model: Any, recent: RecentEvents, known_user: bool | None) -> boo
 def _training_row(
     client: redis.Redis, model: Any, user_id: str, remote: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    from recsvc import store
     from recsvc.serving import fetch_interactions
+    from recsvc.storage import store
 
     if remote:
         return store.unpack_weighted(client.hget(model.user_key("interactions", user_id), user_id))
@@ -952,7 +952,7 @@ def rank_folded(model: Any, folded: RealtimeVector, filters: Any, n: int) -> tup
     The user's new purchases join ``filters.purchased``, so "already bought" (and its repurchase
     exemption by category) covers them like purchases the model was trained on.
     """
-    from recsvc import ranking
+    from recsvc.core import ranking
 
     if len(folded.purchased):
         purchased = np.concatenate((np.asarray(filters.purchased, dtype=np.int32), folded.purchased))

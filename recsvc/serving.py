@@ -25,9 +25,9 @@ from typing import Any, TypeVar
 import numpy as np
 import redis
 
-from recsvc import store
-from recsvc.artifact import Artifact, ArtifactError, BundleCandidates, latest_version, read_artifact
-from recsvc.config import Config
+from recsvc.core.artifact import Artifact, ArtifactError, BundleCandidates, latest_version, read_artifact
+from recsvc.core.config import Config
+from recsvc.storage import store
 
 log = logging.getLogger("recsvc.serving")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import redis
 
-from recsvc import store
-from recsvc.app import create_app
-from recsvc.artifact import Artifact
-from recsvc.redis_conn import RedisServer
+from recsvc.core.artifact import Artifact
+from recsvc.storage import store
+from recsvc.storage.connection import RedisServer
+from recsvc.web.app import create_app
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.artifact import Artifact, BundleCandidates
+from recsvc.core.artifact import Artifact, BundleCandidates
 
 
 def make_artifact(

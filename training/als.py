@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from training.weighting import DEFAULT_EVENT_WEIGHTS, SCALINGS, WeightingParams
+from recsvc.core.weighting import DEFAULT_EVENT_WEIGHTS, SCALINGS, WeightingParams
 
 DEVICES = ("auto", "cpu", "gpu")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from recsvc.config import Config
+from recsvc.core.config import Config
 
 EXIT_BAD_INPUT = 2
 
@@ -159,7 +159,7 @@ def train(**kwargs: Any) -> None:
 
     Prints the version folder on stdout and the evaluation table; the load report goes to stderr.
     """
-    from training.events import BadInputError
+    from recsvc.core.events import BadInputError
     from training.pipeline import train_model
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
@@ -243,9 +243,9 @@ def train(**kwargs: Any) -> None:
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate ALS against baselines on a time split and print a table."""
+    from recsvc.core.events import BadInputError, load_catalog, load_events
     from training.evaluation import evaluate as run_evaluation
     from training.evaluation import format_table
-    from training.events import BadInputError, load_catalog, load_events
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
     events_paths = list(kwargs["events"])
@@ -340,7 +340,7 @@ def recommend(**kwargs: Any) -> None:
     Uses implicit's batched recommend on the artifact's factors. The file is written under a
     temporary name and renamed, so an interrupted run never leaves a partial file behind.
     """
-    from recsvc.artifact import ArtifactError, read_artifact, resolve
+    from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 
     models_dir = kwargs["models_dir"] or Config.from_env().models_dir
     try:
@@ -394,7 +394,7 @@ def write_recommendations(
     import pyarrow.csv as pa_csv
     from tqdm import tqdm
 
-    from recsvc.ranking import mask_positions
+    from recsvc.core.ranking import mask_positions
     from training.als import recommender_from_factors
 
     model = recommender_from_factors(artifact.user_factors, artifact.item_factors, threads=threads)

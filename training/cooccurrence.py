@@ -41,9 +41,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recsvc.artifact import BundleCandidates
-from recsvc.contract import PURCHASE
-from recsvc.ranking import mask_positions
+from recsvc.core.artifact import BundleCandidates
+from recsvc.core.contract import PURCHASE
+from recsvc.core.ranking import mask_positions
 
 #: Significance measures for a co-purchased pair (``s`` support, ``n_a``/``n_b`` baskets holding
 #: each item, ``N`` baskets). Each is mapped to [0, 1] so it can be blended with a cosine.
@@ -864,7 +864,7 @@ def evaluate_bundles(
         bundles with ``same_category`` rules) when items have categories. Hit rates are None
         when there is no query.
     """
-    from recsvc.bundles import companions_for_evaluation
+    from recsvc.core.bundles import companions_for_evaluation
 
     if size < 2:
         raise ValueError(f"size must be >= 2, got {size!r}")
@@ -919,7 +919,7 @@ def evaluate_bundles(
     if (np.asarray(category) >= 0).any():
         # The served rules keep the anchor's category out of its bundle; what that policy costs
         # in hit rate is worth knowing, so the same bundles without category rules are scored too.
-        from recsvc.bundles import BundleRules
+        from recsvc.core.bundles import BundleRules
 
         anyway = (rules or BundleRules(size=size)).with_(size=size, same_category=True)
         tables.append(

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from recsvc.ids import valid_id_mask
+from recsvc.core.ids import valid_id_mask
 
 
 @dataclass

@@ -33,9 +33,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.contract import PURCHASE
-from training.als import TrainParams, fit_als
-from training.weighting import (
+from recsvc.core.contract import PURCHASE
+from recsvc.core.weighting import (
     SECONDS_PER_DAY,
     confidence_matrix,
     id_maps,
@@ -43,6 +42,7 @@ from training.weighting import (
     popularity_scores,
     purchase_counts,
 )
+from training.als import TrainParams, fit_als
 
 METHODS = ("als", "popularity", "recent_popularity", "item_knn")
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")

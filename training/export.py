@@ -51,9 +51,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recsvc.artifact import Artifact
-from recsvc.config import Config
-from recsvc.ranking import mask_positions
+from recsvc.core.artifact import Artifact
+from recsvc.core.config import Config
+from recsvc.core.ranking import mask_positions
 from training.segments import (
     DORMANT,
     NEW,
@@ -732,7 +732,7 @@ def _prepare(
 
     # Already bought: purchases in the events (any time: never re-sell what was bought after
     # as_of either) and in the model's purchase matrix; repurchase categories are exempt.
-    from recsvc.contract import PURCHASE
+    from recsvc.core.contract import PURCHASE
 
     repurchasable = np.zeros(n_categories + 1, dtype=bool)
     for name in config.repurchase_categories:
@@ -896,7 +896,7 @@ class AnchorBundles:
     def __init__(
         self, artifact: Artifact, available: np.ndarray, price: np.ndarray, titles: list[str], config: Config
     ):
-        from recsvc.bundles import BundleCatalog, BundleRules
+        from recsvc.core.bundles import BundleCatalog, BundleRules
 
         self.catalog = BundleCatalog(
             item_ids=artifact.item_ids,
@@ -915,7 +915,7 @@ class AnchorBundles:
 
     def columns(self, items: np.ndarray, item_ids: list[str]) -> tuple[pa.Array, pa.Array]:
         """``bundle_item_ids`` (``|``-separated companions; null: no bundle) and ``bundle_price``."""
-        from recsvc.bundles import assemble_bundle
+        from recsvc.core.bundles import assemble_bundle
 
         for item in np.unique(items).tolist():
             if item in self._ids:
@@ -1262,12 +1262,12 @@ def run_export(
 
 def resolve_model(config: Config, ref: str) -> Path:
     """``live`` (the version Redis serves), ``latest``, a version name or a folder -> version folder."""
-    from recsvc.artifact import resolve
+    from recsvc.core.artifact import resolve
 
     if ref != "live":
         return resolve(config.models_dir, ref)
-    from recsvc.redis_conn import connect_admin, ensure_redis
-    from recsvc.store import current_version
+    from recsvc.storage.connection import connect_admin, ensure_redis
+    from recsvc.storage.store import current_version
 
     client = connect_admin(ensure_redis(config))
     try:
@@ -1283,7 +1283,7 @@ def resolve_model(config: Config, ref: str) -> Path:
 
 def previous_artifacts(models_dir: Path, current: Path, keep: int) -> list[Artifact]:
     """Up to ``keep`` versions older than ``current`` in ``models_dir`` (for restock detection)."""
-    from recsvc.artifact import ArtifactError, list_versions, read_artifact
+    from recsvc.core.artifact import ArtifactError, list_versions, read_artifact
 
     older = [p for p in list_versions(models_dir) if p.name < current.name][-keep:] if keep > 0 else []
     out = []
@@ -1386,8 +1386,8 @@ def export(
     Prints one JSON summary line on stdout. Exit codes: 0 written, 2 bad input, 4 another export
     is running, 1 internal error.
     """
-    from recsvc.artifact import ArtifactError, read_artifact
-    from training.events import BadInputError
+    from recsvc.core.artifact import ArtifactError, read_artifact
+    from recsvc.core.events import BadInputError
     from training.retrain import ExitCode
     from training.segments import SegmentThresholds, catalog_price_map, load_inputs, parse_as_of
 

@@ -22,13 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from recsvc.artifact import Artifact, BundleCandidates, write_artifact
-from training.als import TrainParams, fit_als
-from training.evaluation import category_codes
-from training.evaluation import evaluate as evaluate_split
-from training.evaluation import tune as tune_params
-from training.events import Catalog, EventTable, LoadReport, load_catalog, load_events
-from training.weighting import (
+from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
+from recsvc.core.events import Catalog, EventTable, LoadReport, load_catalog, load_events
+from recsvc.core.weighting import (
     bm25_manifest_params,
     id_maps,
     index_positions,
@@ -38,6 +34,10 @@ from training.weighting import (
     scale,
     to_float32,
 )
+from training.als import TrainParams, fit_als
+from training.evaluation import category_codes
+from training.evaluation import evaluate as evaluate_split
+from training.evaluation import tune as tune_params
 
 log = logging.getLogger("recsvc.training")
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import click
 
-from recsvc.config import Config
+from recsvc.core.config import Config
 
 log = logging.getLogger("recsvc.retrain")
 
@@ -288,7 +288,7 @@ def _live_manifest(config: Config, live_version: str | None) -> dict[str, Any] |
     """The live version's manifest, from its folder in ``models_dir`` (None if not found)."""
     if not live_version:
         return None
-    from recsvc.artifact import ArtifactError, read_manifest
+    from recsvc.core.artifact import ArtifactError, read_manifest
 
     try:
         return read_manifest(Path(config.models_dir) / live_version)
@@ -313,7 +313,7 @@ def _choose_params(given: Any, live_manifest: dict[str, Any] | None) -> tuple[An
 
 def _published_versions(client: Any) -> set[str]:
     """Versions Redis still holds for rollback: never pruned from disk."""
-    import recsvc.store as store
+    import recsvc.storage.store as store
 
     for name in ("published_versions", "list_versions", "versions"):
         fn = getattr(store, name, None)
@@ -381,13 +381,13 @@ def run_retrain(
     keep = max(config.keep_versions, 3) if keep is None else keep
     lock: RetrainLock | None = None
     own_client = client is None
-    from training.events import BadInputError
+    from recsvc.core.events import BadInputError
 
     try:
         if not 0 <= tolerance <= MAX_TOLERANCE:
             raise _BadInput(f"--gate-tolerance must be in 0..{MAX_TOLERANCE}, got {tolerance}")
         if own_client:
-            from recsvc.redis_conn import connect_admin, ensure_redis
+            from recsvc.storage.connection import connect_admin, ensure_redis
 
             client = connect_admin(ensure_redis(config))
 
@@ -401,7 +401,7 @@ def run_retrain(
         log.info("step lock: acquired %s (ttl %ss, renewed while running)", LOCK_KEY, lock_ttl_s)
         _crash_point("lock")
 
-        from recsvc.store import current_version, publish
+        from recsvc.storage.store import current_version, publish
         from training.segments import expand_event_paths
 
         summary.live_before = _decode(current_version(client))
@@ -443,7 +443,7 @@ def run_retrain(
             log.info("trained %s: %s", summary.version, json.dumps(summary.metrics))
 
         with _Step(summary, "gate"):
-            from recsvc.artifact import update_manifest
+            from recsvc.core.artifact import update_manifest
 
             new_metrics = result.manifest.get("metrics") or getattr(result, "metrics", None)
             live_metrics = None if live_manifest is None else live_manifest.get("metrics")
@@ -478,7 +478,7 @@ def run_retrain(
             log.info("published %s (was %s)", published, summary.live_before)
 
         with _Step(summary, "prune"):
-            from recsvc.artifact import prune
+            from recsvc.core.artifact import prune
 
             protect = {v for v in (summary.live_before, summary.live_after) if v}
             protect |= _published_versions(client)

@@ -36,7 +36,7 @@ import click
 import numpy as np
 import pyarrow as pa
 
-from recsvc.contract import PURCHASE
+from recsvc.core.contract import PURCHASE
 
 SEGMENTS: tuple[str, ...] = ("new", "active", "high_value", "dormant")
 SEGMENT_CODE: dict[str, int] = {name: code for code, name in enumerate(SEGMENTS)}
@@ -305,7 +305,7 @@ def parse_as_of(value: str | None) -> int | None:
     """``--as-of`` accepts ISO-8601 (date or datetime, naive = UTC) or unix seconds."""
     if value is None:
         return None
-    from recsvc.contract import parse_timestamp
+    from recsvc.core.contract import parse_timestamp
 
     try:
         return parse_timestamp(value)
@@ -390,7 +390,7 @@ def load_inputs(event_paths: Sequence[str | os.PathLike], catalog_path: str | os
     training.events.BadInputError
         A file is unusable (the message names file, line and column), or no events file was found.
     """
-    from training.events import BadInputError, load_catalog, load_events
+    from recsvc.core.events import BadInputError, load_catalog, load_events
 
     files = expand_event_paths(event_paths)
     if not files:
@@ -434,7 +434,7 @@ def segments(event_paths, catalog, as_of, new_days, dormant_days, high_value_qua
     """Print customer segment sizes (RFM: new, active, high_value, dormant, all)."""
     thresholds = SegmentThresholds(new_days, dormant_days, high_value_quantile)
     as_of_ts = parse_as_of(as_of)
-    from training.events import BadInputError
+    from recsvc.core.events import BadInputError
 
     try:
         table, _report, catalog_obj = load_inputs(event_paths, catalog)

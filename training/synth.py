@@ -33,8 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 
-from recsvc.contract import CART, PURCHASE, VIEW
-from training.events import duplicate_mask
+from recsvc.core.contract import CART, PURCHASE, VIEW
+from recsvc.core.events import duplicate_mask
 
 # name, base price, consumable (bought again), complement category (or "")
 CATEGORIES: tuple[tuple[str, float, bool, str], ...] = (

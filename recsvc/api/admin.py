@@ -11,13 +11,13 @@ import logging
 
 from flask import Blueprint, g
 
-from recsvc import store
 from recsvc.api.auth import require_api_key
 from recsvc.api.common import PERSONALIZED, answer, json_body, query_args, request_id, services
-from recsvc.artifact import ArtifactError, resolve
-from recsvc.errors import ApiError, bad_request
-from recsvc.ids import is_valid_version
+from recsvc.core.artifact import ArtifactError, resolve
+from recsvc.core.ids import is_valid_version
 from recsvc.serving import REDIS_DOWN_ERRORS
+from recsvc.storage import store
+from recsvc.web.errors import ApiError, bad_request
 
 log = logging.getLogger("recsvc.admin")
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from flask import current_app, g, request
 
-from recsvc.errors import ApiError
+from recsvc.web.errors import ApiError
 
 F = TypeVar("F", bound=Callable[..., Any])
 

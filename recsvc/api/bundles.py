@@ -34,7 +34,7 @@ from recsvc.api.common import (
     recommendation_body,
     services,
 )
-from recsvc.bundles import (
+from recsvc.core.bundles import (
     MAX_BUNDLE_SIZE,
     MAX_CART_ITEMS,
     REASON_POPULAR_PAIRING,
@@ -46,11 +46,11 @@ from recsvc.bundles import (
     complete_cart,
     user_bundles,
 )
-from recsvc.contract import CART, PURCHASE, VIEW
-from recsvc.errors import bad_request
-from recsvc.ids import is_valid_id
-from recsvc.ranking import EMPTY_ITEMS
+from recsvc.core.contract import CART, PURCHASE, VIEW
+from recsvc.core.ids import is_valid_id
+from recsvc.core.ranking import EMPTY_ITEMS
 from recsvc.serving import REDIS_DOWN_ERRORS, ModelNotPublished, ServingModel, UserRecord, fetch_user
+from recsvc.web.errors import bad_request
 
 bp = Blueprint("bundles", __name__)
 

@@ -21,12 +21,13 @@ import redis
 from flask import current_app, g, request
 from werkzeug.datastructures import MultiDict
 
-from recsvc import experiments, jsonio
-from recsvc.config import Config
-from recsvc.errors import ApiError, bad_request
-from recsvc.ids import MAX_ID_LENGTH, is_valid_id
-from recsvc.ranking import EMPTY_ITEMS, Filters
+from recsvc.analytics import experiments
+from recsvc.core.config import Config
+from recsvc.core.ids import MAX_ID_LENGTH, is_valid_id
+from recsvc.core.ranking import EMPTY_ITEMS, Filters
 from recsvc.serving import REDIS_DOWN_ERRORS, ModelCache, ModelNotPublished, RedisHealth, ServingModel
+from recsvc.web import jsonio
+from recsvc.web.errors import ApiError, bad_request
 
 # Sources of an answer (also in the OpenAPI document).
 PERSONALIZED = "personalized"
@@ -46,7 +47,7 @@ class Services:
 
     def admin_client(self) -> redis.Redis:
         """A client with generous timeouts for slow admin work (publish)."""
-        from recsvc.redis_conn import connect_admin
+        from recsvc.storage.connection import connect_admin
 
         return connect_admin(self.redis_url)
 

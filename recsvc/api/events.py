@@ -15,8 +15,8 @@ from flask import Blueprint, g, request
 from recsvc import realtime
 from recsvc.api.auth import require_api_key
 from recsvc.api.common import answer, query_args, services
-from recsvc.errors import ApiError, bad_request
 from recsvc.serving import REDIS_DOWN_ERRORS
+from recsvc.web.errors import ApiError, bad_request
 
 log = logging.getLogger("recsvc.api.events")
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from flask import Blueprint, request
 
-from recsvc import experiments as ex
+from recsvc.analytics import experiments as ex
 from recsvc.api.auth import require_api_key
 from recsvc.api.common import answer, json_body, parse_id, query_args, request_id, services
-from recsvc.errors import ApiError, bad_request
+from recsvc.web.errors import ApiError, bad_request
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _describe(experiment: ex.Experiment, source: str | None, now: float) -> dict
 
 
 def _published_versions() -> set[str] | None:
-    from recsvc import store
+    from recsvc.storage import store
 
     try:
         return {entry["version"] for entry in store.list_published(services().client)}
@@ -282,7 +282,7 @@ def report(name: str):
                 "on them, or pass include_dumps=false for the live stream only",
             )
         if files:
-            from training.events import BadInputError, load_events
+            from recsvc.core.events import BadInputError, load_events
 
             for path in files:
                 try:

@@ -14,9 +14,9 @@ from typing import Any
 
 from flask import Blueprint
 
-from recsvc import store
 from recsvc.api.common import FALLBACK, PERSONALIZED, answer, live_model, query_args, request_id, services
 from recsvc.serving import REDIS_DOWN_ERRORS
+from recsvc.storage import store
 
 bp = Blueprint("health", __name__)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from flask import Blueprint
 
-from recsvc import ranking
 from recsvc.api.common import (
     FALLBACK,
     FILTER_PARAMS,
@@ -18,7 +17,8 @@ from recsvc.api.common import (
     recommendation_body,
     services,
 )
-from recsvc.ranking import EMPTY_ITEMS
+from recsvc.core import ranking
+from recsvc.core.ranking import EMPTY_ITEMS
 
 bp = Blueprint("items", __name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 from flask import Blueprint
 
-from recsvc import experiments, ranking, realtime
+from recsvc import realtime
+from recsvc.analytics import experiments
 from recsvc.api.common import (
     FALLBACK,
     FILTER_PARAMS,
@@ -20,6 +21,7 @@ from recsvc.api.common import (
     recommendation_body,
     services,
 )
+from recsvc.core import ranking
 from recsvc.serving import REDIS_DOWN_ERRORS, ModelNotPublished, UserRecord, fetch_request_data
 
 bp = Blueprint("recommendations", __name__)

@@ -20,8 +20,8 @@ EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 1, 2, 4
 
 
 def _client():
-    from recsvc.config import Config
-    from recsvc.redis_conn import connect_admin, ensure_redis
+    from recsvc.core.config import Config
+    from recsvc.storage.connection import connect_admin, ensure_redis
 
     config = Config.from_env()
     return config, connect_admin(ensure_redis(config))

@@ -23,7 +23,7 @@ from typing import Any
 import click
 import numpy as np
 
-from recsvc.config import Config
+from recsvc.core.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def read_stream_events(client: Any, stream: str, limit: int = DEFAULT_STREAM_LIM
     Entries are validated again with the events contract (a stream can be written by anything
     that can reach Redis); invalid ones are skipped and counted in ``skipped``.
     """
-    from recsvc.contract import EVENT_CODE, ContractError, validate_event
+    from recsvc.core.contract import EVENT_CODE, ContractError, validate_event
 
     rows: list[dict[str, Any]] = []
     skipped = 0
@@ -115,7 +115,7 @@ def combine_events(parts: Sequence[Any]) -> Any:
     A dump that crashed after writing its file but before deleting the entries leaves the same
     events in a file and in the stream; counting them twice would inflate every metric.
     """
-    from training.events import EventTable, duplicate_mask
+    from recsvc.core.events import EventTable, duplicate_mask
 
     parts = [p for p in parts if len(p)]
     if not parts:
@@ -148,7 +148,7 @@ def redis_if_available(config: Config) -> Any | None:
     """
     import redis
 
-    from recsvc.redis_conn import connect_admin
+    from recsvc.storage.connection import connect_admin
 
     if config.redis_url:
         return connect_admin(config.redis_url)
@@ -167,7 +167,7 @@ def find_definition(
     name: str, experiments_file: Path | None, client: Any | None
 ) -> tuple[Any | None, str | None]:
     """The experiment's definition and where it came from (``file``/``redis``), or (None, None)."""
-    from recsvc import experiments as ex
+    from recsvc.analytics import experiments as ex
 
     if experiments_file is not None:
         for experiment in ex.load_experiments_file(experiments_file):
@@ -193,7 +193,7 @@ def make_report(
     catalog_prices: dict[str, float] | None = None,
 ) -> Any:
     """Build the report for ``name`` using the definition's variants, control and start/end when known."""
-    from recsvc.attribution import build_report
+    from recsvc.analytics.attribution import build_report
 
     return build_report(
         events,
@@ -302,8 +302,8 @@ def report(
     compared with the control by a two-proportion z-test on user conversion, and a winner is named
     only when the difference is significant.
     """
-    from recsvc import experiments as ex
-    from training.events import BadInputError, load_catalog, load_events
+    from recsvc.analytics import experiments as ex
+    from recsvc.core.events import BadInputError, load_catalog, load_events
 
     if not ex.NAME_PATTERN.fullmatch(name):
         raise BadInput(f"--experiment: {name!r} is not 1-32 characters of [A-Za-z0-9_-]")

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import redis
 
-from recsvc.config import Config
+from recsvc.core.config import Config
 
 EXIT_FAILED = 1
 EXIT_REDIS = 3
@@ -44,7 +44,7 @@ def _config(models_dir: str | None = None) -> Config:
 
 
 def _admin_client(config: Config) -> redis.Redis:
-    from recsvc.redis_conn import connect_admin, ensure_redis
+    from recsvc.storage.connection import connect_admin, ensure_redis
 
     try:
         url = ensure_redis(config)
@@ -75,8 +75,8 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
     """
     from tqdm import tqdm
 
-    from recsvc import store
-    from recsvc.artifact import ArtifactError, read_artifact, resolve
+    from recsvc.core.artifact import ArtifactError, read_artifact, resolve
+    from recsvc.storage import store
 
     config = _config(models_dir)
     try:
@@ -119,7 +119,7 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
 @click.command()
 def rollback() -> None:
     """Switch serving back to the version that was live before the current one."""
-    from recsvc import store
+    from recsvc.storage import store
 
     client = _admin_client(_config())
     before = store.current_version(client)
@@ -136,7 +136,7 @@ def versions(as_json: bool) -> None:
     """List the versions published in Redis, newest first, marking the live one with `*`."""
     import json
 
-    from recsvc import store
+    from recsvc.storage import store
 
     rows = store.list_published(_admin_client(_config()))
     if as_json:
@@ -157,8 +157,8 @@ def example_requests(client: redis.Redis, base_url: str) -> list[str]:
 
     Returns an empty list when nothing is published.
     """
-    from recsvc import store
     from recsvc.serving import ServingModel
+    from recsvc.storage import store
 
     version = store.current_version(client)
     if version is None:
@@ -199,7 +199,7 @@ class _GunicornApp:
                     self.cfg.set(key, value)
 
             def load(self):
-                from recsvc.app import create_app
+                from recsvc.web.app import create_app
 
                 return create_app()
 
@@ -252,7 +252,7 @@ def serve(
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
     every worker through the environment.
     """
-    from recsvc.redis_conn import ensure_redis
+    from recsvc.storage.connection import ensure_redis
 
     # Scoring one user is a small matrix-vector product: BLAS threads only contend with the other
     # workers (bench/realtime.py measured ~2x the latency with the default). Set before numpy loads.
@@ -280,7 +280,7 @@ def serve(
     click.echo(f"recsvc serving on {base} ({'flask dev server' if dev else f'gunicorn, {workers} workers'})")
     sys.stdout.flush()
     if dev:
-        from recsvc.app import create_app
+        from recsvc.web.app import create_app
 
         create_app().run(host=host, port=port, threaded=True, use_reloader=False)
         return

@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from recsvc import artifact as art
+from recsvc.core import artifact as art
 from tests.factories import make_artifact
 
 

@@ -18,9 +18,9 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from recsvc.artifact import Artifact, BundleCandidates, write_artifact
-from recsvc.config import Config
-from training.events import Catalog, EventTable
+from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
+from recsvc.core.config import Config
+from recsvc.core.events import Catalog, EventTable
 from training.export import COLUMNS, ExportLedger, ExportLocked, RowWriter, export, run_export
 
 T = 1_700_000_000
@@ -193,7 +193,7 @@ def test_fresher_catalog_overrides_stock_price_and_title(tmp_path):
 
 
 def test_with_bundles_match_the_storefront_bundles(tmp_path):
-    from recsvc.bundles import BundleCatalog, BundleRules, assemble_bundle, price_bundle
+    from recsvc.core.bundles import BundleCatalog, BundleRules, assemble_bundle, price_bundle
 
     artifact, events = make_shop()
     out = tmp_path / "b.csv"
@@ -404,7 +404,7 @@ def test_export_command_exit_codes(tmp_path):
 
 
 def test_export_command_uses_the_live_model_by_default(tmp_path, redis_url, redis_client):
-    from recsvc import store
+    from recsvc.storage import store
 
     model, events_csv, config = write_inputs(tmp_path)
     config = config.with_overrides(redis_url=redis_url)
@@ -413,7 +413,7 @@ def test_export_command_uses_the_live_model_by_default(tmp_path, redis_url, redi
     args = ["--segment", "dormant", "--events", str(events_csv), "--out", str(out), "--n", "1"]
     result = CliRunner().invoke(export, args, env=env)
     assert result.exit_code == 2 and "no live model version" in result.output
-    from recsvc.redis_conn import connect_admin
+    from recsvc.storage.connection import connect_admin
 
     store.publish(connect_admin(redis_url), model, config)
     result = CliRunner().invoke(export, args, env=env)

@@ -17,12 +17,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from recsvc.artifact import list_versions, read_manifest, update_manifest
-from recsvc.config import Config
+from recsvc.core.artifact import list_versions, read_manifest, update_manifest
+from recsvc.core.config import Config
 from training.retrain import LOCK_KEY, ExitCode, RetrainLock, retrain, run_retrain
 
 store = pytest.importorskip(
-    "recsvc.store", reason="recsvc.store (publish/current_version) has not landed yet"
+    "recsvc.storage.store", reason="recsvc.store (publish/current_version) has not landed yet"
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -219,7 +219,7 @@ def store_versions(client) -> list[str]:
 
 def api_model_version(config: Config) -> str:
     """The version the HTTP API serves a known user's recommendations from."""
-    from recsvc.app import create_app
+    from recsvc.web.app import create_app
 
     live_version = live(redis.Redis.from_url(config.redis_url))
     user = read_manifest_users(config.models_dir / live_version)[0]
@@ -232,7 +232,7 @@ def api_model_version(config: Config) -> str:
 
 
 def read_manifest_users(path: Path) -> list[str]:
-    from recsvc.artifact import read_artifact
+    from recsvc.core.artifact import read_artifact
 
     return read_artifact(path, verify=False).user_ids
 

@@ -98,7 +98,13 @@ def test_lock_expires_when_holder_dies_and_heartbeat_renews_while_alive(redis_cl
 
 
 def test_update_manifest_is_atomic_and_keeps_checksums_valid(tmp_path):
-    from recsvc.artifact import ArtifactError, read_artifact, read_manifest, update_manifest, write_artifact
+    from recsvc.core.artifact import (
+        ArtifactError,
+        read_artifact,
+        read_manifest,
+        update_manifest,
+        write_artifact,
+    )
     from tests.factories import make_artifact
 
     path = write_artifact(make_artifact(), tmp_path)
@@ -113,8 +119,8 @@ def test_update_manifest_is_atomic_and_keeps_checksums_valid(tmp_path):
 
 
 def test_unreachable_redis_is_an_internal_error(tmp_path):
-    from recsvc.config import Config
-    from recsvc.redis_conn import free_port
+    from recsvc.core.config import Config
+    from recsvc.storage.connection import free_port
     from training.retrain import ExitCode, run_retrain
 
     config = Config(

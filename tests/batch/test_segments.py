@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from training.events import EventTable
+from recsvc.core.events import EventTable
 from training.segments import NO_TIME, SegmentThresholds, compute_segments, segments
 
 T = 1_700_000_000  # as_of

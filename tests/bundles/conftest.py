@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc.artifact import Artifact, BundleCandidates, write_artifact
-from recsvc.config import Config
+from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
+from recsvc.core.config import Config
 from tests.factories import make_artifact
 
 API_KEY = "bundle-test-key-0123456789"

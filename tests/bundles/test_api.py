@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recsvc.app import create_app
+from recsvc.web.app import create_app
 from tests.bundles.conftest import API_KEY
 
 ENVELOPE = {"model_version", "source", "request_id", "items", "bundles"}

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from recsvc.artifact import BundleCandidates
-from recsvc.bundles import (
+from recsvc.core.artifact import BundleCandidates
+from recsvc.core.bundles import (
     MAX_CART_ITEMS,
     BundleCatalog,
     BundleRules,
@@ -99,7 +99,7 @@ def test_unknown_price_or_bad_rule():
 
 
 def test_rules_validation_and_config():
-    from recsvc.config import Config
+    from recsvc.core.config import Config
 
     rules = BundleRules.from_config(Config(bundle_discount_rule="cheapest", bundle_discount_pct=25.0), size=4)
     assert (rules.size, rules.discount_rule, rules.discount_pct, rules.same_category) == (

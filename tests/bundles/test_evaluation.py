@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc.contract import VIEW
+from recsvc.core.contract import VIEW
 from tests.bundles.test_mining import events, orders
 from training.cooccurrence import evaluate_bundles
 

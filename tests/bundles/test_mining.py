@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc.artifact import BundleCandidates, read_artifact, write_artifact
-from recsvc.contract import PURCHASE, VIEW
+from recsvc.core.artifact import BundleCandidates, read_artifact, write_artifact
+from recsvc.core.contract import PURCHASE, VIEW
+from recsvc.core.events import EventTable
 from tests.factories import make_artifact
 from training.cooccurrence import (
     MiningParams,
@@ -18,7 +19,6 @@ from training.cooccurrence import (
     rerank_for_coverage,
     significance,
 )
-from training.events import EventTable
 
 ITEMS = ["A", "B", "C", "D", "E", "F", "G", "H"]
 INDEX = {item: i for i, item in enumerate(ITEMS)}

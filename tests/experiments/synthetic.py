@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsvc.contract import CLICK, IMPRESSION, PURCHASE
-from recsvc.experiments import new_rec_id, parse_experiment
-from training.events import EventTable
+from recsvc.analytics.experiments import new_rec_id, parse_experiment
+from recsvc.core.contract import CLICK, IMPRESSION, PURCHASE
+from recsvc.core.events import EventTable
 
 T = 1_700_000_000
 DAY = 86_400
@@ -90,7 +90,7 @@ def write_events_csv(table: EventTable, path) -> None:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    from recsvc.contract import EVENT_TYPES
+    from recsvc.core.contract import EVENT_TYPES
 
     names = np.array(EVENT_TYPES, dtype=object)[table.event]
     price = pa.array(table.price.astype(np.float64), mask=np.isnan(table.price))
@@ -111,7 +111,7 @@ def write_events_csv(table: EventTable, path) -> None:
 
 def push_to_stream(client, table: EventTable, stream: str = "recsvc:events") -> None:
     """Append a table's events to the live stream the way ``POST /v1/events`` does."""
-    from recsvc.contract import EVENT_TYPES
+    from recsvc.core.contract import EVENT_TYPES
     from recsvc.realtime import append_events
 
     batch = []

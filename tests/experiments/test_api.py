@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import redis
 
-from recsvc import experiments as ex
-from recsvc.artifact import write_artifact
-from recsvc.config import Config
+from recsvc.analytics import experiments as ex
+from recsvc.core.artifact import write_artifact
+from recsvc.core.config import Config
 from tests.factories import make_artifact
 
 KEY = "s3cret-key"
@@ -24,7 +24,7 @@ DEFINITION = {
 
 
 def build_app(config: Config):
-    from recsvc.app import create_app
+    from recsvc.web.app import create_app
 
     app = create_app(config)
     if "experiments" not in app.blueprints:  # until recsvc.app.BLUEPRINTS lists it
@@ -145,7 +145,7 @@ def test_invalid_experiments_file_stops_start_up(tmp_path, config):
 
 
 def test_report_endpoint_matches_the_pure_report(client, config, redis_client):
-    from recsvc.attribution import build_report
+    from recsvc.analytics.attribution import build_report
     from tests.experiments.synthetic import push_to_stream, simulate, write_events_csv
 
     created = client.put("/v1/admin/experiments/sim", json={"salt": "sim-3", **DEFINITION}, headers=AUTH)
@@ -193,8 +193,8 @@ def test_report_endpoint_matches_the_pure_report(client, config, redis_client):
 @pytest.fixture
 def published(config, redis_client):
     """Two published versions: v1 (live) and v2; user u3 is known to both."""
-    from recsvc import store
-    from recsvc.redis_conn import connect_admin
+    from recsvc.storage import store
+    from recsvc.storage.connection import connect_admin
 
     admin = connect_admin(config.redis_url)
     v2 = write_artifact(make_artifact(seed=2), config.models_dir, version="v2")

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsvc import experiments as ex
-from recsvc.ids import is_valid_id
+from recsvc.analytics import experiments as ex
+from recsvc.core.ids import is_valid_id
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,7 +194,7 @@ def test_assignment_is_stable_across_processes():
     users = [f"user{i}" for i in range(200)]
     here = [ex.bucket_of("exp", u) for u in users]
     code = (
-        "import json; from recsvc.experiments import bucket_of; "
+        "import json; from recsvc.analytics.experiments import bucket_of; "
         "print(json.dumps([bucket_of('exp', f'user{i}') for i in range(200)]))"
     )
     # A different PYTHONHASHSEED changes Python's hash(); it must not change buckets.

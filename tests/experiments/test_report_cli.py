@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from recsvc.attribution import build_report
+from recsvc.analytics.attribution import build_report
+from recsvc.analytics.experiments import Assignment, ServedLog, new_rec_id, parse_experiment, store_experiment
 from recsvc.cli import main
-from recsvc.experiments import Assignment, ServedLog, new_rec_id, parse_experiment, store_experiment
 from tests.experiments.synthetic import T, push_to_stream, simulate, write_events_csv
 
 DEFINITION = {

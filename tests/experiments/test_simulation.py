@@ -7,7 +7,7 @@ broken one (no correction, wrong standard error, credit leaking from noise) fail
 
 from __future__ import annotations
 
-from recsvc.attribution import build_report
+from recsvc.analytics.attribution import build_report
 from tests.experiments.synthetic import simulate
 
 

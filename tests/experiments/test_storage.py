@@ -8,8 +8,8 @@ import time
 import pytest
 import redis
 
-from recsvc import experiments as ex
-from recsvc.redis_conn import free_port
+from recsvc.analytics import experiments as ex
+from recsvc.storage.connection import free_port
 
 
 def dead_redis() -> redis.Redis:

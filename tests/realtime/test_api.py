@@ -7,12 +7,12 @@ import logging
 import numpy as np
 import pytest
 
-from recsvc import store
-from recsvc.app import create_app
-from recsvc.artifact import write_artifact
-from recsvc.config import Config
-from recsvc.foldin import fold_in
-from recsvc.redis_conn import RedisServer
+from recsvc.core.artifact import write_artifact
+from recsvc.core.config import Config
+from recsvc.core.foldin import fold_in
+from recsvc.storage import store
+from recsvc.storage.connection import RedisServer
+from recsvc.web.app import create_app
 from tests.factories import make_artifact
 
 API_KEY = "events-key-0123456789"

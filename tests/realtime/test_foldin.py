@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsvc.contract import EVENT_CODE
-from recsvc.foldin import (
+from recsvc.core.contract import EVENT_CODE
+from recsvc.core.foldin import (
     DEFAULT_ALPHA,
     DEFAULT_BM25_B,
     DEFAULT_BM25_K1,
@@ -132,8 +132,8 @@ def test_gramian_is_float64_yty():
 
 
 def test_defaults_equal_training_defaults():
+    from recsvc.core.weighting import DEFAULT_EVENT_WEIGHTS as TRAINING_WEIGHTS
     from training.als import TrainParams
-    from training.weighting import DEFAULT_EVENT_WEIGHTS as TRAINING_WEIGHTS
 
     params = TrainParams()
     assert DEFAULT_EVENT_WEIGHTS == TRAINING_WEIGHTS
@@ -189,7 +189,7 @@ def test_params_from_manifest_rejects_bad_values(params, match):
 
 
 def _random_events(rng: np.random.Generator, n_users: int, n_items: int, n_events: int):
-    from training.events import EventTable
+    from recsvc.core.events import EventTable
 
     return EventTable(
         user_id=np.array([f"u{u}" for u in rng.integers(0, n_users, n_events)], dtype=object),
@@ -210,7 +210,7 @@ def _random_events(rng: np.random.Generator, n_users: int, n_items: int, n_event
     ],
 )
 def test_user_row_agrees_with_training_confidence_matrix(scaling, half_life, weights):
-    from training.weighting import WeightingParams, bm25_manifest_params, confidence_matrix, raw_matrix
+    from recsvc.core.weighting import WeightingParams, bm25_manifest_params, confidence_matrix, raw_matrix
 
     rng = np.random.default_rng(5)
     n_users, n_items = 30, 25

@@ -11,18 +11,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc.contract import PURCHASE
-from recsvc.foldin import FoldInParams, fold_in, gramian, user_confidence_row
+from recsvc.core.contract import PURCHASE
+from recsvc.core.foldin import FoldInParams, fold_in, gramian, user_confidence_row
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
+    from recsvc.core.events import load_events
+    from recsvc.core.weighting import id_maps, raw_matrix, scale, to_float32
     from training.als import TrainParams, fit_als
-    from training.events import load_events
     from training.synth import write_shop
-    from training.weighting import id_maps, raw_matrix, scale, to_float32
 
     events_path, _ = write_shop(tmp_path_factory.mktemp("shop"), seed=3, n_users=2000, n_items=400, days=40)
     events, _ = load_events(events_path)

@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 import redis
 
-from recsvc import realtime, store
-from recsvc.artifact import write_artifact
-from recsvc.config import Config
-from recsvc.contract import EVENT_CODE
-from recsvc.foldin import fold_in
-from recsvc.ranking import Filters
+from recsvc import realtime
+from recsvc.core.artifact import write_artifact
+from recsvc.core.config import Config
+from recsvc.core.contract import EVENT_CODE
+from recsvc.core.foldin import fold_in
+from recsvc.core.ranking import Filters
 from recsvc.realtime import RecentEvents, append_events, realtime_vector, recommend, user_vector_for
-from recsvc.redis_conn import RedisServer
 from recsvc.serving import ServingModel
+from recsvc.storage import store
+from recsvc.storage.connection import RedisServer
 from tests.factories import make_artifact
 
 T = 1_718_000_000

@@ -14,7 +14,7 @@ import redis
 from click.testing import CliRunner
 
 from recsvc import realtime
-from recsvc.contract import EVENT_CODE
+from recsvc.core.contract import EVENT_CODE
 from recsvc.realtime import (
     DUMP_LOCK,
     BatchError,
@@ -203,7 +203,7 @@ def test_dump_writes_every_event_once_and_drains_the_stream(redis_client, tmp_pa
 
 def test_dump_file_is_read_by_the_training_loader(redis_client, tmp_path):
     """Retraining on history + dump sees exactly the history plus the accepted events."""
-    from training.events import load_events
+    from recsvc.core.events import load_events
 
     history = tmp_path / "history.csv"
     with open(history, "w", newline="") as f:
@@ -242,7 +242,7 @@ def test_dump_file_is_read_by_the_training_loader(redis_client, tmp_path):
 
 
 def test_dump_parquet(redis_client, tmp_path):
-    from training.events import load_events
+    from recsvc.core.events import load_events
 
     events = _events(12)
     _append(redis_client, events)
@@ -397,7 +397,7 @@ def test_retraining_on_history_plus_dump_equals_training_on_all_events(redis_cli
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    from recsvc.artifact import read_artifact
+    from recsvc.core.artifact import read_artifact
     from training.als import TrainParams
     from training.pipeline import train_model
 

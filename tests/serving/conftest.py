@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import redis
 
-from recsvc.artifact import Artifact, write_artifact
-from recsvc.config import Config
+from recsvc.core.artifact import Artifact, write_artifact
+from recsvc.core.config import Config
 from tests.factories import make_artifact
 
 API_KEY = "test-key-0123456789"

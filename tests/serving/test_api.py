@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsvc import store
-from recsvc.app import BLUEPRINTS, create_app
-from recsvc.artifact import write_artifact
+from recsvc.core.artifact import write_artifact
+from recsvc.storage import store
+from recsvc.web.app import BLUEPRINTS, create_app
 from tests.factories import make_artifact
 from tests.serving.conftest import API_KEY, expected_top
 

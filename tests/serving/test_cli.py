@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from recsvc import store
-from recsvc.artifact import write_artifact
 from recsvc.cli import main
 from recsvc.commands.serving import example_requests
-from recsvc.redis_conn import free_port
+from recsvc.core.artifact import write_artifact
+from recsvc.storage import store
+from recsvc.storage.connection import free_port
 from tests.factories import make_artifact
 
 

@@ -11,11 +11,11 @@ import time
 import pytest
 import redis
 
-from recsvc import store
-from recsvc.app import create_app
-from recsvc.artifact import write_artifact
-from recsvc.config import Config
-from recsvc.redis_conn import RedisServer
+from recsvc.core.artifact import write_artifact
+from recsvc.core.config import Config
+from recsvc.storage import store
+from recsvc.storage.connection import RedisServer
+from recsvc.web.app import create_app
 from tests.factories import make_artifact
 
 URLS = [

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsvc import ranking
-from recsvc.artifact import Artifact, BundleCandidates
-from recsvc.ranking import Filters
+from recsvc.core import ranking
+from recsvc.core.artifact import Artifact, BundleCandidates
+from recsvc.core.ranking import Filters
 from recsvc.serving import ServingModel
 
 USER = np.array([1.0, 0.0], dtype=np.float32)

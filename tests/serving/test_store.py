@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from recsvc import store
-from recsvc.artifact import ArtifactError, write_artifact
+from recsvc.core.artifact import ArtifactError, write_artifact
 from recsvc.serving import ServingModel, fetch_interactions, fetch_user
+from recsvc.storage import store
 from tests.factories import make_artifact
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from recsvc.artifact import list_versions, read_artifact
 from recsvc.cli import main
+from recsvc.core.artifact import list_versions, read_artifact
 
 FAST = ["--factors", "8", "--iterations", "4"]
 

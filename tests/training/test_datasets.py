@@ -6,9 +6,9 @@ import datetime as dt
 
 import pytest
 
-from recsvc.contract import CART, PURCHASE, VIEW
+from recsvc.core.contract import CART, PURCHASE, VIEW
+from recsvc.core.events import load_catalog, load_events
 from training.datasets import DATASETS, INSTACART_LAST_ORDER, MOVIELENS_SHIFT_S, convert
-from training.events import load_catalog, load_events
 
 
 def put(folder, name, text, encoding="utf-8"):

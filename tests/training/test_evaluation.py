@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from recsvc.core.events import EventTable, load_catalog, load_events
 from training.als import TrainParams
 from training.evaluation import (
     coverage_at_k,
@@ -24,7 +25,6 @@ from training.evaluation import (
     top_k,
     tune,
 )
-from training.events import EventTable, load_catalog, load_events
 from training.synth import write_shop
 
 # User 0 is shown [1, 2, 3] and bought {2, 5}; user 1 is shown [4, 0] (one slot empty) and bought {0}.

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsvc.contract import CART, CLICK, EVENT_CODE, IMPRESSION, PURCHASE, VIEW
-from training.events import (
+from recsvc.core.contract import CART, CLICK, EVENT_CODE, IMPRESSION, PURCHASE, VIEW
+from recsvc.core.events import (
     EVENT_REASON_ORDER,
     BadInputError,
     EventTable,

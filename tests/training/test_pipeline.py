@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsvc.artifact import list_versions, read_artifact
+from recsvc.core.artifact import list_versions, read_artifact
+from recsvc.core.events import BadInputError
 from training.als import TrainParams
-from training.events import BadInputError
 from training.pipeline import train_model
 from training.synth import write_shop
 

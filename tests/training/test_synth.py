@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from recsvc.contract import PURCHASE, VIEW
-from training.events import load_catalog, load_events
+from recsvc.core.contract import PURCHASE, VIEW
+from recsvc.core.events import load_catalog, load_events
 from training.synth import CATEGORIES, END_OF_LOG, generate_shop, write_shop
 
 

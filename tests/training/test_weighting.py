@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from training.events import EventTable
-from training.weighting import (
+from recsvc.core.events import EventTable
+from recsvc.core.weighting import (
     WeightingParams,
     bm25_manifest_params,
     confidence_matrix,

@@ -44,12 +44,12 @@ from typing import Any
 import numpy as np
 import redis
 
-from recsvc.artifact import Artifact, ArtifactError, read_artifact, resolve
-from recsvc.config import Config
-from recsvc.ids import is_valid_version
-from recsvc.ranking import mask_positions
+from recsvc.core.artifact import Artifact, ArtifactError, read_artifact, resolve
+from recsvc.core.config import Config
+from recsvc.core.ids import is_valid_version
+from recsvc.core.ranking import mask_positions
 
-log = logging.getLogger("recsvc.store")
+log = logging.getLogger("recsvc.storage.store")
 
 CURRENT_KEY = "recsvc:model:current"
 VERSIONS_KEY = "recsvc:model:versions"

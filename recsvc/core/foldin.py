@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from recsvc.contract import EVENT_CODE, EVENT_TYPES
+from recsvc.core.contract import EVENT_CODE, EVENT_TYPES
 
 SECONDS_PER_DAY = 86_400
 SCALINGS = ("linear", "log", "bm25")

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy import stats
 
-from recsvc.contract import CART, CLICK, IMPRESSION, PURCHASE
+from recsvc.core.contract import CART, CLICK, IMPRESSION, PURCHASE
 
 ATTRIBUTION_MODELS: tuple[str, ...] = ("last_click", "linear")
 DEFAULT_WINDOW_DAYS = 7.0

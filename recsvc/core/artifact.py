@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.ids import VERSION_PATTERN, is_valid_id, is_valid_version
+from recsvc.core.ids import VERSION_PATTERN, is_valid_id, is_valid_version
 
 FORMAT = "recsvc-artifact"
 FORMAT_VERSION = 1

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recsvc.contract import EVENT_CODE, EVENT_TYPES, PURCHASE
+from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, PURCHASE
 
 SCALINGS = ("linear", "log", "bm25")
 SECONDS_PER_DAY = 86_400

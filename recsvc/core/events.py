@@ -33,8 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
-from recsvc import contract
-from recsvc.ids import valid_id_mask
+from recsvc.core import contract
+from recsvc.core.ids import valid_id_mask
 
 PathLike = str | os.PathLike
 

@@ -2,7 +2,7 @@
 
 ``create_app()`` reads the configuration (once, from the environment unless given), connects to Redis
 (the embedded server when no ``REDIS_URL`` is set), and registers one blueprint per API surface from
-:data:`BLUEPRINTS`. gunicorn calls it once per worker: ``gunicorn "recsvc.app:create_app()"``.
+:data:`BLUEPRINTS`. gunicorn calls it once per worker: ``gunicorn "recsvc.web.app:create_app()"``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 from flask import Flask, Response, g, request
 
 from recsvc.api.common import Services
-from recsvc.config import Config
-from recsvc.errors import register_error_handlers
-from recsvc.ids import is_valid_id
-from recsvc.jsonio import OrjsonProvider, dumps, loads
-from recsvc.redis_conn import connect, ensure_redis
+from recsvc.core.config import Config
+from recsvc.core.ids import is_valid_id
 from recsvc.serving import ModelCache, RedisHealth
+from recsvc.storage.connection import connect, ensure_redis
+from recsvc.web.errors import register_error_handlers
+from recsvc.web.jsonio import OrjsonProvider, dumps, loads
 
-log = logging.getLogger("recsvc.app")
+log = logging.getLogger("recsvc.web.app")
 
 # "module:attribute" of every blueprint; each area adds its own line when its blueprint exists.
 BLUEPRINTS: list[str] = [

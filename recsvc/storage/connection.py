@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from recsvc.config import Config
+from recsvc.core.config import Config
 
 
 def redis_server_binary() -> str:

@@ -45,8 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from recsvc.contract import parse_timestamp
-from recsvc.ids import is_valid_version
+from recsvc.core.contract import parse_timestamp
+from recsvc.core.ids import is_valid_version
 
 log = logging.getLogger(__name__)
 
@@ -1014,7 +1014,7 @@ def read_served(
 # --------------------------------------------------------------------------------------------
 
 #: Key of the per-app :class:`ExperimentState` in ``app.extensions``.
-EXTENSION = "recsvc.experiments"
+EXTENSION = "recsvc.analytics.experiments"
 #: Answers degraded for these reasons are not what any variant defines: they are served untagged.
 _DEGRADED_REASONS = ("redis_unavailable", "not_published")
 #: Endpoints where a variant's strategy and model version are applied (by :func:`serve_variant`).
@@ -1155,8 +1155,8 @@ def serve_variant(user_id: str, n: int, wanted: Any) -> dict[str, Any] | None:
     assignment = assignment_for_request(user_id)
     if assignment.experiment is None:
         return None
-    from recsvc import ranking
     from recsvc.api.common import FALLBACK, PERSONALIZED, REALTIME, recommendation_body, services
+    from recsvc.core import ranking
     from recsvc.serving import REDIS_DOWN_ERRORS, ModelNotPublished, fetch_user
 
     svc = services()

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from recsvc.artifact import BundleCandidates
+from recsvc.core.artifact import BundleCandidates
 
 DISCOUNT_RULES: tuple[str, ...] = ("percent", "cheapest")
 MAX_BUNDLE_SIZE = 10  # anchor included; a storefront widget shows a handful, not a catalogue

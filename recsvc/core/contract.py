@@ -14,7 +14,7 @@ import datetime as _dt
 import math
 from typing import Any
 
-from recsvc.ids import MAX_ID_LENGTH, is_valid_id
+from recsvc.core.ids import MAX_ID_LENGTH, is_valid_id
 
 # Order matters: codes are stored as int8 in event tables. impression/click come from the
 # storefront's A/B attribution; they carry little preference signal and are weighted accordingly.
