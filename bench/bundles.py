@@ -47,7 +47,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from recsvc.core.contract import PURCHASE  # noqa: E402
-from recsvc.core.events import EventTable  # noqa: E402
+from recsvc.core.eventfiles import EventTable  # noqa: E402
 from training.cooccurrence import build_baskets, evaluate_bundles, mine_bundles_report  # noqa: E402
 
 DATA_DIR = REPO.parent / "shared" / "data"
@@ -87,7 +87,7 @@ def synthetic_orders(n_orders: int, n_items: int, seed: int = 0) -> EventTable:
 
 
 def load_dataset(name: str, workdir: Path):
-    from recsvc.core.events import load_events
+    from recsvc.core.eventfiles import load_events
     from training.datasets import convert
 
     converted = convert(name, DATA_DIR, workdir / name)
@@ -253,8 +253,9 @@ def endpoint_latency(quick: bool, workdir: Path, workers: int, threads: int, con
 
     from recsvc.core.artifact import write_artifact
     from recsvc.core.config import Config
-    from recsvc.storage import store
-    from recsvc.storage.connection import RedisServer, connect_admin
+    from recsvc.storage import versions
+    from recsvc.storage.connection import connect_admin
+    from recsvc.storage.embedded import RedisServer
 
     if shutil.which("wrk") is None:
         print("wrk is not installed: endpoint latency skipped (apt-get install wrk)")
@@ -274,9 +275,9 @@ def endpoint_latency(quick: bool, workdir: Path, workers: int, threads: int, con
     try:
         client = connect_admin(server.url)
         models = workdir / "models"
-        config = Config(redis_url=server.url, models_dir=models, var_dir=workdir / "var")
+        config = Config.create(redis_url=server.url, models_dir=models, var_dir=workdir / "var")
         write_artifact(artifact, models)
-        store.publish(client, artifact, config)
+        versions.publish(client, artifact, config)
         env = dict(os.environ)
         env.update(
             REDIS_URL=server.url,

@@ -33,9 +33,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsvc.analytics import experiments as ex  # noqa: E402
+from recsvc.analytics import recids
+from recsvc.analytics import registry as reg
 from recsvc.analytics.attribution import build_report  # noqa: E402
 from recsvc.core.contract import CLICK, EVENT_TYPES, IMPRESSION, PURCHASE  # noqa: E402
-from recsvc.storage.connection import RedisServer, connect  # noqa: E402
+from recsvc.storage import keys
+from recsvc.storage.connection import connect  # noqa: E402
+from recsvc.storage.embedded import RedisServer
 
 T0 = 1_700_000_000
 DAY = 86_400
@@ -54,9 +58,9 @@ def request_cost(n_requests: int, workdir: Path) -> dict[str, dict[str, float]]:
         shares = [{"name": "A", "share": 30}, {"name": "B", "share": 30}]
         file.write_text(json.dumps({"experiments": [{"name": "file-exp", "variants": shares}]}))
         for name in ("redis-exp-1", "redis-exp-2"):
-            ex.store_experiment(client, ex.parse_experiment({"name": name, "variants": shares}))
-        registry = ex.ExperimentRegistry(file, client, refresh_s=1.0)
-        log = ex.ServedLog(client, flush_interval_s=0.05)
+            reg.store_experiment(client, ex.parse_experiment({"name": name, "variants": shares}))
+        registry = reg.ExperimentRegistry(file, client, refresh_s=1.0)
+        log = reg.ServedLog(client, flush_interval_s=0.05)
         users = [f"user{i}" for i in range(n_requests)]
         items = [f"item{i}" for i in range(20)]
         baseline = np.empty(n_requests)
@@ -73,7 +77,7 @@ def request_cost(n_requests: int, workdir: Path) -> dict[str, dict[str, float]]:
             t2 = clock()
             baseline[i], added[i] = t1 - t0, t2 - t1
         log.close()
-        tagged = client.llen(ex.SERVED_KEY)
+        tagged = client.llen(keys.EXPERIMENTS_SERVED)
         print(f"  served-log records written: {tagged:,} (dropped {log.dropped}); experiments active: 3")
         rows = {"redis GET (baseline)": percentiles(baseline), "assign + log (added)": percentiles(added)}
         rows.update(hook_cost(server.url, file, n_requests))
@@ -87,13 +91,11 @@ def hook_cost(redis_url: str, experiments_file: Path, n_requests: int) -> dict[s
     machine a pure-CPU loop is preempted mid-sample far more often than a request is. Besides
     wall time, the hook's thread CPU time is recorded (immune to preemption by other processes).
     """
-    from recsvc.api.experiments import bp
     from recsvc.core.config import Config
     from recsvc.web.app import create_app
+    from recsvc.web.render import tag
 
-    app = create_app(Config(redis_url=redis_url, experiments_file=experiments_file))
-    if "experiments" not in app.blueprints:
-        app.register_blueprint(bp)
+    app = create_app(Config.create(redis_url=redis_url, experiments_file=experiments_file))
     client = app.extensions["recsvc"].client
     items = [{"item_id": f"item{i}", "score": 1.0} for i in range(20)]
     wall = np.empty(n_requests)
@@ -105,9 +107,9 @@ def hook_cost(redis_url: str, experiments_file: Path, n_requests: int) -> dict[s
             client.get("bench:list")
             body = {"model_version": None, "source": "personalized", "user_id": user, "items": items}
             t0, c0 = clock(), cpu_clock()
-            ex.tag_answer(body)
+            tag(body, user, strict=True)
             wall[i], cpu[i] = clock() - t0, cpu_clock() - c0
-    app.extensions[ex.EXTENSION].served_log.close()
+    app.extensions["recsvc"].served_log.close()
     return {"hook in a Flask request": percentiles(wall), "  same, thread CPU time": percentiles(cpu)}
 
 
@@ -120,7 +122,9 @@ def synthetic_events(n_users: int, seed: int = 0) -> dict[str, np.ndarray]:
     users = np.array([f"u{i}" for i in range(n_users)], dtype=object)
     variant = np.array([experiment.variant_for(u).name for u in users], dtype=object)
     served = T0 + rng.integers(0, 14 * DAY, n_users)
-    rec = np.array([ex.new_rec_id("bench", v, s) for v, s in zip(variant, served, strict=True)], dtype=object)
+    rec = np.array(
+        [recids.new_rec_id("bench", v, s) for v, s in zip(variant, served, strict=True)], dtype=object
+    )
     items = np.array([f"i{i}" for i in range(20_000)], dtype=object)
     shown = rng.integers(0, 20_000, (n_users, 4))
     parts = []
@@ -156,7 +160,7 @@ def report_speed(n_users: int, workdir: Path) -> dict[str, float]:
     import pyarrow as pa
     import pyarrow.csv as pa_csv
 
-    from recsvc.core.events import load_events
+    from recsvc.core.eventfiles import load_events
 
     columns = synthetic_events(n_users)
     path = workdir / "events.csv"

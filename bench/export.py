@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recsvc.core.artifact import Artifact, BundleCandidates  # noqa: E402
 from recsvc.core.contract import PURCHASE, VIEW  # noqa: E402
-from recsvc.core.events import EventTable  # noqa: E402
+from recsvc.core.eventfiles import EventTable  # noqa: E402
 from training.export import ExportLedger, run_export  # noqa: E402
 
 DAY = 86_400

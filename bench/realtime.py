@@ -97,7 +97,7 @@ def build_artifact(models_dir: Path):
 
 
 def recent_for(rng: np.random.Generator, n: int = N_EVENTS):
-    from recsvc.realtime import RecentEvents
+    from recsvc.storage.stream import RecentEvents
 
     kinds = rng.choice([0, 1, 2, 4], size=n, p=[0.7, 0.15, 0.05, 0.1])
     items = [f"sku-{i:06d}" for i in rng.integers(0, N_ITEMS, n)]
@@ -127,8 +127,8 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
     from recsvc.core import ranking
     from recsvc.core.config import Config
     from recsvc.core.ranking import Filters
-    from recsvc.serving import ServingModel
-    from recsvc.storage import store
+    from recsvc.serving.model import ServingModel
+    from recsvc.storage import versions
 
     model = ServingModel.from_artifact(artifact)
     realtime.foldin_state(model)  # once per version, as when a worker switches versions
@@ -169,7 +169,7 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits
 
-        from recsvc.core.foldin import add_raw_rows, raw_user_row, scale_row, unscale_row
+        from recsvc.core.weighting import add_raw_rows, raw_user_row, scale_row, unscale_row
 
         state = realtime.foldin_state(model)
         positions = np.array([model.item_index[i] for i in recent.item_ids])
@@ -195,7 +195,7 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
 
     # The hook as the endpoint calls it: one Redis round trip, then the same work.
     client = redis.Redis.from_url(redis_url)
-    version = store.publish(client, artifact, Config(redis_url=redis_url, topk_cached=100))
+    version = versions.publish(client, artifact, Config.create(redis_url=redis_url, topk_cached=100))
     live = ServingModel.load(client, version)
     realtime.foldin_state(live)
     names = ["view", "cart", "purchase", "impression", "click"]
@@ -241,7 +241,7 @@ def _request(conn: http.client.HTTPConnection, method: str, path: str, body: byt
 def over_http(
     models_dir: Path, redis_url: str, rounds: int, blas_threads: int | None = None
 ) -> list[tuple[str, float, float]]:
-    from recsvc.storage.connection import free_port
+    from recsvc.storage.embedded import free_port
 
     port = free_port()
     env = dict(
@@ -349,7 +349,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     runs, rounds = (300, 100) if args.quick else (3000, 500)
 
-    from recsvc.storage.connection import RedisServer
+    from recsvc.storage.embedded import RedisServer
 
     work = Path(tempfile.mkdtemp(prefix="recsvc-bench-realtime-"))
     try:

@@ -8,7 +8,7 @@ Run from the repository root::
 
 What it does, all on 127.0.0.1 with a throw-away redis-server:
 
-1. Publish: a synthetic model (users x items x 64 factors) is published with ``recsvc.store.publish``;
+1. Publish: a synthetic model (users x items x 64 factors) is published (``versions.publish``);
    the table shows the end-to-end rate and the Redis write path alone (packing + pipelined HSETs,
    scoring excluded), in users/s. Target for the write path: >= 100k users/s.
 2. Serving: ``recsvc serve`` (gunicorn, gthread) and a bare Flask app whose one route does one Redis
@@ -84,23 +84,23 @@ def floor_app():
     from flask import Flask, Response
 
     from recsvc import realtime
-    from recsvc.serving import ServingModel, fetch_request_data
-    from recsvc.storage import store
+    from recsvc.serving.model import ServingModel, fetch_user
+    from recsvc.storage import keys
 
     client = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
-    model = ServingModel.load(client, client.get(store.CURRENT_KEY).decode())
+    model = ServingModel.load(client, client.get(keys.CURRENT).decode())
     ids, titles, categories = model.item_ids, model.titles, model.categories
     category, price = model.category.tolist(), model.price.tolist()
     app = Flask("floor")
 
     @app.get("/fetch/<user_id>")
     def fetch(user_id: str):
-        fetch_request_data(client, model, user_id, (realtime.recent_key(user_id),))
+        fetch_user(client, model, user_id, (realtime.recent_key(user_id),))
         return Response(b"[]", mimetype="application/json")
 
     @app.get("/minimal/<user_id>")
     def minimal(user_id: str):
-        _, record, _ = fetch_request_data(client, model, user_id, (realtime.recent_key(user_id),))
+        _, record, _ = fetch_user(client, model, user_id, (realtime.recent_key(user_id),))
         items = record.topk_items
         ok = model.available[items]
         for bought in record.purchased.tolist():  # a handful: cheaper than np.isin's sort
@@ -175,7 +175,7 @@ def wait_http(url: str, timeout: float = 30.0) -> None:
 
 
 def free_port() -> int:
-    from recsvc.storage.connection import free_port as _free
+    from recsvc.storage.embedded import free_port as _free
 
     return _free()
 
@@ -252,7 +252,7 @@ def parse_wrk(out: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, short load runs (~40 s)")
-    from recsvc.commands.serving import DEFAULT_THREADS, DEFAULT_WORKERS
+    from recsvc.cli.serving import DEFAULT_THREADS, DEFAULT_WORKERS
 
     parser.add_argument(
         "--workers",
@@ -282,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from recsvc.core.artifact import write_artifact
     from recsvc.core.config import Config
-    from recsvc.storage import store
-    from recsvc.storage.connection import RedisServer, connect_admin
+    from recsvc.storage import versions
+    from recsvc.storage.connection import connect_admin
+    from recsvc.storage.embedded import RedisServer
 
     quick = args.quick
     seconds = args.seconds or (3 if quick else 6)
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client = connect_admin(server.url)
         models = workdir / "models"
-        config = Config(redis_url=server.url, models_dir=models, var_dir=workdir / "var")
+        config = Config.create(redis_url=server.url, models_dir=models, var_dir=workdir / "var")
 
         # -- 1. publish throughput ----------------------------------------------------------------
         print(
@@ -309,10 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         big = synthetic_artifact(publish_users, publish_items, factors, seed=1)
         write_artifact(big, models)
-        stats: list[store.PublishStats] = []
-        store.publish(client, big, config, stats=stats)
+        stats: list[versions.PublishStats] = []
+        versions.publish(client, big, config, stats=stats)
         s = stats[0]
-        mem = store.version_memory(client, s.version)
+        mem = versions.version_memory(client, s.version)
         print(f"{'step':<34}{'seconds':>10}{'users/s':>14}")
         print(f"{'top-K scoring (numpy)':<34}{s.score_seconds:>10.2f}{s.users / s.score_seconds:>14,.0f}")
         print(
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         artifact = synthetic_artifact(serve_users, serve_items, factors, seed=2)
         write_artifact(artifact, models)
-        store.publish(client, artifact, config)
+        versions.publish(client, artifact, config)
         rng = np.random.default_rng(3)
         sample_users = [artifact.user_ids[u] for u in rng.choice(serve_users, 1000, replace=False)]
         # The bare app's data: a 20-item JSON list per user, as recsvc would answer it.

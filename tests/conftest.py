@@ -6,8 +6,8 @@ import pytest
 import redis
 
 from recsvc.core.artifact import Artifact
-from recsvc.storage import store
-from recsvc.storage.connection import RedisServer
+from recsvc.storage import versions
+from recsvc.storage.embedded import RedisServer
 from recsvc.web.app import create_app
 
 
@@ -39,7 +39,7 @@ def redis_client(redis_url) -> redis.Redis:
 
 @pytest.fixture
 def published(redis_client, artifact, config) -> Artifact:
-    store.publish(redis_client, artifact, config)
+    versions.publish(redis_client, artifact, config)
     return artifact
 
 

@@ -19,7 +19,16 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.core.weighting import DEFAULT_EVENT_WEIGHTS, SCALINGS, WeightingParams
+from recsvc.core.weighting import (
+    DEFAULT_ALPHA,
+    DEFAULT_BM25_B,
+    DEFAULT_BM25_K1,
+    DEFAULT_EVENT_WEIGHTS,
+    DEFAULT_REGULARIZATION,
+    DEFAULT_SCALING,
+    SCALINGS,
+    WeightingParams,
+)
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -37,14 +46,14 @@ class TrainParams:
     """
 
     factors: int = 64
-    regularization: float = 1.0
+    regularization: float = DEFAULT_REGULARIZATION
     iterations: int = 15
-    alpha: float = 5.0
+    alpha: float = DEFAULT_ALPHA
     event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    scaling: str = "linear"
+    scaling: str = DEFAULT_SCALING
     half_life_days: float | None = None
-    bm25_k1: float = 1.2
-    bm25_b: float = 0.75
+    bm25_k1: float = DEFAULT_BM25_K1
+    bm25_b: float = DEFAULT_BM25_B
 
     def __post_init__(self) -> None:
         if not isinstance(self.factors, int) or not 1 <= self.factors <= 1024:

@@ -159,7 +159,7 @@ def train(**kwargs: Any) -> None:
 
     Prints the version folder on stdout and the evaluation table; the load report goes to stderr.
     """
-    from recsvc.core.events import BadInputError
+    from recsvc.core.eventfiles import BadInputError
     from training.pipeline import train_model
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
@@ -243,7 +243,7 @@ def train(**kwargs: Any) -> None:
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate ALS against baselines on a time split and print a table."""
-    from recsvc.core.events import BadInputError, load_catalog, load_events
+    from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
     from training.evaluation import evaluate as run_evaluation
     from training.evaluation import format_table
 
@@ -376,7 +376,7 @@ def write_recommendations(
 
     Parameters
     ----------
-    artifact : recsvc.artifact.Artifact
+    artifact : recsvc.core.artifact.Artifact
         A loaded model.
     out : Path
         CSV file to write (``user_id,rank,item_id,score``; rank starts at 1).

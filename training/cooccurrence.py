@@ -24,7 +24,7 @@ How candidates are mined
 5. The best ``candidates_per_item`` per anchor are kept, best first, with their float32 score
    and int32 support (co-purchase count; 0 for an ALS-only candidate).
 
-Serving (:mod:`recsvc.bundles`) then applies stock, category, price and near-duplicate rules.
+Serving (:mod:`recsvc.core.bundles`) then applies stock, category, price and near-duplicate rules.
 """
 
 from __future__ import annotations
@@ -564,7 +564,7 @@ def mine_bundles(
 
     Returns
     -------
-    recsvc.artifact.BundleCandidates
+    recsvc.core.artifact.BundleCandidates
         Row ``i`` lists up to ``candidates_per_item`` items for anchor ``i``, best first, with a
         float32 ``score`` and int32 ``support`` (baskets holding both; 0 for ALS-only candidates).
 
@@ -852,7 +852,7 @@ def evaluate_bundles(
     params : MiningParams or mapping, optional
         Mining parameters.
 
-    rules : recsvc.bundles.BundleRules, optional
+    rules : recsvc.core.bundles.BundleRules, optional
         Assembly rules (default ``BundleRules(size=size)``: the served defaults).
 
     Returns

@@ -735,7 +735,7 @@ def _prepare(
     from recsvc.core.contract import PURCHASE
 
     repurchasable = np.zeros(n_categories + 1, dtype=bool)
-    for name in config.repurchase_categories:
+    for name in config.serving.repurchase_categories:
         if name in artifact.categories:
             repurchasable[artifact.categories.index(name)] = True
     event_user_any_time = _user_positions(table, user_ids, events, event_user)
@@ -885,7 +885,7 @@ def _rank_chunk(
 
 
 class AnchorBundles:
-    """Bundles per anchor item, assembled by :mod:`recsvc.bundles` (the storefront's own rules).
+    """Bundles per anchor item, assembled by :mod:`recsvc.core.bundles` (the storefront's own rules).
 
     An email bundle is the offer ``GET /v1/items/<item>/bundle`` shows for the same item: same
     companions (co-purchase, then similarity, then popular pairings; in stock; category rules), same
@@ -1266,8 +1266,9 @@ def resolve_model(config: Config, ref: str) -> Path:
 
     if ref != "live":
         return resolve(config.models_dir, ref)
-    from recsvc.storage.connection import connect_admin, ensure_redis
-    from recsvc.storage.store import current_version
+    from recsvc.storage.connection import connect_admin
+    from recsvc.storage.embedded import ensure_redis
+    from recsvc.storage.versions import current_version
 
     client = connect_admin(ensure_redis(config))
     try:
@@ -1387,7 +1388,7 @@ def export(
     is running, 1 internal error.
     """
     from recsvc.core.artifact import ArtifactError, read_artifact
-    from recsvc.core.events import BadInputError
+    from recsvc.core.eventfiles import BadInputError
     from training.retrain import ExitCode
     from training.segments import SegmentThresholds, catalog_price_map, load_inputs, parse_as_of
 
@@ -1415,7 +1416,9 @@ def export(
                 thresholds=thresholds,
                 as_of=as_of_ts,
                 catalog=catalog_obj,
-                previous=previous_artifacts(Path(config.models_dir), model_path, config.keep_versions),
+                previous=previous_artifacts(
+                    Path(config.models_dir), model_path, config.serving.keep_versions
+                ),
                 ledger=ledger,
                 cap_last=cap_last,
                 config=config,

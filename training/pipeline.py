@@ -3,7 +3,7 @@
 Steps: load and validate the inputs (nothing is written if they are bad) -> optionally tune on a
 validation split -> evaluate ALS against baselines on a time split -> build id maps, confidence
 matrix, ALS factors, popularity, purchase histories, item metadata and bundle candidates from
-*all* events -> write the artifact atomically (:func:`recsvc.artifact.write_artifact`).
+*all* events -> write the artifact atomically (:func:`recsvc.core.artifact.write_artifact`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
-from recsvc.core.events import Catalog, EventTable, LoadReport, load_catalog, load_events
+from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
+from recsvc.core.events import Catalog, EventTable
 from recsvc.core.weighting import (
     bm25_manifest_params,
     id_maps,

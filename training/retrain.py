@@ -14,7 +14,7 @@ stdout (for the scheduler) and logs each step on stderr, and exits with a code f
 * 4 -- another retrain holds the lock (or this run lost it before publishing, or a stream dump is
   running).
 
-Crash safety: the new artifact is written to a temp folder and renamed (``recsvc.artifact``), and
+Crash safety: the new artifact is written to a temp folder and renamed (``recsvc.core.artifact``), and
 the live pointer only moves inside ``publish`` after the whole version is in Redis; so a crash at
 any step leaves the live model serving. ``RECSVC_RETRAIN_CRASH_AFTER=<step>`` makes the process
 SIGKILL itself right after that step; the tests use it to prove the point.
@@ -42,6 +42,7 @@ from typing import Any
 import click
 
 from recsvc.core.config import Config
+from recsvc.storage import versions
 
 log = logging.getLogger("recsvc.retrain")
 
@@ -313,24 +314,7 @@ def _choose_params(given: Any, live_manifest: dict[str, Any] | None) -> tuple[An
 
 def _published_versions(client: Any) -> set[str]:
     """Versions Redis still holds for rollback: never pruned from disk."""
-    import recsvc.storage.store as store
-
-    for name in ("published_versions", "list_versions", "versions"):
-        fn = getattr(store, name, None)
-        if callable(fn):
-            try:
-                found = fn(client)
-            except TypeError:
-                continue
-            out = set()
-            for item in found or ():
-                value = item[0] if isinstance(item, tuple | list) else getattr(item, "version", item)
-                out.add(value.decode() if isinstance(value, bytes) else str(value))
-            return out
-    # Fallback: the documented layout (docs/ARCHITECTURE.md) -- a zset of published versions.
-    return {
-        v.decode() if isinstance(v, bytes) else str(v) for v in client.zrange("recsvc:model:versions", 0, -1)
-    }
+    return {entry["version"] for entry in versions.list_published(client)}
 
 
 def run_retrain(
@@ -362,7 +346,7 @@ def run_retrain(
     force : bool
         Publish even if the gate refuses (logged as a warning and recorded in the manifest).
     keep : int, optional
-        Model folders kept on disk by the prune step (default ``max(config.keep_versions, 3)``);
+        Model folders kept on disk by the prune step (default ``max(config.serving.keep_versions, 3)``);
         the live version, the one it replaced and every version Redis holds are never pruned.
     lock_ttl_s : float
         Lock expiry; renewed every third of it while the run is alive.
@@ -378,16 +362,17 @@ def run_retrain(
     """
     started = time.perf_counter()
     summary = RetrainSummary(event_files=[str(p) for p in event_paths])
-    keep = max(config.keep_versions, 3) if keep is None else keep
+    keep = max(config.serving.keep_versions, 3) if keep is None else keep
     lock: RetrainLock | None = None
     own_client = client is None
-    from recsvc.core.events import BadInputError
+    from recsvc.core.eventfiles import BadInputError
 
     try:
         if not 0 <= tolerance <= MAX_TOLERANCE:
             raise _BadInput(f"--gate-tolerance must be in 0..{MAX_TOLERANCE}, got {tolerance}")
         if own_client:
-            from recsvc.storage.connection import connect_admin, ensure_redis
+            from recsvc.storage.connection import connect_admin
+            from recsvc.storage.embedded import ensure_redis
 
             client = connect_admin(ensure_redis(config))
 
@@ -401,7 +386,7 @@ def run_retrain(
         log.info("step lock: acquired %s (ttl %ss, renewed while running)", LOCK_KEY, lock_ttl_s)
         _crash_point("lock")
 
-        from recsvc.storage.store import current_version, publish
+        from recsvc.storage.versions import current_version, publish
         from training.segments import expand_event_paths
 
         summary.live_before = _decode(current_version(client))
@@ -545,10 +530,10 @@ def _metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
 def _dump_stream(client: Any, config: Config) -> tuple[Path | None, int]:
     """Move the real-time stream into ``<var_dir>/events/events-<UTC time>.csv``: ``(path, count)``.
 
-    :func:`recsvc.realtime.dump_events` is exactly-once (consumer group, fsync, commit record, then
+    :func:`recsvc.storage.dump.dump_events` is exactly-once (consumer group, fsync, commit record, then
     XACK/XDEL), so a crash here loses nothing: the next dump writes or finishes what was read.
     """
-    from recsvc.realtime import DumpLocked, dump_events
+    from recsvc.storage.dump import DumpLocked, dump_events
 
     out_dir = Path(config.var_dir) / "events"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -556,7 +541,7 @@ def _dump_stream(client: Any, config: Config) -> tuple[Path | None, int]:
     # must not collide, and names still sort by time.
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     try:
-        result = dump_events(client, out_dir / f"events-{stamp}.csv", stream=config.events_stream)
+        result = dump_events(client, out_dir / f"events-{stamp}.csv", stream=config.events.stream)
     except DumpLocked as e:
         raise _Locked(f"cannot dump the event stream: {e}") from None
     if result.count:

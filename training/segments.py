@@ -390,7 +390,7 @@ def load_inputs(event_paths: Sequence[str | os.PathLike], catalog_path: str | os
     training.events.BadInputError
         A file is unusable (the message names file, line and column), or no events file was found.
     """
-    from recsvc.core.events import BadInputError, load_catalog, load_events
+    from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
 
     files = expand_event_paths(event_paths)
     if not files:
@@ -434,7 +434,7 @@ def segments(event_paths, catalog, as_of, new_days, dormant_days, high_value_qua
     """Print customer segment sizes (RFM: new, active, high_value, dormant, all)."""
     thresholds = SegmentThresholds(new_days, dormant_days, high_value_quantile)
     as_of_ts = parse_as_of(as_of)
-    from recsvc.core.events import BadInputError
+    from recsvc.core.eventfiles import BadInputError
 
     try:
         table, _report, catalog_obj = load_inputs(event_paths, catalog)

@@ -85,7 +85,7 @@ class ParsedRecIds:
 
 
 def parse_rec_ids(values: np.ndarray) -> ParsedRecIds:
-    """Vectorised :func:`recsvc.experiments.parse_rec_id` over an array of strings."""
+    """Vectorised :func:`recsvc.analytics.recids.parse_rec_id` over an array of strings."""
     arr = pa.array(np.asarray(values, dtype=object), type=pa.string())
     found = pc.extract_regex(arr, _REC_ID_REGEX)
     n = len(arr)
@@ -144,7 +144,7 @@ def attribute(
     user, item : int arrays
         Codes of the user and item of each event (any integer encoding).
     event : int8 array
-        :data:`recsvc.contract.EVENT_CODE` codes.
+        :data:`recsvc.core.contract.EVENT_CODE` codes.
     timestamp : int64 array
         Unix seconds.
     rec : int array

@@ -3,7 +3,7 @@
 A *bundle* is an anchor item (or a cart) plus complementary items, priced as one offer.
 Companions come from a fallback chain, so every valid item gets a bundle:
 
-1. **co-purchase candidates** mined offline (:class:`recsvc.artifact.BundleCandidates`: the
+1. **co-purchase candidates** mined offline (:class:`recsvc.core.artifact.BundleCandidates`: the
    artifact's ``bundles.npz``, already blended with ALS similarity) -- reason
    ``bought_together`` when a companion has co-purchase support, ``similar_taste`` otherwise;
 2. **ALS similarity** computed on the fly from the item factors -- ``similar_taste``;
@@ -113,12 +113,13 @@ class BundleRules:
 
     @classmethod
     def from_config(cls, config: Any, **overrides: Any) -> BundleRules:
-        """Rules from a :class:`recsvc.config.Config` (``bundle_*`` fields), with overrides."""
+        """Rules from a :class:`~recsvc.core.config.Config` (its ``bundles`` section), with overrides."""
+        settings = config.bundles
         values = {
-            "size": config.bundle_size,
-            "discount_rule": config.bundle_discount_rule,
-            "discount_pct": float(config.bundle_discount_pct),
-            "same_category": bool(config.bundle_same_category),
+            "size": settings.size,
+            "discount_rule": settings.discount_rule,
+            "discount_pct": float(settings.discount_pct),
+            "same_category": bool(settings.same_category),
         }
         values.update(overrides)
         return cls(**values)
@@ -185,7 +186,7 @@ def normalise_title(title: str) -> str:
 class BundleCatalog:
     """Everything bundle assembly needs about one model version, prepared once.
 
-    Build it with :meth:`from_model` from a serving model or an :class:`~recsvc.artifact.Artifact`
+    Build it with :meth:`from_model` from a serving model or an :class:`~recsvc.core.artifact.Artifact`
     (anything with ``item_ids, item_factors, price, available, category, categories, titles,
     popularity, bundles``). ``available`` is read at assembly time, so a stock update made to the
     array in place is seen by the next request.

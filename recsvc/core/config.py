@@ -1,106 +1,265 @@
-"""One configuration object, read from the environment in one place.
+"""One configuration object in typed sections, read from the environment in one place.
 
 Every setting has a default that works on a laptop; production overrides come from ``RECSVC_*``
-variables (and ``REDIS_URL``). ``Config.from_env()`` is the only reader of ``os.environ`` for
-settings; tests build a ``Config`` directly or pass overrides to ``create_app``.
+variables (and ``REDIS_URL``). Each field names its variable, so the table below is the whole
+contract; :meth:`Config.from_env` is the only reader of ``os.environ`` for settings, and
+:func:`unknown_variables` finds ``RECSVC_*`` names that configure nothing (a typo such as
+``RECSVC_API_KEY`` must not pass silently).
+
+Code and tests override settings by their flat name -- the variable without ``RECSVC_``, lower
+case (``max_n``, ``redis_url``) -- with :meth:`Config.create`, :meth:`Config.from_env` or
+:meth:`Config.with_overrides`.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
+def _env(name: str, default: Any = MISSING, **kwargs: Any) -> Any:
+    """A dataclass field whose value can come from environment variable ``name``."""
+    if default is MISSING:
+        return field(metadata={"env": name}, **kwargs)
+    return field(default=default, metadata={"env": name}, **kwargs)
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where Redis is and how long a request waits for it (storefront latency beats one answer)."""
+
+    url: str | None = _env("REDIS_URL", None)  # None: start/reuse the embedded Redis under var_dir
+    socket_timeout_s: float = _env("RECSVC_REDIS_SOCKET_TIMEOUT_S", 0.1)
+    connect_timeout_s: float = _env("RECSVC_REDIS_CONNECT_TIMEOUT_S", 0.1)
+    retries: int = _env("RECSVC_REDIS_RETRIES", 1)
+    down_recheck_s: float = _env("RECSVC_REDIS_DOWN_RECHECK_S", 1.0)  # after a failure: fallback only
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Limits of the read endpoints and of what a published version holds."""
+
+    default_n: int = _env("RECSVC_DEFAULT_N", 10)
+    max_n: int = _env("RECSVC_MAX_N", 100)
+    # Items cached per user at publish; K >= 100 so filters leave enough.
+    topk_cached: int = _env("RECSVC_TOPK_CACHED", 200)
+    keep_versions: int = _env("RECSVC_KEEP_VERSIONS", 3)  # published versions kept for rollback
+    max_body_bytes: int = _env("RECSVC_MAX_BODY_BYTES", 1 << 20)
+    max_exclude: int = _env("RECSVC_MAX_EXCLUDE", 200)  # ids in ?exclude= / cart bodies
+    max_categories: int = _env("RECSVC_MAX_CATEGORIES", 20)
+    repurchase_categories: tuple[str, ...] = _env("RECSVC_REPURCHASE_CATEGORIES", ())
+    # How long item answers trust the model in memory before reading the live pointer again.
+    model_check_interval_s: float = _env("RECSVC_MODEL_CHECK_INTERVAL_S", 1.0)
+
+
+@dataclass(frozen=True)
+class EventSettings:
+    """Real-time events: the durable stream, per-user history, batch and rate limits."""
+
+    stream: str = _env("RECSVC_EVENTS_STREAM", "recsvc:events")
+    stream_maxlen: int = _env("RECSVC_EVENTS_STREAM_MAXLEN", 10_000_000)  # `recsvc events dump` drains it
+    max_batch: int = _env("RECSVC_MAX_EVENTS_BATCH", 1000)
+    history_length: int = _env("RECSVC_HISTORY_LENGTH", 200)  # recent events kept per user for fold-in
+    rate_limit_per_min: int = _env("RECSVC_EVENTS_RATE_LIMIT_PER_MIN", 600)  # per API key; 429 beyond
+    # A visitor's recent list expires this long after their newest event.
+    history_ttl_s: int = _env("RECSVC_HISTORY_TTL_S", 30 * 86_400)
+
+
+@dataclass(frozen=True)
+class BundleSettings:
+    """How bundles are sized and priced."""
+
+    size: int = _env("RECSVC_BUNDLE_SIZE", 3)
+    discount_rule: str = _env("RECSVC_BUNDLE_DISCOUNT_RULE", "percent")  # "percent" | "cheapest"
+    discount_pct: float = _env("RECSVC_BUNDLE_DISCOUNT_PCT", 10.0)
+    # A set of one category is rarely what merchandisers want.
+    same_category: bool = _env("RECSVC_BUNDLE_SAME_CATEGORY", False)
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """A/B experiments: the definitions file and the served log."""
+
+    file: Path | None = _env("RECSVC_EXPERIMENTS_FILE", None)
+    refresh_s: float = _env("RECSVC_EXPERIMENTS_REFRESH_S", 1.0)
+    served_maxlen: int = _env("RECSVC_EXPERIMENTS_SERVED_MAXLEN", 1_000_000)
+    # Stream dumps the report endpoint reads at most; beyond, use `recsvc report`.
+    report_max_bytes: int = _env("RECSVC_EXPERIMENTS_REPORT_MAX_BYTES", 256 * 1024 * 1024)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The offline jobs."""
+
+    # Fault injection for the crash tests of `recsvc retrain`: exit right after this step.
+    retrain_crash_after: str | None = _env("RECSVC_RETRAIN_CRASH_AFTER", None)
+
+
+SECTIONS: dict[str, type] = {
+    "redis": RedisSettings,
+    "serving": ServingSettings,
+    "events": EventSettings,
+    "bundles": BundleSettings,
+    "experiments": ExperimentSettings,
+    "training": TrainingSettings,
+}
 
 
 @dataclass(frozen=True)
 class Config:
-    # --- where things live -------------------------------------------------------------------
-    redis_url: str | None = None  # None: start/reuse the embedded Redis under var_dir
-    var_dir: Path = Path("var")
-    models_dir: Path = Path("models")
+    """Every setting of recsvc (see the module docstring)."""
 
-    # --- security ------------------------------------------------------------------------------
-    api_keys: tuple[str, ...] = ()  # empty: admin and write endpoints are disabled, not open
-
-    # --- Redis client behaviour (storefront latency matters more than one answer) ---------------
-    redis_socket_timeout_s: float = 0.1
-    redis_connect_timeout_s: float = 0.1
-    redis_retries: int = 1
-    redis_down_recheck_s: float = 1.0  # after a failure, how long to go straight to fallback
-
-    # --- serving limits --------------------------------------------------------------------------
-    default_n: int = 10
-    max_n: int = 100
-    topk_cached: int = 200  # precomputed per user at publish; K >= 100 so filters leave enough
-    keep_versions: int = 3  # published versions kept in Redis for rollback
-    max_body_bytes: int = 1 << 20
-    max_exclude: int = 200  # ids in ?exclude= / cart bodies
-    max_categories: int = 20
-    repurchase_categories: tuple[str, ...] = ()  # categories exempt from "already bought"
-
-    # --- real-time events -------------------------------------------------------------------------
-    events_stream: str = "recsvc:events"
-    events_stream_maxlen: int = 10_000_000  # approximate cap; `recsvc events dump` drains it
-    max_events_batch: int = 1000
-    history_length: int = 200  # recent events kept per user for fold-in
-    events_rate_limit_per_min: int = 600  # per API key; 429 beyond
-    # (added by real-time) a visitor's recent list expires this long after their newest event
-    history_ttl_s: int = 30 * 86_400
-
-    # --- bundles ---------------------------------------------------------------------------------
-    bundle_size: int = 3
-    bundle_discount_rule: str = "percent"  # "percent" | "cheapest"
-    bundle_discount_pct: float = 10.0
-    bundle_same_category: bool = False  # a set of one category is rarely what merchandisers want
-
-    # --- experiments -----------------------------------------------------------------------------
-    experiments_file: Path | None = None
-
-    extra: dict[str, Any] = field(default_factory=dict)
+    models_dir: Path = _env("RECSVC_MODELS_DIR", Path("models"))
+    var_dir: Path = _env("RECSVC_VAR_DIR", Path("var"))
+    # Empty: admin and write endpoints are disabled, not open.
+    api_keys: tuple[str, ...] = _env("RECSVC_API_KEYS", ())
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    serving: ServingSettings = field(default_factory=ServingSettings)
+    events: EventSettings = field(default_factory=EventSettings)
+    bundles: BundleSettings = field(default_factory=BundleSettings)
+    experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
+    training: TrainingSettings = field(default_factory=TrainingSettings)
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Config:
+    def create(cls, **overrides: Any) -> Config:
+        """The defaults with ``overrides`` by flat setting name (``max_n=5``); ignores the environment."""
+        return cls().with_overrides(**overrides)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Settings from ``environ`` (default ``os.environ``), then ``overrides`` by flat name.
+
+        Raises
+        ------
+        ValueError
+            A variable's value does not parse; the message names the variable.
+        """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name == "extra":
-                continue
-            name = "REDIS_URL" if f.name == "redis_url" else f"RECSVC_{f.name.upper()}"
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            values[f.name] = _parse(f.name, raw, cls.__dataclass_fields__[f.name].default)
+        for setting in SETTINGS.values():
+            raw = env.get(setting.env)
+            if raw is not None and raw != "":
+                values[setting.name] = setting.parse(raw)
         values.update(overrides)
-        return cls(**values)
+        return cls().with_overrides(**values)
 
     def with_overrides(self, **overrides: Any) -> Config:
-        return replace(self, **overrides)
+        """A copy with settings changed by flat name (``max_n=5``, ``redis_url="redis://..."``).
+
+        Whole sections can be replaced too (``serving=ServingSettings(...)``).
+        """
+        top: dict[str, Any] = {}
+        by_section: dict[str, dict[str, Any]] = {}
+        for name, value in overrides.items():
+            if name in SECTIONS or name in _TOP_LEVEL:
+                top[name] = _coerce(name, value) if name in _TOP_LEVEL else value
+                continue
+            setting = SETTINGS.get(name)
+            if setting is None:
+                raise TypeError(f"unknown setting {name!r}{_suggest(name, SETTINGS)}")
+            by_section.setdefault(setting.section, {})[setting.field] = _coerce(name, value)
+        config = replace(self, **top) if top else self
+        for section, changes in by_section.items():
+            config = replace(config, **{section: replace(getattr(config, section), **changes)})
+        return config
 
 
-def _parse(name: str, raw: str, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            if raw.lower() in ("1", "true", "yes", "on"):
-                return True
-            if raw.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if isinstance(default, int):
-            return int(raw)
-        if isinstance(default, float):
-            return float(raw)
-        if isinstance(default, tuple):
-            return _split(raw)
-        if isinstance(default, Path) or name.endswith(("_dir", "_file")):
-            return Path(raw)
-        return raw
-    except ValueError:
-        env_name = "REDIS_URL" if name == "redis_url" else f"RECSVC_{name.upper()}"
-        raise ValueError(
-            f"environment variable {env_name}={raw!r} is not a valid {type(default).__name__}"
-        ) from None
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its flat name, environment variable, section and field."""
+
+    name: str
+    env: str
+    section: str | None  # None: a top-level field of Config
+    field: str
+    type: Any
+    default: Any
+
+    def parse(self, raw: str) -> Any:
+        try:
+            return _parse_value(raw, self.type, self.default)
+        except ValueError:
+            kind = getattr(self.type, "__name__", str(self.type))
+            raise ValueError(f"environment variable {self.env}={raw!r} is not a valid {kind}") from None
+
+
+def _settings() -> dict[str, Setting]:
+    out: dict[str, Setting] = {}
+    owners: list[tuple[str | None, type]] = [(None, Config), *SECTIONS.items()]
+    for section, cls in owners:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            env = f.metadata.get("env")
+            if env is None:
+                continue
+            name = env.removeprefix("RECSVC_").lower()
+            default = f.default if f.default is not MISSING else None
+            out[name] = Setting(name, env, section, f.name, hints[f.name], default)
+    return out
+
+
+SETTINGS: dict[str, Setting] = _settings()
+_TOP_LEVEL = {s.name for s in SETTINGS.values() if s.section is None}
+_KNOWN_ENV = {s.env for s in SETTINGS.values()}
+
+
+def _parse_value(raw: str, kind: Any, default: Any) -> Any:
+    text = str(kind)
+    if kind is bool or isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    if "tuple" in text:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if "Path" in text:
+        return Path(raw)
+    return raw
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Overrides in code may pass a str for a Path or a list for a tuple; normalise them."""
+    setting = SETTINGS[name]
+    text = str(setting.type)
+    if value is None:
+        return None
+    if "Path" in text and isinstance(value, str | os.PathLike):
+        return Path(value)
+    if "tuple" in text and isinstance(value, list | tuple):
+        return tuple(value)
+    return value
+
+
+def _suggest(name: str, known: Mapping[str, Any] | set[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``RECSVC_*`` variables that configure nothing, each with a suggestion when one is close.
+
+    Returns
+    -------
+    list of str
+        One warning line per unknown variable, e.g. ``RECSVC_API_KEY is not a recsvc setting
+        (did you mean RECSVC_API_KEYS?)``.
+    """
+    env = os.environ if environ is None else environ
+    out = []
+    for name in sorted(env):
+        if name.startswith("RECSVC_") and name not in _KNOWN_ENV and name not in IGNORED_VARIABLES:
+            out.append(f"{name} is not a recsvc setting{_suggest(name, _KNOWN_ENV)}")
+    return out
+
+
+#: ``RECSVC_*`` variables that are read elsewhere on purpose (not settings of the service).
+IGNORED_VARIABLES: frozenset[str] = frozenset()

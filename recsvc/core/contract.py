@@ -14,6 +14,7 @@ import datetime as _dt
 import math
 from typing import Any
 
+from recsvc.core.errors import BadInput
 from recsvc.core.ids import MAX_ID_LENGTH, is_valid_id
 
 # Order matters: codes are stored as int8 in event tables. impression/click come from the
@@ -47,7 +48,7 @@ REASONS: dict[str, str] = {
 }
 
 
-class ContractError(ValueError):
+class ContractError(BadInput):
     """One field of one record breaks the contract."""
 
     def __init__(self, field: str, reason: str, message: str):
@@ -133,4 +134,76 @@ def validate_event(raw: Any) -> dict[str, Any]:
         if not (math.isfinite(price) and price >= 0):
             raise ContractError("price", "invalid_price", REASONS["invalid_price"])
         out["price"] = price
+    return out
+
+
+class BatchError(BadInput):
+    """One event of a batch breaks the contract; nothing of the batch may be stored.
+
+    Attributes
+    ----------
+    index : int or None
+        Position of the first bad event in the batch (None when the body was a single event).
+    field : str
+        ``events[<index>].<field>`` (or just ``<field>`` for a single event / the body itself).
+    reason : str
+        A reason code of :data:`recsvc.core.contract.REASONS` (or ``too_many_events`` / ``no_events``).
+    """
+
+    def __init__(self, index: int | None, field: str, reason: str, message: str):
+        super().__init__(message)
+        self.index, self.field, self.reason, self.message = index, field, reason, message
+
+
+def validate_batch(payload: Any, max_events: int) -> list[dict[str, Any]]:
+    """Validate the body of ``POST /v1/events``: one event, a list, or ``{"events": [...]}``.
+
+    Parameters
+    ----------
+    payload : Any
+        The decoded JSON body.
+    max_events : int
+        Largest batch accepted.
+
+    Returns
+    -------
+    list of dict
+        The events normalised by :func:`recsvc.core.contract.validate_event`, in order.
+
+    Raises
+    ------
+    BatchError
+        For the first bad event (its index and field are named), an empty batch, or one over
+        ``max_events``.
+    """
+    single = isinstance(payload, dict) and "events" not in payload
+    if single:
+        items: Any = [payload]
+    elif isinstance(payload, dict):
+        extra = sorted(set(payload) - {"events"})
+        if extra:
+            raise BatchError(None, extra[0], "unknown_field", f"unknown field {extra[0]!r} next to 'events'")
+        items = payload["events"]
+    else:
+        items = payload
+    if not isinstance(items, list):
+        raise BatchError(
+            None, "events", "missing_field", "body must be an event object, a list, or {'events': [...]}"
+        )
+    if not items:
+        raise BatchError(None, "events", "no_events", "the batch has no events")
+    if len(items) > max_events:
+        raise BatchError(
+            None, "events", "too_many_events", f"a batch holds at most {max_events} events, got {len(items)}"
+        )
+    out = []
+    for index, raw in enumerate(items):
+        try:
+            out.append(validate_event(raw))
+        except ContractError as e:
+            if single:
+                raise BatchError(None, e.field, e.reason, e.message) from None
+            raise BatchError(
+                index, f"events[{index}].{e.field}", e.reason, f"events[{index}]: {e.message}"
+            ) from None
     return out

@@ -1,7 +1,7 @@
 """Ranking: score, filter and pick the top items. Pure numpy: no Flask, no Redis.
 
 Every function takes the model as any object with the per-item arrays of
-:class:`recsvc.serving.ServingModel` (``item_factors``, ``available``, ``category``, ``price``,
+:class:`recsvc.serving.model.ServingModel` (``item_factors``, ``available``, ``category``, ``price``,
 ``popularity``, ``popular``, ``popular_by_category``, ``n_items``), so tests build one from a tiny
 artifact and check answers by hand.
 
@@ -29,7 +29,7 @@ _EMPTY_F32 = np.zeros(0, dtype=np.float32)
 
 
 class RankingModel(Protocol):
-    """What ranking needs from a model (``recsvc.serving.ServingModel`` satisfies it)."""
+    """What ranking needs from a model (``recsvc.serving.model.ServingModel`` satisfies it)."""
 
     item_factors: np.ndarray
     available: np.ndarray
@@ -333,7 +333,7 @@ def similar_items(
     """Items most similar to ``item`` by cosine similarity of item factors (the item itself excluded).
 
     ``unit_factors`` (item factors scaled to unit length) may be passed to avoid renormalising; a
-    :class:`~recsvc.serving.ServingModel` keeps them as ``unit_item_factors``.
+    :class:`~recsvc.serving.model.ServingModel` keeps them as ``unit_item_factors``.
     """
     if unit_factors is None:
         norms = np.linalg.norm(model.item_factors, axis=1, keepdims=True)

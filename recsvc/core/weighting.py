@@ -1,7 +1,9 @@
 """Turn events into the user x item confidence matrix that ALS is fitted on.
 
-How one entry ``c[u, i]`` is computed (the real-time fold-in, ``recsvc/foldin.py``, rebuilds a
-user's row with exactly these steps from ``manifest["params"]``):
+One implementation serves both sides: training builds the whole matrix (:func:`confidence_matrix`),
+real-time fold-in rebuilds one user's row (:func:`user_confidence_row`) with the same functions and
+the parameters recorded in ``manifest["params"]`` (:class:`RowRecipe`). How one entry ``c[u, i]``
+is computed:
 
 1. Every event contributes ``w_e = event_weights[event] * decay(t)`` where
    ``decay(t) = 0.5 ** (max(0, now - t) / (half_life_days * 86400))`` and ``decay = 1`` when
@@ -27,8 +29,8 @@ user's row with exactly these steps from ``manifest["params"]``):
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -51,6 +53,14 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
 }
 
 
+DEFAULT_SCALING = "linear"
+DEFAULT_ALPHA = 5.0
+DEFAULT_REGULARIZATION = 1.0
+DEFAULT_BM25_K1 = 1.2
+DEFAULT_BM25_B = 0.75
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
 @dataclass(frozen=True)
 class WeightingParams:
     """How events become confidence values (see the module docstring for the exact formula).
@@ -71,11 +81,11 @@ class WeightingParams:
     """
 
     event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    scaling: str = "linear"
-    alpha: float = 5.0
+    scaling: str = DEFAULT_SCALING
+    alpha: float = DEFAULT_ALPHA
     half_life_days: float | None = None
-    bm25_k1: float = 1.2
-    bm25_b: float = 0.75
+    bm25_k1: float = DEFAULT_BM25_K1
+    bm25_b: float = DEFAULT_BM25_B
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.event_weights) - set(EVENT_TYPES))
@@ -104,14 +114,72 @@ class WeightingParams:
             raise ValueError("event_weights: at least one event type needs a weight > 0")
 
     def weight_table(self) -> np.ndarray:
-        """Weights as a float64 array indexed by event code (``recsvc.contract.EVENT_CODE``)."""
-        table = np.zeros(len(EVENT_TYPES), dtype=np.float64)
-        for name, code in EVENT_CODE.items():
-            table[code] = self.event_weights[name]
+        """Weights as a read-only float64 array indexed by event code (``EVENT_CODE``).
+
+        Built once per instance: fold-in asks for it on every real-time request.
+        """
+        table = self.__dict__.get("_weight_table")
+        if table is None:
+            table = np.zeros(len(EVENT_TYPES), dtype=np.float64)
+            for name, code in EVENT_CODE.items():
+                table[code] = self.event_weights[name]
+            table.flags.writeable = False
+            self.__dict__["_weight_table"] = table
         return table
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_manifest(cls, params: Mapping[str, Any]) -> WeightingParams:
+        """Read the recipe recorded in ``manifest["params"]``; keys it lacks take the defaults.
+
+        Raises
+        ------
+        ValueError
+            A recorded value is out of range; the message names the key (``params.alpha``).
+        """
+        recorded = params.get("event_weights") or {}
+        if not isinstance(recorded, Mapping):
+            raise ValueError("params.event_weights must be a mapping of event type to weight")
+        weights = {}
+        for name, value in recorded.items():
+            if name not in EVENT_CODE:
+                raise ValueError(f"params.event_weights: unknown event type {name!r}")
+            weights[name] = _finite(value, f"params.event_weights.{name}", minimum=0.0)
+        scaling = str(params.get("scaling") or DEFAULT_SCALING)
+        if scaling not in SCALINGS:
+            raise ValueError(f"params.scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
+        half_life = params.get("half_life_days")
+        b = _finite(params.get("bm25_b", DEFAULT_BM25_B), "params.bm25_b", minimum=0.0)
+        if b > 1.0:
+            raise ValueError(f"params.bm25_b must be in [0, 1], got {b!r}")
+        return cls(
+            event_weights=weights,
+            scaling=scaling,
+            alpha=_finite(params.get("alpha", DEFAULT_ALPHA), "params.alpha", above=0.0),
+            half_life_days=None
+            if half_life in (None, 0)
+            else _finite(half_life, "params.half_life_days", above=0.0),
+            bm25_k1=_finite(params.get("bm25_k1", DEFAULT_BM25_K1), "params.bm25_k1", above=0.0),
+            bm25_b=b,
+        )
+
+
+def _finite(value: Any, name: str, minimum: float | None = None, above: float | None = None) -> float:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if above is not None and number <= above:
+        raise ValueError(f"{name} must be > {above}, got {value!r}")
+    return number
 
 
 def event_contributions(
@@ -209,7 +277,8 @@ class Bm25Stats:
 
     n_users: int
     avg_length: float
-    document_frequency: np.ndarray  # int64 per item: users with r[u, i] > 0
+    # int64 per item: users with r[u, i] > 0 (None in a recipe read from a manifest until attached)
+    document_frequency: np.ndarray | None
 
 
 def bm25_stats(raw: sp.csr_matrix) -> Bm25Stats:
@@ -226,11 +295,18 @@ def bm25_idf(document_frequency: np.ndarray, n_users: int) -> np.ndarray:
     return np.log1p((n_users - df + 0.5) / (df + 0.5))
 
 
+def _bm25_values(
+    values: np.ndarray, row_lengths: np.ndarray, idf: np.ndarray, k1: float, b: float, avg_length: float
+) -> np.ndarray:
+    """BM25 of raw values given each value's row length and item idf (one formula for both sides)."""
+    norm = k1 * (1.0 - b + b * row_lengths / avg_length)
+    return values * (k1 + 1.0) / (values + norm) * idf
+
+
 def scale(raw: sp.csr_matrix, params: WeightingParams, stats: Bm25Stats | None = None) -> sp.csr_matrix:
     """Apply the scaling step (3) to a raw matrix; returns a new float64 CSR with the same pattern.
 
-    For BM25, ``stats`` defaults to the statistics of ``raw`` itself (training); fold-in passes
-    the training statistics so a single user's row is scaled like the rest.
+    For BM25, ``stats`` defaults to the statistics of ``raw`` itself (training).
     """
     out = raw.copy()
     if params.scaling == "linear":
@@ -239,12 +315,12 @@ def scale(raw: sp.csr_matrix, params: WeightingParams, stats: Bm25Stats | None =
         out.data = np.log1p(out.data)
         return out
     stats = stats or bm25_stats(raw)
-    k1, b = params.bm25_k1, params.bm25_b
     lengths = np.asarray(raw.sum(axis=1)).ravel()
-    norm = k1 * (1.0 - b + b * lengths / stats.avg_length)
     row_of = np.repeat(np.arange(raw.shape[0]), np.diff(raw.indptr))
     idf = bm25_idf(stats.document_frequency, stats.n_users)
-    out.data = out.data * (k1 + 1.0) / (out.data + norm[row_of]) * idf[out.indices]
+    out.data = _bm25_values(
+        out.data, lengths[row_of], idf[out.indices], params.bm25_k1, params.bm25_b, stats.avg_length
+    )
     return out
 
 
@@ -372,3 +448,245 @@ def id_maps(
     catalog_ids = np.asarray(catalog_item_ids, dtype=object)
     extra = items_seen[index_positions(items_seen, catalog_ids) < 0]
     return users, np.concatenate([catalog_ids, np.sort(np.asarray(extra, dtype=object))])
+
+
+# --------------------------------------------------------------------------------------------
+# One user's row (real-time fold-in): the same recipe, applied to a single user's events
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RowRecipe:
+    """The confidence recipe of one model version, for rebuilding a single user's row.
+
+    Build it with :meth:`from_manifest`; for ``scaling="bm25"`` also attach the training document
+    frequencies with :meth:`with_document_frequency` (the column counts of the model's
+    ``interactions`` matrix).
+
+    Attributes
+    ----------
+    weighting : WeightingParams
+        Event weights, decay, scaling and alpha, as recorded in the manifest.
+    regularization : float
+        ALS regularization (the fold-in solve uses it).
+    bm25 : Bm25Stats or None
+        Training statistics BM25 scaling needs (``None`` for other scalings).
+    """
+
+    weighting: WeightingParams
+    regularization: float
+    bm25: Bm25Stats | None = None
+
+    @property
+    def alpha(self) -> float:
+        return self.weighting.alpha
+
+    @property
+    def scaling(self) -> str:
+        return self.weighting.scaling
+
+    @classmethod
+    def from_manifest(cls, params: Mapping[str, Any]) -> RowRecipe:
+        """Read ``manifest["params"]``; keys it lacks take the training defaults.
+
+        Raises
+        ------
+        ValueError
+            A recorded value is out of range; the message names the key.
+        """
+        weighting = WeightingParams.from_manifest(params)
+        regularization = _finite(
+            params.get("regularization", DEFAULT_REGULARIZATION), "params.regularization", minimum=0.0
+        )
+        stats = None
+        if weighting.scaling == "bm25":
+            n_users, avg_length = params.get("bm25_n_users"), params.get("bm25_avg_length")
+            if n_users is None or avg_length is None:
+                raise ValueError("params: scaling is bm25 but bm25_n_users/bm25_avg_length are missing")
+            stats = Bm25Stats(
+                n_users=int(_finite(n_users, "params.bm25_n_users", above=0.0)),
+                avg_length=_finite(avg_length, "params.bm25_avg_length", above=0.0),
+                document_frequency=None,
+            )
+        return cls(weighting, regularization, stats)
+
+    def with_document_frequency(self, document_frequency: np.ndarray) -> RowRecipe:
+        """A copy carrying BM25's document frequency per item (training users per item)."""
+        if self.bm25 is None:
+            return self
+        df = np.asarray(document_frequency, dtype=np.int64)
+        return replace(self, bm25=replace(self.bm25, document_frequency=df))
+
+    def idf(self) -> np.ndarray:
+        """BM25 idf per item (float64), built once."""
+        cached = self.__dict__.get("_idf")
+        if cached is None:
+            if self.bm25 is None or self.bm25.document_frequency is None:
+                raise ValueError(
+                    "bm25 scaling needs the training document frequencies (with_document_frequency)"
+                )
+            cached = self.__dict__["_idf"] = bm25_idf(self.bm25.document_frequency, self.bm25.n_users)
+        return cached
+
+
+def raw_user_row(
+    item_positions: np.ndarray,
+    event_codes: np.ndarray,
+    timestamps: np.ndarray,
+    recipe: RowRecipe,
+    now: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed event weights per item (steps 1-2 of the recipe) for one user.
+
+    Parameters
+    ----------
+    item_positions : numpy.ndarray
+        Item index of each event; negative = item unknown to the model (ignored).
+    event_codes : numpy.ndarray
+        int event code of each event.
+    timestamps : numpy.ndarray
+        Unix seconds of each event.
+    recipe : RowRecipe
+    now : float or None
+        Reference time of the decay (training uses ``manifest["trained_until"]``).
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Sorted unique item indices (int64) and their summed weights (float64, all > 0).
+    """
+    items = np.asarray(item_positions, dtype=np.int64)
+    weights = event_contributions(event_codes, timestamps, recipe.weighting, now)
+    # As in training: events of unknown items and zero-weight events (impressions) are dropped
+    # before summing, so they neither add entries nor count in BM25's row length.
+    keep = (items >= 0) & (weights > 0)
+    if not keep.any():
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    unique, inverse = np.unique(items[keep], return_inverse=True)
+    sums = np.bincount(inverse, weights=weights[keep], minlength=len(unique))
+    ok = np.isfinite(sums) & (sums > 0)
+    return unique[ok], sums[ok]
+
+
+def scale_row(indices: np.ndarray, raw: np.ndarray, recipe: RowRecipe) -> np.ndarray:
+    """Scaling (step 3) and the float32 storage step (4) of one user's raw row.
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 confidences before alpha, same order as ``indices``.
+    """
+    raw = np.asarray(raw, dtype=np.float64)
+    w = recipe.weighting
+    if w.scaling == "linear":
+        out = raw.copy()
+    elif w.scaling == "log":
+        out = np.log1p(raw)
+    else:
+        idf = recipe.idf()[np.asarray(indices, dtype=np.intp)]
+        out = _bm25_values(raw, raw.sum(), idf, w.bm25_k1, w.bm25_b, _bm25_avg(recipe))
+    # Same floor as training's float32 conversion: the sparsity pattern must survive.
+    return np.maximum(out, _FLOAT32_TINY).astype(np.float32)
+
+
+def unscale_row(indices: np.ndarray, confidence: np.ndarray, recipe: RowRecipe) -> np.ndarray:
+    """Invert :func:`scale_row`: the raw summed weights behind a stored confidence row.
+
+    Used to add new events to a user's training row the way a retrain would (scale of the *sum*,
+    not sum of scales). ``linear`` and ``log`` invert exactly (up to float32 rounding). BM25 inverts
+    in closed form: with ``s_i = c_i / idf_i`` and ``S = sum s_i / (k1 + 1 - s_i)`` the row length is
+    ``L = k1 (1 - b) S / (1 - k1 b S / L_avg)`` and ``r_i = s_i * norm(L) / (k1 + 1 - s_i)``. When
+    ``b = 1`` the scaling forgets the row's magnitude, so the length is taken as ``L_avg``.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64 raw weights, > 0.
+    """
+    c = np.asarray(confidence, dtype=np.float64)
+    w = recipe.weighting
+    if w.scaling == "linear":
+        return c.copy()
+    if w.scaling == "log":
+        return np.expm1(c)
+    k1, b, avg = w.bm25_k1, w.bm25_b, _bm25_avg(recipe)
+    s = c / recipe.idf()[np.asarray(indices, dtype=np.intp)]
+    # s < k1 + 1 always holds for a scaled value; rounding can push it onto the bound.
+    s = np.minimum(s, (k1 + 1.0) * (1.0 - 1e-6))
+    ratio = s / (k1 + 1.0 - s)
+    total = float(ratio.sum())
+    denominator = 1.0 - k1 * b * total / avg
+    if b >= 1.0 or denominator <= 1e-9:
+        length = avg
+    else:
+        length = k1 * (1.0 - b) * total / denominator
+    norm = k1 * (1.0 - b + b * length / avg)
+    return np.maximum(ratio * norm, np.finfo(np.float64).tiny)
+
+
+def _bm25_avg(recipe: RowRecipe) -> float:
+    if recipe.bm25 is None:
+        raise ValueError("bm25 scaling needs params.bm25_avg_length")
+    return float(recipe.bm25.avg_length)
+
+
+def add_raw_rows(
+    indices_a: np.ndarray, raw_a: np.ndarray, indices_b: np.ndarray, raw_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sum two sparse raw rows; returns sorted unique indices (int64) and float64 sums."""
+    indices = np.concatenate([np.asarray(indices_a, np.int64), np.asarray(indices_b, np.int64)])
+    values = np.concatenate([np.asarray(raw_a, np.float64), np.asarray(raw_b, np.float64)])
+    if len(indices) == 0:
+        return indices, values
+    unique, inverse = np.unique(indices, return_inverse=True)
+    return unique, np.bincount(inverse, weights=values, minlength=len(unique))
+
+
+def user_confidence_row(
+    events_for_user: Iterable[Mapping[str, Any]] | Any,
+    item_index: Mapping[str, int],
+    recipe: RowRecipe,
+    now: float | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One user's confidence row (before alpha), as :func:`confidence_matrix` builds it.
+
+    Parameters
+    ----------
+    events_for_user : iterable of mappings, or a table with arrays
+        Events of one user: mappings with ``item_id``, ``event`` (a name of
+        :data:`recsvc.core.contract.EVENT_TYPES` or its int code) and ``timestamp`` (Unix seconds),
+        or any object with ``item_id``, ``event`` (codes) and ``timestamp`` arrays such as an
+        :class:`~recsvc.core.events.EventTable`.
+    item_index : mapping
+        Item id -> item index of the model; events on other items are ignored.
+    recipe : RowRecipe
+        From the model's ``manifest["params"]``.
+    now : float or None
+        Decay reference time; training uses ``manifest["trained_until"]``. None = newest event.
+
+    Returns
+    -------
+    (numpy.ndarray, numpy.ndarray)
+        Sorted item indices (int32) and float32 confidences, equal to the user's row of
+        :func:`confidence_matrix` over the same events.
+    """
+    items, codes, stamps = _event_arrays(events_for_user, item_index)
+    indices, raw = raw_user_row(items, codes, stamps, recipe, now)
+    return indices.astype(np.int32), scale_row(indices, raw, recipe)
+
+
+def _event_arrays(events: Any, item_index: Mapping[str, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if hasattr(events, "item_id") and hasattr(events, "timestamp"):
+        items = np.fromiter((item_index.get(i, -1) for i in events.item_id), dtype=np.int64)
+        return items, np.asarray(events.event, dtype=np.int64), np.asarray(events.timestamp, dtype=np.int64)
+    items_list, codes_list, stamps_list = [], [], []
+    for event in events:
+        items_list.append(item_index.get(event["item_id"], -1))
+        kind = event["event"]
+        codes_list.append(EVENT_CODE[kind] if isinstance(kind, str) else int(kind))
+        stamps_list.append(int(event["timestamp"]))
+    return (
+        np.asarray(items_list, dtype=np.int64),
+        np.asarray(codes_list, dtype=np.int64),
+        np.asarray(stamps_list, dtype=np.int64),
+    )

@@ -1,0 +1,1 @@
+"""The HTTP layer: Flask only. Views parse a request, call one serving object, render its answer."""

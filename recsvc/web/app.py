@@ -1,40 +1,36 @@
 """The Flask application factory.
 
 ``create_app()`` reads the configuration (once, from the environment unless given), connects to Redis
-(the embedded server when no ``REDIS_URL`` is set), and registers one blueprint per API surface from
-:data:`BLUEPRINTS`. gunicorn calls it once per worker: ``gunicorn "recsvc.web.app:create_app()"``.
+(the embedded server when no ``REDIS_URL`` is set), builds the serving objects
+(:class:`~recsvc.web.services.Services`) and registers one blueprint per API surface. gunicorn calls
+it once per worker: ``gunicorn "recsvc.web.app:create_app()"``.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from typing import Any
 
 from flask import Flask, Response, g, request
 
-from recsvc.api.common import Services
-from recsvc.core.config import Config
+from recsvc.analytics.registry import ExperimentRegistry, ServedLog
+from recsvc.core.config import Config, unknown_variables
 from recsvc.core.ids import is_valid_id
-from recsvc.serving import ModelCache, RedisHealth
-from recsvc.storage.connection import connect, ensure_redis
+from recsvc.serving.health import RedisHealth
+from recsvc.serving.ingest import EventIngest
+from recsvc.serving.model import ModelCache
+from recsvc.serving.recommender import Recommender
+from recsvc.storage.connection import connect
+from recsvc.storage.embedded import ensure_redis
 from recsvc.web.errors import register_error_handlers
 from recsvc.web.jsonio import OrjsonProvider, dumps, loads
+from recsvc.web.services import Services
+from recsvc.web.views import admin, bundles, docs, events, experiments, health, items, recommendations
 
-log = logging.getLogger("recsvc.web.app")
+log = logging.getLogger(__name__)
 
-# "module:attribute" of every blueprint; each area adds its own line when its blueprint exists.
-BLUEPRINTS: list[str] = [
-    "recsvc.api.health:bp",
-    "recsvc.api.recommendations:bp",
-    "recsvc.api.items:bp",
-    "recsvc.api.bundles:bp",
-    "recsvc.api.admin:bp",
-    "recsvc.api.docs:bp",
-    "recsvc.api.events:bp",
-    "recsvc.api.experiments:bp",
-]
+BLUEPRINTS = (health, recommendations, items, bundles, admin, docs, events, experiments)
 
 
 def _make_config(config: Config | dict[str, Any] | None) -> Config:
@@ -53,39 +49,56 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
     Parameters
     ----------
     config : Config or dict or None
-        A :class:`~recsvc.config.Config`; a dict of field overrides applied on top of
+        A :class:`~recsvc.core.config.Config`; a dict of setting overrides applied on top of
         ``Config.from_env()``; or None for ``Config.from_env()``.
 
     Returns
     -------
     Flask
-        The app; its services are in ``app.extensions["recsvc"]`` (:class:`~recsvc.api.common.Services`).
+        The app; its services are in ``app.extensions["recsvc"]`` (:class:`Services`).
+
+    Raises
+    ------
+    ExperimentFileError
+        ``experiments.file`` is set and unusable: the service does not start.
     """
     config = _make_config(config)
+    for warning in unknown_variables():
+        log.warning("%s", warning)
     app = Flask("recsvc", static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = config.max_body_bytes
+    app.config["MAX_CONTENT_LENGTH"] = config.serving.max_body_bytes
     app.json = OrjsonProvider(app)  # compact, fields in insertion order (envelope first, items ranked)
 
     redis_url = ensure_redis(config)
     client = connect(redis_url, config)
+    models = ModelCache(
+        config,
+        check_interval_s=config.serving.model_check_interval_s,
+        keep=max(1, config.serving.keep_versions),
+    )
+    health_memory = RedisHealth(config.redis.down_recheck_s)
     app.extensions["recsvc"] = Services(
         config=config,
         redis_url=redis_url,
         client=client,
-        models=ModelCache(
-            config,
-            check_interval_s=float(config.extra.get("model_check_interval_s", 1.0)),
-            keep=max(1, config.keep_versions),
+        models=models,
+        health=health_memory,
+        recommender=Recommender(config, client, models, health_memory),
+        ingest=EventIngest(config, client, health_memory),
+        experiments=ExperimentRegistry(
+            config.experiments.file,
+            client,
+            refresh_s=config.experiments.refresh_s,
+            retry_s=config.redis.down_recheck_s,
         ),
-        health=RedisHealth(config.redis_down_recheck_s),
+        served_log=ServedLog(client, maxlen=config.experiments.served_maxlen),
     )
 
     register_error_handlers(app)
     app.before_request(_assign_request_id)
     app.after_request(_finish_response)
-    for target in BLUEPRINTS:
-        module, attr = target.split(":")
-        app.register_blueprint(getattr(importlib.import_module(module), attr))
+    for view in BLUEPRINTS:
+        app.register_blueprint(view.bp)
     return app
 
 
@@ -99,7 +112,7 @@ def _finish_response(response: Response) -> Response:
     rid = g.get("request_id")
     if rid:
         response.headers["X-Request-ID"] = rid
-        # Error bodies come from recsvc.errors (and werkzeug); give them the request id too.
+        # Error bodies come from recsvc.web.errors (and werkzeug); give them the request id too.
         if response.status_code >= 400 and response.mimetype == "application/json":
             try:
                 body = loads(response.get_data())

@@ -1,11 +1,28 @@
-"""The one JSON error shape: ``{"error": CODE, "message": TEXT}`` with a 4xx (or 503) status."""
+"""The one JSON error shape, ``{"error": CODE, "message": TEXT, "field"?: NAME}``, and its mapping.
+
+Views raise :class:`ApiError` for HTTP-only conditions, or let an error of the project's hierarchy
+(:mod:`recsvc.core.errors`) propagate: :func:`register_error_handlers` maps each kind to a status
+and code in one place, so a view never formats an error itself.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Flask, jsonify
+from flask import Flask, g, jsonify
 from werkzeug.exceptions import HTTPException
+
+from recsvc.core.contract import BatchError
+from recsvc.core.errors import (
+    BadInput,
+    Conflict,
+    Locked,
+    NotFound,
+    RateLimited,
+    RecsvcError,
+    Unavailable,
+)
+from recsvc.storage.stream import StreamFull
 
 
 class ApiError(Exception):
@@ -20,6 +37,10 @@ def bad_request(field: str, message: str) -> ApiError:
     return ApiError(400, "invalid_request", message, field=field)
 
 
+def not_found(field: str, message: str) -> ApiError:
+    return ApiError(404, "not_found", message, field=field)
+
+
 def json_error(status: int, code: str, message: str, field: str | None = None, **extra: Any):
     body: dict[str, Any] = {"error": code, "message": message}
     if field is not None:
@@ -28,12 +49,55 @@ def json_error(status: int, code: str, message: str, field: str | None = None, *
     return jsonify(body), status
 
 
+#: Error kinds of the hierarchy -> (status, code), most specific first.
+STATUS: tuple[tuple[type[RecsvcError], int, str], ...] = (
+    (RateLimited, 429, "rate_limited"),
+    (BatchError, 400, "invalid_event"),
+    (BadInput, 400, "invalid_request"),
+    (StreamFull, 503, "stream_full"),
+    (Unavailable, 503, "unavailable"),
+    (Locked, 409, "locked"),
+    (Conflict, 409, "conflict"),
+    (NotFound, 404, "not_found"),
+)
+
+
+def api_error_for(error: RecsvcError) -> ApiError:
+    """The HTTP form of an error of the project's hierarchy (500 ``internal`` for the rest)."""
+    found = next(((status, code) for kind, status, code in STATUS if isinstance(error, kind)), None)
+    if found is None:
+        return ApiError(500, "internal", "internal error")
+    status, code = found
+    extra: dict[str, Any] = {}
+    field = getattr(error, "field", None)
+    if isinstance(error, BatchError):
+        extra = {"index": error.index, "reason": error.reason}
+    if isinstance(error, RateLimited):
+        extra = {"retry_after_s": error.retry_after_s}
+    if isinstance(error, RateLimited | Unavailable):
+        g.retry_after_s = getattr(error, "retry_after_s", 1)
+    message = getattr(error, "message", None) or str(error)
+    return ApiError(status, code, message, field=field, **extra)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
         return json_error(e.status, e.code, e.message, e.field, **e.extra)
 
+    @app.errorhandler(RecsvcError)
+    def _recsvc_error(e: RecsvcError):
+        return _api_error(api_error_for(e))
+
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         code = (e.name or "error").lower().replace(" ", "_")
         return json_error(e.code or 500, code, e.description or e.name)
+
+    @app.after_request
+    def _retry_after(response):
+        # Clients of 429 and 503 answers learn when to retry.
+        retry_after = g.get("retry_after_s")
+        if retry_after is not None and response.status_code in (429, 503):
+            response.headers["Retry-After"] = str(retry_after)
+        return response

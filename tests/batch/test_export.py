@@ -197,7 +197,7 @@ def test_with_bundles_match_the_storefront_bundles(tmp_path):
 
     artifact, events = make_shop()
     out = tmp_path / "b.csv"
-    config = Config(bundle_size=3, bundle_discount_rule="percent", bundle_discount_pct=10)
+    config = Config.create(bundle_size=3, bundle_discount_rule="percent", bundle_discount_pct=10)
     run_export(artifact, events, out, segment="all", n=2, with_bundles=True, config=config)
     rows = read_rows(out)
     assert list(rows[0])[-2:] == ["bundle_item_ids", "bundle_price"]
@@ -345,7 +345,7 @@ def write_inputs(tmp_path: Path) -> tuple[Path, Path, Config]:
         rows.append(f"{u},{i},{name},{t},{'' if np.isnan(p) else p}")
     events_csv = tmp_path / "events.csv"
     events_csv.write_text("\n".join(rows) + "\n")
-    return path, events_csv, Config(var_dir=tmp_path / "var", models_dir=tmp_path / "models")
+    return path, events_csv, Config.create(var_dir=tmp_path / "var", models_dir=tmp_path / "models")
 
 
 def env_for(config: Config) -> dict[str, str]:
@@ -404,7 +404,7 @@ def test_export_command_exit_codes(tmp_path):
 
 
 def test_export_command_uses_the_live_model_by_default(tmp_path, redis_url, redis_client):
-    from recsvc.storage import store
+    from recsvc.storage import versions
 
     model, events_csv, config = write_inputs(tmp_path)
     config = config.with_overrides(redis_url=redis_url)
@@ -415,7 +415,7 @@ def test_export_command_uses_the_live_model_by_default(tmp_path, redis_url, redi
     assert result.exit_code == 2 and "no live model version" in result.output
     from recsvc.storage.connection import connect_admin
 
-    store.publish(connect_admin(redis_url), model, config)
+    versions.publish(connect_admin(redis_url), model, config)
     result = CliRunner().invoke(export, args, env=env)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["model_version"] == "v2"

@@ -19,11 +19,8 @@ from click.testing import CliRunner
 
 from recsvc.core.artifact import list_versions, read_manifest, update_manifest
 from recsvc.core.config import Config
+from recsvc.storage import versions
 from training.retrain import LOCK_KEY, ExitCode, RetrainLock, retrain, run_retrain
-
-store = pytest.importorskip(
-    "recsvc.storage.store", reason="recsvc.store (publish/current_version) has not landed yet"
-)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,13 +49,13 @@ def retrain_once(config, shop, **kwargs):
 
 @pytest.fixture
 def config(tmp_path, redis_url):
-    return Config(
+    return Config.create(
         redis_url=redis_url, models_dir=tmp_path / "models", var_dir=tmp_path / "var", keep_versions=3
     )
 
 
 def live(client) -> str | None:
-    value = store.current_version(client)
+    value = versions.current_version(client)
     return value.decode() if isinstance(value, bytes) else value
 
 
@@ -124,7 +121,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, config):
 
 def test_prune_keeps_live_and_previous(shop, tmp_path, redis_url, redis_client):
     # Redis keeps 2 versions for rollback; the disk keeps 1 plus whatever is live or in Redis.
-    config = Config(
+    config = Config.create(
         redis_url=redis_url, models_dir=tmp_path / "models", var_dir=tmp_path / "var", keep_versions=2
     )
     published = []
@@ -140,7 +137,7 @@ def test_prune_keeps_live_and_previous(shop, tmp_path, redis_url, redis_client):
 def test_command_prints_one_json_line(shop, config):
     events, catalog, params_toml = shop
     env = {
-        "REDIS_URL": config.redis_url,
+        "REDIS_URL": config.redis.url,
         "RECSVC_MODELS_DIR": str(config.models_dir),
         "RECSVC_VAR_DIR": str(config.var_dir),
     }
@@ -159,7 +156,7 @@ def test_command_prints_one_json_line(shop, config):
 def run_cli(args: list[str], config: Config, crash_after: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env.update(
-        REDIS_URL=config.redis_url,
+        REDIS_URL=config.redis.url,
         RECSVC_MODELS_DIR=str(config.models_dir),
         RECSVC_VAR_DIR=str(config.var_dir),
     )
@@ -191,16 +188,16 @@ def test_crash_between_steps_keeps_live_model(shop, config, redis_client):
         proc = run_cli(args, config, crash_after=step)
         assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILLed itself after `step`
         assert proc.stdout == ""  # it died before any summary
-        versions = [p.name for p in list_versions(config.models_dir)]
+        on_disk = [p.name for p in list_versions(config.models_dir)]
         if step == "publish":
             # Killed right after publish completed: the new version is live and whole.
-            assert live(redis_client) == versions[-1] != live_before
+            assert live(redis_client) == on_disk[-1] != live_before
         else:
             assert live(redis_client) == live_before, step
         # No half-published version: Redis holds keys only of complete, published versions.
-        assert redis_versions(redis_client) == set(store_versions(redis_client)) <= set(versions)
+        assert redis_versions(redis_client) == set(store_versions(redis_client)) <= set(on_disk)
         assert all(
-            store.read_info(redis_client, v)["status"] == "complete" for v in redis_versions(redis_client)
+            versions.read_info(redis_client, v)["status"] == "complete" for v in redis_versions(redis_client)
         )
         assert not any(p.name.startswith(".") for p in config.models_dir.iterdir())  # no temp folders
         # The live version still serves: the API answers from it.
@@ -214,14 +211,14 @@ def test_crash_between_steps_keeps_live_model(shop, config, redis_client):
 
 
 def store_versions(client) -> list[str]:
-    return [entry["version"] for entry in store.list_published(client)]
+    return [entry["version"] for entry in versions.list_published(client)]
 
 
 def api_model_version(config: Config) -> str:
     """The version the HTTP API serves a known user's recommendations from."""
     from recsvc.web.app import create_app
 
-    live_version = live(redis.Redis.from_url(config.redis_url))
+    live_version = live(redis.Redis.from_url(config.redis.url))
     user = read_manifest_users(config.models_dir / live_version)[0]
     client = create_app(config).test_client()
     response = client.get(f"/v1/users/{user}/recommendations?n=5")
@@ -238,19 +235,19 @@ def read_manifest_users(path: Path) -> list[str]:
 
 
 def test_dump_stream_trains_on_the_dumped_events(shop, config, redis_client):
-    from recsvc.realtime import append_events
+    from recsvc.storage.stream import append_events
 
     events = [
         {"user_id": "u000001", "item_id": "sku-00001", "event": "purchase", "timestamp": 1_719_700_000},
         {"user_id": "u-brand-new", "item_id": "sku-00002", "event": "view", "timestamp": 1_719_700_100},
     ]
-    append_events(redis_client, events, stream=config.events_stream, history_length=10, history_ttl_s=60)
+    append_events(redis_client, events, stream=config.events.stream, history_length=10, history_ttl_s=60)
     summary = retrain_once(config, shop, dump_stream=True)
     assert summary.exit_code == ExitCode.OK, summary
     assert summary.dumped_events == 2 and "dump" in summary.steps_s
     dumped = [p for p in (config.var_dir / "events").iterdir() if p.suffix == ".csv"]
     assert len(dumped) == 1 and str(dumped[0]) in summary.event_files
-    assert redis_client.xlen(config.events_stream) == 0  # moved, not copied
+    assert redis_client.xlen(config.events.stream) == 0  # moved, not copied
     manifest = read_manifest(config.models_dir / summary.version)
     assert str(dumped[0]) in manifest["inputs"]["events"]
     # Nothing new in the stream: the next run dumps nothing; naming the dump folder in --events

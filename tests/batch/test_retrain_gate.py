@@ -120,10 +120,10 @@ def test_update_manifest_is_atomic_and_keeps_checksums_valid(tmp_path):
 
 def test_unreachable_redis_is_an_internal_error(tmp_path):
     from recsvc.core.config import Config
-    from recsvc.storage.connection import free_port
+    from recsvc.storage.embedded import free_port
     from training.retrain import ExitCode, run_retrain
 
-    config = Config(
+    config = Config.create(
         redis_url=f"redis://127.0.0.1:{free_port()}/0", models_dir=tmp_path / "m", var_dir=tmp_path
     )
     summary = run_retrain(config, [tmp_path / "events.csv"], None)

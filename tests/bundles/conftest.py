@@ -53,11 +53,11 @@ def artifact(models_dir) -> Artifact:
 
 @pytest.fixture
 def config(redis_url, models_dir, tmp_path) -> Config:
-    return Config(
+    return Config.create(
         redis_url=redis_url,
         models_dir=models_dir,
         var_dir=tmp_path / "var",
         api_keys=(API_KEY,),
         max_body_bytes=4096,
-        extra={"model_check_interval_s": 0.0},
+        model_check_interval_s=0.0,
     )

@@ -101,7 +101,9 @@ def test_unknown_price_or_bad_rule():
 def test_rules_validation_and_config():
     from recsvc.core.config import Config
 
-    rules = BundleRules.from_config(Config(bundle_discount_rule="cheapest", bundle_discount_pct=25.0), size=4)
+    rules = BundleRules.from_config(
+        Config.create(bundle_discount_rule="cheapest", bundle_discount_pct=25.0), size=4
+    )
     assert (rules.size, rules.discount_rule, rules.discount_pct, rules.same_category) == (
         4,
         "cheapest",

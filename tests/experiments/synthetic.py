@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from recsvc.analytics.experiments import new_rec_id, parse_experiment
+from recsvc.analytics.experiments import parse_experiment
+from recsvc.analytics.recids import new_rec_id
 from recsvc.core.contract import CLICK, IMPRESSION, PURCHASE
 from recsvc.core.events import EventTable
 
@@ -112,7 +113,7 @@ def write_events_csv(table: EventTable, path) -> None:
 def push_to_stream(client, table: EventTable, stream: str = "recsvc:events") -> None:
     """Append a table's events to the live stream the way ``POST /v1/events`` does."""
     from recsvc.core.contract import EVENT_TYPES
-    from recsvc.realtime import append_events
+    from recsvc.storage.stream import append_events
 
     batch = []
     for i in range(len(table)):

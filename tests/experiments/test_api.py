@@ -9,8 +9,11 @@ import pytest
 import redis
 
 from recsvc.analytics import experiments as ex
+from recsvc.analytics import recids
+from recsvc.analytics import registry as reg
 from recsvc.core.artifact import write_artifact
 from recsvc.core.config import Config
+from recsvc.storage import keys
 from tests.factories import make_artifact
 
 KEY = "s3cret-key"
@@ -26,22 +29,17 @@ DEFINITION = {
 def build_app(config: Config):
     from recsvc.web.app import create_app
 
-    app = create_app(config)
-    if "experiments" not in app.blueprints:  # until recsvc.app.BLUEPRINTS lists it
-        from recsvc.api.experiments import bp
-
-        app.register_blueprint(bp)
-    return app
+    return create_app(config)
 
 
 @pytest.fixture
 def config(tmp_path, redis_url):
-    return Config(
+    return Config.create(
         redis_url=redis_url,
         api_keys=(KEY,),
         var_dir=tmp_path / "var",
         models_dir=tmp_path / "models",
-        extra={"experiments_refresh_s": 0.0},
+        experiments_refresh_s=0.0,
     )
 
 
@@ -54,7 +52,7 @@ def test_admin_needs_a_key_and_is_disabled_without_one(client, config):
     assert client.get("/v1/admin/experiments").status_code == 401
     assert client.get("/v1/admin/experiments", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/v1/admin/experiments", headers={"X-API-Key": KEY}).status_code == 200
-    closed = build_app(Config(**{**config.__dict__, "api_keys": ()})).test_client()
+    closed = build_app(config.with_overrides(api_keys=())).test_client()
     response = closed.put("/v1/admin/experiments/x", json=DEFINITION, headers=AUTH)
     assert response.status_code == 403 and response.get_json()["error"] == "disabled"
 
@@ -65,7 +63,7 @@ def test_create_replace_sticky_list_get_delete(client, redis_client):
     body = created.get_json()
     assert body["created"] is True and body["experiment"]["status"] == "active"
     assert body["experiment"]["variants"][1]["buckets"] == [[5000, 10000]]
-    assert json.loads(redis_client.hget(ex.EXPERIMENTS_KEY, "homepage"))["name"] == "homepage"
+    assert json.loads(redis_client.hget(keys.EXPERIMENTS, "homepage"))["name"] == "homepage"
 
     # Shares move 50/50 -> 70/30: only buckets 5000..7000 change owner.
     changed = {
@@ -110,7 +108,7 @@ def test_bad_definitions_are_400_naming_the_field(client, redis_client, path, pa
     assert response.status_code == status
     body = response.get_json()
     assert body["error"] == "invalid_request" and body["field"] == field and body["message"]
-    assert redis_client.hlen(ex.EXPERIMENTS_KEY) == 0  # nothing stored
+    assert redis_client.hlen(keys.EXPERIMENTS) == 0  # nothing stored
     not_json = client.put(
         "/v1/admin/experiments/x", data="{", headers={**AUTH, "Content-Type": "application/json"}
     )
@@ -123,7 +121,7 @@ def test_bad_definitions_are_400_naming_the_field(client, redis_client, path, pa
 def test_file_experiments_are_read_only_and_unpublished_versions_warn(tmp_path, config, redis_client):
     path = tmp_path / "experiments.json"
     path.write_text(json.dumps({"experiments": [{"name": "from-file", **DEFINITION}]}))
-    client = build_app(Config(**{**config.__dict__, "experiments_file": path})).test_client()
+    client = build_app(config.with_overrides(experiments_file=path)).test_client()
     assert client.put("/v1/admin/experiments/from-file", json=DEFINITION, headers=AUTH).status_code == 409
     assert client.delete("/v1/admin/experiments/from-file", headers=AUTH).status_code == 409
     assert (
@@ -141,7 +139,7 @@ def test_invalid_experiments_file_stops_start_up(tmp_path, config):
     path = tmp_path / "experiments.json"
     path.write_text('{"experiments": [{"name": "x", "variants": []}]}')
     with pytest.raises(ex.ExperimentFileError, match="variants"):
-        build_app(Config(**{**config.__dict__, "experiments_file": path}))
+        build_app(config.with_overrides(experiments_file=path))
 
 
 def test_report_endpoint_matches_the_pure_report(client, config, redis_client):
@@ -193,15 +191,15 @@ def test_report_endpoint_matches_the_pure_report(client, config, redis_client):
 @pytest.fixture
 def published(config, redis_client):
     """Two published versions: v1 (live) and v2; user u3 is known to both."""
-    from recsvc.storage import store
+    from recsvc.storage import versions
     from recsvc.storage.connection import connect_admin
 
-    admin = connect_admin(config.redis_url)
+    admin = connect_admin(config.redis.url)
     v2 = write_artifact(make_artifact(seed=2), config.models_dir, version="v2")
     v1 = write_artifact(make_artifact(seed=1), config.models_dir, version="v1")
-    store.publish(admin, v2, config)
-    store.publish(admin, v1, config)
-    assert store.current_version(admin) == "v1"
+    versions.publish(admin, v2, config)
+    versions.publish(admin, v1, config)
+    assert versions.current_version(admin) == "v1"
     return admin
 
 
@@ -209,11 +207,13 @@ def user_in(experiment_name: str, low: int, high: int) -> str:
     return next(f"u{i}" for i in range(20) if low <= ex.bucket_of(experiment_name, f"u{i}") < high)
 
 
-def test_serve_variant_popular_and_model_version(config, published, redis_client):
-    from recsvc.api.common import FilterArgs
+def test_variant_popular_and_model_version(config, published, redis_client):
+    from recsvc.serving.recommender import Variant
+    from recsvc.web.render import render
 
     app = build_app(config)
-    ex.store_experiment(
+    svc = app.extensions["recsvc"]
+    reg.store_experiment(
         redis_client,
         ex.parse_experiment(
             {
@@ -231,9 +231,9 @@ def test_serve_variant_popular_and_model_version(config, published, redis_client
         user_in("hp", 3400, 6700),
         user_in("hp", 6700, 10_000),
     )
-    state = app.extensions[ex.EXTENSION]
     with app.test_request_context(f"/v1/users/{pop_user}/recommendations"):
-        body = ex.serve_variant(pop_user, 5, FilterArgs())
+        answer = svc.recommender.recommend(pop_user, 5, variant=Variant("popular"))
+        body = render(answer, user_id=pop_user, strict=True).get_json()
         assert (body["experiment"], body["variant"], body["source"], body["reason"]) == (
             "hp",
             "pop",
@@ -242,46 +242,48 @@ def test_serve_variant_popular_and_model_version(config, published, redis_client
         )
         # make_artifact: popularity n_items - i, so the popular list starts at i0 (minus purchases).
         assert [it["item_id"] for it in body["items"]][:2] == ["i0", "i1"] or pop_user == "u0"
-        assert ex.parse_rec_id(body["rec_id"]).variant == "pop"
+        assert recids.parse_rec_id(body["rec_id"]).variant == "pop"
     with app.test_request_context(f"/v1/users/{new_user}/recommendations"):
-        body = ex.serve_variant(new_user, 5, FilterArgs())
+        answer = svc.recommender.recommend(new_user, 5, variant=Variant("personalized", "v2"))
+        body = render(answer, user_id=new_user, strict=True).get_json()
         assert body["model_version"] == "v2" and body["variant"] == "new" and body["source"] == "personalized"
     with app.test_request_context(f"/v1/users/{gone_user}/recommendations"):
-        # v9 is not published: the default path serves, and its answer is tagged outside the experiment.
-        assert ex.serve_variant(gone_user, 5, FilterArgs()) is None
-        body = ex.tag_answer(
-            {"model_version": "v1", "source": "personalized", "user_id": gone_user, "items": []}
-        )
+        # v9 is not published: the live version serves, and its answer is tagged outside the experiment.
+        answer = svc.recommender.recommend(gone_user, 5, variant=Variant("personalized", "v9"))
+        assert answer.model_version == "v1" and not answer.variant_applied
+        body = render(answer, user_id=gone_user, strict=True).get_json()
         assert body["experiment"] is None and body["variant"] is None and "." not in body["rec_id"]
-    state.served_log.close()
-    assert redis_client.llen(ex.SERVED_KEY) == 2  # pop and new answers; the untagged one is not logged
+    svc.served_log.close()
+    # The pop and new answers were logged; the untagged one was not.
+    assert redis_client.llen(keys.EXPERIMENTS_SERVED) == 2
 
 
 def test_tag_answer_rules():
-    a = ex.Assignment("hp.pop.x", "hp", "pop", "popular", None)
-    assert ex.served_as_defined(a, {"source": "fallback", "reason": "experiment"})
-    assert not ex.served_as_defined(a, {"source": "personalized"})
-    assert not ex.served_as_defined(a, {"source": "fallback", "reason": "redis_unavailable"})
-    p = ex.Assignment("hp.p.x", "hp", "p", "personalized", "v2")
-    assert ex.served_as_defined(p, {"source": "personalized", "model_version": "v2"})
-    assert not ex.served_as_defined(p, {"source": "personalized", "model_version": "v1"})
-    assert not ex.served_as_defined(ex.Assignment("x", "hp", "p", "personalized"), {"source": "realtime"})
-    assert ex.served_as_defined(ex.Assignment("x", "hp", "r", "realtime"), {"source": "realtime"})
+    a = reg.Assignment("hp.pop.x", "hp", "pop", "popular", None)
+    assert reg.served_as_defined(a, {"source": "fallback", "reason": "experiment"})
+    assert not reg.served_as_defined(a, {"source": "personalized"})
+    assert not reg.served_as_defined(a, {"source": "fallback", "reason": "redis_unavailable"})
+    p = reg.Assignment("hp.p.x", "hp", "p", "personalized", "v2")
+    assert reg.served_as_defined(p, {"source": "personalized", "model_version": "v2"})
+    assert not reg.served_as_defined(p, {"source": "personalized", "model_version": "v1"})
+    assert not reg.served_as_defined(reg.Assignment("x", "hp", "p", "personalized"), {"source": "realtime"})
+    assert reg.served_as_defined(reg.Assignment("x", "hp", "r", "realtime"), {"source": "realtime"})
     # Surfaces that do not apply variants (bundles) stay tagged unless degraded: same for every arm.
-    assert ex.served_as_defined(p, {"source": "realtime", "model_version": "v1"}, strict=False)
-    assert not ex.served_as_defined(p, {"source": "fallback", "reason": "not_published"}, strict=False)
+    assert reg.served_as_defined(p, {"source": "realtime", "model_version": "v1"}, strict=False)
+    assert not reg.served_as_defined(p, {"source": "fallback", "reason": "not_published"}, strict=False)
 
 
 def test_redis_down_keeps_assigning_from_memory(config, published, redis_client):
-    from recsvc.api.common import services
+    from recsvc.web.render import assignment
+    from recsvc.web.services import services
 
     app = build_app(config)
-    ex.store_experiment(redis_client, ex.parse_experiment({"name": "hp", **DEFINITION}))
+    reg.store_experiment(redis_client, ex.parse_experiment({"name": "hp", **DEFINITION}))
     with app.test_request_context("/"):
-        assert ex.assignment_for_request("u1").experiment == "hp"
+        assert assignment("u1").experiment == "hp"
     with app.test_request_context("/"):
         services().health.mark_down(redis.ConnectionError("test"))
-        assert ex.assignment_for_request("u1").experiment == "hp"  # no Redis round trip needed
+        assert assignment("u1").experiment == "hp"  # no Redis round trip needed
 
 
 def test_recommendation_answers_carry_and_honour_the_variant(config, published, redis_client):
@@ -306,12 +308,12 @@ def test_recommendation_answers_carry_and_honour_the_variant(config, published, 
         "fallback",
         "experiment",
     )
-    assert ex.parse_rec_id(pop["rec_id"]) is not None and pop["rec_id"].startswith("hp.pop.")
+    assert recids.parse_rec_id(pop["rec_id"]) is not None and pop["rec_id"].startswith("hp.pop.")
     new = client.get(f"/v1/users/{users['new']}/recommendations?n=3").get_json()
     assert (new["experiment"], new["variant"], new["model_version"]) == ("hp", "new", "v2")
     outside = client.get(f"/v1/users/{users[None]}/recommendations?n=3").get_json()
     assert outside["experiment"] is None and outside["variant"] is None and outside["model_version"] == "v1"
-    assert ex.parse_rec_id(outside["rec_id"]).experiment is None
+    assert recids.parse_rec_id(outside["rec_id"]).experiment is None
     # Bundles do not apply variants: every arm gets the same surface, tagged with the user's arm.
     bundles = client.get(f"/v1/users/{users['new']}/bundles").get_json()
     assert (bundles["experiment"], bundles["variant"], bundles["model_version"]) == ("hp", "new", "v1")
@@ -319,8 +321,8 @@ def test_recommendation_answers_carry_and_honour_the_variant(config, published, 
     similar = client.get("/v1/items/i1/similar?n=3").get_json()
     assert similar["experiment"] is None and similar["rec_id"]
     # The three tagged answers were logged as exposures.
-    app.extensions[ex.EXTENSION].served_log.close()
-    served = ex.read_served(redis_client, "hp")
+    app.extensions["recsvc"].served_log.close()
+    served = reg.read_served(redis_client, "hp")
     assert sorted(served["user_id"].tolist()) == sorted([users["pop"], users["new"], users["new"]])
 
 
@@ -330,7 +332,7 @@ def test_every_experiments_route_is_in_the_openapi_document(config):
 
     import recsvc
 
-    doc = _json.loads((Path(recsvc.__file__).parent / "openapi.json").read_text())
+    doc = _json.loads((Path(recsvc.__file__).parent / "web" / "openapi.json").read_text())
     app = build_app(config)
     for rule in app.url_map.iter_rules():
         if rule.endpoint.startswith("experiments."):

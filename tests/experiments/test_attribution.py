@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from recsvc.analytics import attribution as at
-from recsvc.analytics.experiments import new_rec_id
+from recsvc.analytics.recids import new_rec_id
 from recsvc.core.contract import CART, CLICK, PURCHASE
 from recsvc.core.events import EventTable
 
@@ -176,7 +176,7 @@ def test_attribute_ties_prefer_the_conversion_own_rec_and_count_distinct_recs():
 
 
 def test_parse_rec_ids_vectorised_agrees_with_scalar():
-    from recsvc.analytics.experiments import parse_rec_id
+    from recsvc.analytics.recids import parse_rec_id
 
     values = np.array([RA1, RX, RO, "storefront-1", "a.b.c"], dtype=object)
     parsed = at.parse_rec_ids(values)

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from recsvc.analytics import experiments as ex
+from recsvc.analytics import recids
+from recsvc.analytics import registry as reg
 from recsvc.core.ids import is_valid_id
 
 REPO = Path(__file__).resolve().parents[2]
@@ -288,25 +290,25 @@ def test_status_and_activity_window():
 
 
 def test_rec_ids_are_valid_unique_and_decodable():
-    ids = {ex.new_rec_id("new-model", "B", 1_704_067_200) for _ in range(10_000)}
+    ids = {recids.new_rec_id("new-model", "B", 1_704_067_200) for _ in range(10_000)}
     assert len(ids) == 10_000
     sample = next(iter(ids))
     assert is_valid_id(sample) and sample.startswith("new-model.B.") and len(sample) <= 89
-    info = ex.parse_rec_id(sample)
+    info = recids.parse_rec_id(sample)
     assert (info.experiment, info.variant, info.served_at) == ("new-model", "B", 1_704_067_200)
-    plain = ex.new_rec_id(now=1_704_067_200)
-    assert "." not in plain and ex.parse_rec_id(plain) == ex.RecIdInfo(None, None, 1_704_067_200)
-    assert ex.parse_rec_id("storefront-123") is None
-    assert ex.parse_token(sample) == sample.rsplit(".", 1)[1]
+    plain = recids.new_rec_id(now=1_704_067_200)
+    assert "." not in plain and recids.parse_rec_id(plain) == recids.RecIdInfo(None, None, 1_704_067_200)
+    assert recids.parse_rec_id("storefront-123") is None
+    assert recids.parse_token(sample) == sample.rsplit(".", 1)[1]
     # The second's digits are cached: a new second must give new digits.
-    assert ex.parse_rec_id(ex.new_rec_id(now=1_704_067_201)).served_at == 1_704_067_201
-    assert ex.parse_rec_id(ex.new_rec_id(now=1_704_067_200)).served_at == 1_704_067_200
+    assert recids.parse_rec_id(recids.new_rec_id(now=1_704_067_201)).served_at == 1_704_067_201
+    assert recids.parse_rec_id(recids.new_rec_id(now=1_704_067_200)).served_at == 1_704_067_200
 
 
 def test_rec_id_random_part_is_base32_of_the_random_bytes():
     rng = random.Random(5)
     for raw in [bytes(10), b"\xff" * 10, *(rng.randbytes(10) for _ in range(1000))]:
-        assert ex._b32_80(raw) == base64.b32encode(raw).decode("ascii").lower()
+        assert recids._b32_80(raw) == base64.b32encode(raw).decode("ascii").lower()
 
 
 def test_registry_assigns_first_active_experiment_that_claims_the_user(tmp_path):
@@ -327,22 +329,22 @@ def test_registry_assigns_first_active_experiment_that_claims_the_user(tmp_path)
             }
         )
     )
-    registry = ex.ExperimentRegistry(path, clock=lambda: 1_700_000_200)
+    registry = reg.ExperimentRegistry(path, clock=lambda: 1_700_000_200)
     seen = {}
     for i in range(2000):
         a = registry.assign(f"u{i}")
         assert a.experiment in ("small", "big")
         seen[a.experiment] = seen.get(a.experiment, 0) + 1
-        assert ex.parse_rec_id(a.rec_id).experiment == a.experiment
+        assert recids.parse_rec_id(a.rec_id).experiment == a.experiment
         assert a.fields() == {"experiment": a.experiment, "variant": a.variant, "rec_id": a.rec_id}
     assert 100 < seen["small"] < 300
     anonymous = registry.assign(None)
-    assert anonymous.experiment is None and ex.parse_rec_id(anonymous.rec_id).experiment is None
+    assert anonymous.experiment is None and recids.parse_rec_id(anonymous.rec_id).experiment is None
     before = registry.assign("u1", now=1_699_000_000)
     assert before.experiment is None and before.strategy is None
     b = registry.assign("u1")
     assert b.model_version in (None, "v2") and b.strategy == "personalized"
-    assert b.untagged().experiment is None and b.untagged().rec_id == ex.parse_token(b.rec_id)
+    assert b.untagged().experiment is None and b.untagged().rec_id == recids.parse_token(b.rec_id)
 
 
 def test_rebalance_moves_the_boundary_between_neighbours():

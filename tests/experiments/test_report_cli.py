@@ -9,7 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from recsvc.analytics.attribution import build_report
-from recsvc.analytics.experiments import Assignment, ServedLog, new_rec_id, parse_experiment, store_experiment
+from recsvc.analytics.experiments import parse_experiment
+from recsvc.analytics.recids import new_rec_id
+from recsvc.analytics.registry import Assignment, ServedLog, store_experiment
 from recsvc.cli import main
 from tests.experiments.synthetic import T, push_to_stream, simulate, write_events_csv
 

@@ -10,8 +10,8 @@ import pytest
 from recsvc.core.artifact import write_artifact
 from recsvc.core.config import Config
 from recsvc.core.foldin import fold_in
-from recsvc.storage import store
-from recsvc.storage.connection import RedisServer
+from recsvc.storage import versions
+from recsvc.storage.embedded import RedisServer
 from recsvc.web.app import create_app
 from tests.factories import make_artifact
 
@@ -27,10 +27,10 @@ def _config(redis_url, tmp_path, **overrides) -> Config:
         models_dir=tmp_path / "models",
         var_dir=tmp_path / "var",
         api_keys=(API_KEY,),
-        extra={"model_check_interval_s": 0.0},
+        model_check_interval_s=0.0,
     )
     values.update(overrides)
-    return Config(**values)
+    return Config.create(**values)
 
 
 @pytest.fixture
@@ -168,7 +168,7 @@ def test_redis_down_is_503_not_a_crash(tmp_path):
 
 
 def test_get_after_post_is_realtime(make_http, redis_client, artifact, tmp_path):
-    store.publish(redis_client, artifact, _config("unused", tmp_path, topk_cached=20))
+    versions.publish(redis_client, artifact, _config("unused", tmp_path, topk_cached=20))
     http = make_http()
 
     # A visitor the model does not know: popular until the first event, then folded in.

@@ -7,17 +7,11 @@ import pytest
 import scipy.sparse as sp
 
 from recsvc.core.contract import EVENT_CODE
-from recsvc.core.foldin import (
-    DEFAULT_ALPHA,
-    DEFAULT_BM25_B,
-    DEFAULT_BM25_K1,
+from recsvc.core.foldin import fold_in, gramian
+from recsvc.core.weighting import (
     DEFAULT_EVENT_WEIGHTS,
-    DEFAULT_REGULARIZATION,
-    DEFAULT_SCALING,
-    FoldInParams,
+    RowRecipe,
     add_raw_rows,
-    fold_in,
-    gramian,
     raw_user_row,
     scale_row,
     unscale_row,
@@ -131,22 +125,8 @@ def test_gramian_is_float64_yty():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_defaults_equal_training_defaults():
-    from recsvc.core.weighting import DEFAULT_EVENT_WEIGHTS as TRAINING_WEIGHTS
-    from training.als import TrainParams
-
-    params = TrainParams()
-    assert DEFAULT_EVENT_WEIGHTS == TRAINING_WEIGHTS
-    assert (DEFAULT_SCALING, DEFAULT_ALPHA, DEFAULT_REGULARIZATION) == (
-        params.scaling,
-        params.alpha,
-        params.regularization,
-    )
-    assert (DEFAULT_BM25_K1, DEFAULT_BM25_B) == (params.bm25_k1, params.bm25_b)
-
-
 def test_params_from_manifest_reads_every_key():
-    p = FoldInParams.from_manifest(
+    p = RowRecipe.from_manifest(
         {
             "factors": 8,
             "regularization": 0.2,
@@ -160,10 +140,10 @@ def test_params_from_manifest_reads_every_key():
             "bm25_b": 0.5,
         }
     )
-    assert (p.regularization, p.alpha, p.scaling, p.half_life_days) == (0.2, 5.0, "linear", 30.0)
-    assert p.weight_table[EVENT_CODE["view"]] == 2.0
-    assert p.weight_table[EVENT_CODE["purchase"]] == 7.0
-    assert p.weight_table[EVENT_CODE["cart"]] == DEFAULT_EVENT_WEIGHTS["cart"]
+    assert (p.regularization, p.alpha, p.scaling, p.weighting.half_life_days) == (0.2, 5.0, "linear", 30.0)
+    assert p.weighting.weight_table()[EVENT_CODE["view"]] == 2.0
+    assert p.weighting.weight_table()[EVENT_CODE["purchase"]] == 7.0
+    assert p.weighting.weight_table()[EVENT_CODE["cart"]] == DEFAULT_EVENT_WEIGHTS["cart"]
 
 
 @pytest.mark.parametrize(
@@ -180,7 +160,7 @@ def test_params_from_manifest_reads_every_key():
 )
 def test_params_from_manifest_rejects_bad_values(params, match):
     with pytest.raises(ValueError, match=match):
-        FoldInParams.from_manifest(params)
+        RowRecipe.from_manifest(params)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,7 +204,7 @@ def test_user_row_agrees_with_training_confidence_matrix(scaling, half_life, wei
     manifest_params = wp.to_dict() | {"regularization": 0.05}
     raw = raw_matrix(events, users, items, wp, now=now)
     manifest_params |= bm25_manifest_params(raw, wp)
-    params = FoldInParams.from_manifest(manifest_params)
+    params = RowRecipe.from_manifest(manifest_params)
     params = params.with_document_frequency(np.bincount(expected.indices, minlength=n_items))
 
     item_index = {item: i for i, item in enumerate(items)}
@@ -245,7 +225,7 @@ def test_user_row_agrees_with_training_confidence_matrix(scaling, half_life, wei
 def test_user_row_by_hand():
     # view (1) + view (1) + cart (4) on i0 -> r = 6; purchase (10) on i1 a half-life ago -> 5;
     # impression on i2 weighs 0 -> dropped; an unknown item is ignored. log scaling: log1p(r).
-    params = FoldInParams.from_manifest({"half_life_days": 1, "scaling": "log"})
+    params = RowRecipe.from_manifest({"half_life_days": 1, "scaling": "log"})
     now = T0 + DAY
     events = [
         {"item_id": "a", "event": "view", "timestamp": now},
@@ -261,7 +241,7 @@ def test_user_row_by_hand():
 
 
 def test_raw_row_sums_and_drops():
-    params = FoldInParams.from_manifest({})
+    params = RowRecipe.from_manifest({})
     indices, raw = raw_user_row(
         np.array([3, -1, 3, 1, 2]),
         np.array([EVENT_CODE["view"], EVENT_CODE["purchase"], EVENT_CODE["cart"], 4, 3]),
@@ -276,7 +256,7 @@ def test_raw_row_sums_and_drops():
 @pytest.mark.parametrize("scaling, b", [("linear", 0.75), ("log", 0.75), ("bm25", 0.75), ("bm25", 0.0)])
 def test_unscale_inverts_scale(scaling, b):
     rng = np.random.default_rng(2)
-    params = FoldInParams.from_manifest(
+    params = RowRecipe.from_manifest(
         {"scaling": scaling, "bm25_b": b, "bm25_n_users": 100, "bm25_avg_length": 12.0}
     ).with_document_frequency(rng.integers(0, 100, 40))
     indices = np.sort(rng.choice(40, 9, replace=False))
@@ -288,7 +268,7 @@ def test_unscale_inverts_scale(scaling, b):
 def test_bm25_with_b_one_keeps_relative_weights():
     # b = 1 forgets the magnitude of a row; unscaling picks L = L_avg, and scaling again must give
     # back the same confidences (which is all fold-in needs).
-    params = FoldInParams.from_manifest(
+    params = RowRecipe.from_manifest(
         {"scaling": "bm25", "bm25_b": 1.0, "bm25_n_users": 50, "bm25_avg_length": 8.0}
     ).with_document_frequency(np.arange(10))
     indices = np.array([1, 4, 7])

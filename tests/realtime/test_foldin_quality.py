@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from recsvc.core.contract import PURCHASE
-from recsvc.core.foldin import FoldInParams, fold_in, gramian, user_confidence_row
+from recsvc.core.foldin import fold_in, gramian
+from recsvc.core.weighting import RowRecipe, user_confidence_row
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def shop(tmp_path_factory):
-    from recsvc.core.events import load_events
+    from recsvc.core.eventfiles import load_events
     from recsvc.core.weighting import id_maps, raw_matrix, scale, to_float32
     from training.als import TrainParams, fit_als
     from training.synth import write_shop
@@ -47,7 +48,7 @@ def shop(tmp_path_factory):
         "confidence": confidence,
         "user_factors": user_factors,
         "item_factors": item_factors,
-        "params": FoldInParams.from_manifest(params.to_manifest(1)),
+        "params": RowRecipe.from_manifest(params.to_manifest(1)),
         "trained_until": trained_until,
     }
 

@@ -6,16 +6,17 @@ import numpy as np
 import pytest
 import redis
 
-from recsvc import realtime
 from recsvc.core.artifact import write_artifact
 from recsvc.core.config import Config
 from recsvc.core.contract import EVENT_CODE
 from recsvc.core.foldin import fold_in
 from recsvc.core.ranking import Filters
-from recsvc.realtime import RecentEvents, append_events, realtime_vector, recommend, user_vector_for
-from recsvc.serving import ServingModel
-from recsvc.storage import store
-from recsvc.storage.connection import RedisServer
+from recsvc.serving import realtime
+from recsvc.serving.model import ServingModel
+from recsvc.serving.realtime import realtime_vector, recommend, user_vector_for
+from recsvc.storage import versions
+from recsvc.storage.embedded import RedisServer
+from recsvc.storage.stream import RecentEvents, append_events
 from tests.factories import make_artifact
 
 T = 1_718_000_000
@@ -35,8 +36,8 @@ def _artifact(tmp_path, **params):
 @pytest.fixture
 def published(redis_client, tmp_path):
     artifact = _artifact(tmp_path)
-    config = Config(redis_url="unused", models_dir=tmp_path / "models", topk_cached=10)
-    version = store.publish(redis_client, artifact, config)
+    config = Config.create(redis_url="unused", models_dir=tmp_path / "models", topk_cached=10)
+    version = versions.publish(redis_client, artifact, config)
     return artifact, ServingModel.load(redis_client, version)
 
 
@@ -116,7 +117,9 @@ def test_yty_is_computed_once_per_version(redis_client, published):
 
 def test_bm25_model_without_document_frequency_disables_fold_in(redis_client, tmp_path):
     artifact = _artifact(tmp_path, scaling="bm25", bm25_n_users=6, bm25_avg_length=10.0)
-    version = store.publish(redis_client, artifact, Config(models_dir=tmp_path / "models", topk_cached=10))
+    version = versions.publish(
+        redis_client, artifact, Config.create(models_dir=tmp_path / "models", topk_cached=10)
+    )
     model = ServingModel.load(redis_client, version)
     _post(redis_client, "visitor-4", [("i1", "view", T + 1)])
     if getattr(model, "document_frequency", None) is None:
@@ -133,7 +136,9 @@ def test_redis_failure_means_no_realtime_not_an_error(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     client = redis.Redis.from_url(server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
     artifact = _artifact(tmp_path)
-    version = store.publish(client, artifact, Config(models_dir=tmp_path / "models", topk_cached=10))
+    version = versions.publish(
+        client, artifact, Config.create(models_dir=tmp_path / "models", topk_cached=10)
+    )
     model = ServingModel.load(client, version)
     _post(client, "u1", [("i3", "view", T + 1)])
     assert user_vector_for(model, client, "u1", known_user=True) is not None

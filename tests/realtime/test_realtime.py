@@ -13,23 +13,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from recsvc import realtime
-from recsvc.core.contract import EVENT_CODE
-from recsvc.realtime import (
-    DUMP_LOCK,
-    BatchError,
-    DumpError,
-    DumpLocked,
-    StreamFull,
-    append_events,
-    dump_commit_key,
-    dump_events,
-    parse_recent,
-    rate_limit,
-    recent_events,
-    stream_status,
-    validate_batch,
-)
+from recsvc.core.contract import EVENT_CODE, BatchError, validate_batch
+from recsvc.storage import dump
+from recsvc.storage.dump import DumpError, DumpLocked, dump_commit_key, dump_events, stream_status
+from recsvc.storage.keys import EVENTS_DUMP_LOCK as DUMP_LOCK
+from recsvc.storage.ratelimit import rate_limit
+from recsvc.storage.stream import StreamFull, append_events, parse_recent, recent_events
 
 STREAM = "recsvc:events"
 T = 1_718_000_000
@@ -203,7 +192,7 @@ def test_dump_writes_every_event_once_and_drains_the_stream(redis_client, tmp_pa
 
 def test_dump_file_is_read_by_the_training_loader(redis_client, tmp_path):
     """Retraining on history + dump sees exactly the history plus the accepted events."""
-    from recsvc.core.events import load_events
+    from recsvc.core.eventfiles import load_events
 
     history = tmp_path / "history.csv"
     with open(history, "w", newline="") as f:
@@ -242,7 +231,7 @@ def test_dump_file_is_read_by_the_training_loader(redis_client, tmp_path):
 
 
 def test_dump_parquet(redis_client, tmp_path):
-    from recsvc.core.events import load_events
+    from recsvc.core.eventfiles import load_events
 
     events = _events(12)
     _append(redis_client, events)
@@ -296,11 +285,11 @@ def _crashing_dump(url: str, out: str, where: str) -> None:
         os._exit(17)
 
     if where == "before_rename":
-        realtime._place = die
+        dump._place = die
     else:
-        realtime._acknowledge_through = die
+        dump._acknowledge_through = die
     client = redis.Redis.from_url(url)
-    realtime.dump_events(client, out, stream=STREAM, batch_size=7)
+    dump.dump_events(client, out, stream=STREAM, batch_size=7)
     os._exit(0)
 
 

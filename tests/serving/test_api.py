@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from recsvc.core.artifact import write_artifact
-from recsvc.storage import store
-from recsvc.web.app import BLUEPRINTS, create_app
+from recsvc.storage import versions
+from recsvc.web.app import create_app
 from tests.factories import make_artifact
 from tests.serving.conftest import API_KEY, expected_top
 
@@ -89,7 +89,7 @@ def test_out_of_stock_items_are_never_recommended(redis_client, models_dir, conf
     a = make_artifact(seed=4)
     a.available[::2] = False
     write_artifact(a, models_dir)
-    store.publish(redis_client, a, config)
+    versions.publish(redis_client, a, config)
     body = get(http, "/v1/users/u5/recommendations?n=30")
     # 25 odd items are in stock, and u5 bought i5: every one of the other 24, nothing else.
     assert sorted(int(x[1:]) for x in item_ids(body)) == [i for i in range(1, 50, 2) if i != 5]
@@ -97,7 +97,7 @@ def test_out_of_stock_items_are_never_recommended(redis_client, models_dir, conf
 
 def test_short_cache_is_completed_by_full_scoring(redis_client, artifact, config):
     # Only 5 items cached per user; asking 10 in one category forces full scoring with the factors.
-    store.publish(redis_client, artifact, config.with_overrides(topk_cached=5))
+    versions.publish(redis_client, artifact, config.with_overrides(topk_cached=5))
     http = create_app(config).test_client()
     body = get(http, "/v1/users/u6/recommendations?n=10&category=shirts")
     allowed = np.arange(50) % 3 == 1
@@ -122,11 +122,11 @@ def test_a_new_version_is_served_by_the_next_request(http, published, redis_clie
     assert get(http, "/v1/users/u1/recommendations")["model_version"] == published.version
     a2 = make_artifact(seed=8)
     write_artifact(a2, models_dir)
-    store.publish(redis_client, a2, config)
+    versions.publish(redis_client, a2, config)
     body = get(http, "/v1/users/u1/recommendations?n=5")
     assert body["model_version"] == a2.version
     assert item_ids(body) == expected_top(a2, 1, 5)
-    store.rollback(redis_client, config)
+    versions.rollback(redis_client, config)
     assert get(http, "/v1/users/u1/recommendations")["model_version"] == published.version
 
 
@@ -256,7 +256,7 @@ def test_admin_needs_the_right_key(http, artifact, headers, redis_client):
     r = http.post("/v1/admin/publish", json={"version": "latest"}, headers=headers)
     assert r.status_code == 401 and r.get_json()["error"] == "unauthorized"
     assert API_KEY not in r.get_data(as_text=True)
-    assert store.current_version(redis_client) is None
+    assert versions.current_version(redis_client) is None
 
 
 def test_admin_publish_and_rollback(http, artifact, models_dir, admin_headers, redis_client):
@@ -300,11 +300,3 @@ def test_admin_publish_invalid_json_and_oversized_body(config, artifact, admin_h
     big = '{"version": "' + "x" * 2000 + '"}'
     r = http.post("/v1/admin/publish", data=big, headers=admin_headers, content_type="application/json")
     assert r.status_code == 413 and r.get_json()["error"] == "request_entity_too_large"
-
-
-def test_blueprints_list_names_existing_modules():
-    import importlib
-
-    for target in BLUEPRINTS:
-        module, attr = target.split(":")
-        assert hasattr(importlib.import_module(module), attr)

@@ -16,10 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 from recsvc.cli import main
-from recsvc.commands.serving import example_requests
+from recsvc.cli.serving import example_requests
 from recsvc.core.artifact import write_artifact
-from recsvc.storage import store
-from recsvc.storage.connection import free_port
+from recsvc.storage import versions
+from recsvc.storage.embedded import free_port
 from tests.factories import make_artifact
 
 
@@ -54,7 +54,7 @@ def test_publish_versions_rollback(env, models_dir, redis_client):
 
     r = run(env, "rollback")
     assert r.exit_code == 0 and f"{second} -> {first}" in r.output
-    assert store.current_version(redis_client) == first
+    assert versions.current_version(redis_client) == first
     r = run(env, "rollback")
     assert r.exit_code == 1 and "no previous published version" in r.output
 
@@ -80,7 +80,7 @@ def test_redis_unreachable_exits_3(models_dir, tmp_path):
 
 def test_example_requests_need_a_published_model(redis_client, artifact, config):
     assert example_requests(redis_client, "http://h:1") == []
-    store.publish(redis_client, artifact, config)
+    versions.publish(redis_client, artifact, config)
     lines = example_requests(redis_client, "http://h:1")
     assert len(lines) == 3
     assert "/v1/users/u" in lines[0] and "/v1/items/i0/similar" in lines[1]

@@ -1,6 +1,6 @@
 """Fallbacks, never a 5xx: Redis stopped or stalled, nothing published, nothing anywhere.
 
-Each test runs its own redis-server (recsvc.redis_conn.RedisServer) so it can stop it.
+Each test runs its own redis-server (recsvc.storage.connection.RedisServer) so it can stop it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import redis
 
 from recsvc.core.artifact import write_artifact
 from recsvc.core.config import Config
-from recsvc.storage import store
-from recsvc.storage.connection import RedisServer
+from recsvc.storage import versions
+from recsvc.storage.embedded import RedisServer
 from recsvc.web.app import create_app
 from tests.factories import make_artifact
 
@@ -40,10 +40,10 @@ def _config(server, tmp_path, **overrides) -> Config:
         models_dir=tmp_path / "models",
         var_dir=tmp_path / "var",
         redis_down_recheck_s=0.3,
-        extra={"model_check_interval_s": 0.0},
+        model_check_interval_s=0.0,
     )
     base.update(overrides)
-    return Config(**base)
+    return Config.create(**base)
 
 
 def _ids(body) -> list[str]:
@@ -54,7 +54,7 @@ def test_redis_stopped_serves_the_in_process_popular_list(server, tmp_path):
     config = _config(server, tmp_path)
     artifact = make_artifact()
     write_artifact(artifact, config.models_dir)
-    store.publish(redis.Redis.from_url(server.url), artifact, config)
+    versions.publish(redis.Redis.from_url(server.url), artifact, config)
     # Make the local artifact differ from the live one, to prove the fallback is the in-process copy.
     write_artifact(make_artifact(seed=7), config.models_dir, version="29990101T000000Z-other")
     http = create_app(config).test_client()
@@ -79,7 +79,7 @@ def test_redis_stopped_serves_the_in_process_popular_list(server, tmp_path):
 
     # Redis comes back: after the recheck window, answers are personalized again.
     server.start()
-    store.publish(redis.Redis.from_url(server.url), artifact, config)
+    versions.publish(redis.Redis.from_url(server.url), artifact, config)
     time.sleep(0.35)
     body = http.get(URLS[0]).get_json()
     assert body["source"] == "personalized"
@@ -91,7 +91,7 @@ def test_redis_stalled_is_treated_like_down(server, tmp_path):
     artifact = make_artifact()
     write_artifact(artifact, config.models_dir)
     admin = redis.Redis.from_url(server.url)
-    store.publish(admin, artifact, config)
+    versions.publish(admin, artifact, config)
     http = create_app(config).test_client()
     assert http.get(URLS[0]).get_json()["source"] == "personalized"
 
@@ -141,7 +141,7 @@ def test_nothing_published_serves_local_popularity_and_ready_is_503(server, tmp_
     assert ready.status_code == 503
     assert ready.get_json()["status"] == "not_ready" and "recsvc publish" in ready.get_json()["message"]
     # Publishing makes it ready without a restart.
-    store.publish(redis.Redis.from_url(server.url), artifact, config)
+    versions.publish(redis.Redis.from_url(server.url), artifact, config)
     assert http.get("/health/ready").status_code == 200
     assert http.get(URLS[0]).get_json()["source"] == "personalized"
 

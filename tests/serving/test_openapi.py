@@ -1,10 +1,10 @@
-"""The OpenAPI document (recsvc/openapi.json) describes every route the app registers, and only those."""
+"""The OpenAPI document (recsvc/web/openapi.json) describes every route the app registers, and only those."""
 
 from __future__ import annotations
 
 import re
 
-from recsvc.api.docs import openapi_document
+from recsvc.web.views.docs import openapi_document
 
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 
@@ -26,8 +26,8 @@ def _documented(doc) -> set[tuple[str, str]]:
 def test_every_route_is_documented_and_every_documented_route_exists(app):
     doc = openapi_document()
     routes, documented = _routes(app), _documented(doc)
-    assert routes - documented == set(), "routes missing from recsvc/openapi.json"
-    assert documented - routes == set(), "recsvc/openapi.json documents routes the app does not have"
+    assert routes - documented == set(), "routes missing from recsvc/web/openapi.json"
+    assert documented - routes == set(), "recsvc/web/openapi.json documents routes the app does not have"
 
 
 def test_document_is_openapi_3_and_references_resolve(http):

@@ -1,4 +1,4 @@
-"""Contract tests of recsvc.ranking on a 6-item catalog whose answers are computed by hand.
+"""Contract tests of recsvc.core.ranking on a 6-item catalog whose answers are computed by hand.
 
 Item factors put item i at (5 - i, 0), so for the user vector (1, 0) the scores are 5, 4, 3, 2, 1, 0.
 Categories alternate a, b; prices 10..50 and unknown for i5; i2 is out of stock; popularity grows with
@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from recsvc.core import ranking
 from recsvc.core.artifact import Artifact, BundleCandidates
 from recsvc.core.ranking import Filters
-from recsvc.serving import ServingModel
+from recsvc.serving.model import ServingModel
 
 USER = np.array([1.0, 0.0], dtype=np.float32)
 

@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from recsvc.core import topk
 from recsvc.core.artifact import ArtifactError, write_artifact
-from recsvc.serving import ServingModel, fetch_interactions, fetch_user
-from recsvc.storage import store
+from recsvc.serving.model import ServingModel, fetch_user
+from recsvc.storage import codec, keys, versions
 from tests.factories import make_artifact
 
 
@@ -23,7 +24,7 @@ def test_topk_for_users_matches_brute_force_across_chunks():
     items = rng.standard_normal((29, 4)).astype(np.float32)
     items[7] = items[3]  # an exact tie: the lower index must come first
     got_idx, got_scores = [], []
-    for start, idx, scores in store.topk_for_users(users, items, k=10, chunk_rows=8):
+    for start, idx, scores in topk.topk_for_users(users, items, k=10, chunk_rows=8):
         assert start == sum(len(x) for x in got_idx)
         got_idx.append(idx)
         got_scores.append(scores)
@@ -39,49 +40,47 @@ def test_topk_for_users_matches_brute_force_across_chunks():
 
 
 def test_large_catalogs_pack_indices_as_int32():
-    assert store.index_dtype(65_536) == "<u2" and store.index_dtype(65_537) == "<i4"
+    assert codec.index_dtype(65_536) == "<u2" and codec.index_dtype(65_537) == "<i4"
     idx = np.array([[70_000, 3]], dtype=np.int32)
     vec = np.array([[0.5, -1]], dtype=np.float32)
-    value = store.pack_user_rows(idx, vec, "<i4")[0].tobytes() + np.array([9], "<i4").tobytes()
-    items, vector, bought = store.unpack_user(value, 2, 2, "<i4")
+    value = codec.pack_user_rows(idx, vec, "<i4")[0].tobytes() + np.array([9], "<i4").tobytes()
+    items, vector, bought = codec.unpack_user(value, 2, 2, "<i4")
     assert (items.tolist(), vector.tolist(), bought.tolist()) == ([70_000, 3], [0.5, -1], [9])
 
 
 def test_topk_with_k_beyond_catalog_keeps_every_item():
     users = np.eye(3, dtype=np.float32)
     items = np.array([[1, 0, 0], [0, 2, 0], [3, 0, 0]], dtype=np.float32)
-    ((_, idx, scores),) = store.topk_for_users(users, items, k=200)
+    ((_, idx, scores),) = topk.topk_for_users(users, items, k=200)
     assert idx.tolist() == [[2, 0, 1], [1, 0, 2], [0, 1, 2]]
     assert scores[0].tolist() == [3, 1, 0]
 
 
 def test_publish_writes_a_complete_compact_version(redis_client, artifact, config):
-    version = store.publish(redis_client, artifact, config)
+    version = versions.publish(redis_client, artifact, config)
     assert version == artifact.version
-    assert store.current_version(redis_client) == version
-    info = store.read_info(redis_client, version)
+    assert versions.current_version(redis_client) == version
+    info = versions.read_info(redis_client, version)
     assert info["status"] == "complete"
     assert (int(info["n_users"]), int(info["n_items"]), int(info["k"])) == (
         20,
         50,
         50,
     )  # K clipped to the catalog
-    assert json.loads(redis_client.get(store.version_key(version, "manifest")))["version"] == version
+    assert json.loads(redis_client.get(keys.version(version, "manifest")))["version"] == version
 
     # Per-user data sits in bucket hashes with packed binary values (no JSON per item).
     n_buckets = int(info["n_buckets"])
     assert n_buckets == 1
-    row = redis_client.hget(store.bucket_key(version, "topk", 0), "u3")
+    row = redis_client.hget(keys.bucket(version, "topk", 0), "u3")
     assert info["index_dtype"] == "<u2"
     assert len(row) == 2 * 50 + 4 * 8 + 2  # top-K uint16 indices, float32 user factors, one purchase
-    idx, vector, bought = store.unpack_user(row, 50, 8, "<u2")
+    idx, vector, bought = codec.unpack_user(row, 50, 8, "<u2")
     full = artifact.item_factors @ artifact.user_factors[3]
     assert idx.tolist() == np.lexsort((np.arange(50), -full)).tolist()
     np.testing.assert_array_equal(vector, artifact.user_factors[3])
     assert bought.tolist() == [3]
-    items, weights = store.unpack_weighted(
-        redis_client.hget(store.bucket_key(version, "interactions", 0), "u3")
-    )
+    items, weights = codec.unpack_weighted(redis_client.hget(keys.bucket(version, "interactions", 0), "u3"))
     assert (items.tolist(), weights.tolist()) == ([3], [10.0])
 
     # The in-process model loaded back from Redis equals the artifact.
@@ -92,140 +91,140 @@ def test_publish_writes_a_complete_compact_version(redis_client, artifact, confi
     assert model.popular_by_category[1][:2].tolist() == [1, 4]
     np.testing.assert_array_equal(model.price, artifact.price)
     assert model.bundles.n_items == 50
-    live, record = fetch_user(redis_client, model, "u3")
+    live, record, _ = fetch_user(redis_client, model, "u3")
     assert live == version and record.purchased.tolist() == [3]
     np.testing.assert_allclose(record.topk_scores, full[idx], rtol=1e-6)
-    assert fetch_user(redis_client, model, "nobody") == (version, None)
-    assert fetch_interactions(redis_client, model, "u3")[0].tolist() == [3]
+    assert fetch_user(redis_client, model, "nobody") == (version, None, [])
+    assert model.training_row(redis_client, "u3")[0].tolist() == [3]
 
 
 def test_many_users_are_spread_over_buckets(redis_client, models_dir, config):
     a = make_artifact(n_users=2500, n_items=30, seed=5)
     write_artifact(a, models_dir)
-    stats: list[store.PublishStats] = []
-    version = store.publish(redis_client, a, config.with_overrides(topk_cached=10), stats=stats)
-    info = store.read_info(redis_client, version)
+    stats: list[versions.PublishStats] = []
+    version = versions.publish(redis_client, a, config.with_overrides(topk_cached=10), stats=stats)
+    info = versions.read_info(redis_client, version)
     assert int(info["n_buckets"]) == 3
-    sizes = [redis_client.hlen(store.bucket_key(version, "topk", b)) for b in range(3)]
+    sizes = [redis_client.hlen(keys.bucket(version, "topk", b)) for b in range(3)]
     assert sum(sizes) == 2500 and min(sizes) > 600  # crc32 spreads users evenly
     # Every user is where the reader will look for it.
     model = ServingModel.load(redis_client, version)
     for u in (0, 1234, 2499):
-        _, record = fetch_user(redis_client, model, f"u{u}")
+        _, record, _ = fetch_user(redis_client, model, f"u{u}")
         np.testing.assert_array_equal(record.vector, a.user_factors[u])
         assert len(record.topk_items) == 10
     assert stats[0].users == 2500 and not stats[0].reused
 
 
 def test_flip_rollback_and_history(redis_client, models_dir, config):
-    v1 = store.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
-    v2 = store.publish(redis_client, write_artifact(make_artifact(seed=2), models_dir), config)
-    assert v1 != v2 and store.current_version(redis_client) == v2
-    listed = store.list_published(redis_client)
+    v1 = versions.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
+    v2 = versions.publish(redis_client, write_artifact(make_artifact(seed=2), models_dir), config)
+    assert v1 != v2 and versions.current_version(redis_client) == v2
+    listed = versions.list_published(redis_client)
     assert [r["version"] for r in listed] == [v2, v1]
     assert [r["live"] for r in listed] == [True, False]
-    assert store.rollback(redis_client, config) == v1
-    assert store.current_version(redis_client) == v1
-    with pytest.raises(store.RollbackError):
-        store.rollback(redis_client, config)
-    assert store.current_version(redis_client) == v1
+    assert versions.rollback(redis_client, config) == v1
+    assert versions.current_version(redis_client) == v1
+    with pytest.raises(versions.RollbackError):
+        versions.rollback(redis_client, config)
+    assert versions.current_version(redis_client) == v1
     # Publishing a version Redis already holds re-activates it without rewriting.
-    stats: list[store.PublishStats] = []
-    assert store.publish(redis_client, models_dir / v2, config, stats=stats) == v2
-    assert stats[0].reused and store.current_version(redis_client) == v2
-    assert store.rollback(redis_client, config) == v1
+    stats: list[versions.PublishStats] = []
+    assert versions.publish(redis_client, models_dir / v2, config, stats=stats) == v2
+    assert stats[0].reused and versions.current_version(redis_client) == v2
+    assert versions.rollback(redis_client, config) == v1
 
 
 def test_retention_keeps_the_newest_versions_and_never_the_live_one(redis_client, models_dir, config):
-    versions = [
-        store.publish(redis_client, write_artifact(make_artifact(seed=s), models_dir), config)
+    written = [
+        versions.publish(redis_client, write_artifact(make_artifact(seed=s), models_dir), config)
         for s in range(4)
     ]
-    published = [r["version"] for r in store.list_published(redis_client)]
-    assert published == versions[:0:-1]  # the 3 newest, newest first
-    assert _keys(redis_client, versions[0]) == []  # the oldest is gone from Redis entirely
-    assert _keys(redis_client, versions[1])
+    published = [r["version"] for r in versions.list_published(redis_client)]
+    assert published == written[:0:-1]  # the 3 newest, newest first
+    assert _keys(redis_client, written[0]) == []  # the oldest is gone from Redis entirely
+    assert _keys(redis_client, written[1])
     # Roll back twice: the live version is now the oldest kept; a new publish must not delete it.
-    store.rollback(redis_client, config)
-    assert store.rollback(redis_client, config) == versions[1]
-    v5 = store.publish(redis_client, write_artifact(make_artifact(seed=9), models_dir), config)
-    kept = {r["version"] for r in store.list_published(redis_client)}
-    assert kept == {v5, versions[3], versions[1]}  # live versions[1] kept; versions[2] pruned
-    assert _keys(redis_client, versions[2]) == []
+    versions.rollback(redis_client, config)
+    assert versions.rollback(redis_client, config) == written[1]
+    v5 = versions.publish(redis_client, write_artifact(make_artifact(seed=9), models_dir), config)
+    kept = {r["version"] for r in versions.list_published(redis_client)}
+    assert kept == {v5, written[3], written[1]}  # live written[1] kept; written[2] pruned
+    assert _keys(redis_client, written[2]) == []
     # and rollback from v5 goes back to the version live before it
-    assert store.rollback(redis_client, config) == versions[1]
+    assert versions.rollback(redis_client, config) == written[1]
 
 
 def test_pointer_does_not_move_until_the_new_version_is_verified(redis_client, models_dir, config):
-    v1 = store.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
+    v1 = versions.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
     seen = []
     a2 = make_artifact(n_users=1500, seed=2)
     write_artifact(a2, models_dir)
-    store.publish(
+    versions.publish(
         redis_client,
         a2,
         config.with_overrides(topk_cached=20),
-        progress=lambda n: seen.append(store.current_version(redis_client)),
+        progress=lambda n: seen.append(versions.current_version(redis_client)),
     )
     assert seen and set(seen) == {v1}
-    assert store.current_version(redis_client) == a2.version
+    assert versions.current_version(redis_client) == a2.version
 
 
 def test_failed_verification_removes_the_version_and_keeps_the_live_one(
     redis_client, models_dir, config, monkeypatch
 ):
-    v1 = store.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
+    v1 = versions.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
     bad = write_artifact(make_artifact(seed=2), models_dir)
-    real_write = store._write_version
+    real_write = versions._write_version
 
     def write_then_corrupt(client, artifact, *args, **kwargs):
         real_write(client, artifact, *args, **kwargs)
-        client.hset(store.version_key(artifact.version, "items"), "factors", b"\x00" * 16)
+        client.hset(keys.version(artifact.version, "items"), "factors", b"\x00" * 16)
 
-    monkeypatch.setattr(store, "_write_version", write_then_corrupt)
-    with pytest.raises(store.PublishError, match="factors"):
-        store.publish(redis_client, bad, config)
-    assert store.current_version(redis_client) == v1
+    monkeypatch.setattr(versions, "_write_version", write_then_corrupt)
+    with pytest.raises(versions.PublishError, match="factors"):
+        versions.publish(redis_client, bad, config)
+    assert versions.current_version(redis_client) == v1
     assert _keys(redis_client, bad.name) == []
-    assert redis_client.get(store.PUBLISHING_PREFIX + bad.name) is None
+    assert redis_client.get(keys.PUBLISHING_PREFIX + bad.name) is None
 
 
 def test_a_crashed_publish_leaves_nothing_behind_on_the_next_run(redis_client, models_dir, config):
-    v1 = store.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
+    v1 = versions.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
     # What a publish killed mid-write leaves: an incomplete version, and (after expiry) no lease.
-    redis_client.hset(store.version_key("crashed-1", "info"), mapping={"status": "writing", "n_users": 5})
-    redis_client.hset(store.bucket_key("crashed-1", "topk", 0), "u1", b"x")
+    redis_client.hset(keys.version("crashed-1", "info"), mapping={"status": "writing", "n_users": 5})
+    redis_client.hset(keys.bucket("crashed-1", "topk", 0), "u1", b"x")
     # A publish in progress elsewhere holds its lease: its keys must survive.
-    redis_client.hset(store.version_key("busy-1", "info"), mapping={"status": "writing"})
-    redis_client.set(store.PUBLISHING_PREFIX + "busy-1", "token", ex=60)
-    v2 = store.publish(redis_client, write_artifact(make_artifact(seed=2), models_dir), config)
+    redis_client.hset(keys.version("busy-1", "info"), mapping={"status": "writing"})
+    redis_client.set(keys.PUBLISHING_PREFIX + "busy-1", "token", ex=60)
+    v2 = versions.publish(redis_client, write_artifact(make_artifact(seed=2), models_dir), config)
     assert _keys(redis_client, "crashed-1") == []
     assert _keys(redis_client, "busy-1")
-    assert [r["version"] for r in store.list_published(redis_client)] == [v2, v1]
+    assert [r["version"] for r in versions.list_published(redis_client)] == [v2, v1]
 
 
 def test_an_incomplete_version_can_never_go_live(redis_client):
-    redis_client.hset(store.version_key("half", "info"), mapping={"status": "writing"})
-    redis_client.zadd(store.VERSIONS_KEY, {"half": 1})
-    with pytest.raises(store.PublishError, match="not completely published"):
-        store.activate(redis_client, "half")
-    assert store.current_version(redis_client) is None
+    redis_client.hset(keys.version("half", "info"), mapping={"status": "writing"})
+    redis_client.zadd(keys.VERSIONS, {"half": 1})
+    with pytest.raises(versions.PublishError, match="not completely published"):
+        versions.activate(redis_client, "half")
+    assert versions.current_version(redis_client) is None
 
 
 def test_bad_artifacts_are_refused_before_anything_is_written(redis_client, models_dir, config, tmp_path):
     with pytest.raises(ArtifactError, match="no model versions"):
-        store.publish(redis_client, "latest", config)
+        versions.publish(redis_client, "latest", config)
     path = write_artifact(make_artifact(), models_dir)
     (path / "item_factors.npy").write_bytes(b"corrupt")
     with pytest.raises(ArtifactError, match="checksum"):
-        store.publish(redis_client, path, config)
+        versions.publish(redis_client, path, config)
     assert list(redis_client.scan_iter(match="recsvc:*")) == []
 
 
 def test_publish_by_name_and_latest(redis_client, models_dir, config):
     write_artifact(make_artifact(seed=1), models_dir)
     newest = write_artifact(make_artifact(seed=2), models_dir, version="29990101T000000Z-x")
-    assert store.publish(redis_client, "latest", config) == newest.name
-    assert store.delete_version  # (exists)
-    with pytest.raises(store.PublishError, match="live"):
-        store.delete_version(redis_client, newest.name)
+    assert versions.publish(redis_client, "latest", config) == newest.name
+    assert versions.delete_version  # (exists)
+    with pytest.raises(versions.PublishError, match="live"):
+        versions.delete_version(redis_client, newest.name)

@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from recsvc.core.contract import CART, PURCHASE, VIEW
-from recsvc.core.events import load_catalog, load_events
+from recsvc.core.eventfiles import load_catalog, load_events
 from training.datasets import DATASETS, INSTACART_LAST_ORDER, MOVIELENS_SHIFT_S, convert
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsvc.core.events import EventTable, load_catalog, load_events
+from recsvc.core.eventfiles import load_catalog, load_events
+from recsvc.core.events import EventTable
 from training.als import TrainParams
 from training.evaluation import (
     coverage_at_k,

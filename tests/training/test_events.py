@@ -8,14 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsvc.core.contract import CART, CLICK, EVENT_CODE, IMPRESSION, PURCHASE, VIEW
-from recsvc.core.events import (
-    EVENT_REASON_ORDER,
-    BadInputError,
-    EventTable,
-    duplicate_mask,
-    load_catalog,
-    load_events,
-)
+from recsvc.core.eventfiles import EVENT_REASON_ORDER, BadInputError, load_catalog, load_events
+from recsvc.core.events import EventTable, duplicate_mask
 
 HEADER = "user_id,item_id,event,timestamp,order_id,quantity,price,rec_id"
 GOOD = "u1,i1,view,1600000000,,,,"

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from recsvc.core.artifact import list_versions, read_artifact
-from recsvc.core.events import BadInputError
+from recsvc.core.eventfiles import BadInputError
 from training.als import TrainParams
 from training.pipeline import train_model
 from training.synth import write_shop

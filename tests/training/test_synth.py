@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 import pytest
 
 from recsvc.core.contract import PURCHASE, VIEW
-from recsvc.core.events import load_catalog, load_events
+from recsvc.core.eventfiles import load_catalog, load_events
 from training.synth import CATEGORIES, END_OF_LOG, generate_shop, write_shop
 
 

@@ -16,15 +16,15 @@ COMMANDS: dict[str, str] = {
     "train": "training.cli:train",
     "evaluate": "training.cli:evaluate",
     "recommend": "training.cli:recommend",
-    "publish": "recsvc.commands.serving:publish",
-    "rollback": "recsvc.commands.serving:rollback",
-    "versions": "recsvc.commands.serving:versions",
-    "serve": "recsvc.commands.serving:serve",
-    "events": "recsvc.commands.events:events",
+    "publish": "recsvc.cli.serving:publish",
+    "rollback": "recsvc.cli.serving:rollback",
+    "versions": "recsvc.cli.serving:list_versions",
+    "serve": "recsvc.cli.serving:serve",
+    "events": "recsvc.cli.events:events",
     "retrain": "training.retrain:retrain",
     "export": "training.export:export",
     "segments": "training.segments:segments",
-    "report": "recsvc.commands.report:report",
+    "report": "recsvc.cli.report:report",
 }
 
 HELP: dict[str, str] = {

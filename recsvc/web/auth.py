@@ -1,6 +1,6 @@
 """API keys for write and admin endpoints: one decorator, used by every blueprint that needs it.
 
-Keys come from ``RECSVC_API_KEYS`` (comma-separated) via :class:`recsvc.config.Config`. With no key
+Keys come from ``RECSVC_API_KEYS`` (comma-separated) via :class:`recsvc.core.config.Config`. With no key
 configured, protected endpoints answer 403 ``disabled``: they are never open. The caller sends the key
 as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; it is compared with every configured key
 in constant time (``hmac.compare_digest``) and never logged or echoed.

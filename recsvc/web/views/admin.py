@@ -11,15 +11,18 @@ import logging
 
 from flask import Blueprint, g
 
-from recsvc.api.auth import require_api_key
-from recsvc.api.common import PERSONALIZED, answer, json_body, query_args, request_id, services
+from recsvc.core.answers import Source
 from recsvc.core.artifact import ArtifactError, resolve
 from recsvc.core.ids import is_valid_version
-from recsvc.serving import REDIS_DOWN_ERRORS
-from recsvc.storage import store
+from recsvc.storage import versions
+from recsvc.storage.connection import REDIS_DOWN_ERRORS
+from recsvc.web.auth import require_api_key
 from recsvc.web.errors import ApiError, bad_request
+from recsvc.web.params import json_body, query_args
+from recsvc.web.render import answer, request_id
+from recsvc.web.services import services
 
-log = logging.getLogger("recsvc.admin")
+log = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__)
 
@@ -49,12 +52,12 @@ def publish():
         ) from None
     client = svc.admin_client()
     try:
-        previous = store.current_version(client)
-        stats: list[store.PublishStats] = []
-        version = store.publish(client, path, svc.config, stats=stats)
+        previous = versions.current_version(client)
+        stats: list[versions.PublishStats] = []
+        version = versions.publish(client, path, svc.config, stats=stats)
     except ArtifactError as e:
         raise ApiError(422, "invalid_artifact", str(e), field="version") from None
-    except store.PublishError as e:
+    except versions.PublishError as e:
         raise ApiError(409, "publish_failed", str(e)) from None
     except REDIS_DOWN_ERRORS as e:
         raise _redis_unavailable(e) from None
@@ -66,7 +69,7 @@ def publish():
     return answer(
         {
             "model_version": version,
-            "source": PERSONALIZED,
+            "source": Source.PERSONALIZED,
             "request_id": request_id(),
             "published": version,
             "previous": previous,
@@ -85,9 +88,9 @@ def rollback():
     json_body(allowed=())
     svc = services()
     try:
-        previous = store.current_version(svc.client)
-        version = store.rollback(svc.client, svc.config)
-    except store.RollbackError as e:
+        previous = versions.current_version(svc.client)
+        version = versions.rollback(svc.client, svc.config)
+    except versions.RollbackError as e:
         raise ApiError(409, "no_previous_version", str(e)) from None
     except REDIS_DOWN_ERRORS as e:
         raise _redis_unavailable(e) from None
@@ -96,7 +99,7 @@ def rollback():
     return answer(
         {
             "model_version": version,
-            "source": PERSONALIZED,
+            "source": Source.PERSONALIZED,
             "request_id": request_id(),
             "previous": previous,
         }

@@ -14,9 +14,12 @@ from typing import Any
 
 from flask import Blueprint
 
-from recsvc.api.common import FALLBACK, PERSONALIZED, answer, live_model, query_args, request_id, services
-from recsvc.serving import REDIS_DOWN_ERRORS
-from recsvc.storage import store
+from recsvc.core.answers import Reason, Source
+from recsvc.storage import versions
+from recsvc.storage.connection import REDIS_DOWN_ERRORS
+from recsvc.web.params import query_args
+from recsvc.web.render import answer, request_id
+from recsvc.web.services import services
 
 bp = Blueprint("health", __name__)
 
@@ -29,7 +32,9 @@ def live():
         {
             "status": "ok",
             "model_version": model.version if model else None,
-            "source": PERSONALIZED if model is not None and model.origin == "redis" else FALLBACK,
+            "source": Source.PERSONALIZED
+            if model is not None and model.origin == "redis"
+            else Source.FALLBACK,
             "request_id": request_id(),
         }
     )
@@ -52,11 +57,11 @@ def ready():
     checks["redis"] = "ok" if redis_ok else "unreachable"
     if not redis_ok and svc.health.last_error:
         checks["redis_error"] = svc.health.last_error
-    choice = live_model()
+    choice = svc.recommender.resolve()
     model = choice.model
     body: dict[str, Any] = {
         "model_version": model.version if model is not None else None,
-        "source": FALLBACK if choice.degraded else PERSONALIZED,
+        "source": Source.FALLBACK if choice.degraded else Source.PERSONALIZED,
         "request_id": request_id(),
     }
     if not choice.degraded:
@@ -64,7 +69,7 @@ def ready():
         return answer(body)
     checks["model"] = choice.reason
     checks["fallback"] = model.origin if model is not None else None
-    if choice.reason == "redis_unavailable" and model is not None:
+    if choice.reason == Reason.REDIS_UNAVAILABLE and model is not None:
         body.update(status="degraded", reason=choice.reason, checks=checks)
         return answer(body)
     body.update(
@@ -72,7 +77,7 @@ def ready():
         reason=choice.reason,
         message=(
             "no model is published: run `recsvc publish latest`"
-            if choice.reason == "not_published"
+            if choice.reason == Reason.NOT_PUBLISHED
             else "Redis is unreachable and no model is in memory or on disk"
         ),
         checks=checks,
@@ -85,11 +90,11 @@ def model_info():
     """The live model: version, when it was trained, its parameters, metrics and counts."""
     query_args(())
     svc = services()
-    choice = live_model()
+    choice = svc.recommender.resolve()
     model = choice.model
     body: dict[str, Any] = {
         "model_version": model.version if model is not None else None,
-        "source": FALLBACK if choice.degraded else PERSONALIZED,
+        "source": Source.FALLBACK if choice.degraded else Source.PERSONALIZED,
         "request_id": request_id(),
     }
     if choice.degraded:
@@ -108,11 +113,16 @@ def model_info():
             "categories": model.categories,
             "cached_top_k": model.k,
         }
-    versions = []
-    if not choice.degraded or choice.reason == "not_published":
+    published = []
+    if not choice.degraded or choice.reason == Reason.NOT_PUBLISHED:
         try:
-            versions = store.list_published(svc.client)
+            published = versions.list_published(svc.client)
         except REDIS_DOWN_ERRORS as e:
             svc.health.mark_down(e)
-    body["versions"] = versions
+    body["versions"] = published
     return answer(body)
+
+
+def _source(model) -> Source:
+    """``personalized`` while the live version from Redis is in memory, else ``fallback``."""
+    return Source.PERSONALIZED if model is not None and model.origin == "redis" else Source.FALLBACK

@@ -1,4 +1,4 @@
-"""The in-process side of serving: the live model held in memory, and per-request user data.
+"""The live model held in process memory, and per-request user data.
 
 A :class:`ServingModel` is everything about one published version that does not depend on the user
 (item ids, factors, metadata, popularity orders, bundle candidates). It is loaded from Redis once per
@@ -11,7 +11,6 @@ next request without polling.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import threading
@@ -27,23 +26,17 @@ import redis
 
 from recsvc.core.artifact import Artifact, ArtifactError, BundleCandidates, latest_version, read_artifact
 from recsvc.core.config import Config
-from recsvc.storage import store
+from recsvc.core.errors import NotPublished
+from recsvc.storage import codec, keys, reads
 
-log = logging.getLogger("recsvc.serving")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# Redis failures that mean "unreachable or too slow" (fallback), as opposed to programming errors.
-REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 def _readonly(arr: np.ndarray) -> np.ndarray:
     arr.flags.writeable = False
     return arr
-
-
-class ModelNotPublished(LookupError):
-    """Redis holds no complete version under the name asked for (or nothing is live)."""
 
 
 @dataclass(eq=False)
@@ -165,8 +158,8 @@ class ServingModel:
     # ---- keys of per-user data in Redis ------------------------------------------------------------
     def user_key(self, part: str, user_id: str) -> str:
         """Bucket hash holding ``user_id``'s ``topk`` (with purchases) or ``interactions`` field."""
-        prefix = self.memo(("key_prefix", part), lambda: store.bucket_key(self.version, part, 0)[:-1])
-        return prefix + str(store.user_bucket(user_id, self.n_buckets))
+        prefix = self.memo(("key_prefix", part), lambda: keys.bucket(self.version, part, 0)[:-1])
+        return prefix + str(keys.user_bucket(user_id, self.n_buckets))
 
     def local_user(self, user_id: str) -> UserRecord | None:
         """A user's data from the local artifact (models with origin ``artifact`` only)."""
@@ -186,7 +179,7 @@ class ServingModel:
     @classmethod
     def from_artifact(cls, artifact: Artifact, k: int = 200) -> ServingModel:
         """Build from an in-memory artifact (tests, pure ranking, and the nothing-published fallback)."""
-        popular_packed = store.popular_lists(artifact.popularity, artifact.category, len(artifact.categories))
+        popular_packed = codec.popular_lists(artifact.popularity, artifact.category, len(artifact.categories))
         n_users = artifact.n_users
         model = cls(
             version=str(artifact.manifest.get("version", "local")),
@@ -201,17 +194,17 @@ class ServingModel:
             category_index={name: code for code, name in enumerate(artifact.categories)},
             titles=list(artifact.titles),
             popularity=_readonly(np.asarray(artifact.popularity, dtype=np.float32)),
-            popular=_readonly(store.unpack_indices(popular_packed["*"]).copy()),
+            popular=_readonly(codec.unpack_indices(popular_packed["*"]).copy()),
             popular_by_category={
-                int(name[1:]): _readonly(store.unpack_indices(v).copy())
+                int(name[1:]): _readonly(codec.unpack_indices(v).copy())
                 for name, v in popular_packed.items()
                 if name != "*"
             },
             bundles=artifact.bundles,
             k=min(k, artifact.n_items),
-            n_buckets=max(1, -(-n_users // store.USERS_PER_BUCKET)),
+            n_buckets=keys.bucket_count(n_users),
             n_users=n_users,
-            index_dtype=store.index_dtype(artifact.n_items),
+            index_dtype=codec.index_dtype(artifact.n_items),
             origin="artifact",
         )
         model._local_users = artifact.user_index()
@@ -224,19 +217,13 @@ class ServingModel:
 
         Raises
         ------
-        ModelNotPublished
+        NotPublished
             Redis has no complete version ``version``.
         """
-        pipe = client.pipeline(transaction=False)
-        pipe.hgetall(store.version_key(version, "info"))
-        pipe.get(store.version_key(version, "manifest"))
-        pipe.hgetall(store.version_key(version, "items"))
-        pipe.hgetall(store.version_key(version, "popular"))
-        pipe.hgetall(store.version_key(version, "bundles"))
-        info, manifest, items, popular, bundles = pipe.execute()
-        info = {k.decode(): v.decode() for k, v in info.items()}
-        if info.get("status") != "complete" or not items or manifest is None:
-            raise ModelNotPublished(f"version {version} is not completely published in Redis")
+        stored = reads.read_version(client, version)
+        if not stored.complete:
+            raise NotPublished(f"version {version} is not completely published in Redis")
+        info, items, popular, bundles = stored.info, stored.items, stored.popular, stored.bundles
         n_items, factors = int(info["n_items"]), int(info["factors"])
         categories = json.loads(items[b"categories"])
         item_ids = json.loads(items[b"ids"])
@@ -244,10 +231,10 @@ class ServingModel:
         for name, value in popular.items():
             name = name.decode()
             if name.startswith("c"):
-                by_category[int(name[1:])] = _readonly(store.unpack_indices(value))
+                by_category[int(name[1:])] = _readonly(codec.unpack_indices(value))
         return cls(
             version=version,
-            manifest=json.loads(manifest),
+            manifest=json.loads(stored.manifest or b"{}"),
             item_ids=item_ids,
             item_index={item: i for i, item in enumerate(item_ids)},
             item_factors=_readonly(np.frombuffer(items[b"factors"], dtype="<f4").reshape(n_items, factors)),
@@ -258,7 +245,7 @@ class ServingModel:
             category_index={name: code for code, name in enumerate(categories)},
             titles=json.loads(items[b"titles"]),
             popularity=_readonly(np.frombuffer(items[b"popularity"], dtype="<f4")),
-            popular=_readonly(store.unpack_indices(popular[b"*"])),
+            popular=_readonly(codec.unpack_indices(popular[b"*"])),
             popular_by_category=by_category,
             bundles=BundleCandidates(
                 indptr=_readonly(np.frombuffer(bundles[b"indptr"], dtype="<i8")),
@@ -272,6 +259,18 @@ class ServingModel:
             index_dtype=info.get("index_dtype", "<i4"),
             origin="redis",
         )
+
+    def training_row(self, client: redis.Redis, user_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The user's training interactions (item indices, confidence before alpha) for fold-in."""
+        if self.origin != "redis":
+            a, users = self._local_artifact, self._local_users
+            u = users.get(user_id) if users else None
+            if a is None or u is None:
+                return np.zeros(0, np.int32), np.zeros(0, np.float32)
+            row = a.interactions[u]
+            return row.indices.astype(np.int32), row.data.astype(np.float32)
+        key = self.user_key("interactions", user_id)
+        return codec.unpack_weighted(reads.read_field(client, key, user_id))
 
 
 @dataclass(frozen=True)
@@ -294,95 +293,19 @@ class UserRecord:
         return (self.item_factors[self.topk_items] @ self.vector).astype(np.float32)
 
 
-# One round trip per recommendation request: the live pointer, the user's record under the version
-# the process holds, and EXISTS of optional probe keys (e.g. the user's real-time history). A script
-# rather than a pipeline because one command costs the client far less than a pipeline of three.
-_FETCH_SCRIPT = """
-local out = {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], ARGV[1])}
-for i = 3, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
-return out
-"""
-_FETCH_SHA = hashlib.sha1(_FETCH_SCRIPT.encode()).hexdigest()
-
-
 def fetch_user(
-    client: redis.Redis, model: ServingModel, user_id: str
-) -> tuple[str | None, UserRecord | None]:
-    """Read the live pointer and ``user_id``'s data under ``model``'s version, in one round trip.
-
-    Returns
-    -------
-    (live_version, record)
-        ``record`` is None when the user is unknown to ``model``. When ``live_version`` differs from
-        ``model.version`` the caller should switch models and fetch again.
-    """
-    live, record, _ = fetch_request_data(client, model, user_id)
-    return live, record
-
-
-def fetch_request_data(
-    client: redis.Redis,
-    model: ServingModel,
-    user_id: str,
-    exists_keys: tuple[str, ...] = (),
+    client: redis.Redis, model: ServingModel, user_id: str, probe_keys: tuple[str, ...] = ()
 ) -> tuple[str | None, UserRecord | None, list[int]]:
-    """:func:`fetch_user` plus ``EXISTS`` of ``exists_keys``, still in one round trip.
+    """The live pointer, ``user_id``'s record under ``model``'s version and ``EXISTS`` of each probe.
 
-    ``exists_keys`` must be built from validated ids (``recsvc.ids``). The third element holds one
-    0/1 per key, in order.
+    One round trip. ``record`` is None when the user is unknown to ``model``; when the live version
+    differs from ``model.version`` the caller should switch models and fetch again.
     """
-    keys = (store.CURRENT_KEY, model.user_key("topk", user_id), *exists_keys)
-    try:
-        replies = client.evalsha(_FETCH_SHA, len(keys), *keys, user_id)
-    except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
-        client.script_load(_FETCH_SCRIPT)
-        replies = client.evalsha(_FETCH_SHA, len(keys), *keys, user_id)
-    live, value = replies[0], replies[1]
-    live = live.decode() if live is not None else None
+    live, value, probes = reads.read_user(client, model.user_key("topk", user_id), user_id, probe_keys)
     if value is None:
-        return live, None, replies[2:]
-    items, vector, purchased = store.unpack_user(value, model.k, model.factors, model.index_dtype)
-    return live, UserRecord(user_id, items, vector, purchased, model.item_factors), replies[2:]
-
-
-def fetch_interactions(
-    client: redis.Redis, model: ServingModel, user_id: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """The user's training interactions (item indices, confidence before alpha) for fold-in."""
-    if model.origin != "redis":
-        a = model._local_artifact
-        u = model._local_users.get(user_id) if model._local_users else None
-        if a is None or u is None:
-            return np.zeros(0, np.int32), np.zeros(0, np.float32)
-        row = a.interactions[u]
-        return row.indices.astype(np.int32), row.data.astype(np.float32)
-    return store.unpack_weighted(client.hget(model.user_key("interactions", user_id), user_id))
-
-
-class RedisHealth:
-    """Remembers that Redis just failed, so the next requests go straight to the fallback.
-
-    After a failure, requests skip Redis for ``recheck_s`` seconds instead of each waiting for a
-    timeout; the first request after that window tries Redis again.
-    """
-
-    def __init__(self, recheck_s: float):
-        self.recheck_s = recheck_s
-        self._down_until = 0.0
-        self.last_error: str | None = None
-        self.last_failure_at: float | None = None
-
-    def is_down(self) -> bool:
-        return time.monotonic() < self._down_until
-
-    def mark_down(self, error: BaseException) -> None:
-        self._down_until = time.monotonic() + self.recheck_s
-        self.last_error = f"{type(error).__name__}: {error}"
-        self.last_failure_at = time.time()
-        log.warning("redis unavailable, serving fallback for %.1fs: %s", self.recheck_s, self.last_error)
-
-    def mark_up(self) -> None:
-        self._down_until = 0.0
+        return live, None, probes
+    items, vector, purchased = codec.unpack_user(value, model.k, model.factors, model.index_dtype)
+    return live, UserRecord(user_id, items, vector, purchased, model.item_factors), probes
 
 
 class ModelCache:
@@ -431,7 +354,7 @@ class ModelCache:
         now = time.monotonic()
         if model is not None and not force_check and now - self.checked_at < self.check_interval_s:
             return model
-        live = client.get(store.CURRENT_KEY)
+        live = client.get(keys.CURRENT)
         self.checked_at = now
         if live is None:
             self.model = None
@@ -446,7 +369,13 @@ class ModelCache:
         return model
 
     def model_for(self, client: redis.Redis, version: str) -> ServingModel:
-        """A loaded published version (live or not), loading it once; raises :class:`ModelNotPublished`."""
+        """A loaded published version (live or not), loading it once.
+
+        Raises
+        ------
+        NotPublished
+            Redis has no complete version ``version``.
+        """
         model = self._by_version.get(version)
         if model is not None:
             return model
@@ -483,7 +412,7 @@ class ModelCache:
             if cached is not None and cached[0] == path and cached[1] == mtime:
                 return cached[2]
             try:
-                model = ServingModel.from_artifact(read_artifact(path), k=self.config.topk_cached)
+                model = ServingModel.from_artifact(read_artifact(path), k=self.config.serving.topk_cached)
             except (ArtifactError, OSError) as e:
                 log.error("local fallback artifact %s is unusable: %s", path, e)
                 return None

@@ -1,6 +1,6 @@
 """``recsvc report``: the A/B attribution report of one experiment, as a table or JSON.
 
-The numbers come from :mod:`recsvc.attribution`; this module gathers the inputs: events files
+The numbers come from :mod:`recsvc.analytics.attribution`; this module gathers the inputs: events files
 (``--events``, CSV or Parquet per the events contract), optionally the live Redis event stream and
 the server-side served log, the experiment's definition (experiments file or Redis) and an
 optional catalog for purchases without a price. ``GET /v1/admin/experiments/<name>/report`` uses
@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 
+from recsvc.analytics.registry import read_served
+from recsvc.analytics.report import combine_events, find_definition, make_report
 from recsvc.core.config import Config
+from recsvc.storage.embedded import redis_if_available
+from recsvc.storage.stream import DEFAULT_STREAM_LIMIT, read_stream_events
 
 log = logging.getLogger(__name__)
 
 EXIT_ERROR, EXIT_BAD_INPUT = 1, 2
-DEFAULT_STREAM_LIMIT = 1_000_000
 MAX_STREAM_LIMIT = 10_000_000
-_STREAM_CHUNK = 10_000
 
 
 class BadInput(click.ClickException):
@@ -43,171 +43,8 @@ class InternalError(click.ClickException):
     exit_code = EXIT_ERROR
 
 
-@dataclass
-class StreamEvents:
-    """Events read from the live Redis stream, as parallel arrays (the attribution's event shape)."""
-
-    user_id: np.ndarray
-    item_id: np.ndarray
-    event: np.ndarray
-    timestamp: np.ndarray
-    order_id: np.ndarray
-    quantity: np.ndarray
-    price: np.ndarray
-    rec_id: np.ndarray
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.user_id)
-
-
-def read_stream_events(client: Any, stream: str, limit: int = DEFAULT_STREAM_LIMIT) -> StreamEvents:
-    """The newest ``limit`` events of the live stream (fields as written by ``POST /v1/events``).
-
-    Entries are validated again with the events contract (a stream can be written by anything
-    that can reach Redis); invalid ones are skipped and counted in ``skipped``.
-    """
-    from recsvc.core.contract import EVENT_CODE, ContractError, validate_event
-
-    rows: list[dict[str, Any]] = []
-    skipped = 0
-    upper = "+"
-    while len(rows) + skipped < limit:
-        chunk = client.xrevrange(
-            stream, max=upper, min="-", count=min(_STREAM_CHUNK, limit - len(rows) - skipped)
-        )
-        if not chunk:
-            break
-        for _entry_id, fields in chunk:
-            raw = {_text(k): _text(v) for k, v in fields.items()}
-            for name in ("quantity", "price"):
-                if name in raw:
-                    try:
-                        raw[name] = float(raw[name])
-                    except ValueError:
-                        pass  # validate_event rejects it
-            try:
-                rows.append(validate_event(raw))
-            except ContractError:
-                skipped += 1
-        upper = "(" + _text(chunk[-1][0])
-    rows.reverse()  # oldest first, like a file
-    return StreamEvents(
-        user_id=np.array([r["user_id"] for r in rows], dtype=object),
-        item_id=np.array([r["item_id"] for r in rows], dtype=object),
-        event=np.array([EVENT_CODE[r["event"]] for r in rows], dtype=np.int8),
-        timestamp=np.array([r["timestamp"] for r in rows], dtype=np.int64),
-        order_id=np.array([r.get("order_id", "") for r in rows], dtype=object),
-        quantity=np.array([r.get("quantity", 1.0) for r in rows], dtype=np.float32),
-        price=np.array([r.get("price", np.nan) for r in rows], dtype=np.float32),
-        rec_id=np.array([r.get("rec_id", "") for r in rows], dtype=object),
-        skipped=skipped,
-    )
-
-
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-
-
-def combine_events(parts: Sequence[Any]) -> Any:
-    """Concatenate event tables (files, stream) and drop rows repeated exactly across them.
-
-    A dump that crashed after writing its file but before deleting the entries leaves the same
-    events in a file and in the stream; counting them twice would inflate every metric.
-    """
-    from recsvc.core.events import EventTable, duplicate_mask
-
-    parts = [p for p in parts if len(p)]
-    if not parts:
-        return EventTable(
-            user_id=np.zeros(0, object), item_id=np.zeros(0, object), event=np.zeros(0, np.int8),
-            timestamp=np.zeros(0, np.int64),
-        )  # fmt: skip
-    fields = ("user_id", "item_id", "event", "timestamp", "order_id", "quantity", "price", "rec_id")
-    table = EventTable(**{f: np.concatenate([np.asarray(getattr(p, f)) for p in parts]) for f in fields})
-    if len(parts) == 1:
-        return table
-    keys = [
-        table.codes("user_id")[0].astype(np.int64),
-        table.codes("item_id")[0].astype(np.int64),
-        table.timestamp,
-        table.event.astype(np.int64),
-        table.codes("rec_id")[0].astype(np.int64),
-        table.codes("order_id")[0].astype(np.int64),
-        np.asarray(table.price, np.float32).view(np.int32).astype(np.int64),
-        np.asarray(table.quantity, np.float32).view(np.int32).astype(np.int64),
-    ]
-    dup = duplicate_mask(keys)
-    return table.take(~dup) if dup.any() else table
-
-
-def redis_if_available(config: Config) -> Any | None:
-    """A client for the configured Redis (``REDIS_URL``) or a running embedded one; None otherwise.
-
-    A report never *starts* the embedded server: an empty new server has nothing to report.
-    """
-    import redis
-
-    from recsvc.storage.connection import connect_admin
-
-    if config.redis_url:
-        return connect_admin(config.redis_url)
-    sock = (Path(config.var_dir) / "redis" / "redis.sock").resolve()
-    if not sock.exists():
-        return None
-    client = connect_admin(f"unix://{sock}")
-    try:
-        client.ping()
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return None
-    return client
-
-
-def find_definition(
-    name: str, experiments_file: Path | None, client: Any | None
-) -> tuple[Any | None, str | None]:
-    """The experiment's definition and where it came from (``file``/``redis``), or (None, None)."""
-    from recsvc.analytics import experiments as ex
-
-    if experiments_file is not None:
-        for experiment in ex.load_experiments_file(experiments_file):
-            if experiment.name == name:
-                return experiment, "file"
-    if client is not None:
-        stored = ex.load_stored_experiments(client)
-        if name in stored:
-            return stored[name], "redis"
-    return None, None
-
-
-def make_report(
-    events: Any,
-    name: str,
-    definition: Any | None,
-    *,
-    window_days: float,
-    alpha: float,
-    attribution: str,
-    control: str | None = None,
-    served: dict[str, np.ndarray] | None = None,
-    catalog_prices: dict[str, float] | None = None,
-) -> Any:
-    """Build the report for ``name`` using the definition's variants, control and start/end when known."""
-    from recsvc.analytics.attribution import build_report
-
-    return build_report(
-        events,
-        name,
-        variants=[v.name for v in definition.variants] if definition is not None else None,
-        control=control or (definition.control if definition is not None else None),
-        window_days=window_days,
-        alpha=alpha,
-        primary=attribution,
-        served=served,
-        start=definition.start if definition is not None else None,
-        end=definition.end if definition is not None else None,
-        catalog_prices=catalog_prices,
-    )
 
 
 @click.command("report")
@@ -303,14 +140,14 @@ def report(
     only when the difference is significant.
     """
     from recsvc.analytics import experiments as ex
-    from recsvc.core.events import BadInputError, load_catalog, load_events
+    from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
 
     if not ex.NAME_PATTERN.fullmatch(name):
         raise BadInput(f"--experiment: {name!r} is not 1-32 characters of [A-Za-z0-9_-]")
     if not event_paths and not include_stream:
         raise BadInput("give at least one --events file, or --include-stream")
     config = Config.from_env()
-    experiments_file = experiments_file or config.experiments_file
+    experiments_file = experiments_file or config.experiments.file
     client = None
     try:
         client = redis_if_available(config)
@@ -346,12 +183,12 @@ def report(
     served = None
     try:
         if include_stream:
-            stream = read_stream_events(client, config.events_stream, stream_limit)
+            stream = read_stream_events(client, config.events.stream, stream_limit)
             if stream.skipped:
                 click.echo(f"warning: {stream.skipped} invalid stream entries skipped", err=True)
             parts.append(stream)
         if include_served:
-            served = ex.read_served(client, name, limit=stream_limit)
+            served = read_served(client, name, limit=stream_limit)
     except Exception as e:  # noqa: BLE001
         raise InternalError(f"reading Redis failed: {type(e).__name__}: {e}") from None
     events = combine_events(parts)

@@ -1,7 +1,7 @@
 """``recsvc events``: tools for the real-time event stream.
 
 ``recsvc events dump --out PATH`` moves accepted events from the Redis stream into an events file
-that ``recsvc train`` reads, exactly once (see :func:`recsvc.realtime.dump_events`).
+that ``recsvc train`` reads, exactly once (see :func:`recsvc.storage.dump.dump_events`).
 ``recsvc events status`` prints the stream's length and what a dump would pick up.
 
 Exit codes: 0 done (also when there was nothing to dump), 1 Redis or file system error,
@@ -21,7 +21,8 @@ EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 1, 2, 4
 
 def _client():
     from recsvc.core.config import Config
-    from recsvc.storage.connection import connect_admin, ensure_redis
+    from recsvc.storage.connection import connect_admin
+    from recsvc.storage.embedded import ensure_redis
 
     config = Config.from_env()
     return config, connect_admin(ensure_redis(config))
@@ -74,7 +75,7 @@ def dump(
     import redis
     from tqdm import tqdm
 
-    from recsvc.realtime import DumpError, DumpLocked, dump_events
+    from recsvc.storage.dump import DumpError, DumpLocked, dump_events
 
     if progress is None:
         progress = sys.stderr.isatty()
@@ -84,7 +85,7 @@ def dump(
             result = dump_events(
                 client,
                 out_path,
-                stream=config.events_stream,
+                stream=config.events.stream,
                 batch_size=batch_size,
                 max_events=max_events,
                 fmt=fmt,
@@ -107,11 +108,11 @@ def status() -> None:
     """Print the stream length, entries an interrupted dump left, and the dump lock (JSON)."""
     import redis
 
-    from recsvc.realtime import stream_status
+    from recsvc.storage.dump import stream_status
 
     try:
         config, client = _client()
-        click.echo(json.dumps(stream_status(client, config.events_stream), sort_keys=True))
+        click.echo(json.dumps(stream_status(client, config.events.stream), sort_keys=True))
     except redis.RedisError as e:
         click.echo(f"error: {type(e).__name__}: {e}", err=True)
         sys.exit(EXIT_ERROR)

@@ -44,14 +44,15 @@ def _config(models_dir: str | None = None) -> Config:
 
 
 def _admin_client(config: Config) -> redis.Redis:
-    from recsvc.storage.connection import connect_admin, ensure_redis
+    from recsvc.storage.connection import connect_admin
+    from recsvc.storage.embedded import ensure_redis
 
     try:
         url = ensure_redis(config)
         client = connect_admin(url)
         client.ping()
     except (redis.ConnectionError, redis.TimeoutError, OSError, RuntimeError) as e:
-        where = config.redis_url or f"embedded redis under {config.var_dir}/redis"
+        where = config.redis.url or f"embedded redis under {config.var_dir}/redis"
         raise _RedisDown(f"Redis is unreachable ({where}): {e}") from None
     return client
 
@@ -76,7 +77,7 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
     from tqdm import tqdm
 
     from recsvc.core.artifact import ArtifactError, read_artifact, resolve
-    from recsvc.storage import store
+    from recsvc.storage import versions
 
     config = _config(models_dir)
     try:
@@ -94,7 +95,7 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
             f"warning: publishing {artifact.version} although the retrain gate refused it (--force)", err=True
         )
     client = _admin_client(config)
-    stats: list[store.PublishStats] = []
+    stats: list[versions.PublishStats] = []
     with tqdm(
         total=artifact.n_users,
         unit="users",
@@ -102,9 +103,9 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
         disable=not sys.stderr.isatty(),
     ) as bar:
         try:
-            previous = store.current_version(client)
-            version = store.publish(client, artifact, config, progress=bar.update, stats=stats)
-        except (ArtifactError, store.PublishError) as e:
+            previous = versions.current_version(client)
+            version = versions.publish(client, artifact, config, progress=bar.update, stats=stats)
+        except (ArtifactError, versions.PublishError) as e:
             raise _Failed(str(e)) from None
         except (redis.ConnectionError, redis.TimeoutError) as e:
             raise _RedisDown(f"Redis failed during publish: {e}; the live version is unchanged") from None
@@ -119,26 +120,26 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
 @click.command()
 def rollback() -> None:
     """Switch serving back to the version that was live before the current one."""
-    from recsvc.storage import store
+    from recsvc.storage import versions
 
     client = _admin_client(_config())
-    before = store.current_version(client)
+    before = versions.current_version(client)
     try:
-        version = store.rollback(client, _config())
-    except store.RollbackError as e:
+        version = versions.rollback(client, _config())
+    except versions.RollbackError as e:
         raise _Failed(str(e)) from None
     click.echo(f"rolled back: {before} -> {version}")
 
 
-@click.command()
+@click.command("versions")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def versions(as_json: bool) -> None:
+def list_versions(as_json: bool) -> None:
     """List the versions published in Redis, newest first, marking the live one with `*`."""
     import json
 
-    from recsvc.storage import store
+    from recsvc.storage import versions
 
-    rows = store.list_published(_admin_client(_config()))
+    rows = versions.list_published(_admin_client(_config()))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -157,16 +158,16 @@ def example_requests(client: redis.Redis, base_url: str) -> list[str]:
 
     Returns an empty list when nothing is published.
     """
-    from recsvc.serving import ServingModel
-    from recsvc.storage import store
+    from recsvc.serving.model import ServingModel
+    from recsvc.storage import keys, versions
 
-    version = store.current_version(client)
+    version = versions.current_version(client)
     if version is None:
         return []
     model = ServingModel.load(client, version)
     user = None
     for bucket in range(model.n_buckets):
-        found = client.hrandfield(store.bucket_key(version, "topk", bucket))
+        found = client.hrandfield(keys.bucket(version, "topk", bucket))
         if found:
             user = found.decode()
             break
@@ -252,7 +253,7 @@ def serve(
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
     every worker through the environment.
     """
-    from recsvc.storage.connection import ensure_redis
+    from recsvc.storage.embedded import ensure_redis
 
     # Scoring one user is a small matrix-vector product: BLAS threads only contend with the other
     # workers (bench/realtime.py measured ~2x the latency with the default). Set before numpy loads.

@@ -1,4 +1,4 @@
-"""``GET /openapi.json``: the OpenAPI 3 document of the whole API (``recsvc/openapi.json``).
+"""``GET /openapi.json``: the OpenAPI 3 document of the whole API (``recsvc/web/openapi.json``).
 
 The document is one JSON file that every area edits when it adds a route; a test checks that every
 registered route and method appears in it (see docs/serving.md, "Adding a path").
@@ -13,7 +13,7 @@ from typing import Any
 
 from flask import Blueprint, Response
 
-from recsvc.api.common import query_args
+from recsvc.web.params import query_args
 
 bp = Blueprint("docs", __name__)
 
@@ -21,7 +21,7 @@ bp = Blueprint("docs", __name__)
 @functools.cache
 def openapi_document() -> dict[str, Any]:
     """The parsed OpenAPI document shipped in the package."""
-    return json.loads(resources.files("recsvc").joinpath("openapi.json").read_text(encoding="utf-8"))
+    return json.loads(resources.files("recsvc.web").joinpath("openapi.json").read_text(encoding="utf-8"))
 
 
 @functools.cache

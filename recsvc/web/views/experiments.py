@@ -4,7 +4,7 @@
 * ``GET /v1/admin/experiments/<name>`` -- one definition with bucket layout, status and source.
 * ``PUT /v1/admin/experiments/<name>`` -- create or replace (stored in Redis). Changing shares
   keeps users sticky: only the buckets that must change owner move (see
-  :func:`recsvc.experiments.rebalance`). 201 when created, 200 when replaced.
+  :func:`recsvc.analytics.experiments.rebalance`). 201 when created, 200 when replaced.
 * ``DELETE /v1/admin/experiments/<name>`` -- remove a stored definition (events stay attributable).
 * ``GET /v1/admin/experiments/<name>/assignment?user_id=`` -- which variant a user gets now.
 * ``GET /v1/admin/experiments/<name>/report`` -- the attribution report over the events that went
@@ -20,12 +20,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import redis
 from flask import Blueprint, request
 
 from recsvc.analytics import experiments as ex
-from recsvc.api.auth import require_api_key
-from recsvc.api.common import answer, json_body, parse_id, query_args, request_id, services
+from recsvc.analytics import registry as reg
+from recsvc.analytics.report import combine_events, make_report
+from recsvc.core.eventfiles import BadInputError, load_events
+from recsvc.storage import versions
+from recsvc.storage.stream import read_stream_events
+from recsvc.web.auth import require_api_key
 from recsvc.web.errors import ApiError, bad_request
+from recsvc.web.params import json_body, parse_id, query_args
+from recsvc.web.render import answer, request_id
+from recsvc.web.services import services
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +44,6 @@ MAX_REPORT_EVENTS = 1_000_000
 #: Stream dumps read by the report endpoint at most (bytes on disk); beyond, use ``recsvc report``.
 DEFAULT_REPORT_MAX_BYTES = 256 * 1024 * 1024
 _DUMP_SUFFIXES = (".csv", ".parquet", ".csv.gz")
-
-
-@bp.record_once
-def _init(setup_state: Any) -> None:
-    # Runs inside create_app: a bad experiments file stops start-up with its error message.
-    ex.init_app(setup_state.app)
-
-
-def _state() -> ex.ExperimentState:
-    from flask import current_app
-
-    return ex.init_app(current_app)
 
 
 def _check_name(name: str) -> str:
@@ -66,10 +62,9 @@ def _describe(experiment: ex.Experiment, source: str | None, now: float) -> dict
 
 
 def _published_versions() -> set[str] | None:
-    from recsvc.storage import store
 
     try:
-        return {entry["version"] for entry in store.list_published(services().client)}
+        return {entry["version"] for entry in versions.list_published(services().client)}
     except Exception:  # noqa: BLE001 - only used for warnings
         return None
 
@@ -79,7 +74,7 @@ def _published_versions() -> set[str] | None:
 def list_experiments():
     """Every known experiment, ordered by start then name."""
     query_args(())
-    registry = _state().registry
+    registry = services().experiments
     registry.refresh(force=True)
     now = registry.clock()
     items = [_describe(e, registry.source_of(e.name), now) for e in registry.all()]
@@ -92,7 +87,7 @@ def get_experiment(name: str):
     """One experiment's definition, bucket layout, status and source."""
     name = _check_name(name)
     query_args(())
-    registry = _state().registry
+    registry = services().experiments
     registry.refresh(force=True)
     experiment = registry.get(name)
     if experiment is None:
@@ -109,8 +104,6 @@ def get_experiment(name: str):
 @require_api_key
 def put_experiment(name: str):
     """Create or replace an experiment (body: the definition; ``name`` optional, must match)."""
-    import redis
-
     name = _check_name(name)
     query_args(())
     if len(request.get_data(cache=True)) > ex.MAX_DEFINITION_BYTES:
@@ -118,7 +111,7 @@ def put_experiment(name: str):
             413, "too_large", f"a definition is at most {ex.MAX_DEFINITION_BYTES} bytes", field="body"
         )
     body = json_body(ex.DEFINITION_FIELDS)
-    registry = _state().registry
+    registry = services().experiments
     registry.refresh(force=True)
     if registry.source_of(name) == "file":
         raise ApiError(
@@ -126,7 +119,7 @@ def put_experiment(name: str):
         )
     client = services().client
     try:
-        previous = ex.load_stored_experiments(client).get(name)
+        previous = reg.load_stored_experiments(client).get(name)
     except redis.RedisError as e:
         raise _redis_unavailable(e) from None
     try:
@@ -146,7 +139,7 @@ def put_experiment(name: str):
                 "its users are served the default, untagged, until it is"
             )
     try:
-        created = ex.store_experiment(client, experiment)
+        created = reg.store_experiment(client, experiment)
     except ex.ExperimentError as e:
         raise ApiError(409, "limit_reached", e.message, field="name") from None
     except redis.RedisError as e:
@@ -166,18 +159,16 @@ def put_experiment(name: str):
 @require_api_key
 def delete_experiment(name: str):
     """Remove a stored experiment; its users are served the default from the next refresh on."""
-    import redis
-
     name = _check_name(name)
     query_args(())
-    registry = _state().registry
+    registry = services().experiments
     registry.refresh(force=True)
     if registry.source_of(name) == "file":
         raise ApiError(
             409, "conflict", f"{name!r} is defined in the experiments file; edit the file", field="name"
         )
     try:
-        removed = ex.delete_stored_experiment(services().client, name)
+        removed = reg.delete_stored_experiment(services().client, name)
     except redis.RedisError as e:
         raise _redis_unavailable(e) from None
     if not removed:
@@ -193,7 +184,7 @@ def assignment(name: str):
     name = _check_name(name)
     args = query_args(("user_id",))
     user_id = parse_id(args.get("user_id", ""), "user_id")
-    registry = _state().registry
+    registry = services().experiments
     experiment = registry.get(name)
     if experiment is None:
         raise ApiError(404, "not_found", f"no experiment named {name!r}", field="name")
@@ -243,9 +234,6 @@ def _dump_files(var_dir: Path, since: float | None) -> list[Path]:
 @require_api_key
 def report(name: str):
     """Attribution report: per variant metrics, both attribution models, z-test verdicts."""
-    import redis
-
-    from recsvc.commands.report import combine_events, make_report, read_stream_events
 
     name = _check_name(name)
     args = query_args(("window_days", "alpha", "attribution", "control", "max_events", "include_dumps"))
@@ -263,7 +251,7 @@ def report(name: str):
         raise bad_request("control", "control must be a variant name")
 
     svc = services()
-    registry = _state().registry
+    registry = services().experiments
     definition = registry.get(name)
     warnings: list[str] = []
     parts: list[Any] = []
@@ -272,7 +260,7 @@ def report(name: str):
             definition.start - window_days * 86400 if definition is not None and definition.start else None
         )
         files = _dump_files(Path(svc.config.var_dir), since)
-        limit = int(svc.config.extra.get("experiments_report_max_bytes", DEFAULT_REPORT_MAX_BYTES))
+        limit = svc.config.experiments.report_max_bytes
         total = sum(p.stat().st_size for p in files)
         if total > limit:
             raise ApiError(
@@ -282,16 +270,14 @@ def report(name: str):
                 "on them, or pass include_dumps=false for the live stream only",
             )
         if files:
-            from recsvc.core.events import BadInputError, load_events
-
             for path in files:
                 try:
                     parts.append(load_events(path)[0])
                 except BadInputError as e:
                     warnings.append(f"skipped {path.name}: {e}")
     try:
-        stream = read_stream_events(svc.client, svc.config.events_stream, max_events)
-        served = ex.read_served(svc.client, name, limit=max_events)
+        stream = read_stream_events(svc.client, svc.config.events.stream, max_events)
+        served = reg.read_served(svc.client, name, limit=max_events)
     except redis.RedisError as e:
         raise _redis_unavailable(e) from None
     parts.append(stream)

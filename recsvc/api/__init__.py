@@ -1,1 +1,0 @@
-"""HTTP blueprints, one per surface of the API."""

@@ -1,1 +1,0 @@
-"""CLI subcommands of the online side, one module per area."""

@@ -1,0 +1,559 @@
+"""The serving policy, written once: which model answers, which user data it sees, which strategy.
+
+Every read endpoint goes through one :class:`Recommender`:
+
+1. **Resolve the model.** Per-user answers read the live pointer and the user's record in one
+   round trip and switch versions when a publish or rollback happened; item answers trust the
+   model in memory for ``model_check_interval_s``. Redis down or slow, or nothing published: the
+   answer is degraded to the in-process copy of the live version, else the newest local artifact
+   (:class:`ModelChoice`), and says why (:class:`~recsvc.core.answers.Reason`).
+2. **Walk the strategy chain** (:class:`Chain`, data not code): real time (fold in events newer
+   than the model) → the cached top-K list → popular items. An A/B variant replaces the chain and
+   may name another published version. A strategy that does not apply returns None; one that
+   raises is logged and skipped, so a bug in fold-in costs the user real time, never a 5xx.
+
+Nothing here knows Flask: the web layer parses the request, calls one method and renders the
+:class:`Answer`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import redis
+
+from recsvc.core import bundles as bundle_rules
+from recsvc.core import ranking
+from recsvc.core.answers import Reason, Source, Strategy
+from recsvc.core.config import Config
+from recsvc.core.contract import CART, PURCHASE, VIEW
+from recsvc.core.errors import NotFound, NotPublished
+from recsvc.core.ranking import EMPTY_ITEMS, Filters
+from recsvc.serving import realtime
+from recsvc.serving.health import RedisHealth
+from recsvc.serving.model import ModelCache, ServingModel, UserRecord, fetch_user
+from recsvc.storage import stream
+from recsvc.storage.connection import REDIS_DOWN_ERRORS
+
+log = logging.getLogger(__name__)
+
+#: Newest recent events read for bundle anchors: a bounded Redis reply.
+RECENT_ANCHORS = 50
+MAX_USER_BUNDLES = 10
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests and answers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilterArgs:
+    """Filters as the caller gave them (names and ids), before mapping onto a model."""
+
+    categories: tuple[str, ...] | None = None
+    min_price: float | None = None
+    max_price: float | None = None
+    exclude: tuple[str, ...] = ()
+    in_stock_only: bool = True
+
+    def for_model(
+        self, model: ServingModel, repurchase: tuple[str, ...], purchased: np.ndarray | None = None
+    ) -> Filters:
+        """The :class:`~recsvc.core.ranking.Filters` for ``model`` (unknown names/ids match nothing)."""
+        return Filters(
+            in_stock_only=self.in_stock_only,
+            categories=None if self.categories is None else model.category_codes(self.categories),
+            min_price=self.min_price,
+            max_price=self.max_price,
+            exclude=model.item_indices(self.exclude) if self.exclude else EMPTY_ITEMS,
+            purchased=purchased if purchased is not None else EMPTY_ITEMS,
+            exclude_purchased=True,
+            repurchase_categories=model.memo(
+                ("repurchase", *repurchase), lambda: model.category_codes(repurchase)
+            ),
+        )
+
+
+NO_FILTERS = FilterArgs()
+
+
+@dataclass
+class Answer:
+    """What a recommender returns: items and scores of one model version, and where they come from.
+
+    ``fields`` holds what the endpoint adds to the answer (``user_id``, ``item_id``, ``bundles``,
+    ``note``...), in the order they are shown.
+    """
+
+    model: ServingModel | None
+    items: np.ndarray
+    scores: np.ndarray
+    source: Source
+    reason: Reason | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
+    #: False when the user's A/B variant could not be applied (its version is gone, Redis is down).
+    variant_applied: bool = True
+
+    @property
+    def model_version(self) -> str | None:
+        return self.model.version if self.model is not None else None
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Strategies tried in order for a user, and the reason a popular answer gives."""
+
+    steps: tuple[Strategy, ...]
+    popular_reason: Reason = Reason.UNKNOWN_USER
+
+
+DEFAULT_CHAIN = Chain((Strategy.REALTIME, Strategy.CACHED, Strategy.POPULAR))
+#: What each A/B variant strategy serves (``recsvc.analytics.experiments.STRATEGIES``).
+VARIANT_CHAINS: dict[str, Chain] = {
+    "personalized": Chain((Strategy.CACHED, Strategy.POPULAR)),
+    "realtime": Chain((Strategy.REALTIME, Strategy.CACHED, Strategy.POPULAR)),
+    "popular": Chain((Strategy.POPULAR,), popular_reason=Reason.EXPERIMENT),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An A/B variant's serving plan: its chain, and optionally a published version to serve from."""
+
+    strategy: str
+    model_version: str | None = None
+
+    @property
+    def chain(self) -> Chain:
+        return VARIANT_CHAINS.get(self.strategy, DEFAULT_CHAIN)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model an answer uses, and the reason when it is not the live one from Redis."""
+
+    model: ServingModel | None
+    reason: Reason | None = None
+
+    @property
+    def degraded(self) -> bool:
+        return self.reason is not None
+
+
+@dataclass
+class UserState:
+    """The model and a user's data for one request, read in one round trip."""
+
+    model: ServingModel | None
+    record: UserRecord | None = None
+    has_recent: bool = False
+    reason: Reason | None = None  # degraded: redis_unavailable | not_published
+    variant_applied: bool = True
+
+
+@dataclass
+class _Context:
+    """What a strategy sees: the request and the user's state under one model."""
+
+    model: ServingModel
+    user_id: str
+    record: UserRecord | None
+    has_recent: bool
+    filters: Filters
+    n: int
+    chain: Chain
+
+
+# ------------------------------------------------------------------------------------------------
+# The recommender
+# ------------------------------------------------------------------------------------------------
+
+
+class Recommender:
+    """Answers every read endpoint with the one serving policy (see the module docstring).
+
+    Parameters
+    ----------
+    config : Config
+        Serving limits, repurchase categories, history length, bundle rules.
+    client : redis.Redis
+        The request-path client (short timeouts).
+    models : ModelCache
+        The process's loaded versions.
+    health : RedisHealth
+        Shared memory of recent Redis failures.
+    """
+
+    def __init__(self, config: Config, client: redis.Redis, models: ModelCache, health: RedisHealth):
+        self.config, self.client, self.models, self.health = config, client, models, health
+        self._strategies: dict[Strategy, Callable[[_Context], tuple[Any, ...] | None]] = {
+            Strategy.REALTIME: self._realtime,
+            Strategy.CACHED: self._cached,
+            Strategy.POPULAR: self._popular,
+        }
+
+    # -- the model ---------------------------------------------------------------------------------
+
+    def fallback(self, reason: Reason) -> ModelChoice:
+        """The in-process copy of the live version, else the newest local artifact, else nothing."""
+        model = self.models.current() if reason == Reason.REDIS_UNAVAILABLE else None
+        if model is None:
+            model = self.models.local_fallback()
+        return ModelChoice(model, reason)
+
+    def resolve(self) -> ModelChoice:
+        """The model for answers without per-user data (the pointer is re-read every few seconds)."""
+        if self.health.is_down():
+            return self.fallback(Reason.REDIS_UNAVAILABLE)
+        try:
+            model = self.models.get(self.client)
+        except REDIS_DOWN_ERRORS as e:
+            self.health.mark_down(e)
+            return self.fallback(Reason.REDIS_UNAVAILABLE)
+        except NotPublished:
+            return self.fallback(Reason.NOT_PUBLISHED)
+        self.health.mark_up()
+        if model is None:
+            return self.fallback(Reason.NOT_PUBLISHED)
+        return ModelChoice(model)
+
+    def user_state(self, user_id: str, *, model_version: str | None = None) -> UserState:
+        """The live model (or ``model_version``) and ``user_id``'s record, in one round trip.
+
+        A publish or rollback seen in the reply switches the process to the new version and reads
+        the user again. ``model_version`` (an A/B variant's) that is no longer published gives the
+        live model's state with ``variant_applied=False``.
+        """
+        if self.health.is_down():
+            return self._degraded(Reason.REDIS_UNAVAILABLE, model_version)
+        probes = (stream.recent_key(user_id),)
+        try:
+            if model_version is not None:
+                try:
+                    model = self.models.model_for(self.client, model_version)
+                except NotPublished:
+                    log.warning("model version %s of an A/B variant is not published", model_version)
+                    return self._live_state(user_id, probes, variant_applied=False)
+                _, record, (has_recent,) = fetch_user(self.client, model, user_id, probes)
+                self.health.mark_up()
+                return UserState(model, record, bool(has_recent))
+            return self._live_state(user_id, probes)
+        except REDIS_DOWN_ERRORS as e:
+            self.health.mark_down(e)
+            return self._degraded(Reason.REDIS_UNAVAILABLE, model_version)
+        except NotPublished:
+            return self._degraded(Reason.NOT_PUBLISHED, model_version)
+
+    def _live_state(self, user_id: str, probes: tuple[str, ...], variant_applied: bool = True) -> UserState:
+        model = self.models.current() or self.models.get(self.client, force_check=True)
+        if model is None:
+            return self._degraded(Reason.NOT_PUBLISHED, None, variant_applied)
+        live, record, (has_recent,) = fetch_user(self.client, model, user_id, probes)
+        if live != model.version:
+            if live is None:
+                return self._degraded(Reason.NOT_PUBLISHED, None, variant_applied)
+            model = self.models.switch(self.client, live)
+            _, record, (has_recent,) = fetch_user(self.client, model, user_id, probes)
+        self.health.mark_up()
+        return UserState(model, record, bool(has_recent), variant_applied=variant_applied)
+
+    def _degraded(self, reason: Reason, model_version: str | None, variant_applied: bool = True) -> UserState:
+        choice = self.fallback(reason)
+        return UserState(choice.model, reason=reason, variant_applied=variant_applied and not model_version)
+
+    # -- personalised top-N ------------------------------------------------------------------------
+
+    def recommend(
+        self, user_id: str, n: int, wanted: FilterArgs = NO_FILTERS, *, variant: Variant | None = None
+    ) -> Answer:
+        """Top ``n`` items for ``user_id`` under ``wanted``, by the chain of ``variant`` or the default.
+
+        Parameters
+        ----------
+        user_id : str
+            Already validated against the id contract.
+        n : int
+            Items wanted (already bounded by the caller).
+        wanted : FilterArgs
+            The request's filters.
+        variant : Variant, optional
+            The user's A/B variant; None serves :data:`DEFAULT_CHAIN` from the live version.
+        """
+        fields = {"user_id": user_id}
+        state = self.user_state(user_id, model_version=variant.model_version if variant else None)
+        chain = variant.chain if variant is not None and state.variant_applied else DEFAULT_CHAIN
+        model = state.model
+        if state.reason is not None or model is None:
+            return self._popular_answer(state.model, wanted, n, state.reason, fields, applied=False)
+        ctx = _Context(
+            model=model,
+            user_id=user_id,
+            record=state.record,
+            has_recent=state.has_recent,
+            filters=wanted.for_model(
+                model,
+                self.config.serving.repurchase_categories,
+                state.record.purchased if state.record is not None else None,
+            ),
+            n=n,
+            chain=chain,
+        )
+        for step in chain.steps:
+            try:
+                found = self._strategies[step](ctx)
+            except REDIS_DOWN_ERRORS as e:
+                self.health.mark_down(e)
+                return self._popular_answer(
+                    self.fallback(Reason.REDIS_UNAVAILABLE).model,
+                    wanted,
+                    n,
+                    Reason.REDIS_UNAVAILABLE,
+                    fields,
+                    applied=False,
+                )
+            except Exception:  # a bug in one strategy must cost this answer that strategy, not a 5xx
+                log.exception("strategy %s failed for a user; trying the next one", step.value)
+                continue
+            if found is not None:
+                items, scores, source, reason = found
+                return Answer(
+                    model, items, scores, source, reason, fields, variant_applied=state.variant_applied
+                )
+        return Answer(model, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, chain.popular_reason, fields)
+
+    def _realtime(self, ctx: _Context) -> tuple[Any, ...] | None:
+        if not ctx.has_recent:
+            return None
+        folded = realtime.recommend(
+            ctx.model,
+            self.client,
+            ctx.user_id,
+            ctx.filters,
+            ctx.n,
+            known_user=ctx.record is not None,
+            history_length=self.config.events.history_length,
+        )
+        if folded is None:
+            return None
+        return folded[0], folded[1], Source.REALTIME, None
+
+    def _cached(self, ctx: _Context) -> tuple[Any, ...] | None:
+        record = ctx.record
+        if record is None:
+            return None
+        # Scores only for the items returned (the cached list is in score order).
+        items, scores, _how = ranking.recommend_from_cache(
+            ctx.model, record.topk_items, None, record.vector, ctx.filters, ctx.n
+        )
+        return items, scores, Source.PERSONALIZED, None
+
+    def _popular(self, ctx: _Context) -> tuple[Any, ...]:
+        items, scores = ranking.popular_items(ctx.model, ctx.filters, ctx.n)
+        return items, scores, Source.FALLBACK, ctx.chain.popular_reason
+
+    def _popular_answer(
+        self,
+        model: ServingModel | None,
+        wanted: FilterArgs,
+        n: int,
+        reason: Reason | None,
+        fields: dict[str, Any],
+        applied: bool = True,
+    ) -> Answer:
+        """Popular items of ``model`` under ``wanted`` (an empty answer without any model)."""
+        if model is None:
+            return Answer(None, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, reason, fields, applied)
+        filters = wanted.for_model(model, self.config.serving.repurchase_categories)
+        items, scores = ranking.popular_items(model, filters, n)
+        return Answer(model, items, scores, Source.FALLBACK, reason, fields, applied)
+
+    # -- item answers ------------------------------------------------------------------------------
+
+    def popular(self, n: int, wanted: FilterArgs = NO_FILTERS) -> Answer:
+        """The most popular items (overall, or in the asked categories), filtered."""
+        choice = self.resolve()
+        return self._popular_answer(choice.model, wanted, n, choice.reason, {})
+
+    def similar(self, item_id: str, n: int, wanted: FilterArgs = NO_FILTERS) -> Answer:
+        """Items closest to ``item_id`` in the model's factor space (cosine), filtered.
+
+        An item the model does not know (e.g. added after training) gets popular items instead,
+        with ``reason: unknown_item``: a product page never shows an empty widget.
+        """
+        fields = {"item_id": item_id}
+        choice = self.resolve()
+        model = choice.model
+        if model is None:
+            return Answer(None, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, choice.reason, fields)
+        anchor = model.item_index.get(item_id)
+        if anchor is None:
+            return self._popular_answer(model, wanted, n, Reason.UNKNOWN_ITEM, fields)
+        filters = wanted.for_model(model, self.config.serving.repurchase_categories)
+        items, scores = ranking.similar_items(model, anchor, filters, n, unit_factors=model.unit_item_factors)
+        source = Source.FALLBACK if choice.degraded else Source.PERSONALIZED
+        return Answer(model, items, scores, source, choice.reason, fields)
+
+    # -- bundles -----------------------------------------------------------------------------------
+
+    def item_bundle(self, item_id: str, rules: bundle_rules.BundleRules) -> Answer:
+        """The anchor item plus complementary items.
+
+        Raises
+        ------
+        NotFound
+            The model does not know ``item_id`` (a bundle needs a real anchor).
+        """
+        fields: dict[str, Any] = {"item_id": item_id}
+        choice = self.resolve()
+        model = choice.model
+        if model is None:
+            return _bundle_answer(None, [], Source.FALLBACK, choice.reason, fields)
+        anchor = model.item_index.get(item_id)
+        if anchor is None:
+            raise NotFound(f"item {item_id!r} is not in model version {model.version}", field="item_id")
+        catalog = bundle_catalog(model)
+        bundle = bundle_rules.assemble_bundle(catalog, anchor, rules)
+        if bundle is None:
+            fields["note"] = "anchor_unavailable" if not catalog.available[anchor] else "over_max_price"
+            return _bundle_answer(model, [], Source.FALLBACK, choice.reason, fields)
+        source = Source.FALLBACK if choice.degraded else _bundle_source(bundle)
+        return _bundle_answer(model, [(bundle, {})], source, choice.reason, fields, rules)
+
+    def cart_bundle(
+        self, cart_ids: Sequence[str], rules: bundle_rules.BundleRules, add: int, user_id: str | None = None
+    ) -> Answer:
+        """Items that complete a cart; with ``user_id``, none the user already bought."""
+        choice = self.resolve()
+        model = choice.model
+        fields: dict[str, Any] = {}
+        if model is None:
+            return _bundle_answer(None, [], Source.FALLBACK, choice.reason, fields)
+        catalog = bundle_catalog(model)
+        cart = [model.item_index[i] for i in cart_ids if i in model.item_index]
+        unknown = [i for i in cart_ids if i not in model.item_index]
+        exclude = EMPTY_ITEMS
+        if user_id is not None and not choice.degraded:
+            record = self._record(model, user_id)
+            if record is not None:
+                exclude = bundle_rules.already_bought(
+                    record.purchased, catalog.category, self._repurchase(model)
+                )
+        bundle = bundle_rules.complete_cart(catalog, cart, rules, add, exclude=exclude)
+        if unknown:
+            fields["unknown_items"] = unknown
+        if user_id is not None:
+            fields["user_id"] = user_id
+        if bundle is None:
+            fields["note"] = "over_max_price" if cart else "no_known_items"
+            return _bundle_answer(model, [], Source.FALLBACK, choice.reason, fields)
+        source = Source.FALLBACK if choice.degraded else _bundle_source(bundle)
+        return _bundle_answer(model, [(bundle, {})], source, choice.reason, fields, rules)
+
+    def user_bundles(self, user_id: str, n: int, rules: bundle_rules.BundleRules) -> Answer:
+        """Up to ``n`` bundles for a user, no item repeated, none already bought.
+
+        Anchors, in order: items the user viewed or carted recently (``source: realtime``), the
+        user's top recommendations (``personalized``), then popular items (``fallback``).
+        """
+        fields: dict[str, Any] = {"user_id": user_id}
+        state = self.user_state(user_id)
+        model, record = state.model, state.record
+        if model is None:
+            return _bundle_answer(None, [], Source.FALLBACK, state.reason, fields)
+        recent = None
+        if state.reason is None and state.has_recent:
+            try:
+                recent = stream.recent_events(
+                    self.client, user_id, min(RECENT_ANCHORS, self.config.events.history_length)
+                )
+            except REDIS_DOWN_ERRORS as e:
+                self.health.mark_down(e)
+        catalog = bundle_catalog(model)
+        purchased = [record.purchased] if record is not None else []
+        origin: dict[int, Source] = {}
+        if recent is not None and len(recent):
+            positions = np.fromiter(
+                (model.item_index.get(i, -1) for i in recent.item_ids), dtype=np.int64, count=len(recent)
+            )
+            purchased.append(positions[(recent.events == PURCHASE) & (positions >= 0)])
+            browsed = positions[np.isin(recent.events, (VIEW, CART)) & (positions >= 0)]
+            for item in dict.fromkeys(browsed.tolist()):
+                origin.setdefault(item, Source.REALTIME)
+        if record is not None:
+            for item in record.topk_items.tolist():
+                origin.setdefault(int(item), Source.PERSONALIZED)
+        for item in catalog.popular_order[: 4 * MAX_USER_BUNDLES * bundle_rules.MAX_BUNDLE_SIZE].tolist():
+            origin.setdefault(int(item), Source.FALLBACK)
+        bought = np.concatenate(purchased) if purchased else EMPTY_ITEMS
+        exclude = bundle_rules.already_bought(bought, catalog.category, self._repurchase(model))
+        found = bundle_rules.user_bundles(catalog, list(origin), n, rules, exclude=exclude)
+        pairs = [
+            (
+                b,
+                {
+                    "anchor_item_id": catalog.item_ids[b.items[0]],
+                    "anchor_source": origin[b.items[0]].value,
+                },
+            )
+            for b in found
+        ]
+        source = Source.FALLBACK if state.reason or not found else origin[found[0].items[0]]
+        return _bundle_answer(model, pairs, source, state.reason, fields, rules)
+
+    def _record(self, model: ServingModel, user_id: str) -> UserRecord | None:
+        """The user's record under ``model`` (None when unknown or Redis fails)."""
+        if model.origin != "redis":
+            return model.local_user(user_id)
+        try:
+            return fetch_user(self.client, model, user_id)[1]
+        except REDIS_DOWN_ERRORS as e:
+            self.health.mark_down(e)
+            return None
+
+    def _repurchase(self, model: ServingModel) -> np.ndarray:
+        return model.category_codes(tuple(self.config.serving.repurchase_categories))
+
+
+def bundle_catalog(model: ServingModel) -> bundle_rules.BundleCatalog:
+    """The bundle view of a model version, built once per version and shared by threads."""
+    return model.memo("bundle_catalog", lambda: bundle_rules.BundleCatalog.from_model(model))
+
+
+def _bundle_source(bundle: bundle_rules.Bundle) -> Source:
+    if bundle.reason_code == bundle_rules.REASON_POPULAR_PAIRING:
+        return Source.FALLBACK
+    return Source.PERSONALIZED
+
+
+def _bundle_answer(
+    model: ServingModel | None,
+    bundles: list[tuple[bundle_rules.Bundle, dict[str, Any]]],
+    source: Source,
+    reason: Reason | None,
+    fields: dict[str, Any],
+    rules: bundle_rules.BundleRules | None = None,
+) -> Answer:
+    """An answer with ``fields["bundles"]`` (each bundle priced, with its extra fields) and, as its
+    items, everything shown, each once, in bundle order."""
+    shown: list[int] = []
+    scores: list[float] = []
+    for bundle, _ in bundles:
+        for position, item in enumerate(bundle.items):
+            if item not in shown:
+                shown.append(item)
+                scores.append(bundle.scores[position])
+    catalog = bundle_catalog(model) if model is not None and bundles else None
+    fields["bundles"] = [{**bundle.to_dict(catalog, rules), **extra} for bundle, extra in bundles]
+    return Answer(
+        model,
+        np.asarray(shown, dtype=np.int32),
+        np.asarray(scores, dtype=np.float32),
+        source,
+        reason,
+        fields,
+    )

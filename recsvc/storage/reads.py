@@ -1,0 +1,77 @@
+"""Reading published versions and per-user records on the request path.
+
+One request reads, in one round trip, the live pointer, the user's record under the version the
+process holds and ``EXISTS`` of optional probe keys (e.g. the user's recent-events list): a Lua
+script, because one command costs the client far less than a pipeline of three.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from recsvc.storage import codec, keys
+
+_FETCH_SCRIPT = """
+local out = {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], ARGV[1])}
+for i = 3, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+return out
+"""
+_FETCH_SHA = hashlib.sha1(_FETCH_SCRIPT.encode()).hexdigest()
+
+
+def read_user(
+    client: redis.Redis, record_key: str, user_id: str, probe_keys: tuple[str, ...] = ()
+) -> tuple[str | None, bytes | None, list[int]]:
+    """The live version, ``user_id``'s packed record in ``record_key`` and ``EXISTS`` of each probe.
+
+    ``probe_keys`` must be built from validated ids (:mod:`recsvc.storage.keys`).
+    """
+    request_keys = (keys.CURRENT, record_key, *probe_keys)
+    try:
+        replies = client.evalsha(_FETCH_SHA, len(request_keys), *request_keys, user_id)
+    except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
+        client.script_load(_FETCH_SCRIPT)
+        replies = client.evalsha(_FETCH_SHA, len(request_keys), *request_keys, user_id)
+    return codec.text(replies[0]), replies[1], [int(x) for x in replies[2:]]
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    """The raw parts of one published version, as :func:`read_version` found them."""
+
+    info: dict[str, str]
+    manifest: bytes | None
+    items: dict[bytes, bytes]
+    popular: dict[bytes, bytes]
+    bundles: dict[bytes, bytes]
+
+    @property
+    def complete(self) -> bool:
+        return self.info.get("status") == "complete" and bool(self.items) and self.manifest is not None
+
+
+def read_version(client: redis.Redis, version: str) -> StoredVersion:
+    """Everything about ``version`` that does not depend on the user (one pipelined round trip)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.hgetall(keys.version(version, "info"))
+    pipe.get(keys.version(version, "manifest"))
+    pipe.hgetall(keys.version(version, "items"))
+    pipe.hgetall(keys.version(version, "popular"))
+    pipe.hgetall(keys.version(version, "bundles"))
+    info, manifest, items, popular, bundles = pipe.execute()
+    return StoredVersion(
+        info={codec.text(k): codec.text(v) for k, v in info.items()},
+        manifest=manifest,
+        items=items,
+        popular=popular,
+        bundles=bundles,
+    )
+
+
+def read_field(client: redis.Redis, key: str, field: str) -> Any:
+    """One hash field (a user's packed training row, for fold-in)."""
+    return client.hget(key, field)
