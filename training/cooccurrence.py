@@ -42,6 +42,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recsvc.core.artifact import BundleCandidates
+from recsvc.core.bundles import BundleRules, companions_for_evaluation
 from recsvc.core.contract import PURCHASE
 from recsvc.core.ranking import mask_positions
 
@@ -864,7 +865,6 @@ def evaluate_bundles(
         bundles with ``same_category`` rules) when items have categories. Hit rates are None
         when there is no query.
     """
-    from recsvc.core.bundles import companions_for_evaluation
 
     if size < 2:
         raise ValueError(f"size must be >= 2, got {size!r}")
@@ -919,7 +919,6 @@ def evaluate_bundles(
     if (np.asarray(category) >= 0).any():
         # The served rules keep the anchor's category out of its bundle; what that policy costs
         # in hit rate is worth knowing, so the same bundles without category rules are scored too.
-        from recsvc.core.bundles import BundleRules
 
         anyway = (rules or BundleRules(size=size)).with_(size=size, same_category=True)
         tables.append(

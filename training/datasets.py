@@ -1,7 +1,7 @@
 """Convert public datasets into the events/catalog contract, so every tool runs on them.
 
-    python -m training.datasets list
-    python -m training.datasets convert NAME --data-dir ../shared/data --out var/datasets/NAME
+    recsvc datasets list
+    recsvc datasets convert NAME --data-dir ../shared/data --out var/datasets/NAME
     recsvc evaluate --dataset NAME --data-dir ../shared/data      # converts, then evaluates
 
 Each converter reads the original files read-only and writes ``events.csv`` (and ``catalog.csv``
@@ -13,13 +13,11 @@ counted in the returned notes, so what reaches the loader is the dataset, not it
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -511,41 +509,3 @@ def _check_ids(events: Path) -> None:
         values = np.asarray(pc.unique(table[col]).to_numpy(zero_copy_only=False), dtype=object)
         if not valid_id_mask(values).all():
             raise ValueError(f"{events}: converter produced invalid {col} values")
-
-
-@click.group()
-def cli() -> None:
-    """Convert public datasets into the recsvc events/catalog contract."""
-
-
-@cli.command("list")
-def list_datasets() -> None:
-    """List the datasets this module can convert."""
-    for spec in DATASETS.values():
-        click.echo(f"{spec.name:28} {spec.folder}/{spec.files[0]:40} {spec.description}")
-
-
-@cli.command("convert")
-@click.argument("name", type=click.Choice(sorted(DATASETS)))
-@click.option("--data-dir", default="../shared/data", show_default=True, type=click.Path(file_okay=False))
-@click.option(
-    "--out", "out_dir", default=None, type=click.Path(file_okay=False), help="Default: var/datasets/NAME"
-)
-def convert_command(name: str, data_dir: str, out_dir: str | None) -> None:
-    """Convert dataset NAME into events.csv (+ catalog.csv)."""
-    try:
-        result = convert(name, data_dir, out_dir or Path("var/datasets") / name)
-    except FileNotFoundError as e:
-        raise click.ClickException(str(e)) from None
-    click.echo(f"events:  {result.events}")
-    click.echo(f"catalog: {result.catalog or '-'}")
-    click.echo(f"notes:   {result.notes}")
-    click.echo(
-        f"evaluate with: recsvc evaluate --events {result.events}"
-        + (f" --catalog {result.catalog}" if result.catalog else "")
-        + f" --split-days {result.split_days:g}"
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(cli())

@@ -43,6 +43,7 @@ from recsvc.core.weighting import (
     purchase_counts,
 )
 from training.als import TrainParams, fit_als
+from training.cooccurrence import evaluate_bundles
 
 METHODS = ("als", "popularity", "recent_popularity", "item_knn")
 METRICS = ("precision", "recall", "ndcg", "map", "hit_rate", "coverage")
@@ -471,7 +472,6 @@ def _evaluate_knn(
 
 def _evaluate_bundles(prep: _Prepared, item_factors: np.ndarray, catalog: Any) -> dict[str, Any]:
     """Bundle hit rate on the held-out orders against its two baselines (see training.cooccurrence)."""
-    from training.cooccurrence import evaluate_bundles
 
     item_index = {item: i for i, item in enumerate(prep.item_ids)}
     category = category_codes(prep.item_ids, catalog)[0]

@@ -32,6 +32,7 @@ import datetime as _dt
 import fcntl
 import itertools
 import json
+import logging
 import math
 import os
 import secrets
@@ -45,15 +46,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
 
-from recsvc.core.artifact import Artifact
+from recsvc.core.artifact import Artifact, ArtifactError, list_versions, read_artifact, resolve
+from recsvc.core.bundles import BundleCatalog, BundleRules, assemble_bundle
 from recsvc.core.config import Config
+from recsvc.core.contract import PURCHASE
 from recsvc.core.ranking import mask_positions
+from recsvc.storage.connection import connect_admin
+from recsvc.storage.embedded import ensure_redis
+from recsvc.storage.versions import current_version
 from training.segments import (
     DORMANT,
     NEW,
@@ -64,8 +69,9 @@ from training.segments import (
     SegmentTable,
     SegmentThresholds,
     compute_segments,
-    threshold_options,
 )
+
+log = logging.getLogger(__name__)
 
 REASONS: tuple[str, ...] = (
     "personalized",
@@ -732,7 +738,6 @@ def _prepare(
 
     # Already bought: purchases in the events (any time: never re-sell what was bought after
     # as_of either) and in the model's purchase matrix; repurchase categories are exempt.
-    from recsvc.core.contract import PURCHASE
 
     repurchasable = np.zeros(n_categories + 1, dtype=bool)
     for name in config.serving.repurchase_categories:
@@ -896,7 +901,6 @@ class AnchorBundles:
     def __init__(
         self, artifact: Artifact, available: np.ndarray, price: np.ndarray, titles: list[str], config: Config
     ):
-        from recsvc.core.bundles import BundleCatalog, BundleRules
 
         self.catalog = BundleCatalog(
             item_ids=artifact.item_ids,
@@ -915,7 +919,6 @@ class AnchorBundles:
 
     def columns(self, items: np.ndarray, item_ids: list[str]) -> tuple[pa.Array, pa.Array]:
         """``bundle_item_ids`` (``|``-separated companions; null: no bundle) and ``bundle_price``."""
-        from recsvc.core.bundles import assemble_bundle
 
         for item in np.unique(items).tolist():
             if item in self._ids:
@@ -1262,13 +1265,9 @@ def run_export(
 
 def resolve_model(config: Config, ref: str) -> Path:
     """``live`` (the version Redis serves), ``latest``, a version name or a folder -> version folder."""
-    from recsvc.core.artifact import resolve
 
     if ref != "live":
         return resolve(config.models_dir, ref)
-    from recsvc.storage.connection import connect_admin
-    from recsvc.storage.embedded import ensure_redis
-    from recsvc.storage.versions import current_version
 
     client = connect_admin(ensure_redis(config))
     try:
@@ -1284,7 +1283,6 @@ def resolve_model(config: Config, ref: str) -> Path:
 
 def previous_artifacts(models_dir: Path, current: Path, keep: int) -> list[Artifact]:
     """Up to ``keep`` versions older than ``current`` in ``models_dir`` (for restock detection)."""
-    from recsvc.core.artifact import ArtifactError, list_versions, read_artifact
 
     older = [p for p in list_versions(models_dir) if p.name < current.name][-keep:] if keep > 0 else []
     out = []
@@ -1292,159 +1290,5 @@ def previous_artifacts(models_dir: Path, current: Path, keep: int) -> list[Artif
         try:
             out.append(read_artifact(path, verify=False))
         except ArtifactError as e:  # a damaged old version only costs restock evidence
-            click.echo(f"warning: skipping {path} for restock detection: {e}", err=True)
+            log.warning("skipping %s for restock detection: %s", path, e)
     return out
-
-
-def _format_for(out: Path, fmt: str | None) -> str:
-    if fmt:
-        return fmt
-    return "jsonl" if out.suffix.lower() in (".jsonl", ".ndjson", ".json") else "csv"
-
-
-@click.command("export")
-@click.option("--segment", required=True, type=click.Choice(SEGMENT_CHOICES), help="Who to export.")
-@click.option(
-    "--events",
-    "event_paths",
-    multiple=True,
-    required=True,
-    type=click.Path(exists=True),
-    help="Event history: CSV/Parquet files or folders of them (repeatable): segments, visits, purchases.",
-)
-@click.option(
-    "--out", required=True, type=click.Path(dir_okay=False), help="Output file (written atomically)."
-)
-@click.option("--n", "n", type=click.IntRange(1, MAX_N), default=8, show_default=True, help="Picks per user.")
-@click.option(
-    "--format", "fmt", type=click.Choice(FORMATS), default=None, help="Default: from --out's suffix."
-)
-@click.option("--with-bundles", is_flag=True, help="Add bundle_item_ids and bundle_price to every row.")
-@click.option(
-    "--model",
-    "model_ref",
-    default="live",
-    show_default=True,
-    help="live (the version Redis serves), latest, a version name, or a model folder.",
-)
-@click.option(
-    "--catalog",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="Current catalogue: fresher stock, prices and titles than the model's.",
-)
-@click.option(
-    "--cap-last",
-    type=click.IntRange(0, MAX_CAP_LAST),
-    default=2,
-    show_default=True,
-    help="Never resend an item sent to the user in any of the last K exports (0 = no cap).",
-)
-@click.option(
-    "--winback-slots",
-    type=click.IntRange(0, MAX_N),
-    default=None,
-    help="Most win-back picks per dormant user [default: half of --n, rounded up].",
-)
-@click.option(
-    "--memory-mb",
-    type=click.IntRange(MIN_MEMORY_MB, MAX_MEMORY_MB),
-    default=256,
-    show_default=True,
-    help="Working-set budget for ranking, shared by the --threads chunks in flight (sets the chunk size).",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(1, MAX_THREADS),
-    default=None,
-    help="Chunks ranked in parallel [default: CPU cores, at most 8].",
-)
-@threshold_options
-@click.option(
-    "--progress/--no-progress", default=None, help="Progress bar on stderr [default: on a terminal]."
-)
-def export(
-    segment,
-    event_paths,
-    out,
-    n,
-    fmt,
-    with_bundles,
-    model_ref,
-    catalog,
-    cap_last,
-    winback_slots,
-    memory_mb,
-    threads,
-    as_of,
-    new_days,
-    dormant_days,
-    high_value_quantile,
-    progress,
-) -> None:
-    """Export top-N picks per user of a segment, ready for an email template.
-
-    Prints one JSON summary line on stdout. Exit codes: 0 written, 2 bad input, 4 another export
-    is running, 1 internal error.
-    """
-    from recsvc.core.artifact import ArtifactError, read_artifact
-    from recsvc.core.eventfiles import BadInputError
-    from training.retrain import ExitCode
-    from training.segments import SegmentThresholds, catalog_price_map, load_inputs, parse_as_of
-
-    config = Config.from_env()
-    out_path = Path(out)
-    fmt = _format_for(out_path, fmt)
-    if winback_slots is not None and winback_slots > n:
-        raise click.BadParameter(f"must be at most --n ({n})", param_hint="--winback-slots")
-    thresholds = SegmentThresholds(new_days, dormant_days, high_value_quantile)
-    as_of_ts = parse_as_of(as_of)
-    ledger = ExportLedger(Path(config.var_dir) / "exports")
-    try:
-        with ledger.lock():
-            model_path = resolve_model(config, model_ref)
-            artifact = read_artifact(model_path)
-            table, _report, catalog_obj = load_inputs(event_paths, catalog)
-            summary = run_export(
-                artifact,
-                table,
-                out_path,
-                segment=segment,
-                n=n,
-                fmt=fmt,
-                with_bundles=with_bundles,
-                thresholds=thresholds,
-                as_of=as_of_ts,
-                catalog=catalog_obj,
-                previous=previous_artifacts(
-                    Path(config.models_dir), model_path, config.serving.keep_versions
-                ),
-                ledger=ledger,
-                cap_last=cap_last,
-                config=config,
-                memory_mb=memory_mb,
-                winback_slots=winback_slots,
-                progress=progress,
-                catalog_prices=catalog_price_map(catalog_obj),
-                threads=threads,
-            )
-    except ExportLocked as e:
-        click.echo(f"error: {e}", err=True)
-        click.echo(json.dumps({"status": "locked", "error": str(e)}))
-        sys.exit(ExitCode.LOCKED)
-    except (ExportInputError, ArtifactError, BadInputError) as e:
-        click.echo(f"error: {e}", err=True)
-        click.echo(json.dumps({"status": "bad_input", "error": str(e)}))
-        sys.exit(ExitCode.BAD_INPUT)
-    except Exception as e:  # noqa: BLE001 - the scheduler gets a code and a JSON line, stderr the trace
-        import traceback
-
-        click.echo(f"internal error: {type(e).__name__}: {e}\n{traceback.format_exc()}", err=True)
-        click.echo(json.dumps({"status": "error", "error": f"{type(e).__name__}: {e}"}))
-        sys.exit(ExitCode.INTERNAL)
-    click.echo(
-        f"exported {summary.rows:,} rows for {summary.users:,} {segment} users to {summary.out} "
-        f"in {summary.seconds:.1f}s ({summary.users_per_s:,.0f} users/s)",
-        err=True,
-    )
-    click.echo(summary.to_json())

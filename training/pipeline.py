@@ -36,6 +36,7 @@ from recsvc.core.weighting import (
     to_float32,
 )
 from training.als import TrainParams, fit_als
+from training.cooccurrence import mine_bundles_report
 from training.evaluation import category_codes
 from training.evaluation import evaluate as evaluate_split
 from training.evaluation import tune as tune_params
@@ -116,7 +117,6 @@ def _bundles(
 
     Mining runs after the fit, so it may use the fit's cores (``threads``, 0 = one per core).
     """
-    from training.cooccurrence import mine_bundles_report
 
     item_index = {item: i for i, item in enumerate(item_ids)}
     threads = threads or os.cpu_count() or 1

@@ -35,14 +35,21 @@ import traceback
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
-import click
-
+from recsvc.core.artifact import ArtifactError, prune, read_manifest, update_manifest
 from recsvc.core.config import Config
+from recsvc.core.errors import ExitCode
+from recsvc.core.eventfiles import BadInputError
 from recsvc.storage import versions
+from recsvc.storage.connection import connect_admin
+from recsvc.storage.dump import DumpLocked, dump_events
+from recsvc.storage.embedded import ensure_redis
+from recsvc.storage.versions import current_version, publish
+from training.als import TrainParams
+from training.pipeline import train_model
+from training.segments import expand_event_paths
 
 log = logging.getLogger("recsvc.retrain")
 
@@ -53,16 +60,6 @@ GATE_METRIC = "ndcg@10"
 MAX_TOLERANCE = 1.0
 MIN_LOCK_TTL_S, MAX_LOCK_TTL_S = 10, 24 * 3600
 MAX_KEEP = 1000
-
-
-class ExitCode(IntEnum):
-    """Process exit codes shared by ``retrain`` and ``export`` (documented in docs/batch.md)."""
-
-    OK = 0  # published (retrain) / written (export)
-    INTERNAL = 1  # unexpected error; nothing live changed
-    BAD_INPUT = 2  # unusable input file or option (click usage errors are 2 as well)
-    GATE_REFUSED = 3  # the new model did not pass the quality gate; the live one keeps serving
-    LOCKED = 4  # another run holds the lock
 
 
 # ------------------------------------------------------------------------------------------------
@@ -242,7 +239,7 @@ class RetrainSummary:
     """The one JSON line printed on stdout."""
 
     status: str = "error"  # published | refused | locked | bad_input | error
-    exit_code: int = int(ExitCode.INTERNAL)
+    exit_code: int = int(ExitCode.FAILED)
     version: str | None = None  # the newly trained version (if training finished)
     live_before: str | None = None
     live_after: str | None = None
@@ -289,7 +286,6 @@ def _live_manifest(config: Config, live_version: str | None) -> dict[str, Any] |
     """The live version's manifest, from its folder in ``models_dir`` (None if not found)."""
     if not live_version:
         return None
-    from recsvc.core.artifact import ArtifactError, read_manifest
 
     try:
         return read_manifest(Path(config.models_dir) / live_version)
@@ -300,7 +296,6 @@ def _live_manifest(config: Config, live_version: str | None) -> dict[str, Any] |
 
 def _choose_params(given: Any, live_manifest: dict[str, Any] | None) -> tuple[Any, str]:
     """``--config`` if given, else the live model's parameters, else the defaults."""
-    from training.als import TrainParams
 
     if given is not None:
         return given, "config"
@@ -365,15 +360,11 @@ def run_retrain(
     keep = max(config.serving.keep_versions, 3) if keep is None else keep
     lock: RetrainLock | None = None
     own_client = client is None
-    from recsvc.core.eventfiles import BadInputError
 
     try:
         if not 0 <= tolerance <= MAX_TOLERANCE:
             raise _BadInput(f"--gate-tolerance must be in 0..{MAX_TOLERANCE}, got {tolerance}")
         if own_client:
-            from recsvc.storage.connection import connect_admin
-            from recsvc.storage.embedded import ensure_redis
-
             client = connect_admin(ensure_redis(config))
 
         candidate = RetrainLock(client, lock_ttl_s)
@@ -385,9 +376,6 @@ def run_retrain(
         lock = candidate
         log.info("step lock: acquired %s (ttl %ss, renewed while running)", LOCK_KEY, lock_ttl_s)
         _crash_point("lock")
-
-        from recsvc.storage.versions import current_version, publish
-        from training.segments import expand_event_paths
 
         summary.live_before = _decode(current_version(client))
         paths = expand_event_paths(event_paths)
@@ -404,8 +392,6 @@ def run_retrain(
         summary.event_files = [str(p) for p in paths]
 
         with _Step(summary, "train"):
-            from training.pipeline import train_model
-
             live_manifest = _live_manifest(config, summary.live_before)
             params, summary.params_source = _choose_params(params, live_manifest)
             try:
@@ -428,8 +414,6 @@ def run_retrain(
             log.info("trained %s: %s", summary.version, json.dumps(summary.metrics))
 
         with _Step(summary, "gate"):
-            from recsvc.core.artifact import update_manifest
-
             new_metrics = result.manifest.get("metrics") or getattr(result, "metrics", None)
             live_metrics = None if live_manifest is None else live_manifest.get("metrics")
             decision = gate_decision(new_metrics, live_metrics, tolerance, summary.live_before)
@@ -463,8 +447,6 @@ def run_retrain(
             log.info("published %s (was %s)", published, summary.live_before)
 
         with _Step(summary, "prune"):
-            from recsvc.core.artifact import prune
-
             protect = {v for v in (summary.live_before, summary.live_after) if v}
             protect |= _published_versions(client)
             summary.pruned = prune(config.models_dir, keep, protect=protect)
@@ -482,7 +464,7 @@ def run_retrain(
         log.error("bad input: %s", e)
         return summary
     except Exception as e:  # noqa: BLE001 - the scheduler needs a code and a line, not a traceback only
-        summary.status, summary.exit_code = "error", int(ExitCode.INTERNAL)
+        summary.status, summary.exit_code = "error", int(ExitCode.FAILED)
         summary.error = f"{type(e).__name__}: {e}"
         if summary.live_after and summary.live_after != summary.live_before:
             outcome = f"{summary.live_after} was published before the error"
@@ -533,7 +515,6 @@ def _dump_stream(client: Any, config: Config) -> tuple[Path | None, int]:
     :func:`recsvc.storage.dump.dump_events` is exactly-once (consumer group, fsync, commit record, then
     XACK/XDEL), so a crash here loses nothing: the next dump writes or finishes what was read.
     """
-    from recsvc.storage.dump import DumpLocked, dump_events
 
     out_dir = Path(config.var_dir) / "events"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -556,81 +537,3 @@ def _dump_stream(client: Any, config: Config) -> tuple[Path | None, int]:
 # ------------------------------------------------------------------------------------------------
 # The command
 # ------------------------------------------------------------------------------------------------
-
-
-@click.command("retrain")
-@click.option(
-    "--events",
-    "event_paths",
-    multiple=True,
-    required=True,
-    type=click.Path(),
-    help="Event files to train on, or folders of them (repeatable; e.g. the --dump-stream folder).",
-)
-@click.option("--catalog", type=click.Path(dir_okay=False), default=None, help="Catalog file.")
-@click.option(
-    "--dump-stream", is_flag=True, help="First dump the real-time event stream and train on it too."
-)
-@click.option(
-    "--gate-tolerance",
-    type=click.FloatRange(0, MAX_TOLERANCE),
-    default=0.02,
-    show_default=True,
-    help="Relative: publish only if new nDCG@10 >= live nDCG@10 * (1 - tolerance) and beats popularity.",
-)
-@click.option(
-    "--force", is_flag=True, help="Publish even if the gate refuses (logged, recorded in the manifest)."
-)
-@click.option(
-    "--keep",
-    type=click.IntRange(1, MAX_KEEP),
-    default=None,
-    help="Model folders kept on disk [default: max(RECSVC_KEEP_VERSIONS, 3)]; live/previous never pruned.",
-)
-@click.option(
-    "--lock-ttl",
-    "lock_ttl_s",
-    type=click.IntRange(MIN_LOCK_TTL_S, MAX_LOCK_TTL_S),
-    default=300,
-    show_default=True,
-    help="Lock expiry in seconds (renewed while running; frees itself this long after a crash).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="TOML file of training parameters (as for `recsvc train`) [default: the live model's parameters].",
-)
-def retrain(event_paths, catalog, dump_stream, gate_tolerance, force, keep, lock_ttl_s, config_path) -> None:
-    """Nightly job: dump, train, evaluate, gate, publish, prune.
-
-    Prints one JSON line on stdout. Exit codes: 0 published, 1 internal error, 2 bad input,
-    3 gate refused, 4 another run holds the lock.
-    """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    params = None
-    if config_path:
-        from training.als import TrainParams
-
-        try:
-            params = TrainParams.from_toml(config_path)
-        except ValueError as e:
-            log.error("bad input: %s", e)
-            click.echo(
-                RetrainSummary(status="bad_input", exit_code=int(ExitCode.BAD_INPUT), error=str(e)).to_json()
-            )
-            raise SystemExit(int(ExitCode.BAD_INPUT)) from None
-    summary = run_retrain(
-        Config.from_env(),
-        list(event_paths),
-        catalog,
-        dump_stream=dump_stream,
-        tolerance=gate_tolerance,
-        force=force,
-        keep=keep,
-        lock_ttl_s=lock_ttl_s,
-        params=params,
-    )
-    click.echo(summary.to_json())
-    raise SystemExit(summary.exit_code)

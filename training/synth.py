@@ -24,11 +24,9 @@ for a given seed and sizes.
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
@@ -452,35 +450,3 @@ def write_shop(
         tmp.replace(final)
         paths.append(final)
     return paths[0], paths[1]
-
-
-@click.command("sample-data")
-@click.option(
-    "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write into."
-)
-@click.option("--seed", default=7, show_default=True, help="Random seed (same seed, same shop).")
-@click.option("--users", "n_users", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
-@click.option(
-    "--items", "n_items", default=500, show_default=True, type=click.IntRange(len(CATEGORIES), 10_000_000)
-)
-@click.option("--days", default=60, show_default=True, type=click.IntRange(1, 3650))
-@click.option(
-    "--sessions-per-user",
-    default=12.0,
-    show_default=True,
-    type=click.FloatRange(0.1, 10_000),
-    help="Mean activity.",
-)
-def sample_data(
-    out_dir: str, seed: int, n_users: int, n_items: int, days: int, sessions_per_user: float
-) -> None:
-    """Generate a seeded synthetic shop (catalog + events) for demos and tests.
-
-    Writes OUT/events.csv and OUT/catalog.csv in the input contract.
-    """
-    events_path, catalog_path = write_shop(
-        out_dir, seed=seed, n_users=n_users, n_items=n_items, days=days, sessions_per_user=sessions_per_user
-    )
-    n_events = sum(1 for _ in open(events_path, "rb")) - 1
-    click.echo(f"wrote {events_path} ({n_events:,} events) and {catalog_path} ({n_items:,} items)")
-    sys.stdout.flush()

@@ -12,19 +12,20 @@ import click
 
 # name -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
-    "sample-data": "training.synth:sample_data",
-    "train": "training.cli:train",
-    "evaluate": "training.cli:evaluate",
-    "recommend": "training.cli:recommend",
+    "sample-data": "recsvc.cli.data:sample_data",
+    "train": "recsvc.cli.training:train",
+    "evaluate": "recsvc.cli.training:evaluate",
+    "recommend": "recsvc.cli.training:recommend",
     "publish": "recsvc.cli.serving:publish",
     "rollback": "recsvc.cli.serving:rollback",
     "versions": "recsvc.cli.serving:list_versions",
     "serve": "recsvc.cli.serving:serve",
     "events": "recsvc.cli.events:events",
-    "retrain": "training.retrain:retrain",
-    "export": "training.export:export",
-    "segments": "training.segments:segments",
+    "retrain": "recsvc.cli.retrain:retrain",
+    "export": "recsvc.cli.export:export",
+    "segments": "recsvc.cli.segments:segments",
     "report": "recsvc.cli.report:report",
+    "datasets": "recsvc.cli.data:datasets",
 }
 
 HELP: dict[str, str] = {
@@ -41,6 +42,7 @@ HELP: dict[str, str] = {
     "export": "Export top-N picks per user of a segment for email campaigns.",
     "segments": "Print customer segment sizes.",
     "report": "A/B experiment attribution report.",
+    "datasets": "Convert the public data sets in ../shared/data to the events contract.",
 }
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 
 import click
 
+from recsvc.core.config import Config
+from recsvc.storage.connection import connect_admin
+from recsvc.storage.dump import DumpError, DumpLocked, dump_events, stream_status
+from recsvc.storage.embedded import ensure_redis
+
 EXIT_ERROR, EXIT_USAGE, EXIT_LOCKED = 1, 2, 4
 
 
 def _client():
-    from recsvc.core.config import Config
-    from recsvc.storage.connection import connect_admin
-    from recsvc.storage.embedded import ensure_redis
 
     config = Config.from_env()
     return config, connect_admin(ensure_redis(config))
@@ -75,8 +77,6 @@ def dump(
     import redis
     from tqdm import tqdm
 
-    from recsvc.storage.dump import DumpError, DumpLocked, dump_events
-
     if progress is None:
         progress = sys.stderr.isatty()
     try:
@@ -107,8 +107,6 @@ def dump(
 def status() -> None:
     """Print the stream length, entries an interrupted dump left, and the dump lock (JSON)."""
     import redis
-
-    from recsvc.storage.dump import stream_status
 
     try:
         config, client = _client()

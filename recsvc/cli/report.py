@@ -21,9 +21,11 @@ from typing import Any
 import click
 import numpy as np
 
+from recsvc.analytics import experiments as ex
 from recsvc.analytics.registry import read_served
 from recsvc.analytics.report import combine_events, find_definition, make_report
 from recsvc.core.config import Config
+from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
 from recsvc.storage.embedded import redis_if_available
 from recsvc.storage.stream import DEFAULT_STREAM_LIMIT, read_stream_events
 
@@ -139,8 +141,6 @@ def report(
     compared with the control by a two-proportion z-test on user conversion, and a winner is named
     only when the difference is significant.
     """
-    from recsvc.analytics import experiments as ex
-    from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
 
     if not ex.NAME_PATTERN.fullmatch(name):
         raise BadInput(f"--experiment: {name!r} is not 1-32 characters of [A-Za-z0-9_-]")

@@ -16,7 +16,13 @@ from typing import Any
 import click
 import redis
 
+from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
+from recsvc.serving.model import ServingModel
+from recsvc.storage import keys, versions
+from recsvc.storage.connection import connect_admin
+from recsvc.storage.embedded import ensure_redis
+from recsvc.web.app import create_app
 
 EXIT_FAILED = 1
 EXIT_REDIS = 3
@@ -44,8 +50,6 @@ def _config(models_dir: str | None = None) -> Config:
 
 
 def _admin_client(config: Config) -> redis.Redis:
-    from recsvc.storage.connection import connect_admin
-    from recsvc.storage.embedded import ensure_redis
 
     try:
         url = ensure_redis(config)
@@ -75,9 +79,6 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
     not published unless --force is given.
     """
     from tqdm import tqdm
-
-    from recsvc.core.artifact import ArtifactError, read_artifact, resolve
-    from recsvc.storage import versions
 
     config = _config(models_dir)
     try:
@@ -120,7 +121,6 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
 @click.command()
 def rollback() -> None:
     """Switch serving back to the version that was live before the current one."""
-    from recsvc.storage import versions
 
     client = _admin_client(_config())
     before = versions.current_version(client)
@@ -136,8 +136,6 @@ def rollback() -> None:
 def list_versions(as_json: bool) -> None:
     """List the versions published in Redis, newest first, marking the live one with `*`."""
     import json
-
-    from recsvc.storage import versions
 
     rows = versions.list_published(_admin_client(_config()))
     if as_json:
@@ -158,8 +156,6 @@ def example_requests(client: redis.Redis, base_url: str) -> list[str]:
 
     Returns an empty list when nothing is published.
     """
-    from recsvc.serving.model import ServingModel
-    from recsvc.storage import keys, versions
 
     version = versions.current_version(client)
     if version is None:
@@ -200,7 +196,6 @@ class _GunicornApp:
                     self.cfg.set(key, value)
 
             def load(self):
-                from recsvc.web.app import create_app
 
                 return create_app()
 
@@ -253,7 +248,6 @@ def serve(
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
     every worker through the environment.
     """
-    from recsvc.storage.embedded import ensure_redis
 
     # Scoring one user is a small matrix-vector product: BLAS threads only contend with the other
     # workers (bench/realtime.py measured ~2x the latency with the default). Set before numpy loads.
@@ -281,8 +275,6 @@ def serve(
     click.echo(f"recsvc serving on {base} ({'flask dev server' if dev else f'gunicorn, {workers} workers'})")
     sys.stdout.flush()
     if dev:
-        from recsvc.web.app import create_app
-
         create_app().run(host=host, port=port, threaded=True, use_reloader=False)
         return
     options = {

@@ -17,7 +17,8 @@ class ExitCode(IntEnum):
     OK = 0
     FAILED = 1  # unexpected error, or a missing/corrupt artifact; nothing live changed
     BAD_INPUT = 2  # unusable input file or option (click usage errors are 2 as well)
-    UNAVAILABLE = 3  # Redis unreachable; for retrain: the quality gate refused the new model
+    UNAVAILABLE = 3  # Redis unreachable
+    GATE_REFUSED = 3  # retrain: the new model did not pass the quality gate; the live one serves on
     LOCKED = 4  # another run holds the lock
 
 

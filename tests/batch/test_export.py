@@ -18,10 +18,11 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
+from recsvc.cli.export import export
 from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.config import Config
 from recsvc.core.events import Catalog, EventTable
-from training.export import COLUMNS, ExportLedger, ExportLocked, RowWriter, export, run_export
+from training.export import COLUMNS, ExportLedger, ExportLocked, RowWriter, run_export
 
 T = 1_700_000_000
 DAY = 86_400

@@ -17,10 +17,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 
+from recsvc.cli.retrain import retrain
 from recsvc.core.artifact import list_versions, read_manifest, update_manifest
 from recsvc.core.config import Config
+from recsvc.core.errors import ExitCode
 from recsvc.storage import versions
-from training.retrain import LOCK_KEY, ExitCode, RetrainLock, retrain, run_retrain
+from training.retrain import LOCK_KEY, RetrainLock, run_retrain
 
 REPO = Path(__file__).resolve().parents[2]
 

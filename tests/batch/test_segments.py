@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from recsvc.cli.segments import segments
 from recsvc.core.events import EventTable
-from training.segments import NO_TIME, SegmentThresholds, compute_segments, segments
+from training.segments import NO_TIME, SegmentThresholds, compute_segments
 
 T = 1_700_000_000  # as_of
 DAY = 86_400

@@ -15,7 +15,15 @@ from typing import Any
 
 import click
 
+from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
+from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
+from training.als import TrainParams
+from training.datasets import DATASETS, convert
+from training.evaluation import evaluate as run_evaluation
+from training.evaluation import format_table
+from training.pipeline import train_model
+from training.recommend import write_recommendations
 
 EXIT_BAD_INPUT = 2
 
@@ -48,7 +56,6 @@ def _parse_weights(text: str | None) -> dict[str, float] | None:
 
 def _params(config: str | None, overrides: dict[str, Any]) -> Any:
     """Defaults <- config file <- command-line overrides; errors exit with code 2."""
-    from training.als import TrainParams
 
     try:
         params = TrainParams.from_toml(config) if config else TrainParams()
@@ -159,8 +166,6 @@ def train(**kwargs: Any) -> None:
 
     Prints the version folder on stdout and the evaluation table; the load report goes to stderr.
     """
-    from recsvc.core.eventfiles import BadInputError
-    from training.pipeline import train_model
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
     models_dir = kwargs["models_dir"] or Config.from_env().models_dir
@@ -186,7 +191,6 @@ def train(**kwargs: Any) -> None:
         raise BadInput(str(e)) from None
     except ValueError as e:
         raise BadInput(str(e)) from None
-    from training.evaluation import format_table
 
     click.echo(str(result.path))
     if result.metrics:
@@ -209,7 +213,7 @@ def train(**kwargs: Any) -> None:
 @click.option("--catalog", type=click.Path(dir_okay=False), help="Catalog file.")
 @click.option(
     "--dataset",
-    help="Convert and evaluate a public dataset instead (see `python -m training.datasets list`).",
+    help="Convert and evaluate a public dataset instead (see `recsvc datasets list`).",
 )
 @click.option(
     "--data-dir",
@@ -243,9 +247,6 @@ def train(**kwargs: Any) -> None:
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate ALS against baselines on a time split and print a table."""
-    from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
-    from training.evaluation import evaluate as run_evaluation
-    from training.evaluation import format_table
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
     events_paths = list(kwargs["events"])
@@ -254,7 +255,6 @@ def evaluate(**kwargs: Any) -> None:
     if kwargs["dataset"]:
         if events_paths:
             raise BadInput("give either --events or --dataset, not both")
-        from training.datasets import DATASETS, convert
 
         if kwargs["dataset"] not in DATASETS:
             raise BadInput(f"--dataset: unknown dataset {kwargs['dataset']!r} (known: {', '.join(DATASETS)})")
@@ -340,7 +340,6 @@ def recommend(**kwargs: Any) -> None:
     Uses implicit's batched recommend on the artifact's factors. The file is written under a
     temporary name and renamed, so an interrupted run never leaves a partial file behind.
     """
-    from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 
     models_dir = kwargs["models_dir"] or Config.from_env().models_dir
     try:
@@ -359,87 +358,3 @@ def recommend(**kwargs: Any) -> None:
         show_progress=_show_progress(kwargs["progress"]),
     )
     click.echo(f"wrote {rows:,} rows for {artifact.n_users:,} users to {out} (model {artifact.version})")
-
-
-def write_recommendations(
-    artifact: Any,
-    out: Path,
-    *,
-    n: int = 20,
-    include_purchased: bool = False,
-    include_unavailable: bool = False,
-    threads: int = 0,
-    batch_size: int = 10_000,
-    show_progress: bool = False,
-) -> int:
-    """Top-``n`` per user with implicit's batched ``recommend``; returns the number of rows written.
-
-    Parameters
-    ----------
-    artifact : recsvc.core.artifact.Artifact
-        A loaded model.
-    out : Path
-        CSV file to write (``user_id,rank,item_id,score``; rank starts at 1).
-    n : int
-        Items per user (fewer when filters leave fewer).
-    include_purchased : bool
-        Keep items the user purchased (excluded by default).
-    include_unavailable : bool
-        Keep out-of-stock items (excluded by default).
-    threads, batch_size, show_progress
-        implicit threads, users per recommend call, tqdm bar.
-    """
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.csv as pa_csv
-    from tqdm import tqdm
-
-    from recsvc.core.ranking import mask_positions
-    from training.als import recommender_from_factors
-
-    model = recommender_from_factors(artifact.user_factors, artifact.item_factors, threads=threads)
-    user_ids = np.asarray(artifact.user_ids, dtype=object)
-    item_ids = np.asarray(artifact.item_ids, dtype=object)
-    unavailable = None if include_unavailable else np.flatnonzero(~artifact.available).astype(np.int32)
-    if unavailable is not None and len(unavailable) == 0:
-        unavailable = None
-    purchases = artifact.purchases.tocsr()
-    schema = pa.schema(
-        [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    written = 0
-    n_users = artifact.n_users
-    try:
-        with pa_csv.CSVWriter(tmp, schema) as writer:
-            for lo in tqdm(range(0, n_users, batch_size), disable=not show_progress, unit="batch"):
-                users = np.arange(lo, min(lo + batch_size, n_users))
-                ids, scores = model.recommend(
-                    users,
-                    purchases[users],
-                    N=min(n, artifact.n_items),
-                    filter_already_liked_items=not include_purchased,
-                    filter_items=unavailable,
-                )
-                ids = np.atleast_2d(ids)
-                scores = np.atleast_2d(scores)
-                valid = (ids >= 0) & np.isfinite(scores)
-                rows, cols = mask_positions(valid)
-                writer.write_table(
-                    pa.table(
-                        {
-                            "user_id": pa.array(user_ids[users[rows]], pa.string()),
-                            "rank": pa.array(cols + 1, pa.int32()),
-                            "item_id": pa.array(item_ids[ids[rows, cols]], pa.string()),
-                            "score": pa.array(scores[rows, cols], pa.float32()),
-                        },
-                        schema=schema,
-                    )
-                )
-                written += len(rows)
-        tmp.replace(out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return written
