@@ -1,14 +1,18 @@
-"""Fixtures shared by every test area: a real Redis server, and small artifacts."""
+"""Fixtures shared by every test area: a real Redis server, the one config factory, small artifacts."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
 
-from recsvc.core.artifact import Artifact
+from recsvc.core.artifact import Artifact, write_artifact
+from recsvc.core.config import Config
 from recsvc.storage import versions
 from recsvc.storage.embedded import RedisServer
-from recsvc.web.app import create_app
+from tests.factories import API_KEY, make_artifact
 
 
 @pytest.fixture(scope="session")
@@ -33,23 +37,49 @@ def redis_client(redis_url) -> redis.Redis:
     client.close()
 
 
-# The fixtures below need ``artifact`` and ``config`` fixtures from the test folder's conftest
-# (each area builds the model and settings its tests are about).
+@pytest.fixture
+def models_dir(tmp_path) -> Path:
+    return tmp_path / "models"
+
+
+@pytest.fixture
+def make_config(redis_url, models_dir, tmp_path) -> Callable[..., Config]:
+    """The one config factory: test defaults (real Redis, tmp folders, one API key, no caching
+    delays), with any setting overridden by its flat name, e.g. ``make_config(max_n=5)``."""
+
+    def build(**overrides) -> Config:
+        return Config.create(
+            redis_url=redis_url,
+            models_dir=models_dir,
+            var_dir=tmp_path / "var",
+            api_keys=(API_KEY,),
+            model_check_interval_s=0.0,
+            experiments_refresh_s=0.0,
+        ).with_overrides(**overrides)
+
+    return build
+
+
+@pytest.fixture
+def config(make_config) -> Config:
+    return make_config()
+
+
+@pytest.fixture
+def admin_headers() -> dict[str, str]:
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def artifact(models_dir) -> Artifact:
+    """A written 20-user, 50-item artifact (see tests.factories.make_artifact). Test modules that
+    are about another model override this fixture."""
+    a = make_artifact(n_users=20, n_items=50, seed=1)
+    write_artifact(a, models_dir)
+    return a
 
 
 @pytest.fixture
 def published(redis_client, artifact, config) -> Artifact:
     versions.publish(redis_client, artifact, config)
     return artifact
-
-
-@pytest.fixture
-def app(config):
-    app = create_app(config)
-    yield app
-    app.extensions["recsvc"].client.close()
-
-
-@pytest.fixture
-def http(app):
-    return app.test_client()

@@ -1,4 +1,4 @@
-"""Builders for small, fully valid artifacts whose contents tests can reason about."""
+"""Builders for small, fully valid artifacts whose contents tests can reason about, and their oracles."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsvc.core.artifact import Artifact, BundleCandidates
+
+#: The API key every test app accepts (see tests/conftest.py).
+API_KEY = "test-key-0123456789"
 
 
 def make_artifact(
@@ -46,3 +49,48 @@ def make_artifact(
             "metrics": {},
         },
     )
+
+
+def expected_top(artifact: Artifact, user: int, n: int, allowed: np.ndarray | None = None) -> list[str]:
+    """Brute-force reference: the user's best ``n`` allowed items by dot product (ties: lower index)."""
+    scores = artifact.item_factors @ artifact.user_factors[user]
+    mask = artifact.available.copy() if allowed is None else allowed.copy()
+    mask[artifact.purchases[user].indices] = False
+    candidates = np.flatnonzero(mask)
+    order = candidates[np.lexsort((candidates, -scores[candidates]))]
+    return [artifact.item_ids[i] for i in order[:n]]
+
+
+#: anchor -> [(candidate, support)], best first. Categories cycle shoes/shirts/hats (i % 3);
+#: item i costs i + 1. Anchor 0 (shoes) goes with 1 (shirts), 4 (shirts), 3 (shoes), 2 (hats).
+BUNDLE_ROWS: dict[int, list[tuple[int, int]]] = {
+    0: [(1, 12), (4, 10), (3, 9), (2, 8)],
+    1: [(0, 12), (2, 5)],
+    2: [(0, 8), (1, 5)],
+    4: [(0, 10)],
+}
+
+
+def bundle_candidates(n_items: int) -> BundleCandidates:
+    """Mined bundle candidates exactly as in :data:`BUNDLE_ROWS` (score = support / 20)."""
+    indptr, indices, score, support = [0], [], [], []
+    for anchor in range(n_items):
+        for item, sup in BUNDLE_ROWS.get(anchor, []):
+            indices.append(item)
+            support.append(sup)
+            score.append(sup / 20.0)
+        indptr.append(len(indices))
+    return BundleCandidates(
+        np.asarray(indptr, np.int64),
+        np.asarray(indices, np.int32),
+        np.asarray(score, np.float32),
+        np.asarray(support, np.int32),
+    )
+
+
+def bundle_artifact() -> Artifact:
+    """A 20-user, 50-item artifact with :data:`BUNDLE_ROWS` as bundle candidates; item 5 out of stock."""
+    a = make_artifact(n_users=20, n_items=50, seed=2)
+    a.bundles = bundle_candidates(a.n_items)
+    a.available[5] = False
+    return a

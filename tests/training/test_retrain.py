@@ -50,10 +50,8 @@ def retrain_once(config, shop, **kwargs):
 
 
 @pytest.fixture
-def config(tmp_path, redis_url):
-    return Config.create(
-        redis_url=redis_url, models_dir=tmp_path / "models", var_dir=tmp_path / "var", keep_versions=3
-    )
+def config(make_config):
+    return make_config(keep_versions=3)
 
 
 def live(client) -> str | None:
@@ -121,11 +119,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, config):
     assert run_retrain(config, [empty], None).exit_code == ExitCode.BAD_INPUT
 
 
-def test_prune_keeps_live_and_previous(shop, tmp_path, redis_url, redis_client):
+def test_prune_keeps_live_and_previous(shop, make_config, redis_client):
     # Redis keeps 2 versions for rollback; the disk keeps 1 plus whatever is live or in Redis.
-    config = Config.create(
-        redis_url=redis_url, models_dir=tmp_path / "models", var_dir=tmp_path / "var", keep_versions=2
-    )
+    config = make_config(keep_versions=2)
     published = []
     for _ in range(3):
         summary = retrain_once(config, shop, keep=1, tolerance=1.0)
@@ -217,17 +213,16 @@ def store_versions(client) -> list[str]:
 
 
 def api_model_version(config: Config) -> str:
-    """The version the HTTP API serves a known user's recommendations from."""
-    from recsvc.web.app import create_app
+    """The version the serving layer answers a known user's recommendations from."""
+    from recsvc.serving.health import RedisHealth
+    from recsvc.serving.model import ModelCache
+    from recsvc.serving.recommender import Recommender
 
-    live_version = live(redis.Redis.from_url(config.redis.url))
-    user = read_manifest_users(config.models_dir / live_version)[0]
-    client = create_app(config).test_client()
-    response = client.get(f"/v1/users/{user}/recommendations?n=5")
-    assert response.status_code == 200, response.get_data(as_text=True)
-    body = response.get_json()
-    assert body["source"] == "personalized" and len(body["items"]) == 5, body
-    return body["model_version"]
+    client = redis.Redis.from_url(config.redis.url)
+    user = read_manifest_users(config.models_dir / live(client))[0]
+    answer = Recommender(config, client, ModelCache(config), RedisHealth(1.0)).recommend(user, 5)
+    assert answer.source == "personalized" and len(answer.items) == 5, answer
+    return answer.model_version
 
 
 def read_manifest_users(path: Path) -> list[str]:

@@ -118,15 +118,12 @@ def test_update_manifest_is_atomic_and_keeps_checksums_valid(tmp_path):
         update_manifest(tmp_path / "nope", gate={})
 
 
-def test_unreachable_redis_is_an_internal_error(tmp_path):
-    from recsvc.core.config import Config
+def test_unreachable_redis_is_an_internal_error(tmp_path, make_config):
     from recsvc.core.errors import ExitCode
     from recsvc.storage.embedded import free_port
     from training.retrain import run_retrain
 
-    config = Config.create(
-        redis_url=f"redis://127.0.0.1:{free_port()}/0", models_dir=tmp_path / "m", var_dir=tmp_path
-    )
+    config = make_config(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     summary = run_retrain(config, [tmp_path / "events.csv"], None)
     assert summary.exit_code == ExitCode.FAILED and summary.status == "error"
     assert "ConnectionError" in summary.error

@@ -8,52 +8,29 @@ import numpy as np
 import pytest
 
 from recsvc.core.artifact import write_artifact
-from recsvc.core.config import Config
 from recsvc.core.foldin import fold_in
 from recsvc.storage import versions
 from recsvc.storage.embedded import RedisServer
-from recsvc.web.app import create_app
-from tests.factories import make_artifact
+from tests.factories import API_KEY, make_artifact
 
-API_KEY = "events-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 T = 1_718_000_000
 STREAM = "recsvc:events"
 
 
-def _config(redis_url, tmp_path, **overrides) -> Config:
-    values = dict(
-        redis_url=redis_url,
-        models_dir=tmp_path / "models",
-        var_dir=tmp_path / "var",
-        api_keys=(API_KEY,),
-        model_check_interval_s=0.0,
-    )
-    values.update(overrides)
-    return Config.create(**values)
-
-
 @pytest.fixture
-def artifact(tmp_path):
+def artifact(models_dir):
     a = make_artifact(n_users=20, n_items=50, factors=8, seed=1)
     a.manifest["params"] = {"factors": 8, "regularization": 0.5, "alpha": 2.0, "scaling": "linear"}
     a.manifest["trained_until"] = T
-    write_artifact(a, tmp_path / "models")
+    write_artifact(a, models_dir)
     return a
 
 
 @pytest.fixture
-def make_http(redis_url, tmp_path):
-    apps = []
-
-    def build(**overrides):
-        app = create_app(_config(redis_url, tmp_path, **overrides))
-        apps.append(app)
-        return app.test_client()
-
-    yield build
-    for app in apps:
-        app.extensions["recsvc"].client.close()
+def make_http(make_app, make_config):
+    """A test client of an app built with these setting overrides."""
+    return lambda **overrides: make_app(make_config(**overrides)).test_client()
 
 
 def _event(user="u1", item="i3", kind="view", ts=T + 1, **extra):
@@ -157,18 +134,17 @@ def test_stream_full_is_503_and_stores_nothing(make_http, redis_client):
     assert redis_client.xlen(STREAM) == 3
 
 
-def test_redis_down_is_503_not_a_crash(tmp_path):
+def test_redis_down_is_503_not_a_crash(tmp_path, make_http):
     server = RedisServer(tmp_path / "down").start()
-    app = create_app(_config(server.url, tmp_path))
-    http = app.test_client()
+    http = make_http(redis_url=server.url)
     assert http.post("/v1/events", json=_event(), headers=AUTH).status_code == 202
     server.stop()
     r = http.post("/v1/events", json=_event(), headers=AUTH)
     assert r.status_code == 503 and r.get_json()["error"] == "unavailable"
 
 
-def test_get_after_post_is_realtime(make_http, redis_client, artifact, tmp_path):
-    versions.publish(redis_client, artifact, _config("unused", tmp_path, topk_cached=20))
+def test_get_after_post_is_realtime(make_http, make_config, redis_client, artifact):
+    versions.publish(redis_client, artifact, make_config(topk_cached=20))
     http = make_http()
 
     # A visitor the model does not know: popular until the first event, then folded in.

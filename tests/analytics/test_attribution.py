@@ -11,70 +11,7 @@ import pytest
 from recsvc.analytics import attribution as at
 from recsvc.analytics.recids import new_rec_id
 from recsvc.core.contract import CART, CLICK, PURCHASE
-from recsvc.core.events import EventTable
-
-T = 1_700_000_000
-DAY = 86_400
-
-RA1 = new_rec_id("exp", "A", T)
-RX = new_rec_id(now=T + 400)  # untagged rec (no experiment) that competes for credit
-RB1 = new_rec_id("exp", "B", T)
-RB2 = new_rec_id("exp", "B", T)
-RA2 = new_rec_id("exp", "A", T)
-RB3 = new_rec_id("exp", "B", T)
-ROLD = new_rec_id("exp", "A", T - 20 * DAY)  # served long before the purchase
-RO = new_rec_id("other", "X", T)
-
-
-def ev(user, item, event, t, rec_id=None, price=None, quantity=None):
-    out = {"user_id": user, "item_id": item, "event": event, "timestamp": t}
-    if rec_id:
-        out["rec_id"] = rec_id
-    if price is not None:
-        out["price"] = price
-    if quantity is not None:
-        out["quantity"] = quantity
-    return out
-
-
-def shop() -> EventTable:
-    return EventTable.from_records(
-        [
-            # u1 (A): sees 3 items, clicks i1 twice from A's rec, once from an untagged rec, buys 2 x 10.
-            ev("u1", "i1", "impression", T + 10, RA1),
-            ev("u1", "i2", "impression", T + 10, RA1),
-            ev("u1", "i3", "impression", T + 10, RA1),
-            ev("u1", "i1", "click", T + 100, RA1),
-            ev("u1", "i1", "click", T + 200, RA1),
-            ev("u1", "i1", "click", T + 500, RX),
-            ev("u1", "i1", "purchase", T + 1000, price=10, quantity=2),
-            # u2 (B): buys the clicked item 8 days later: outside a 7-day window.
-            ev("u2", "i3", "impression", T + 10, RB1),
-            ev("u2", "i3", "click", T + 100, RB1),
-            ev("u2", "i3", "purchase", T + 100 + 8 * DAY, price=7),
-            # u3 (B): buys another item (no credit), carts and buys the clicked one with the rec id.
-            ev("u3", "i4", "impression", T + 10, RB2),
-            ev("u3", "i4", "click", T + 100, RB2),
-            ev("u3", "i4", "cart", T + 150, RB2),
-            ev("u3", "i5", "purchase", T + 200, price=3),
-            ev("u3", "i4", "purchase", T + 300, RB2, price=4),
-            # u4 (A): buys straight from the rec (the purchase carries the rec id, no click).
-            ev("u4", "i6", "impression", T + 10, RA2),
-            ev("u4", "i6", "purchase", T + 50, RA2, price=5),
-            # u5 (B): clicks, carts and buys without rec ids on the cart/purchase; no price sent.
-            ev("u5", "i7", "impression", T + 10, RB3),
-            ev("u5", "i7", "click", T + 100, RB3),
-            ev("u5", "i7", "cart", T + 200),
-            ev("u5", "i7", "purchase", T + 300),
-            # u6 (A): a click that is recent, on a rec served 20 days ago: the rec is stale.
-            ev("u6", "i8", "click", T + 100, ROLD),
-            ev("u6", "i8", "purchase", T + 200, price=100),
-            # u7: another experiment; u8: no rec at all.
-            ev("u7", "i9", "click", T + 100, RO),
-            ev("u7", "i9", "purchase", T + 200, price=50),
-            ev("u8", "i1", "purchase", T + 100, price=10),
-        ]
-    )
+from tests.shops import DAY, RA1, RO, RX, T, attribution_shop
 
 
 def metrics(report, model):
@@ -82,7 +19,7 @@ def metrics(report, model):
 
 
 def test_hand_computed_metrics_under_both_models():
-    report = at.build_report(shop(), "exp", variants=["A", "B"], catalog_prices={"i7": 6.0})
+    report = at.build_report(attribution_shop(), "exp", variants=["A", "B"], catalog_prices={"i7": 6.0})
     last, linear = metrics(report, "last_click"), metrics(report, "linear")
     for m in (last, linear):
         assert (m["A"].users, m["A"].impressions, m["A"].clicks) == (3, 4, 3)  # u1, u4, u6
@@ -107,16 +44,16 @@ def test_hand_computed_metrics_under_both_models():
 
 
 def test_window_and_missing_prices():
-    report = at.build_report(shop(), "exp", window_days=9)
+    report = at.build_report(attribution_shop(), "exp", window_days=9)
     b = metrics(report, "last_click")["B"]
     assert (b.purchases, b.converters, b.revenue) == (3, 3, 7 + 4)  # u2 now counts; u5's price unknown
     assert report.data["purchases_without_price"] == 1
     assert any("no price" in w for w in report.warnings)
     # The window also bounds rec -> conversion: with 0 days even u4's purchase that carries the rec
     # id is not credited (served at T, bought at T + 50); with 50 seconds it is.
-    zero = metrics(at.build_report(shop(), "exp", window_days=0), "last_click")
+    zero = metrics(at.build_report(attribution_shop(), "exp", window_days=0), "last_click")
     assert (zero["A"].purchases, zero["B"].purchases) == (0, 0)
-    fifty = metrics(at.build_report(shop(), "exp", window_days=50 / DAY), "last_click")
+    fifty = metrics(at.build_report(attribution_shop(), "exp", window_days=50 / DAY), "last_click")
     assert (fifty["A"].purchases, fifty["B"].purchases) == (1, 0)
 
 
@@ -125,19 +62,19 @@ def test_start_bounds_served_log_and_variants_from_data():
         "user_id": np.array(["u9", "u1"], dtype=object),
         "rec_id": np.array([new_rec_id("exp", "A", T), new_rec_id("exp", "A", T)], dtype=object),
     }
-    report = at.build_report(shop(), "exp", served=served, start=T - DAY)
+    report = at.build_report(attribution_shop(), "exp", served=served, start=T - DAY)
     a = metrics(report, "last_click")["A"]
     assert a.users == 3  # u1, u4 and u9 (served, no event); u6's rec predates the start
     assert report.variants == ["A", "B"]  # from the data, sorted
     assert any("outside" in w for w in report.warnings)
     with pytest.raises(ValueError, match="no rec id"):
-        at.build_report(shop(), "missing")
+        at.build_report(attribution_shop(), "missing")
     with pytest.raises(ValueError, match="control"):
-        at.build_report(shop(), "exp", control="Z")
+        at.build_report(attribution_shop(), "exp", control="Z")
 
 
 def test_report_serialises_to_json_and_a_table():
-    report = at.build_report(shop(), "exp", variants=["A", "B"])
+    report = at.build_report(attribution_shop(), "exp", variants=["A", "B"])
     body = json.loads(json.dumps(report.to_dict()))
     assert body["winner"] is None and body["primary_attribution"] == "last_click"
     assert set(body["attribution"]) == {"last_click", "linear"}

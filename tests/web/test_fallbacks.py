@@ -15,7 +15,6 @@ from recsvc.core.artifact import write_artifact
 from recsvc.core.config import Config
 from recsvc.storage import versions
 from recsvc.storage.embedded import RedisServer
-from recsvc.web.app import create_app
 from tests.factories import make_artifact
 
 URLS = [
@@ -34,66 +33,64 @@ def server(tmp_path):
     srv.stop()
 
 
-def _config(server, tmp_path, **overrides) -> Config:
-    base = dict(
-        redis_url=server.url,
-        models_dir=tmp_path / "models",
-        var_dir=tmp_path / "var",
-        redis_down_recheck_s=0.3,
-        model_check_interval_s=0.0,
-    )
-    base.update(overrides)
-    return Config.create(**base)
+@pytest.fixture
+def server_config(server, make_config):
+    """Configs for apps on this test's own Redis, which the test stops and stalls."""
+
+    def build(**overrides) -> Config:
+        return make_config(redis_url=server.url, redis_down_recheck_s=0.3, **overrides)
+
+    return build
 
 
 def _ids(body) -> list[str]:
     return [it["item_id"] for it in body["items"]]
 
 
-def test_redis_stopped_serves_the_in_process_popular_list(server, tmp_path):
-    config = _config(server, tmp_path)
+def test_redis_stopped_serves_the_in_process_popular_list(server, tmp_path, make_app, server_config):
+    config = server_config()
     artifact = make_artifact()
     write_artifact(artifact, config.models_dir)
     versions.publish(redis.Redis.from_url(server.url), artifact, config)
     # Make the local artifact differ from the live one, to prove the fallback is the in-process copy.
     write_artifact(make_artifact(seed=7), config.models_dir, version="29990101T000000Z-other")
-    http = create_app(config).test_client()
-    assert http.get(URLS[0]).get_json()["source"] == "personalized"
+    client = make_app(config).test_client()
+    assert client.get(URLS[0]).get_json()["source"] == "personalized"
 
     server.stop()
     started = time.perf_counter()
-    body = http.get(URLS[0]).get_json()
+    body = client.get(URLS[0]).get_json()
     assert time.perf_counter() - started < 1.0  # bounded timeouts and retries, no hang
     assert body["source"] == "fallback" and body["reason"] == "redis_unavailable"
     assert body["model_version"] == artifact.version
     assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]  # popular hats of the live version
     for url in URLS:
-        r = http.get(url)
+        r = client.get(url)
         assert r.status_code == 200, (url, r.get_data(as_text=True))
         assert r.get_json()["source"] == "fallback"
         assert r.get_json()["model_version"] == artifact.version
-    ready = http.get("/health/ready")
+    ready = client.get("/health/ready")
     assert ready.status_code == 200 and ready.get_json()["status"] == "degraded"
     assert ready.get_json()["checks"]["redis"] == "unreachable"
-    assert http.get("/health/live").status_code == 200
+    assert client.get("/health/live").status_code == 200
 
     # Redis comes back: after the recheck window, answers are personalized again.
     server.start()
     versions.publish(redis.Redis.from_url(server.url), artifact, config)
     time.sleep(0.35)
-    body = http.get(URLS[0]).get_json()
+    body = client.get(URLS[0]).get_json()
     assert body["source"] == "personalized"
-    assert http.get("/health/ready").get_json()["status"] == "ready"
+    assert client.get("/health/ready").get_json()["status"] == "ready"
 
 
-def test_redis_stalled_is_treated_like_down(server, tmp_path):
-    config = _config(server, tmp_path)
+def test_redis_stalled_is_treated_like_down(server, tmp_path, make_app, server_config):
+    config = server_config()
     artifact = make_artifact()
     write_artifact(artifact, config.models_dir)
     admin = redis.Redis.from_url(server.url)
     versions.publish(admin, artifact, config)
-    http = create_app(config).test_client()
-    assert http.get(URLS[0]).get_json()["source"] == "personalized"
+    client = make_app(config).test_client()
+    assert client.get(URLS[0]).get_json()["source"] == "personalized"
 
     # CLIENT PAUSE stalls every other client's commands: Redis is up but too slow to answer.
     pauser = threading.Thread(target=lambda: admin.execute_command("CLIENT", "PAUSE", 1500, "ALL"))
@@ -101,69 +98,73 @@ def test_redis_stalled_is_treated_like_down(server, tmp_path):
     pauser.join()
     try:
         started = time.perf_counter()
-        r = http.get(URLS[0])
+        r = client.get(URLS[0])
         elapsed = time.perf_counter() - started
         assert r.status_code == 200 and r.get_json()["source"] == "fallback"
         assert r.get_json()["reason"] == "redis_unavailable"
         assert elapsed < 1.0
         # Within the recheck window, requests do not even try Redis: fast.
         started = time.perf_counter()
-        assert http.get(URLS[1]).get_json()["source"] == "fallback"
+        assert client.get(URLS[1]).get_json()["source"] == "fallback"
         assert time.perf_counter() - started < 0.1
     finally:
         admin.execute_command("CLIENT", "UNPAUSE")
 
 
-def test_redis_down_before_any_model_was_loaded_uses_the_newest_local_artifact(server, tmp_path):
-    config = _config(server, tmp_path)
+def test_redis_down_before_any_model_was_loaded_uses_the_newest_local_artifact(
+    server, tmp_path, make_app, server_config
+):
+    config = server_config()
     artifact = make_artifact()
     write_artifact(artifact, config.models_dir)
-    http = create_app(config).test_client()
+    client = make_app(config).test_client()
     server.stop()
-    body = http.get(URLS[0]).get_json()
+    body = client.get(URLS[0]).get_json()
     assert body["source"] == "fallback" and body["model_version"] == artifact.version
     assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]
-    assert http.get("/health/ready").get_json()["status"] == "degraded"
+    assert client.get("/health/ready").get_json()["status"] == "degraded"
 
 
-def test_nothing_published_serves_local_popularity_and_ready_is_503(server, tmp_path):
-    config = _config(server, tmp_path)
+def test_nothing_published_serves_local_popularity_and_ready_is_503(
+    server, tmp_path, make_app, server_config
+):
+    config = server_config()
     artifact = make_artifact()
     write_artifact(artifact, config.models_dir)
-    http = create_app(config).test_client()
+    client = make_app(config).test_client()
     for url in URLS:
-        r = http.get(url)
+        r = client.get(url)
         assert r.status_code == 200 and r.get_json()["source"] == "fallback"
-    body = http.get(URLS[0]).get_json()
+    body = client.get(URLS[0]).get_json()
     assert body["reason"] == "not_published" and body["model_version"] == artifact.version
     assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]
-    ready = http.get("/health/ready")
+    ready = client.get("/health/ready")
     assert ready.status_code == 503
     assert ready.get_json()["status"] == "not_ready" and "recsvc publish" in ready.get_json()["message"]
     # Publishing makes it ready without a restart.
     versions.publish(redis.Redis.from_url(server.url), artifact, config)
-    assert http.get("/health/ready").status_code == 200
-    assert http.get(URLS[0]).get_json()["source"] == "personalized"
+    assert client.get("/health/ready").status_code == 200
+    assert client.get(URLS[0]).get_json()["source"] == "personalized"
 
 
-def test_nothing_published_and_no_artifact_is_an_empty_200(server, tmp_path):
-    http = create_app(_config(server, tmp_path)).test_client()
+def test_nothing_published_and_no_artifact_is_an_empty_200(server, tmp_path, make_app, server_config):
+    client = make_app(server_config()).test_client()
     for url in URLS:
-        r = http.get(url)
+        r = client.get(url)
         assert r.status_code == 200
         body = r.get_json()
         assert body["source"] == "fallback" and body["model_version"] is None
         assert body.get("items", []) == []
-    assert http.get("/health/ready").status_code == 503
+    assert client.get("/health/ready").status_code == 503
     server.stop()
-    assert http.get(URLS[0]).status_code == 200
-    assert http.get("/health/ready").status_code == 503
+    assert client.get(URLS[0]).status_code == 200
+    assert client.get("/health/ready").status_code == 503
 
 
-def test_admin_answers_503_when_redis_is_down(server, tmp_path):
-    config = _config(server, tmp_path, api_keys=("k",))
+def test_admin_answers_503_when_redis_is_down(server, tmp_path, make_app, server_config):
+    config = server_config(api_keys=("k",))
     write_artifact(make_artifact(), config.models_dir)
-    http = create_app(config).test_client()
+    client = make_app(config).test_client()
     server.stop()
-    r = http.post("/v1/admin/rollback", headers={"X-API-Key": "k"})
+    r = client.post("/v1/admin/rollback", headers={"X-API-Key": "k"})
     assert r.status_code == 503 and r.get_json()["error"] == "redis_unavailable"

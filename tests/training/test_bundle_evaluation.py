@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from recsvc.core.contract import VIEW
-from tests.bundles.test_mining import events, orders
+from tests.shops import events, orders
 from training.cooccurrence import evaluate_bundles
 
 ITEMS = ["A", "B", "C", "D", "E", "F", "G"]

@@ -13,7 +13,7 @@ from recsvc.analytics.experiments import parse_experiment
 from recsvc.analytics.recids import new_rec_id
 from recsvc.analytics.registry import Assignment, ServedLog, store_experiment
 from recsvc.cli import main
-from tests.experiments.synthetic import T, push_to_stream, simulate, write_events_csv
+from tests.shops import T, push_to_stream, simulate, write_events_csv
 
 DEFINITION = {
     "name": "sim",
@@ -133,7 +133,7 @@ def test_stream_and_served_log_are_merged_without_double_counting(
 
 
 def test_catalog_fills_missing_prices_and_window_applies(tmp_path, env):
-    from tests.experiments.test_attribution import shop as tiny_shop
+    from tests.shops import attribution_shop as tiny_shop
 
     events = tmp_path / "tiny.csv"
     write_events_csv(tiny_shop(), events)

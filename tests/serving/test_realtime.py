@@ -7,7 +7,6 @@ import pytest
 import redis
 
 from recsvc.core.artifact import write_artifact
-from recsvc.core.config import Config
 from recsvc.core.contract import EVENT_CODE
 from recsvc.core.foldin import fold_in
 from recsvc.core.ranking import Filters
@@ -34,9 +33,9 @@ def _artifact(tmp_path, **params):
 
 
 @pytest.fixture
-def published(redis_client, tmp_path):
+def published(redis_client, tmp_path, make_config):
     artifact = _artifact(tmp_path)
-    config = Config.create(redis_url="unused", models_dir=tmp_path / "models", topk_cached=10)
+    config = make_config(topk_cached=10)
     version = versions.publish(redis_client, artifact, config)
     return artifact, ServingModel.load(redis_client, version)
 
@@ -115,11 +114,9 @@ def test_yty_is_computed_once_per_version(redis_client, published):
     np.testing.assert_allclose(first.yty, model.item_factors.T.astype(np.float64) @ model.item_factors)
 
 
-def test_bm25_model_without_document_frequency_disables_fold_in(redis_client, tmp_path):
+def test_bm25_model_without_document_frequency_disables_fold_in(redis_client, tmp_path, make_config):
     artifact = _artifact(tmp_path, scaling="bm25", bm25_n_users=6, bm25_avg_length=10.0)
-    version = versions.publish(
-        redis_client, artifact, Config.create(models_dir=tmp_path / "models", topk_cached=10)
-    )
+    version = versions.publish(redis_client, artifact, make_config(topk_cached=10))
     model = ServingModel.load(redis_client, version)
     _post(redis_client, "visitor-4", [("i1", "view", T + 1)])
     if getattr(model, "document_frequency", None) is None:
@@ -132,13 +129,11 @@ def test_bm25_model_without_document_frequency_disables_fold_in(redis_client, tm
     assert got is not None and np.isfinite(got.vector).all()
 
 
-def test_redis_failure_means_no_realtime_not_an_error(tmp_path):
+def test_redis_failure_means_no_realtime_not_an_error(tmp_path, make_config):
     server = RedisServer(tmp_path / "redis").start()
     client = redis.Redis.from_url(server.url, socket_timeout=0.2, socket_connect_timeout=0.2)
     artifact = _artifact(tmp_path)
-    version = versions.publish(
-        client, artifact, Config.create(models_dir=tmp_path / "models", topk_cached=10)
-    )
+    version = versions.publish(client, artifact, make_config(topk_cached=10))
     model = ServingModel.load(client, version)
     _post(client, "u1", [("i3", "view", T + 1)])
     assert user_vector_for(model, client, "u1", known_user=True) is not None

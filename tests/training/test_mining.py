@@ -7,8 +7,8 @@ import pytest
 
 from recsvc.core.artifact import BundleCandidates, read_artifact, write_artifact
 from recsvc.core.contract import PURCHASE, VIEW
-from recsvc.core.events import EventTable
 from tests.factories import make_artifact
+from tests.shops import events, orders
 from training.cooccurrence import (
     MiningParams,
     als_neighbours,
@@ -23,26 +23,6 @@ from training.cooccurrence import (
 ITEMS = ["A", "B", "C", "D", "E", "F", "G", "H"]
 INDEX = {item: i for i, item in enumerate(ITEMS)}
 A, B, C, D, E, F, G, H = range(8)
-
-
-def events(rows: list[tuple[str, str, int, int, str]]) -> EventTable:
-    """Rows of (user, item, event code, timestamp, order id)."""
-    return EventTable(
-        user_id=np.array([r[0] for r in rows], dtype=object),
-        item_id=np.array([r[1] for r in rows], dtype=object),
-        event=np.array([r[2] for r in rows], dtype=np.int8),
-        timestamp=np.array([r[3] for r in rows], dtype=np.int64),
-        order_id=np.array([r[4] for r in rows], dtype=object),
-    )
-
-
-def orders(baskets: dict[str, str], start: int = 1_700_000_000) -> list[tuple[str, str, int, int, str]]:
-    """Purchase rows for ``{"o1": "ABC", ...}`` (one user per order)."""
-    rows = []
-    for n, (order, items) in enumerate(baskets.items()):
-        for item in items:
-            rows.append((f"user{order}", item, PURCHASE, start + n, order))
-    return rows
 
 
 # o1..o6 plus a single-item order; user s9 has no order ids: E,F within the window, G later.

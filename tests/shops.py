@@ -1,8 +1,9 @@
-"""A synthetic shop for experiment tests: known conversion rates per variant, plus noise.
+"""Event tables for tests: hand-made baskets, a hand-computed attribution shop, simulated experiments.
 
-Users are assigned with the real hash, get rec ids from the real generator, see 4 items, click
-some, and convert with a probability that depends only on their variant; noise that must not be
-credited is mixed in (organic purchases of items never recommended, purchases after the window).
+The simulated experiment shop: users are assigned with the real hash, get rec ids from the real
+generator, see 4 items, click some, and convert with a probability that depends only on their
+variant; noise that must not be credited is mixed in (organic purchases of items never
+recommended, purchases after the window).
 """
 
 from __future__ import annotations
@@ -130,3 +131,89 @@ def push_to_stream(client, table: EventTable, stream: str = "recsvc:events") -> 
         batch.append(event)
     for start in range(0, len(batch), 1000):
         append_events(client, batch[start : start + 1000], stream=stream, history_length=5, history_ttl_s=60)
+
+
+# ---- attribution: every number of this shop's report is computed by hand in the tests -----
+
+RA1 = new_rec_id("exp", "A", T)
+RX = new_rec_id(now=T + 400)  # untagged rec (no experiment) that competes for credit
+RB1 = new_rec_id("exp", "B", T)
+RB2 = new_rec_id("exp", "B", T)
+RA2 = new_rec_id("exp", "A", T)
+RB3 = new_rec_id("exp", "B", T)
+ROLD = new_rec_id("exp", "A", T - 20 * DAY)  # served long before the purchase
+RO = new_rec_id("other", "X", T)
+
+
+def ev(user, item, event, t, rec_id=None, price=None, quantity=None):
+    out = {"user_id": user, "item_id": item, "event": event, "timestamp": t}
+    if rec_id:
+        out["rec_id"] = rec_id
+    if price is not None:
+        out["price"] = price
+    if quantity is not None:
+        out["quantity"] = quantity
+    return out
+
+
+def attribution_shop() -> EventTable:
+    return EventTable.from_records(
+        [
+            # u1 (A): sees 3 items, clicks i1 twice from A's rec, once from an untagged rec, buys 2 x 10.
+            ev("u1", "i1", "impression", T + 10, RA1),
+            ev("u1", "i2", "impression", T + 10, RA1),
+            ev("u1", "i3", "impression", T + 10, RA1),
+            ev("u1", "i1", "click", T + 100, RA1),
+            ev("u1", "i1", "click", T + 200, RA1),
+            ev("u1", "i1", "click", T + 500, RX),
+            ev("u1", "i1", "purchase", T + 1000, price=10, quantity=2),
+            # u2 (B): buys the clicked item 8 days later: outside a 7-day window.
+            ev("u2", "i3", "impression", T + 10, RB1),
+            ev("u2", "i3", "click", T + 100, RB1),
+            ev("u2", "i3", "purchase", T + 100 + 8 * DAY, price=7),
+            # u3 (B): buys another item (no credit), carts and buys the clicked one with the rec id.
+            ev("u3", "i4", "impression", T + 10, RB2),
+            ev("u3", "i4", "click", T + 100, RB2),
+            ev("u3", "i4", "cart", T + 150, RB2),
+            ev("u3", "i5", "purchase", T + 200, price=3),
+            ev("u3", "i4", "purchase", T + 300, RB2, price=4),
+            # u4 (A): buys straight from the rec (the purchase carries the rec id, no click).
+            ev("u4", "i6", "impression", T + 10, RA2),
+            ev("u4", "i6", "purchase", T + 50, RA2, price=5),
+            # u5 (B): clicks, carts and buys without rec ids on the cart/purchase; no price sent.
+            ev("u5", "i7", "impression", T + 10, RB3),
+            ev("u5", "i7", "click", T + 100, RB3),
+            ev("u5", "i7", "cart", T + 200),
+            ev("u5", "i7", "purchase", T + 300),
+            # u6 (A): a click that is recent, on a rec served 20 days ago: the rec is stale.
+            ev("u6", "i8", "click", T + 100, ROLD),
+            ev("u6", "i8", "purchase", T + 200, price=100),
+            # u7: another experiment; u8: no rec at all.
+            ev("u7", "i9", "click", T + 100, RO),
+            ev("u7", "i9", "purchase", T + 200, price=50),
+            ev("u8", "i1", "purchase", T + 100, price=10),
+        ]
+    )
+
+
+# ---- bundle mining: hand-made baskets -------------------------------------------------------
+
+
+def events(rows: list[tuple[str, str, int, int, str]]) -> EventTable:
+    """Rows of (user, item, event code, timestamp, order id)."""
+    return EventTable(
+        user_id=np.array([r[0] for r in rows], dtype=object),
+        item_id=np.array([r[1] for r in rows], dtype=object),
+        event=np.array([r[2] for r in rows], dtype=np.int8),
+        timestamp=np.array([r[3] for r in rows], dtype=np.int64),
+        order_id=np.array([r[4] for r in rows], dtype=object),
+    )
+
+
+def orders(baskets: dict[str, str], start: int = 1_700_000_000) -> list[tuple[str, str, int, int, str]]:
+    """Purchase rows for ``{"o1": "ABC", ...}`` (one user per order)."""
+    rows = []
+    for n, (order, items) in enumerate(baskets.items()):
+        for item in items:
+            rows.append((f"user{order}", item, PURCHASE, start + n, order))
+    return rows

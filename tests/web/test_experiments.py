@@ -12,11 +12,10 @@ from recsvc.analytics import experiments as ex
 from recsvc.analytics import recids
 from recsvc.analytics import registry as reg
 from recsvc.core.artifact import write_artifact
-from recsvc.core.config import Config
 from recsvc.storage import keys
-from tests.factories import make_artifact
+from tests.factories import API_KEY, make_artifact
 
-KEY = "s3cret-key"
+KEY = API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DEFINITION = {
     "variants": [
@@ -26,33 +25,11 @@ DEFINITION = {
 }
 
 
-def build_app(config: Config):
-    from recsvc.web.app import create_app
-
-    return create_app(config)
-
-
-@pytest.fixture
-def config(tmp_path, redis_url):
-    return Config.create(
-        redis_url=redis_url,
-        api_keys=(KEY,),
-        var_dir=tmp_path / "var",
-        models_dir=tmp_path / "models",
-        experiments_refresh_s=0.0,
-    )
-
-
-@pytest.fixture
-def client(config):
-    return build_app(config).test_client()
-
-
-def test_admin_needs_a_key_and_is_disabled_without_one(client, config):
+def test_admin_needs_a_key_and_is_disabled_without_one(client, config, make_app):
     assert client.get("/v1/admin/experiments").status_code == 401
     assert client.get("/v1/admin/experiments", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/v1/admin/experiments", headers={"X-API-Key": KEY}).status_code == 200
-    closed = build_app(config.with_overrides(api_keys=())).test_client()
+    closed = make_app(config.with_overrides(api_keys=())).test_client()
     response = closed.put("/v1/admin/experiments/x", json=DEFINITION, headers=AUTH)
     assert response.status_code == 403 and response.get_json()["error"] == "disabled"
 
@@ -118,10 +95,12 @@ def test_bad_definitions_are_400_naming_the_field(client, redis_client, path, pa
     assert too_large.status_code == 413 and too_large.get_json()["field"] == "body"
 
 
-def test_file_experiments_are_read_only_and_unpublished_versions_warn(tmp_path, config, redis_client):
+def test_file_experiments_are_read_only_and_unpublished_versions_warn(
+    tmp_path, config, redis_client, make_app
+):
     path = tmp_path / "experiments.json"
     path.write_text(json.dumps({"experiments": [{"name": "from-file", **DEFINITION}]}))
-    client = build_app(config.with_overrides(experiments_file=path)).test_client()
+    client = make_app(config.with_overrides(experiments_file=path)).test_client()
     assert client.put("/v1/admin/experiments/from-file", json=DEFINITION, headers=AUTH).status_code == 409
     assert client.delete("/v1/admin/experiments/from-file", headers=AUTH).status_code == 409
     assert (
@@ -135,16 +114,16 @@ def test_file_experiments_are_read_only_and_unpublished_versions_warn(tmp_path, 
     assert response.status_code == 201 and "not published" in response.get_json()["warnings"][0]
 
 
-def test_invalid_experiments_file_stops_start_up(tmp_path, config):
+def test_invalid_experiments_file_stops_start_up(tmp_path, config, make_app):
     path = tmp_path / "experiments.json"
     path.write_text('{"experiments": [{"name": "x", "variants": []}]}')
     with pytest.raises(ex.ExperimentFileError, match="variants"):
-        build_app(config.with_overrides(experiments_file=path))
+        make_app(config.with_overrides(experiments_file=path))
 
 
 def test_report_endpoint_matches_the_pure_report(client, config, redis_client):
     from recsvc.analytics.attribution import build_report
-    from tests.experiments.synthetic import push_to_stream, simulate, write_events_csv
+    from tests.shops import push_to_stream, simulate, write_events_csv
 
     created = client.put("/v1/admin/experiments/sim", json={"salt": "sim-3", **DEFINITION}, headers=AUTH)
     assert created.status_code == 201
@@ -207,11 +186,11 @@ def user_in(experiment_name: str, low: int, high: int) -> str:
     return next(f"u{i}" for i in range(20) if low <= ex.bucket_of(experiment_name, f"u{i}") < high)
 
 
-def test_variant_popular_and_model_version(config, published, redis_client):
+def test_variant_popular_and_model_version(config, published, redis_client, make_app):
     from recsvc.serving.recommender import Variant
     from recsvc.web.render import render
 
-    app = build_app(config)
+    app = make_app(config)
     svc = app.extensions["recsvc"]
     reg.store_experiment(
         redis_client,
@@ -273,11 +252,11 @@ def test_tag_answer_rules():
     assert not reg.served_as_defined(p, {"source": "fallback", "reason": "not_published"}, strict=False)
 
 
-def test_redis_down_keeps_assigning_from_memory(config, published, redis_client):
+def test_redis_down_keeps_assigning_from_memory(config, published, redis_client, make_app):
     from recsvc.web.render import assignment
     from recsvc.web.services import services
 
-    app = build_app(config)
+    app = make_app(config)
     reg.store_experiment(redis_client, ex.parse_experiment({"name": "hp", **DEFINITION}))
     with app.test_request_context("/"):
         assert assignment("u1").experiment == "hp"
@@ -286,8 +265,8 @@ def test_redis_down_keeps_assigning_from_memory(config, published, redis_client)
         assert assignment("u1").experiment == "hp"  # no Redis round trip needed
 
 
-def test_recommendation_answers_carry_and_honour_the_variant(config, published, redis_client):
-    app = build_app(config)
+def test_recommendation_answers_carry_and_honour_the_variant(config, published, redis_client, make_app):
+    app = make_app(config)
     client = app.test_client()
     definition = {
         "variants": [
@@ -326,14 +305,14 @@ def test_recommendation_answers_carry_and_honour_the_variant(config, published, 
     assert sorted(served["user_id"].tolist()) == sorted([users["pop"], users["new"], users["new"]])
 
 
-def test_every_experiments_route_is_in_the_openapi_document(config):
+def test_every_experiments_route_is_in_the_openapi_document(config, make_app):
     import json as _json
     from pathlib import Path
 
     import recsvc
 
     doc = _json.loads((Path(recsvc.__file__).parent / "web" / "openapi.json").read_text())
-    app = build_app(config)
+    app = make_app(config)
     for rule in app.url_map.iter_rules():
         if rule.endpoint.startswith("experiments."):
             path = rule.rule.replace("<", "{").replace(">", "}")

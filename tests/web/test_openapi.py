@@ -30,8 +30,8 @@ def test_every_route_is_documented_and_every_documented_route_exists(app):
     assert documented - routes == set(), "recsvc/web/openapi.json documents routes the app does not have"
 
 
-def test_document_is_openapi_3_and_references_resolve(http):
-    r = http.get("/openapi.json")
+def test_document_is_openapi_3_and_references_resolve(client):
+    r = client.get("/openapi.json")
     assert r.status_code == 200 and r.mimetype == "application/json"
     doc = r.get_json()
     assert doc["openapi"].startswith("3.") and doc["info"]["title"] == "recsvc"
@@ -65,7 +65,7 @@ SERVING_GETS = (
 )
 
 
-def test_query_parameters_in_the_document_are_the_ones_the_app_accepts(http, published):
+def test_query_parameters_in_the_document_are_the_ones_the_app_accepts(client, published):
     doc = openapi_document()
     for path in SERVING_GETS:
         op = doc["paths"][path]["get"]
@@ -78,5 +78,5 @@ def test_query_parameters_in_the_document_are_the_ones_the_app_accepts(http, pub
         url = path.replace("{user_id}", "u1").replace("{item_id}", "i1")
         sample = {"n": "2", "category": "hats", "min_price": "1", "max_price": "90", "exclude": "i9"}
         query = "&".join(f"{n}={sample.get(n, 'x')}" for n in names)
-        r = http.get(f"{url}?{query}" if query else url)
+        r = client.get(f"{url}?{query}" if query else url)
         assert r.status_code in (200, 503), (path, r.get_json())

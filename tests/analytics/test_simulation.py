@@ -8,7 +8,7 @@ broken one (no correction, wrong standard error, credit leaking from noise) fail
 from __future__ import annotations
 
 from recsvc.analytics.attribution import build_report
-from tests.experiments.synthetic import simulate
+from tests.shops import simulate
 
 
 def test_true_lift_is_found_inside_the_interval_and_declared():

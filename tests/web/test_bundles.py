@@ -1,23 +1,37 @@
-"""The bundle endpoints against a real Redis with a published artifact (tests/bundles/conftest.py)."""
+"""The bundle endpoints against a real Redis with a published artifact whose bundles are known."""
 
 from __future__ import annotations
 
 import pytest
 
-from recsvc.web.app import create_app
-from tests.bundles.conftest import API_KEY
+from recsvc.core.artifact import Artifact, write_artifact
+from tests.factories import API_KEY, bundle_artifact
+
+
+@pytest.fixture
+def artifact(models_dir) -> Artifact:
+    """Bundle candidates as in tests.factories.BUNDLE_ROWS; item 5 out of stock."""
+    a = bundle_artifact()
+    write_artifact(a, models_dir)
+    return a
+
+
+@pytest.fixture
+def config(make_config):
+    return make_config(max_body_bytes=4096)
+
 
 ENVELOPE = {"model_version", "source", "request_id", "items", "bundles"}
 
 
-def get(http, url, status=200):
-    r = http.get(url)
+def get(client, url, status=200):
+    r = client.get(url)
     assert r.status_code == status, r.get_data(as_text=True)
     return r.get_json()
 
 
-def post(http, body, status=200, **kwargs):
-    r = http.post("/v1/bundles", json=body, **kwargs)
+def post(client, body, status=200, **kwargs):
+    r = client.post("/v1/bundles", json=body, **kwargs)
     assert r.status_code == status, r.get_data(as_text=True)
     return r.get_json()
 
@@ -29,8 +43,8 @@ def ids(bundle) -> list[str]:
 # ---- GET /v1/items/<id>/bundle -----------------------------------------------------------------
 
 
-def test_item_bundle_is_priced_and_explained(http, published):
-    body = get(http, "/v1/items/i0/bundle")
+def test_item_bundle_is_priced_and_explained(client, published):
+    body = get(client, "/v1/items/i0/bundle")
     assert ENVELOPE <= set(body) and body["model_version"] == published.version
     assert body["source"] == "personalized" and body["item_id"] == "i0"
     [bundle] = body["bundles"]
@@ -50,18 +64,18 @@ def test_item_bundle_is_priced_and_explained(http, published):
     assert set(body["items"][0]) >= {"item_id", "score", "title", "category", "price"}
 
 
-def test_size_max_price_and_discount_rule(http, published, config):
-    assert ids(get(http, "/v1/items/i0/bundle?size=4")["bundles"][0]) == ["i0", "i1", "i2", "i4"]
+def test_size_max_price_and_discount_rule(client, published, config, make_app):
+    assert ids(get(client, "/v1/items/i0/bundle?size=4")["bundles"][0]) == ["i0", "i1", "i2", "i4"]
     # 1 + 2 -> 2.70 fits 4.50; adding i2 (3) -> 5.40 does not, and nothing else costs <= 2.
-    bundle = get(http, "/v1/items/i0/bundle?max_price=4.5")["bundles"][0]
+    bundle = get(client, "/v1/items/i0/bundle?max_price=4.5")["bundles"][0]
     assert ids(bundle) == ["i0", "i1"] and bundle["bundle_price"] == 2.7
-    cheapest = create_app(config.with_overrides(bundle_discount_rule="cheapest", bundle_discount_pct=50.0))
+    cheapest = make_app(config.with_overrides(bundle_discount_rule="cheapest", bundle_discount_pct=50.0))
     bundle = get(cheapest.test_client(), "/v1/items/i0/bundle")["bundles"][0]
     assert (bundle["total_price"], bundle["bundle_price"], bundle["savings"]) == (6.0, 5.5, 0.5)
 
 
-def test_item_without_co_purchases_still_gets_a_bundle(http, published):
-    body = get(http, "/v1/items/i7/bundle")
+def test_item_without_co_purchases_still_gets_a_bundle(client, published):
+    body = get(client, "/v1/items/i7/bundle")
     [bundle] = body["bundles"]
     assert bundle["items"][0]["item_id"] == "i7" and len(bundle["items"]) == 3
     # Never the anchor's category (shirts), never out of stock (i5), never twice.
@@ -70,8 +84,8 @@ def test_item_without_co_purchases_still_gets_a_bundle(http, published):
     assert bundle["reason_code"] in ("similar_taste", "popular_pairing")
 
 
-def test_out_of_stock_anchor_gets_no_offer(http, published):
-    body = get(http, "/v1/items/i5/bundle")
+def test_out_of_stock_anchor_gets_no_offer(client, published):
+    body = get(client, "/v1/items/i5/bundle")
     assert body["bundles"] == [] and body["note"] == "anchor_unavailable" and body["items"] == []
 
 
@@ -92,38 +106,38 @@ def test_out_of_stock_anchor_gets_no_offer(http, published):
         ("/v1/users/bad%20user/bundles", 400, "user_id"),
     ],
 )
-def test_bad_input_is_a_400_naming_the_field(http, published, url, status, field):
-    body = get(http, url, status)
+def test_bad_input_is_a_400_naming_the_field(client, published, url, status, field):
+    body = get(client, url, status)
     assert body["field"] == field and body["error"] in ("invalid_request", "not_found") and body["message"]
 
 
-def test_nothing_published_is_an_empty_fallback_not_an_error(http, artifact, models_dir):
+def test_nothing_published_is_an_empty_fallback_not_an_error(client, artifact, models_dir):
     import shutil
 
     shutil.rmtree(models_dir)  # no local artifact either
-    body = get(http, "/v1/items/i0/bundle")
+    body = get(client, "/v1/items/i0/bundle")
     assert body["bundles"] == [] and body["source"] == "fallback" and body["reason"] == "not_published"
 
 
 # ---- POST /v1/bundles ----------------------------------------------------------------------------
 
 
-def test_cart_completion_without_api_key(http, published):
-    body = post(http, {"items": ["i0", "zz-new-item"], "size": 2})
+def test_cart_completion_without_api_key(client, published):
+    body = post(client, {"items": ["i0", "zz-new-item"], "size": 2})
     [bundle] = body["bundles"]
     assert ids(bundle) == ["i0", "i1", "i2"] and body["unknown_items"] == ["zz-new-item"]
     assert [it["role"] for it in bundle["items"]] == ["anchor", "companion", "companion"]
     assert bundle["total_price"] == 6.0 and body["source"] == "personalized"
 
 
-def test_cart_excludes_what_the_user_already_bought(http, published):
+def test_cart_excludes_what_the_user_already_bought(client, published):
     # u1 bought i1: i4 (the other shirt) replaces it.
-    bundle = post(http, {"items": ["i0"], "user_id": "u1"})["bundles"][0]
+    bundle = post(client, {"items": ["i0"], "user_id": "u1"})["bundles"][0]
     assert ids(bundle) == ["i0", "i4", "i2"]
 
 
-def test_cart_budget_and_defaults(http, published):
-    bundle = post(http, {"items": ["i0", "i1"], "max_price": 5.5})["bundles"][0]
+def test_cart_budget_and_defaults(client, published):
+    bundle = post(client, {"items": ["i0", "i1"], "max_price": 5.5})["bundles"][0]
     # default size: bundle_size - 1 = 2 to add; 1 + 2 + 3 = 6 -> 5.40 fits, nothing else does.
     assert ids(bundle) == ["i0", "i1", "i2"] and bundle["bundle_price"] == 5.4
 
@@ -148,23 +162,25 @@ def test_cart_budget_and_defaults(http, published):
         ([], "body"),
     ],
 )
-def test_bad_cart_is_a_400_naming_the_field(http, published, body, field):
-    answer = post(http, body, 400)
+def test_bad_cart_is_a_400_naming_the_field(client, published, body, field):
+    answer = post(client, body, 400)
     assert answer["field"] == field and answer["error"] == "invalid_request"
 
 
-def test_cart_body_is_bounded(http, published):
-    r = http.post("/v1/bundles", data=b'{"items": ["' + b"a" * 5000 + b'"]}', content_type="application/json")
+def test_cart_body_is_bounded(client, published):
+    r = client.post(
+        "/v1/bundles", data=b'{"items": ["' + b"a" * 5000 + b'"]}', content_type="application/json"
+    )
     assert r.status_code == 413
-    r = http.post("/v1/bundles", data=b"{not json", content_type="application/json")
+    r = client.post("/v1/bundles", data=b"{not json", content_type="application/json")
     assert r.status_code == 400 and r.get_json()["field"] == "body"
 
 
 # ---- GET /v1/users/<id>/bundles ------------------------------------------------------------------
 
 
-def test_user_bundles_from_recommendations(http, published):
-    body = get(http, "/v1/users/u1/bundles")
+def test_user_bundles_from_recommendations(client, published):
+    body = get(client, "/v1/users/u1/bundles")
     assert body["user_id"] == "u1" and body["source"] == "personalized"
     bundles = body["bundles"]
     assert 1 <= len(bundles) <= 3
@@ -175,19 +191,19 @@ def test_user_bundles_from_recommendations(http, published):
     assert [it["item_id"] for it in body["items"]] == shown
 
 
-def test_user_bundles_follow_recent_views(http, published):
+def test_user_bundles_follow_recent_views(client, published):
     event = {"user_id": "u1", "item_id": "i0", "event": "view", "timestamp": 1_900_000_000}
-    r = http.post("/v1/events", json=event, headers={"Authorization": f"Bearer {API_KEY}"})
+    r = client.post("/v1/events", json=event, headers={"Authorization": f"Bearer {API_KEY}"})
     assert r.status_code == 202, r.get_data(as_text=True)
-    body = get(http, "/v1/users/u1/bundles?n=2&size=3")
+    body = get(client, "/v1/users/u1/bundles?n=2&size=3")
     assert body["source"] == "realtime" and len(body["bundles"]) == 2
     first = body["bundles"][0]
     assert first["anchor_item_id"] == "i0" and first["anchor_source"] == "realtime"
     assert ids(first) == ["i0", "i4", "i2"]  # i1 was bought by u1
 
 
-def test_unknown_user_gets_popular_anchors(http, published):
-    body = get(http, "/v1/users/stranger/bundles?n=1")
+def test_unknown_user_gets_popular_anchors(client, published):
+    body = get(client, "/v1/users/stranger/bundles?n=1")
     [bundle] = body["bundles"]
     assert body["source"] == "fallback" and bundle["anchor_source"] == "fallback"
     assert ids(bundle) == ["i0", "i1", "i2"]  # i0 is the most popular item
