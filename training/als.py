@@ -87,7 +87,7 @@ class TrainParams:
         return replace(self, **changes)
 
     def to_manifest(self, seed: int) -> dict[str, Any]:
-        """The ``manifest["params"]`` dict (keys as in docs/ARCHITECTURE.md)."""
+        """The ``manifest["params"]`` dict (keys as in docs/ARCHITECTURE.md, "Artifact")."""
         out = asdict(self)
         out["seed"] = int(seed)
         return out

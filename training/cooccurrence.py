@@ -523,7 +523,8 @@ def als_neighbours(
         ok = cos > 0
         # Top k per anchor inside the block (in the worker thread, on ~k * stride entries a row):
         # blocks hold disjoint, ascending anchors, so their results only need concatenating.
-        return _top_per_row(block[rows[ok]], cols[ok].astype(np.int64), cos[ok], k)
+        top_rows, top_cols, top_cos = _top_per_row(block[rows[ok]], cols[ok].astype(np.int64), cos[ok], k)
+        return top_rows, top_cols, top_cos
 
     blocks = [anchors[lo : lo + block_rows] for lo in range(0, len(anchors), block_rows)]
     from threadpoolctl import threadpool_limits

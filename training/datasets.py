@@ -56,13 +56,16 @@ def _write(table: pa.Table, path: Path) -> Path:
 
 def _read_headerless(path: Path, names: list[str], delimiter: str = ",") -> tuple[pa.Table, int]:
     """All columns as strings; rows with the wrong column count are skipped and counted."""
-    skipped = []
+    skipped: list[int] = []
+
+    def skip(row: Any) -> str:
+        skipped.append(1)
+        return "skip"
+
     table = pa_csv.read_csv(
         path,
         read_options=pa_csv.ReadOptions(column_names=names),
-        parse_options=pa_csv.ParseOptions(
-            delimiter=delimiter, invalid_row_handler=lambda row: skipped.append(1) or "skip"
-        ),
+        parse_options=pa_csv.ParseOptions(delimiter=delimiter, invalid_row_handler=skip),
         convert_options=pa_csv.ConvertOptions(column_types={n: pa.string() for n in names}),
     )
     return table, len(skipped)

@@ -849,12 +849,14 @@ def _rank_chunk(
     if warm:
         scores = user_factors[plan.model_row[lo:hi]] @ item_factors.T
     else:
+        assert categories is not None  # need_categories is true for cold users
         scores, in_category = popularity_keys(categories, plan.item_category, plan.popularity_score)
     block_cells(scores, blocked)
 
     top, _ = top_k_rows(scores, n)
     picks, from_winback = top, np.zeros(top.shape, dtype=bool)
     if len(dormant) and slots > 0:
+        assert categories is not None  # need_categories is true when win-back runs
         wb = winback_picks(
             scores[dormant],
             plan.last_seen[lo:hi][dormant],
@@ -876,6 +878,7 @@ def _rank_chunk(
         reason = np.full(picks.shape, PERSONALIZED, dtype=np.int8)
     else:
         pick_scores = plan.popularity_score[safe]
+        assert in_category is not None  # set for cold users above
         hit = in_category[row_index, safe]
         is_new = (plan.segment[lo:hi] == NEW)[:, None]
         reason = np.where(

@@ -74,7 +74,8 @@ class _Fingerprint(threading.Thread):
 
     def __init__(self, paths: list[Path]):
         super().__init__(daemon=True)
-        self.paths, self.value, self.error = paths, "", None
+        self.paths, self.value = paths, ""
+        self.error: OSError | None = None
 
     def run(self) -> None:
         try:

@@ -147,6 +147,7 @@ def gate_decision(
             f"new {metric} {new:.4f} beats popularity {popularity:.4f}; live version {live_version} "
             f"has no {metric} to compare with",
         )
+    assert floor is not None  # live is not None here
     if new < floor:
         return decide(
             False,
@@ -385,6 +386,7 @@ def run_retrain(
                 dump_path, dumped = _dump_stream(client, config)
                 summary.dumped_events = dumped
                 if dumped and dump_path not in paths:  # --events may already name the dump folder
+                    assert dump_path is not None  # a dump that wrote events names its file
                     paths.append(dump_path)
 
         if not paths:

@@ -353,22 +353,22 @@ def _make_events(
 
     user = np.concatenate(users_col)
     item = np.concatenate(items_col)
-    kind = np.concatenate(kinds).astype(np.int8)
+    event = np.concatenate(kinds).astype(np.int8)
     time = np.concatenate(times).astype(np.int64)
     order = np.concatenate(orders)
     # Out-of-stock items sold out a week before the end: no events after that.
     sold_out = ~cat.available[item] & (time >= end - 7 * 86_400)
     keep = ~sold_out & (time < end)
-    user, item, kind, time, order = user[keep], item[keep], kind[keep], time[keep], order[keep]
+    user, item, event, time, order = user[keep], item[keep], event[keep], time[keep], order[keep]
     # An item picked twice in one session would be "bought" twice at the same instant in the same
     # order: one purchase line, as a shop would log it.
-    unique = ~duplicate_mask([user, item, time, kind, order])
-    user, item, kind, time, order = user[unique], item[unique], kind[unique], time[unique], order[unique]
+    unique = ~duplicate_mask([user, item, time, event, order])
+    user, item, event, time, order = user[unique], item[unique], event[unique], time[unique], order[unique]
     by_time = np.argsort(time, kind="stable")
     return {
         "user": user[by_time],
         "item": item[by_time],
-        "event": kind[by_time],
+        "event": event[by_time],
         "time": time[by_time],
         "order": order[by_time],
     }

@@ -485,11 +485,11 @@ class ExperimentReport:
                     f"[{level} CI {t.ci_low * 100:+.2f}, {t.ci_high * 100:+.2f}]{rel}, "
                     f"z = {t.z:.2f}, p = {t.p_value:.3g} -> {c.verdict.replace('_', ' ')}"
                 )
-                r = c.revenue_per_user
-                if not math.isnan(r.diff):
+                rev = c.revenue_per_user
+                if not math.isnan(rev.diff):
                     lines.append(
-                        f"  {' ' * len(c.variant)}    revenue/user {r.diff:+,.3f} "
-                        f"[{level} CI {r.ci_low:+,.3f}, {r.ci_high:+,.3f}], p = {r.p_value:.3g}"
+                        f"  {' ' * len(c.variant)}    revenue/user {rev.diff:+,.3f} "
+                        f"[{level} CI {rev.ci_low:+,.3f}, {rev.ci_high:+,.3f}], p = {rev.p_value:.3g}"
                     )
             no_winner = "none (no variant is significantly better; do not roll out on this data)"
             lines.append(f"  winner: {result.winner or no_winner}")
@@ -647,6 +647,7 @@ def build_report(
             served_variant[(served_parsed.served_at >= 0) & (served_parsed.served_at < start)] = -1
         if end is not None:
             served_variant[served_parsed.served_at >= end] = -1
+        assert served is not None  # served_parsed comes from it
         # Served users may have no event at all: extend the user dictionary for them.
         user_index = {u: i for i, u in enumerate(user_values.tolist())}
         extra_users: dict[str, int] = {}
@@ -661,6 +662,7 @@ def build_report(
     n_users_total = len(user_values)
     exposure_pairs = [row_variant[row_variant >= 0] * n_users_total + user_codes[row_variant >= 0]]
     if served_variant is not None:
+        assert served_codes is not None  # set together with served_variant
         keep = served_variant >= 0
         exposure_pairs.append(served_variant[keep] * n_users_total + served_codes[keep])
     exposed = np.unique(np.concatenate(exposure_pairs))

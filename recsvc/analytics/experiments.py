@@ -213,7 +213,8 @@ def contiguous_layout(counts: Sequence[int]) -> list[tuple[tuple[int, int], ...]
     """Lay variants out one after another from bucket 0: ``[0, c0), [c0, c0 + c1), ...``."""
     if sum(counts) > BUCKETS or any(c < 0 for c in counts):
         raise ValueError(f"bucket counts must be >= 0 and add up to at most {BUCKETS}")
-    out, position = [], 0
+    out: list[tuple[tuple[int, int], ...]] = []
+    position = 0
     for count in counts:
         out.append(((position, position + count),) if count else ())
         position += count

@@ -325,7 +325,7 @@ class ServedLog:
     def flush(self) -> int:
         """Write what is pending; returns how many records were written. Never raises."""
         with self._flush_lock:
-            batch = []
+            batch: list[str] = []
             while self._pending and len(batch) < 5000:
                 ts, rec_id, user_id, surface, items = self._pending.popleft()
                 batch.append(f"{ts}\t{rec_id}\t{user_id}\t{surface}\t{','.join(items[: self.max_items])}")

@@ -31,7 +31,8 @@ def combine_events(parts: Sequence[Any]) -> Any:
             timestamp=np.zeros(0, np.int64),
         )  # fmt: skip
     fields = ("user_id", "item_id", "event", "timestamp", "order_id", "quantity", "price", "rec_id")
-    table = EventTable(**{f: np.concatenate([np.asarray(getattr(p, f)) for p in parts]) for f in fields})
+    columns: dict[str, Any] = {f: np.concatenate([np.asarray(getattr(p, f)) for p in parts]) for f in fields}
+    table = EventTable(**columns)
     if len(parts) == 1:
         return table
     keys = [

@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 import redis
@@ -163,7 +163,8 @@ def example_requests(client: redis.Redis, base_url: str) -> list[str]:
     model = ServingModel.load(client, version)
     user = None
     for bucket in range(model.n_buckets):
-        found = client.hrandfield(keys.bucket(version, "topk", bucket))
+        # One field name (or None for an empty hash): the client returns raw bytes.
+        found = cast("bytes | None", client.hrandfield(keys.bucket(version, "topk", bucket)))
         if found:
             user = found.decode()
             break

@@ -161,6 +161,7 @@ class Config:
             setting = SETTINGS.get(name)
             if setting is None:
                 raise TypeError(f"unknown setting {name!r}{_suggest(name, SETTINGS)}")
+            assert setting.section is not None  # top-level settings (section None) were handled above
             by_section.setdefault(setting.section, {})[setting.field] = _coerce(name, value)
         config = replace(self, **top) if top else self
         for section, changes in by_section.items():

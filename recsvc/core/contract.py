@@ -51,6 +51,8 @@ REASONS: dict[str, str] = {
 class ContractError(BadInput):
     """One field of one record breaks the contract."""
 
+    field: str  # always set (RecsvcError allows None)
+
     def __init__(self, field: str, reason: str, message: str):
         super().__init__(message)
         self.field, self.reason, self.message = field, reason, message
@@ -149,6 +151,8 @@ class BatchError(BadInput):
     reason : str
         A reason code of :data:`recsvc.core.contract.REASONS` (or ``too_many_events`` / ``no_events``).
     """
+
+    field: str  # always set (RecsvcError allows None)
 
     def __init__(self, index: int | None, field: str, reason: str, message: str):
         super().__init__(message)

@@ -66,6 +66,9 @@ class EventTable:
         sel = np.asarray(mask_or_index)
         if sel.dtype == bool:
             sel = np.flatnonzero(sel)
+        # __post_init__ fills every optional column, so none of them is None here.
+        assert self.order_id is not None and self.quantity is not None
+        assert self.price is not None and self.rec_id is not None
         out = EventTable(
             user_id=self.user_id[sel],
             item_id=self.item_id[sel],
@@ -115,7 +118,10 @@ class EventTable:
         """Concatenate tables (the id encodings are recomputed lazily)."""
         if not tables:
             raise ValueError("nothing to concatenate")
-        return cls(**{name: np.concatenate([getattr(t, name) for t in tables]) for name in _EVENT_FIELDS})
+        columns: dict[str, Any] = {
+            name: np.concatenate([getattr(t, name) for t in tables]) for name in _EVENT_FIELDS
+        }
+        return cls(**columns)
 
 
 _EVENT_FIELDS = ("user_id", "item_id", "event", "timestamp", "order_id", "quantity", "price", "rec_id")
@@ -197,6 +203,7 @@ def duplicate_mask(keys: Sequence[np.ndarray]) -> np.ndarray:
             return dup
         if len(candidates) > 0.9 * before:  # what is left is mostly real duplicates
             break
+    assert candidates is not None  # the loop above runs at least once
     # Exact comparison among the remaining candidates; ties keep original order, so the first wins.
     sub = [np.asarray(key)[candidates] for key in keys]
     order = np.lexsort([candidates, *reversed(sub)])

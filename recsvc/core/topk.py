@@ -6,7 +6,7 @@ Pure numpy. Publishing scores every user against every item in chunks and keeps 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -57,7 +57,7 @@ def _top_columns(scores: np.ndarray, wide: int) -> np.ndarray:
 
 def topk_for_users(
     user_factors: np.ndarray, item_factors: np.ndarray, k: int, chunk_rows: int | None = None
-) -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(first_row, indices, scores)`` of the top ``k`` items per user, in chunks of users.
 
     Scores are ``user_factors @ item_factors.T``; each chunk is one matrix product, then only the

@@ -317,6 +317,8 @@ def scale(raw: sp.csr_matrix, params: WeightingParams, stats: Bm25Stats | None =
     stats = stats or bm25_stats(raw)
     lengths = np.asarray(raw.sum(axis=1)).ravel()
     row_of = np.repeat(np.arange(raw.shape[0]), np.diff(raw.indptr))
+    if stats.document_frequency is None:
+        raise ValueError("bm25 scaling needs the training document frequencies (with_document_frequency)")
     idf = bm25_idf(stats.document_frequency, stats.n_users)
     out.data = _bm25_values(
         out.data, lengths[row_of], idf[out.indices], params.bm25_k1, params.bm25_b, stats.avg_length

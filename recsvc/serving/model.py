@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -228,8 +228,8 @@ class ServingModel:
         categories = json.loads(items[b"categories"])
         item_ids = json.loads(items[b"ids"])
         by_category = {}
-        for name, value in popular.items():
-            name = name.decode()
+        for raw_name, value in popular.items():
+            name = raw_name.decode()
             if name.startswith("c"):
                 by_category[int(name[1:])] = _readonly(codec.unpack_indices(value))
         return cls(
@@ -290,6 +290,7 @@ class UserRecord:
     @functools.cached_property
     def topk_scores(self) -> np.ndarray:
         """float32 scores of ``topk_items``, best first."""
+        assert self.item_factors is not None  # both constructors pass the model's item factors
         return (self.item_factors[self.topk_items] @ self.vector).astype(np.float32)
 
 
@@ -354,7 +355,7 @@ class ModelCache:
         now = time.monotonic()
         if model is not None and not force_check and now - self.checked_at < self.check_interval_s:
             return model
-        live = client.get(keys.CURRENT)
+        live = cast("bytes | None", client.get(keys.CURRENT))  # the client returns raw bytes
         self.checked_at = now
         if live is None:
             self.model = None

@@ -125,12 +125,13 @@ VARIANT_CHAINS: dict[str, Chain] = {
 class Variant:
     """An A/B variant's serving plan: its chain, and optionally a published version to serve from."""
 
-    strategy: str
+    chain: Chain
     model_version: str | None = None
 
-    @property
-    def chain(self) -> Chain:
-        return VARIANT_CHAINS.get(self.strategy, DEFAULT_CHAIN)
+    @classmethod
+    def of(cls, strategy: str, model_version: str | None = None) -> Variant:
+        """The plan of a variant that names one of :data:`VARIANT_CHAINS`' strategies."""
+        return cls(VARIANT_CHAINS.get(strategy, DEFAULT_CHAIN), model_version)
 
 
 @dataclass(frozen=True)
@@ -547,8 +548,13 @@ def _bundle_answer(
             if item not in shown:
                 shown.append(item)
                 scores.append(bundle.scores[position])
-    catalog = bundle_catalog(model) if model is not None and bundles else None
-    fields["bundles"] = [{**bundle.to_dict(catalog, rules), **extra} for bundle, extra in bundles]
+    rendered: list[dict[str, Any]] = []
+    if bundles:
+        # Bundles only come with the model they were assembled from and the rules that priced them.
+        assert model is not None and rules is not None
+        catalog = bundle_catalog(model)
+        rendered = [{**bundle.to_dict(catalog, rules), **extra} for bundle, extra in bundles]
+    fields["bundles"] = rendered
     return Answer(
         model,
         np.asarray(shown, dtype=np.int32),

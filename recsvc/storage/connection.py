@@ -7,7 +7,11 @@ import redis
 from recsvc.core.config import Config
 
 #: Redis failures that mean "unreachable or too slow" (serve a fallback), as opposed to bugs.
-REDIS_DOWN_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+REDIS_DOWN_ERRORS: tuple[type[redis.ConnectionError], type[redis.TimeoutError], type[OSError]] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    OSError,
+)
 
 
 def connect(url: str, config: Config | None = None, **kwargs) -> redis.Redis:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -123,7 +123,7 @@ def _acknowledge_through(client: redis.Redis, stream: str, last_id: str, chunk: 
         pending = client.xpending_range(
             stream, keys.DUMP_GROUP, "-", last_id, chunk, consumername=keys.DUMP_CONSUMER
         )
-        ids = [codec.text(p["message_id"]) for p in pending]
+        ids = [codec.text(cast("bytes | str", p["message_id"])) for p in pending]
         if not ids:
             return done
         pipe = client.pipeline(transaction=True)
@@ -341,11 +341,14 @@ def _dump_locked(
     lock: Any,
     on_batch: Callable[[int], None] | None,
 ) -> DumpResult:
-    newest = client.xrevrange(stream, count=1)
+    # Entry ids are never None here (redis-py's StreamEntry allows it for deleted entries).
+    newest = cast("list[tuple[bytes | str, Any]]", client.xrevrange(stream, count=1))
     end_key = _id_key(codec.text(newest[0][0])) if newest else (0, 0)
     tmp = out.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}{_TMP_SUFFIX}"
     writer = _Writer(tmp, fmt)
-    count, first_id, last_id = 0, None, None
+    count = 0
+    first_id: str | None = None
+    last_id: str | None = None
     try:
         # First what an interrupted dump read but never acknowledged ("0" = our pending entries,
         # from the start), then new entries (">"), up to the newest entry when we started so a
@@ -354,13 +357,16 @@ def _dump_locked(
             cursor = "0" if phase == "pending" else ">"
             while max_events is None or count < max_events:
                 want = batch_size if max_events is None else min(batch_size, max_events - count)
-                reply = client.xreadgroup(keys.DUMP_GROUP, keys.DUMP_CONSUMER, {stream: cursor}, count=want)
+                # RESP2 reply: [[stream, [(id, fields), ...]]] (redis-py's type also covers RESP3's dict).
+                reply: Any = client.xreadgroup(
+                    keys.DUMP_GROUP, keys.DUMP_CONSUMER, {stream: cursor}, count=want
+                )
                 entries = reply[0][1] if reply else []
                 if not entries:
                     break
                 rows = []
-                for entry_id, fields in entries:
-                    entry_id = codec.text(entry_id)
+                for raw_id, fields in entries:
+                    entry_id = codec.text(raw_id)
                     if fields:  # None/empty: deleted from the stream after it was read; skip
                         rows.append(_entry_fields(fields))
                     first_id = first_id or entry_id
@@ -370,6 +376,7 @@ def _dump_locked(
                 if on_batch is not None:
                     on_batch(len(rows))
                 lock.extend(lock.timeout, replace_ttl=True)
+                assert last_id is not None  # entries is not empty
                 if phase == "pending":
                     cursor = last_id
                 elif _id_key(last_id) >= end_key:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import redis
+from redis.typing import EncodableT, FieldT
 
 from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, ContractError, validate_event
 from recsvc.core.errors import Unavailable
@@ -104,7 +105,8 @@ def append_events(
     by_user: dict[str, list[str]] = {}
     pipe = client.pipeline(transaction=True)
     for event in events:
-        pipe.xadd(stream, _stream_fields(event))
+        # redis-py types the fields as a dict of any encodable (dict is invariant); ours are str.
+        pipe.xadd(stream, cast("dict[FieldT, EncodableT]", _stream_fields(event)))
         by_user.setdefault(event["user_id"], []).append(_recent_entry(event))
     for user_id, entries in by_user.items():
         key = recent_key(user_id)

@@ -13,13 +13,14 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import redis
+from redis.typing import EncodableT, FieldT
 
 from recsvc.core.artifact import Artifact, ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
@@ -35,6 +36,9 @@ from recsvc.storage.codec import (
     popular_lists,
     unpack_user,
 )
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +99,7 @@ def current_version(client: redis.Redis) -> str | None:
 def list_published(client: redis.Redis) -> list[dict[str, Any]]:
     """Published versions, newest first: ``version``, ``published_at`` (unix s), ``live``, counts."""
     live = current_version(client)
-    entries = client.zrevrange(keys.VERSIONS, 0, -1, withscores=True)
+    entries = cast("list[tuple[bytes | str, float]]", client.zrevrange(keys.VERSIONS, 0, -1, withscores=True))
     pipe = client.pipeline(transaction=False)
     for version, _ in entries:
         pipe.hgetall(keys.version(codec.text(version), "info"))
@@ -311,7 +315,7 @@ def _write_version(
     k = min(config.serving.topk_cached, n_items)
     n_buckets = keys.bucket_count(n_users)
     manifest = artifact.manifest
-    info = {
+    info: dict[FieldT, EncodableT] = {
         "status": "writing",
         "version": version,
         "n_users": n_users,
@@ -327,11 +331,12 @@ def _write_version(
     }
     client.hset(keys.version(version, "info"), mapping=info)
     client.set(keys.version(version, "manifest"), json.dumps(manifest, sort_keys=True, default=str))
-    client.hset(keys.version(version, "items"), mapping=items_mapping(artifact))
+    # redis-py types hash fields as any encodable, and Mapping is invariant in its key: ours are str.
     client.hset(
-        keys.version(version, "popular"),
-        mapping=popular_lists(artifact.popularity, artifact.category, len(artifact.categories)),
+        keys.version(version, "items"), mapping=cast("Mapping[FieldT, EncodableT]", items_mapping(artifact))
     )
+    popular = popular_lists(artifact.popularity, artifact.category, len(artifact.categories))
+    client.hset(keys.version(version, "popular"), mapping=cast("Mapping[FieldT, EncodableT]", popular))
     b = artifact.bundles
     client.hset(
         keys.version(version, "bundles"),
@@ -412,7 +417,7 @@ class _RawWriter:
         self.parts: list[bytes] = []
         self.expected: list[int] = []
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsvc-publish")
-        self._inflight = None
+        self._inflight: Future[None] | None = None
 
     def __enter__(self) -> _RawWriter:
         return self
@@ -609,7 +614,7 @@ def prune_versions(client: redis.Redis, keep: int) -> list[str]:
     """
     keep = max(1, keep)
     live = current_version(client)
-    newest_first = [codec.text(v) for v in client.zrevrange(keys.VERSIONS, 0, -1)]
+    newest_first = [codec.text(v) for v in cast("list[bytes | str]", client.zrevrange(keys.VERSIONS, 0, -1))]
     rollback_chain = [codec.text(v) for v in client.lrange(keys.PREVIOUS, 0, -1)]
     # Keep what rollback reaches first (the live version, then the versions live before it), then
     # the most recently published.
@@ -627,7 +632,7 @@ def prune_versions(client: redis.Redis, keep: int) -> list[str]:
 
 def cleanup_orphans(client: redis.Redis) -> list[str]:
     """Delete versions a crashed publish left half-written (not published, no live lease)."""
-    published = {codec.text(v) for v in client.zrange(keys.VERSIONS, 0, -1)}
+    published = {codec.text(v) for v in cast("list[bytes | str]", client.zrange(keys.VERSIONS, 0, -1))}
     orphans = []
     for key in client.scan_iter(match=keys.VERSION_INFO_PATTERN, count=500):
         version = keys.version_of_info_key(codec.text(key))

@@ -91,7 +91,7 @@ def variant_of(result: Assignment) -> Variant | None:
     """The serving plan of an assignment's variant (None outside any experiment)."""
     if result.experiment is None or result.strategy is None:
         return None
-    return Variant(result.strategy, result.model_version)
+    return Variant.of(result.strategy, result.model_version)
 
 
 def render(

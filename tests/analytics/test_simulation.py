@@ -1,6 +1,6 @@
-"""The issue's simulation: a synthetic population with a known conversion lift (or none).
+"""An A/B simulation: a synthetic population with a known conversion lift (or none).
 
-See :func:`tests.experiments.synthetic.simulate`. Seeds are fixed, so these tests are
+See :func:`tests.shops.simulate`. Seeds are fixed, so these tests are
 deterministic; the bounds are chosen so that a correct report passes with a wide margin and a
 broken one (no correction, wrong standard error, credit leaking from noise) fails.
 """

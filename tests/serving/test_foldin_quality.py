@@ -1,4 +1,4 @@
-"""Issue 4, item 5: fold-in is correct on a real model trained on the synthetic shop.
+"""Fold-in is correct on a real model trained on the synthetic shop.
 
 * Training users: folding in each user's training history (rebuilt from raw events with the
   manifest recipe) reproduces the trained user factors' ranking: mean top-20 overlap >= 0.9.

@@ -211,7 +211,7 @@ def test_variant_popular_and_model_version(config, published, redis_client, make
         user_in("hp", 6700, 10_000),
     )
     with app.test_request_context(f"/v1/users/{pop_user}/recommendations"):
-        answer = svc.recommender.recommend(pop_user, 5, variant=Variant("popular"))
+        answer = svc.recommender.recommend(pop_user, 5, variant=Variant.of("popular"))
         body = render(answer, user_id=pop_user, strict=True).get_json()
         assert (body["experiment"], body["variant"], body["source"], body["reason"]) == (
             "hp",
@@ -223,12 +223,12 @@ def test_variant_popular_and_model_version(config, published, redis_client, make
         assert [it["item_id"] for it in body["items"]][:2] == ["i0", "i1"] or pop_user == "u0"
         assert recids.parse_rec_id(body["rec_id"]).variant == "pop"
     with app.test_request_context(f"/v1/users/{new_user}/recommendations"):
-        answer = svc.recommender.recommend(new_user, 5, variant=Variant("personalized", "v2"))
+        answer = svc.recommender.recommend(new_user, 5, variant=Variant.of("personalized", "v2"))
         body = render(answer, user_id=new_user, strict=True).get_json()
         assert body["model_version"] == "v2" and body["variant"] == "new" and body["source"] == "personalized"
     with app.test_request_context(f"/v1/users/{gone_user}/recommendations"):
         # v9 is not published: the live version serves, and its answer is tagged outside the experiment.
-        answer = svc.recommender.recommend(gone_user, 5, variant=Variant("personalized", "v9"))
+        answer = svc.recommender.recommend(gone_user, 5, variant=Variant.of("personalized", "v9"))
         assert answer.model_version == "v1" and not answer.variant_applied
         body = render(answer, user_id=gone_user, strict=True).get_json()
         assert body["experiment"] is None and body["variant"] is None and "." not in body["rec_id"]

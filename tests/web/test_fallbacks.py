@@ -168,3 +168,44 @@ def test_admin_answers_503_when_redis_is_down(server, tmp_path, make_app, server
     server.stop()
     r = client.post("/v1/admin/rollback", headers={"X-API-Key": "k"})
     assert r.status_code == 503 and r.get_json()["error"] == "redis_unavailable"
+
+
+READ_ENDPOINTS = [
+    ("GET", "/v1/users/{user}/recommendations?n=5", None),
+    ("GET", "/v1/users/{user}/recommendations?n=5&category=hats&max_price=30", None),
+    ("GET", "/v1/users/{user}/bundles?n=2", None),
+    ("GET", "/v1/items/i4/similar?n=5", None),
+    ("GET", "/v1/items/i4/bundle", None),
+    ("POST", "/v1/bundles", {"items": ["i4"], "user_id": "{user}"}),
+    ("GET", "/v1/popular?n=5", None),
+    ("GET", "/v1/model", None),
+]
+
+
+@pytest.mark.parametrize("user", ["u3", "visitor-1"])
+def test_fold_in_raising_never_fails_a_read_endpoint(client, published, redis_client, monkeypatch, user):
+    """A bug in fold-in costs the user real time, never a 5xx: every read endpoint answers 200."""
+    from recsvc.core import foldin
+    from recsvc.serving import realtime
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("fold-in bug")
+
+    monkeypatch.setattr(realtime, "fold_in", broken)
+    assert foldin.fold_in is not broken  # only the serving path's reference is broken
+    r = client.post(
+        "/v1/events",
+        json={"user_id": user, "item_id": "i9", "event": "cart", "timestamp": 1_900_000_000},
+        headers={"Authorization": "Bearer test-key-0123456789"},
+    )
+    assert r.status_code == 202
+    for method, url, body in READ_ENDPOINTS:
+        url = url.format(user=user)
+        if body is not None:
+            body = {k: (v.format(user=user) if isinstance(v, str) else v) for k, v in body.items()}
+        r = client.open(url, method=method, json=body)
+        assert r.status_code == 200, (url, r.get_data(as_text=True))
+    # Recommendations fall through from real time to the next strategy in the chain.
+    answer = client.get(f"/v1/users/{user}/recommendations?n=5").get_json()
+    expected = ("personalized", None) if user == "u3" else ("fallback", "unknown_user")
+    assert (answer["source"], answer.get("reason")) == expected
