@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recsvc.core.artifact import BundleCandidates
 from recsvc.core.bundles import BundleRules, companions_for_evaluation
 from recsvc.core.contract import PURCHASE
+from recsvc.core.ids import as_id_map
 from recsvc.core.ranking import mask_positions
 
 #: Significance measures for a co-purchased pair (``s`` support, ``n_a``/``n_b`` baskets holding
@@ -174,14 +174,6 @@ class Baskets:
 # --------------------------------------------------------------------------------------------
 
 
-def _positions(values: np.ndarray, item_index: Mapping[str, int]) -> np.ndarray:
-    """Index of each id in ``item_index`` (-1 when absent), vectorised with arrow."""
-    ids = np.empty(len(item_index), dtype=object)
-    ids[np.fromiter(item_index.values(), dtype=np.int64, count=len(item_index))] = list(item_index.keys())
-    found = pc.index_in(pa.array(values, type=pa.string()), value_set=pa.array(ids, type=pa.string()))
-    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
 def _codes(values: np.ndarray) -> np.ndarray:
     encoded = pa.array(values, type=pa.string()).dictionary_encode()
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -207,7 +199,7 @@ def build_baskets(events: Any, item_index: Mapping[str, int], params: MiningPara
     n_items = len(item_index)
     purchase = np.flatnonzero(np.asarray(events.event) == PURCHASE)
     item = (
-        _positions(np.asarray(events.item_id)[purchase], item_index)
+        as_id_map(item_index).positions(np.asarray(events.item_id)[purchase])
         if len(purchase)
         else np.zeros(0, np.int64)
     )

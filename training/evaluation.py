@@ -34,6 +34,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsvc.core.contract import PURCHASE
+from recsvc.core.ids import IdMap
 from recsvc.core.weighting import (
     SECONDS_PER_DAY,
     confidence_matrix,
@@ -473,7 +474,7 @@ def _evaluate_knn(
 def _evaluate_bundles(prep: _Prepared, item_factors: np.ndarray, catalog: Any) -> dict[str, Any]:
     """Bundle hit rate on the held-out orders against its two baselines (see training.cooccurrence)."""
 
-    item_index = {item: i for i, item in enumerate(prep.item_ids)}
+    item_index = IdMap(prep.item_ids)
     category = category_codes(prep.item_ids, catalog)[0]
     return dict(evaluate_bundles(prep.train, prep.test, item_index, item_factors, category))
 

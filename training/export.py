@@ -55,6 +55,7 @@ from recsvc.core.artifact import Artifact, ArtifactError, list_versions, read_ar
 from recsvc.core.bundles import BundleCatalog, BundleRules, assemble_bundle
 from recsvc.core.config import Config
 from recsvc.core.contract import PURCHASE
+from recsvc.core.ids import IdMap
 from recsvc.core.ranking import mask_positions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
@@ -596,15 +597,6 @@ class CatalogLike(Protocol):
     available: np.ndarray
 
 
-def lookup(index: dict[str, int], values: np.ndarray) -> np.ndarray:
-    """Positions of ``values`` in ``index`` (``-1`` where absent), hashing each distinct value once."""
-    encoded = pa.array(values, type=pa.string()).dictionary_encode()
-    uniques = encoded.dictionary.to_numpy(zero_copy_only=False)
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    mapped = np.fromiter((index.get(v, -1) for v in uniques), dtype=np.int64, count=len(uniques))
-    return mapped[codes] if len(codes) else np.zeros(0, dtype=np.int64)
-
-
 def snapshot_time(manifest: dict[str, Any]) -> int | None:
     """The moment an artifact's catalogue describes: ``trained_until``, else ``created_at``."""
     if manifest.get("trained_until") is not None:
@@ -695,7 +687,7 @@ def _prepare(
     members = np.flatnonzero(table.mask(segment))
     user_ids = table.user_ids[members]
     segment_code = table.segment[members]
-    model_row = lookup(artifact.user_index(), user_ids)
+    model_row = artifact.user_index().positions(user_ids)
     # New users get onboarding picks even when the model knows them (spec), so they rank as cold.
     model_row[segment_code == NEW] = -1
     order = np.lexsort((np.arange(len(members)), model_row < 0))  # warm first, id order within
@@ -716,7 +708,7 @@ def _prepare(
 
     # Events mapped once: export position of the user (-1: not exported), model index of the item.
     event_user = np.where(table.event_user >= 0, position_of_table_row[table.event_user], -1)
-    event_item = lookup(artifact.item_index(), np.asarray(events.item_id, dtype=object))
+    event_item = artifact.item_index().positions(np.asarray(events.item_id, dtype=object))
     timestamp = np.asarray(events.timestamp, dtype=np.int64)
     known_item = event_item >= 0
 
@@ -760,8 +752,8 @@ def _prepare(
     sent_users, sent_items = sent
     capped_pairs = 0
     if len(sent_users):
-        sent_user_pos = lookup({u: i for i, u in enumerate(user_ids)}, sent_users)
-        sent_item = lookup(artifact.item_index(), sent_items)
+        sent_user_pos = IdMap(user_ids).positions(sent_users)
+        sent_item = artifact.item_index().positions(sent_items)
         ok = (sent_user_pos >= 0) & (sent_item >= 0)
         capped_pairs = int(ok.sum())
         rows_all = np.concatenate([rows_all, sent_user_pos[ok]])
@@ -801,7 +793,7 @@ def _user_positions(table: SegmentTable, user_ids: np.ndarray, events: EventsLik
     if not late.any():
         return event_user
     out = event_user.copy()
-    out[late] = lookup({u: i for i, u in enumerate(user_ids)}, np.asarray(events.user_id, dtype=object)[late])
+    out[late] = IdMap(user_ids).positions(np.asarray(events.user_id, dtype=object)[late])
     return out
 
 
@@ -1017,10 +1009,7 @@ def current_availability(
     """
     if catalog is None:
         return artifact.available.astype(bool), artifact.price.astype(np.float64), list(artifact.titles)
-    position = lookup(
-        {item: i for i, item in enumerate(np.asarray(catalog.item_id, dtype=object))},
-        np.asarray(artifact.item_ids, dtype=object),
-    )
+    position = IdMap(catalog.item_id).positions(artifact.item_ids)
     listed = position >= 0
     safe = np.maximum(position, 0)
     available = listed & np.asarray(catalog.available, dtype=bool)[safe]
@@ -1043,7 +1032,7 @@ def catalogue_history(
         when = snapshot_time(old.manifest)
         if when is None:
             continue
-        position = lookup(old.item_index(), index)
+        position = old.item_index().positions(index)
         present = position >= 0
         available = present & old.available[np.maximum(position, 0)]
         history.append((when, present, available))

@@ -25,6 +25,7 @@ import numpy as np
 from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
 from recsvc.core.events import Catalog, EventTable
+from recsvc.core.ids import IdMap
 from recsvc.core.weighting import (
     bm25_manifest_params,
     id_maps,
@@ -119,7 +120,7 @@ def _bundles(
     Mining runs after the fit, so it may use the fit's cores (``threads``, 0 = one per core).
     """
 
-    item_index = {item: i for i, item in enumerate(item_ids)}
+    item_index = IdMap(item_ids)
     threads = threads or os.cpu_count() or 1
     return mine_bundles_report(events, item_index, item_factors, category, threads=threads)
 

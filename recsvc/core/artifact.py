@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsvc.core.ids import VERSION_PATTERN, is_valid_id, is_valid_version
+from recsvc.core.ids import VERSION_PATTERN, IdMap, is_valid_id, is_valid_version
 
 FORMAT = "recsvc-artifact"
 FORMAT_VERSION = 1
@@ -113,11 +113,11 @@ class Artifact:
     def n_users(self) -> int:
         return len(self.user_ids)
 
-    def item_index(self) -> dict[str, int]:
-        return {item: i for i, item in enumerate(self.item_ids)}
+    def item_index(self) -> IdMap:
+        return IdMap(self.item_ids)
 
-    def user_index(self) -> dict[str, int]:
-        return {user: u for u, user in enumerate(self.user_ids)}
+    def user_index(self) -> IdMap:
+        return IdMap(self.user_ids)
 
     def validate(self) -> None:
         """Raise :class:`ArtifactError` unless every array agrees with every other."""

@@ -34,11 +34,10 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, PURCHASE
+from recsvc.core.ids import as_id_map
 
 SCALINGS = ("linear", "log", "bm25")
 SECONDS_PER_DAY = 86_400
@@ -213,26 +212,12 @@ def event_contributions(
 
 
 def index_positions(values: np.ndarray, index: Mapping[str, int] | Sequence[str] | np.ndarray) -> np.ndarray:
-    """Position of each of ``values`` in ``index`` (-1 when absent), vectorised with arrow.
+    """Position of each of ``values`` in ``index`` (-1 when absent): :meth:`IdMap.positions`.
 
-    ``index`` is either a mapping id -> position or a sequence of ids whose order is the position.
+    ``index`` is an :class:`~recsvc.core.ids.IdMap`, a mapping id -> position or a sequence of ids
+    whose order is the position.
     """
-    ids = _index_ids(index)
-    found = pc.index_in(pa.array(values, type=pa.string()), value_set=pa.array(ids, type=pa.string()))
-    return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-
-
-def _index_ids(index: Mapping[str, int] | Sequence[str] | np.ndarray) -> np.ndarray:
-    if isinstance(index, Mapping):
-        ids = np.empty(len(index), dtype=object)
-        positions = np.fromiter(index.values(), dtype=np.int64, count=len(index))
-        if len(positions) and (
-            positions.min() < 0 or positions.max() >= len(index) or len(set(positions)) != len(index)
-        ):
-            raise ValueError("an index mapping must map ids to the positions 0..n-1")
-        ids[positions] = list(index.keys())
-        return ids
-    return np.asarray(index, dtype=object)
+    return as_id_map(index).positions(values)
 
 
 def _rows_cols(events: Any, user_index: Any, item_index: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ import redis
 from recsvc.core.artifact import Artifact, ArtifactError, BundleCandidates, latest_version, read_artifact
 from recsvc.core.config import Config
 from recsvc.core.errors import NotPublished
+from recsvc.core.ids import IdMap
 from recsvc.storage import codec, keys, reads
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class ServingModel:
     version: str
     manifest: dict[str, Any]
     item_ids: list[str]
-    item_index: dict[str, int]
+    item_index: IdMap
     item_factors: np.ndarray
     price: np.ndarray
     available: np.ndarray
@@ -98,7 +99,7 @@ class ServingModel:
     # Re-entrant: a memo builder may itself read another memoised value.
     _memo_lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     # Only for models built from a local artifact: user id -> index and purchases.
-    _local_users: dict[str, int] | None = field(default=None, repr=False)
+    _local_users: IdMap | None = field(default=None, repr=False)
     _local_artifact: Artifact | None = field(default=None, repr=False)
 
     # --------------------------------------------------------------------------------------------
@@ -236,7 +237,7 @@ class ServingModel:
             version=version,
             manifest=json.loads(stored.manifest or b"{}"),
             item_ids=item_ids,
-            item_index={item: i for i, item in enumerate(item_ids)},
+            item_index=IdMap(item_ids),
             item_factors=_readonly(np.frombuffer(items[b"factors"], dtype="<f4").reshape(n_items, factors)),
             price=_readonly(np.frombuffer(items[b"price"], dtype="<f4")),
             available=_readonly(np.frombuffer(items[b"available"], dtype="u1").astype(bool)),
