@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recsvc.core.artifact import Artifact, BundleCandidates  # noqa: E402
 from recsvc.core.contract import PURCHASE, VIEW  # noqa: E402
 from recsvc.core.eventfiles import EventTable  # noqa: E402
-from training.export import ExportLedger, run_export  # noqa: E402
+from training.export import ExportLedger, ExportOptions, run_export  # noqa: E402
 
 DAY = 86_400
 AS_OF = 1_719_705_600  # 2024-06-30
@@ -176,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
         # frequency cap; it also checks that uncapped picks are implicit's picks.
         seed_ledger = ExportLedger(tmp / "seed")
         run_export(
-            artifact, events, tmp / "previous.csv", segment="all", n=4, ledger=seed_ledger, progress=False
+            artifact,
+            events,
+            tmp / "previous.csv",
+            ExportOptions(segment="all", n=4, progress=False),
+            ledger=seed_ledger,
         )
         baseline_s, export_s, summary = [], [], None
         for attempt in range(repeat):
@@ -188,11 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                 artifact,
                 events,
                 tmp / "campaign.csv",
-                segment="all",
-                n=args.n,
+                ExportOptions(segment="all", n=args.n, progress=False),
                 ledger=ExportLedger(ledger_root),
                 previous=[old],
-                progress=False,
             )
             export_s.append(summary.seconds)
         size_mb = (tmp / "campaign.csv").stat().st_size / 1e6

@@ -22,7 +22,7 @@ from recsvc.cli.export import export
 from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.config import Config
 from recsvc.core.events import Catalog, EventTable
-from training.export import COLUMNS, ExportLedger, ExportLocked, RowWriter, run_export
+from training.export import COLUMNS, ExportLedger, ExportLocked, ExportOptions, RowWriter, run_export
 
 T = 1_700_000_000
 DAY = 86_400
@@ -109,7 +109,11 @@ def test_export_all_hand_computed(tmp_path):
     artifact, events = make_shop()
     out = tmp_path / "campaign.csv"
     summary = run_export(
-        artifact, events, out, segment="all", n=4, previous=[previous_version(artifact)], export_id="E1"
+        artifact,
+        events,
+        out,
+        ExportOptions(segment="all", n=4, export_id="E1"),
+        previous=[previous_version(artifact)],
     )
     rows = read_rows(out)
     assert list(rows[0]) == [
@@ -145,14 +149,18 @@ def test_export_all_hand_computed(tmp_path):
 def test_export_one_segment_and_jsonl(tmp_path):
     artifact, events = make_shop()
     csv_out, jsonl_out = tmp_path / "d.csv", tmp_path / "d.jsonl"
-    run_export(artifact, events, csv_out, segment="dormant", n=2, previous=[previous_version(artifact)])
+    run_export(
+        artifact,
+        events,
+        csv_out,
+        ExportOptions(segment="dormant", n=2),
+        previous=[previous_version(artifact)],
+    )
     run_export(
         artifact,
         events,
         jsonl_out,
-        segment="dormant",
-        n=2,
-        fmt="jsonl",
+        ExportOptions(segment="dormant", n=2, fmt="jsonl"),
         previous=[previous_version(artifact)],
     )
     lines = [json.loads(line) for line in jsonl_out.read_text().splitlines()]
@@ -166,7 +174,7 @@ def test_export_one_segment_and_jsonl(tmp_path):
 
 def test_without_history_nothing_is_fresh_for_the_dormant_user(tmp_path):
     artifact, events = make_shop()
-    run_export(artifact, events, tmp_path / "d.csv", segment="dormant", n=2)
+    run_export(artifact, events, tmp_path / "d.csv", ExportOptions(segment="dormant", n=2))
     assert picks_by_user(read_rows(tmp_path / "d.csv"))["w2"] == [
         ("i0", "personalized"),
         ("i1", "personalized"),
@@ -182,7 +190,7 @@ def test_fresher_catalog_overrides_stock_price_and_title(tmp_path):
         price=np.array([1, 2, 99, 4, 5, 6], np.float32),
         available=np.array([True, True, True, False, True, True]),  # i3 sold out, i5 back
     )
-    run_export(artifact, events, tmp_path / "a.csv", segment="active", n=4, catalog=catalog)
+    run_export(artifact, events, tmp_path / "a.csv", ExportOptions(segment="active", n=4), catalog=catalog)
     rows = read_rows(tmp_path / "a.csv")
     assert picks_by_user(rows)["w1"] == [
         ("i2", "personalized"),
@@ -199,7 +207,7 @@ def test_with_bundles_match_the_storefront_bundles(tmp_path):
     artifact, events = make_shop()
     out = tmp_path / "b.csv"
     config = Config.create(bundle_size=3, bundle_discount_rule="percent", bundle_discount_pct=10)
-    run_export(artifact, events, out, segment="all", n=2, with_bundles=True, config=config)
+    run_export(artifact, events, out, ExportOptions(segment="all", n=2, with_bundles=True), config=config)
     rows = read_rows(out)
     assert list(rows[0])[-2:] == ["bundle_item_ids", "bundle_price"]
     catalog, rules = BundleCatalog.from_model(artifact), BundleRules.from_config(config)
@@ -226,7 +234,9 @@ def test_frequency_cap_across_runs(tmp_path):
     sent = []
     for run, cap in enumerate((2, 2, 1)):
         out = tmp_path / f"run{run}.csv"
-        summary = run_export(artifact, events, out, segment="high_value", n=1, ledger=ledger, cap_last=cap)
+        summary = run_export(
+            artifact, events, out, ExportOptions(segment="high_value", n=1, cap_last=cap), ledger=ledger
+        )
         sent.append(picks_by_user(read_rows(out))["w4"][0][0])
         assert summary.cap_last == cap
     # w4 ranks i4 > i3 > i2: run 2 skips run 1's pick; run 3 (cap 1) may resend run 1's but not run 2's
@@ -249,7 +259,7 @@ def test_failure_mid_export_leaves_no_file_and_no_record(tmp_path, monkeypatch):
 
     monkeypatch.setattr(RowWriter, "write", broken)
     with pytest.raises(OSError, match="disk full"):
-        run_export(artifact, events, out, segment="all", n=2, ledger=ledger)
+        run_export(artifact, events, out, ExportOptions(segment="all", n=2), ledger=ledger)
     assert out.read_text() == "previous complete export\n"  # untouched
     assert list(tmp_path.glob(".*part")) == [] and ledger.records() == []
     assert list(ledger.dir.glob(".*")) == []
@@ -260,7 +270,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 from test_export import make_shop
-from training.export import ExportLedger, RowWriter, run_export
+from training.export import ExportLedger, ExportOptions, RowWriter, run_export
 real_write = RowWriter.write
 def slow_write(self, table):
     real_write(self, table)
@@ -269,7 +279,7 @@ def slow_write(self, table):
     time.sleep(60)
 RowWriter.write = slow_write
 artifact, events = make_shop()
-run_export(artifact, events, Path({out!r}), segment="all", n=2, ledger=ExportLedger(Path({ledger!r})))
+run_export(artifact, events, Path({out!r}), ExportOptions(n=2), ledger=ExportLedger(Path({ledger!r})))
 """
 
 
@@ -297,7 +307,7 @@ def test_killed_export_never_leaves_a_complete_looking_file(tmp_path):
     assert ledger.records() == []  # nothing recorded: those picks are not capped
     # The next export cleans the leftover and completes.
     artifact, events = make_shop()
-    run_export(artifact, events, out, segment="all", n=2, ledger=ledger)
+    run_export(artifact, events, out, ExportOptions(segment="all", n=2), ledger=ledger)
     assert list(tmp_path.glob(".campaign.csv.*.part")) == []
     assert len(read_rows(out)) == 12 and len(ledger.records()) == 1
 
@@ -314,7 +324,7 @@ def test_bad_options(tmp_path):
         ({"memory_mb": 1}, "--memory-mb"),
     ):
         with pytest.raises(ValueError, match=message):
-            run_export(artifact, events, tmp_path / "x.csv", **kwargs)
+            run_export(artifact, events, tmp_path / "x.csv", ExportOptions(**kwargs))
     with pytest.raises(ValueError, match="does not exist"):
         run_export(artifact, events, tmp_path / "missing" / "x.csv")
     assert list(tmp_path.iterdir()) == []
@@ -431,13 +441,12 @@ def test_empty_segment_and_nothing_in_stock(tmp_path):
         artifact,
         events,
         tmp_path / "d.csv",
-        segment="dormant",
-        thresholds=SegmentThresholds(dormant_days=500),
+        ExportOptions(segment="dormant", thresholds=SegmentThresholds(dormant_days=500)),
     )
     assert summary.users == 0 and read_rows(tmp_path / "d.csv") == []
     header = ",".join(f'"{c}"' for c in COLUMNS)
     assert (tmp_path / "d.csv").read_text().splitlines() == [header]  # a header, no rows
     artifact.available[:] = False
-    summary = run_export(artifact, events, tmp_path / "none.jsonl", segment="all", fmt="jsonl")
+    summary = run_export(artifact, events, tmp_path / "none.jsonl", ExportOptions(segment="all", fmt="jsonl"))
     assert summary.rows == 0 and summary.users_without_picks == summary.users == 6
     assert (tmp_path / "none.jsonl").read_text() == ""

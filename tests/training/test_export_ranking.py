@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.export import (
+from training.export.picks import (
     block_cells,
-    chunk_rows,
     item_fresh_since,
     merge_ranked,
     popularity_keys,
     top_k_rows,
     winback_picks,
 )
+from training.export.run import chunk_rows
 from training.segments import NO_TIME
 
 NEG = -np.inf

@@ -22,14 +22,13 @@ The file is written to a hidden temporary name, fsynced, recorded in the export 
 into place, so a killed export never leaves a complete-looking file. The scoring working set is
 bounded by the chunk size (``memory_mb``), not by the number of users; rows stream to disk.
 
-The ranking pieces (:func:`top_k_rows`, :func:`merge_ranked`, :func:`popularity_keys`,
-:func:`winback_picks`, :func:`item_fresh_since`) are pure numpy and tested on tiny inputs.
+The ranking pieces are pure numpy (:mod:`training.export.picks`); the ledger and the file writer
+live in :mod:`training.export.ledger` and :mod:`training.export.files`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import fcntl
 import itertools
 import json
 import logging
@@ -48,8 +47,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import scipy.sparse as sp
+from tqdm import tqdm
 
 from recsvc.core.artifact import Artifact, ArtifactError, list_versions, read_artifact, resolve
 from recsvc.core.bundles import BundleCatalog, BundleRules, assemble_bundle
@@ -60,6 +59,33 @@ from recsvc.core.ranking import mask_positions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
 from recsvc.storage.versions import current_version
+from training.export.files import (
+    BUNDLE_COLUMNS,
+    COLUMNS,
+    FORMATS,
+    ExportInputError,
+    RowWriter,
+    clean_stale_parts,
+    json_string,
+    row_schema,
+)
+from training.export.ledger import LEDGER_KEEP, MAX_CAP_LAST, ExportLedger, LedgerWriter, now_iso
+from training.export.picks import (
+    ONBOARDING_CATEGORY,
+    ONBOARDING_POPULAR,
+    PERSONALIZED,
+    POPULAR,
+    POPULAR_IN_CATEGORY,
+    REASONS,
+    WINBACK_BACK_IN_STOCK,
+    WINBACK_NEW,
+    block_cells,
+    item_fresh_since,
+    merge_ranked,
+    popularity_keys,
+    top_k_rows,
+    winback_picks,
+)
 from training.segments import (
     DORMANT,
     NEW,
@@ -74,43 +100,8 @@ from training.segments import (
 
 log = logging.getLogger(__name__)
 
-REASONS: tuple[str, ...] = (
-    "personalized",
-    "winback_new",
-    "winback_back_in_stock",
-    "onboarding_category",
-    "onboarding_popular",
-    "popular_in_category",
-    "popular",
-)
-(
-    PERSONALIZED,
-    WINBACK_NEW,
-    WINBACK_BACK_IN_STOCK,
-    ONBOARDING_CATEGORY,
-    ONBOARDING_POPULAR,
-    POPULAR_IN_CATEGORY,
-    POPULAR,
-) = range(len(REASONS))
-
-COLUMNS: tuple[str, ...] = (
-    "user_id",
-    "segment",
-    "rank",
-    "item_id",
-    "title",
-    "price",
-    "score",
-    "reason",
-    "model_version",
-    "export_id",
-)
-BUNDLE_COLUMNS: tuple[str, ...] = ("bundle_item_ids", "bundle_price")
-FORMATS: tuple[str, ...] = ("csv", "jsonl")
 
 MAX_N = 100
-MAX_CAP_LAST = 50
-LEDGER_KEEP = 50  # ledger records kept; bounds --cap-last
 MIN_MEMORY_MB, MAX_MEMORY_MB = 16, 16_384
 # Bytes per scored (user, item) cell while a chunk is ranked: the float32 score, the bool
 # threshold mask, and the onboarding/category temporaries. Sizing chunks from it keeps the peak
@@ -125,462 +116,14 @@ MAX_THREADS = 64
 # ------------------------------------------------------------------------------------------------
 
 
-def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` highest finite scores of every row, best first.
-
-    Exact, and faster than a row-wise ``argpartition`` on wide rows: the k-th largest of the
-    per-block maxima is a threshold that at least ``k`` cells of the row reach (each of those
-    blocks holds one), so only the few cells at or above it are sorted.
-
-    Parameters
-    ----------
-    scores : ndarray, shape (rows, columns)
-        float32 (or float64) scores; ``-inf`` marks a filtered cell, which is never returned.
-    k : int
-        How many to keep per row.
-
-    Returns
-    -------
-    indices : ndarray of int32, shape (rows, k)
-        Column indices, best first; ties go to the lower column; ``-1`` pads rows with fewer than
-        ``k`` finite cells.
-    values : ndarray, shape (rows, k)
-        The scores of those cells; ``-inf`` where padded.
-    """
-    scores = np.ascontiguousarray(scores)
-    n_rows, n_cols = scores.shape
-    indices = np.full((n_rows, k), -1, dtype=np.int32)
-    values = np.full((n_rows, k), -np.inf, dtype=scores.dtype)
-    kk = min(k, n_cols)
-    if n_rows == 0 or kk <= 0:
-        return indices, values
-    blocks = min(n_cols // 2, 8 * kk)
-    if blocks >= kk and n_cols >= 64:
-        # Strided blocks (column j belongs to block j % blocks) reduce along contiguous memory.
-        block_len = n_cols // blocks
-        head = block_len * blocks
-        maxima = scores[:, :head].reshape(n_rows, block_len, blocks).max(axis=1)
-        if head < n_cols:
-            maxima = np.concatenate([maxima, scores[:, head:].max(axis=1, keepdims=True)], axis=1)
-        threshold = np.partition(maxima, maxima.shape[1] - kk, axis=1)[:, maxima.shape[1] - kk]
-    else:
-        threshold = np.partition(scores, n_cols - kk, axis=1)[:, n_cols - kk]
-    # A row with fewer than k finite cells has a -inf threshold; never let -inf cells through.
-    threshold = np.maximum(threshold, np.finfo(scores.dtype).min)
-    flat = np.flatnonzero(scores >= threshold[:, None])
-    rows, cols = np.divmod(flat, n_cols)
-    vals = scores.ravel()[flat]
-    rows, cols, vals = (a[_order_rows_best_first(rows, cols, vals)] for a in (rows, cols, vals))
-    row_start = np.searchsorted(rows, np.arange(n_rows))
-    position = np.arange(len(rows)) - row_start[rows]
-    keep = position < k
-    indices[rows[keep], position[keep]] = cols[keep]
-    values[rows[keep], position[keep]] = vals[keep]
-    return indices, values
-
-
-def _order_rows_best_first(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> np.ndarray:
-    """Order of candidates by row, then score descending, then column (ascending)."""
-    if vals.dtype != np.float32:
-        return np.lexsort((cols, -vals, rows))
-    # One stable sort of a uint64 key is ~10x faster than a three-key lexsort: the row in the high
-    # half, the float32 bits made order-preserving and inverted (descending) in the low half; ties
-    # keep their column order because candidates arrive row-major and the sort is stable.
-    bits = (vals + np.float32(0.0)).view(np.uint32)  # + 0.0 turns -0.0 into 0.0: equal scores tie
-    flip = np.where(bits >> np.uint32(31), np.uint32(0xFFFFFFFF), np.uint32(0x80000000))
-    descending = ~(bits ^ flip)
-    key = (rows.astype(np.uint64) << np.uint64(32)) | descending.astype(np.uint64)
-    return np.argsort(key, kind="stable")
-
-
-def block_cells(scores: np.ndarray, blocked: sp.csr_matrix) -> None:
-    """Set ``scores[u, i] = -inf`` in place for every stored cell of ``blocked`` (same shape)."""
-    if blocked.nnz:
-        rows = np.repeat(np.arange(blocked.shape[0]), np.diff(blocked.indptr))
-        scores[rows, blocked.indices] = -np.inf
-
-
-def merge_ranked(first: np.ndarray, second: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row: the valid entries of ``first``, then those of ``second`` not already taken; first k.
-
-    Parameters
-    ----------
-    first, second : ndarray of int, shapes (rows, a) and (rows, b)
-        Ranked column indices with ``-1`` padding.
-    k : int
-
-    Returns
-    -------
-    merged : ndarray of int32, shape (rows, k)
-        ``-1`` padded.
-    from_first : ndarray of bool, shape (rows, k)
-        True where the entry came from ``first``.
-    """
-    n_rows = first.shape[0]
-    second = second.copy()
-    if first.shape[1] and second.shape[1]:
-        duplicate = (second[:, :, None] == first[:, None, :]).any(axis=2)
-        second[duplicate] = -1
-    combined = np.concatenate([first, second], axis=1).astype(np.int32)
-    source = np.concatenate(
-        [np.ones(first.shape, dtype=bool), np.zeros(second.shape, dtype=bool)],
-        axis=1,
-    )
-    order = np.argsort(combined < 0, axis=1, kind="stable")[:, :k]
-    merged = np.take_along_axis(combined, order, axis=1)
-    from_first = np.take_along_axis(source, order, axis=1) & (merged >= 0)
-    if merged.shape[1] < k:
-        pad = k - merged.shape[1]
-        merged = np.concatenate([merged, np.full((n_rows, pad), -1, np.int32)], axis=1)
-        from_first = np.concatenate([from_first, np.zeros((n_rows, pad), bool)], axis=1)
-    return merged, from_first
-
-
-def popularity_keys(
-    user_categories: np.ndarray, item_category: np.ndarray, popularity_score: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Onboarding ranking keys: items of the user's categories first, each group by popularity.
-
-    Parameters
-    ----------
-    user_categories : ndarray of bool, shape (rows, n_categories + 1)
-        True where the user touched a category; the last column stands for "no category" and is
-        always False.
-    item_category : ndarray of int, shape (items,)
-        Category code per item, ``n_categories`` for items without one.
-    popularity_score : ndarray of float32, shape (items,)
-        Popularity scaled into [0, 1].
-
-    Returns
-    -------
-    keys : ndarray of float32, shape (rows, items)
-        ``popularity_score + 2 * in_category``: ranks in-category items above every other one.
-    in_category : ndarray of bool, shape (rows, items)
-    """
-    in_category = user_categories[:, item_category]
-    keys = in_category.astype(np.float32)
-    keys *= 2.0
-    keys += popularity_score[None, :]
-    return keys, in_category
-
-
-def item_fresh_since(
-    first_seen: np.ndarray,
-    history: Sequence[tuple[int, np.ndarray, np.ndarray]],
-) -> tuple[np.ndarray, np.ndarray]:
-    """When each item last became new or came back in stock, as far as the evidence shows.
-
-    Parameters
-    ----------
-    first_seen : ndarray of int64, shape (items,)
-        First event on the item (unix seconds), :data:`~training.segments.NO_TIME` when none: before
-        it, nobody had seen the item, so to anyone gone by then it is new.
-    history : sequence of ``(snapshot_time, present, available)``
-        Earlier catalogue snapshots (older model artifacts; the model's own catalogue when a fresher
-        one is given), each with bool arrays over the current items: was the item in that catalogue,
-        and was it in stock. An item missing or out of stock at ``snapshot_time`` that is in stock
-        now is new / back in stock since then.
-
-    Returns
-    -------
-    fresh_since : ndarray of int64
-        The latest moment the item was not yet (or no longer) available; an item is new to a
-        user whose last visit is earlier than this. ``NO_TIME`` when there is no evidence.
-    back_in_stock : ndarray of bool
-        True when that latest evidence is an out-of-stock snapshot (the item existed before).
-    """
-    fresh_since = np.asarray(first_seen, dtype=np.int64).copy()
-    back_in_stock = np.zeros(len(fresh_since), dtype=bool)
-    for snapshot_time, present, available in sorted(history, key=lambda h: h[0]):
-        missing = ~(present & available)
-        later = missing & (snapshot_time > fresh_since)
-        fresh_since[later] = snapshot_time
-        back_in_stock[later] = present[later]
-    return fresh_since, back_in_stock
-
-
-def winback_picks(
-    scores: np.ndarray,
-    last_seen: np.ndarray,
-    user_categories: np.ndarray,
-    item_category: np.ndarray,
-    fresh_since: np.ndarray,
-    slots: int,
-) -> np.ndarray:
-    """Up to ``slots`` items per user that are new to them and in one of their categories.
-
-    Parameters
-    ----------
-    scores : ndarray, shape (rows, items)
-        Filtered ranking scores (``-inf`` = not allowed); win-back picks are ordered by them.
-    last_seen : ndarray of int64, shape (rows,)
-        Each user's last event.
-    user_categories : ndarray of bool, shape (rows, n_categories + 1)
-    item_category : ndarray of int, shape (items,)
-        ``n_categories`` for items without a category.
-    fresh_since : ndarray of int64, shape (items,)
-        From :func:`item_fresh_since`.
-    slots : int
-
-    Returns
-    -------
-    ndarray of int32, shape (rows, slots)
-        Item columns, best first, ``-1`` padded.
-    """
-    n_rows = scores.shape[0]
-    none = np.full((n_rows, slots), -1, dtype=np.int32)
-    if n_rows == 0 or slots <= 0:
-        return none
-    no_category = user_categories.shape[1] - 1
-    candidates = np.flatnonzero((fresh_since > last_seen.min()) & (item_category != no_category))
-    if not len(candidates):
-        return none
-    sub = scores[:, candidates]
-    allowed = (fresh_since[candidates][None, :] > last_seen[:, None]) & user_categories[
-        :, item_category[candidates]
-    ]
-    sub[~allowed] = -np.inf
-    picks, _ = top_k_rows(sub, slots)
-    return np.where(picks >= 0, candidates[np.maximum(picks, 0)], -1).astype(np.int32)
-
-
 # ------------------------------------------------------------------------------------------------
 # The frequency-cap ledger
 # ------------------------------------------------------------------------------------------------
 
 
-class ExportLedger:
-    """Durable record of what every export sent, for frequency capping across runs.
-
-    One Parquet file per export under ``<var_dir>/exports/ledger/<export_id>.parquet`` with the
-    columns ``user_id, item_id`` and the export's metadata in the schema. Files: a batch job's
-    record belongs next to the files it wrote, needs no server, survives a Redis flush, and a
-    dictionary-encoded Parquet of 1.6M pairs is a few MB (in the serving Redis it would cost
-    ~100 MB of the memory the storefront needs). Writes are temp + fsync + rename.
-    """
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.dir = self.root / "ledger"
-
-    def records(self) -> list[Path]:
-        """Committed records, oldest first (export ids sort by time)."""
-        if not self.dir.is_dir():
-            return []
-        return sorted(p for p in self.dir.glob("*.parquet") if not p.name.startswith("."))
-
-    def recent(self, count: int) -> list[Path]:
-        return self.records()[-count:] if count > 0 else []
-
-    def sent_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(user_ids, item_ids)`` sent by the last ``count`` exports (object arrays)."""
-        import pyarrow.parquet as pq
-
-        users, items = [], []
-        for path in self.recent(count):
-            table = pq.read_table(path, columns=["user_id", "item_id"])
-            users.append(table.column("user_id").combine_chunks().cast(pa.string()))
-            items.append(table.column("item_id").combine_chunks().cast(pa.string()))
-        if not users:
-            return np.zeros(0, dtype=object), np.zeros(0, dtype=object)
-        return (
-            pa.concat_arrays(users).to_numpy(zero_copy_only=False),
-            pa.concat_arrays(items).to_numpy(zero_copy_only=False),
-        )
-
-    def metadata(self, path: Path) -> dict[str, Any]:
-        import pyarrow.parquet as pq
-
-        raw = pq.ParquetFile(path).metadata.metadata or {}
-        return json.loads(raw.get(b"recsvc_export", b"{}"))
-
-    @contextmanager
-    def lock(self) -> Iterator[None]:
-        """Hold the exclusive export lock; raise :class:`ExportLocked` if another export holds it.
-
-        A cap is only a cap if two exports never read the ledger at the same time. ``flock`` is
-        released by the kernel when the process dies, so a killed export never leaves it stuck.
-        """
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+") as handle:
-            try:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                holder = handle.read().strip() or "another process"
-                raise ExportLocked(
-                    f"another export is running ({holder}); lock {self.root / '.lock'}"
-                ) from None
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} since {_now_iso()}")
-            handle.flush()
-            try:
-                yield
-            finally:
-                handle.seek(0)
-                handle.truncate()
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-    def writer(self, export_id: str) -> LedgerWriter:
-        return LedgerWriter(self, export_id)
-
-    def prune(self, keep: int = LEDGER_KEEP) -> list[str]:
-        doomed = self.records()[:-keep] if keep > 0 else self.records()
-        for path in doomed:
-            path.unlink(missing_ok=True)
-        return [p.stem for p in doomed]
-
-
-class LedgerWriter:
-    """Streams one export's ``(user_id, item_id)`` pairs to a temp file; :meth:`commit` publishes."""
-
-    SCHEMA = pa.schema([("user_id", pa.string()), ("item_id", pa.string())])
-
-    def __init__(self, ledger: ExportLedger, export_id: str):
-        import pyarrow.parquet as pq
-
-        ledger.dir.mkdir(parents=True, exist_ok=True)
-        self.final = ledger.dir / f"{export_id}.parquet"
-        self.tmp = ledger.dir / f".{export_id}.parquet.part"
-        self._writer = pq.ParquetWriter(self.tmp, self.SCHEMA, compression="zstd", use_dictionary=True)
-        self._closed = False
-
-    def write(self, user_ids: pa.Array, item_ids: pa.Array) -> None:
-        self._writer.write_table(pa.table([user_ids, item_ids], schema=self.SCHEMA))
-
-    def close(self, metadata: dict[str, Any]) -> None:
-        # Metadata is known only at the end; Parquet keeps it in the footer, written on close.
-        self._writer.add_key_value_metadata({"recsvc_export": json.dumps(metadata)})
-        self._writer.close()
-        self._closed = True
-        _fsync_path(self.tmp)
-
-    def commit(self) -> None:
-        os.replace(self.tmp, self.final)
-        _fsync_dir(self.final.parent)
-
-    def abort(self) -> None:
-        if not self._closed:
-            try:
-                self._writer.close()
-            except Exception:  # noqa: BLE001 - already failing; the temp file is removed below
-                pass
-        self.tmp.unlink(missing_ok=True)
-
-
-class ExportLocked(RuntimeError):
-    """Another export holds the ledger lock."""
-
-
-class ExportInputError(ValueError):
-    """Bad input for an export (unknown segment, bad option, missing model...)."""
-
-
 # ------------------------------------------------------------------------------------------------
 # Row writers: a hidden temp file, renamed into place only when complete
 # ------------------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_path(path)
-    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
-        pass
-
-
-def temp_path_for(out: Path, export_id: str) -> Path:
-    """Where an export is written before the rename: hidden, and named so it never looks final."""
-    return out.with_name(f".{out.name}.{export_id}.part")
-
-
-class RowWriter:
-    """Writes row tables as CSV (pyarrow) or JSON lines to a temp file beside ``out``."""
-
-    def __init__(self, out: Path, export_id: str, fmt: str, schema: pa.Schema):
-        if fmt not in FORMATS:
-            raise ExportInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        self.out, self.fmt, self.schema = out, fmt, schema
-        self.tmp = temp_path_for(out, export_id)
-        self._file = open(self.tmp, "wb")
-        self._csv = None
-        if fmt == "csv":
-            from pyarrow import csv as pacsv
-
-            self._csv = pacsv.CSVWriter(
-                self._file,
-                schema,
-                write_options=pacsv.WriteOptions(include_header=True, quoting_style="needed"),
-            )
-        self._json_keys = [json.dumps(name) for name in schema.names]
-
-    def write(self, table: pa.Table) -> None:
-        if self._csv is not None:
-            self._csv.write_table(table)
-            return
-        # JSON lines built column-wise by pyarrow: one json.dumps per row would cost more than
-        # the ranking. Strings are pre-escaped (see ``_json_string``); numbers print as-is.
-        parts: list[Any] = []
-        for position, (name, column) in enumerate(zip(self._json_keys, table.columns, strict=True)):
-            parts.append(("{" if position == 0 else ",") + name + ":")
-            parts.append(_json_column(column.combine_chunks()))
-        parts.append("}\n")
-        lines = pc.binary_join_element_wise(*parts, "")
-        whole = pc.binary_join(pa.ListArray.from_arrays([0, len(lines)], lines), "")
-        self._file.write(whole[0].as_buffer())
-
-    def commit(self) -> Path:
-        self.close()
-        _fsync_path(self.tmp)
-        os.replace(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
-        return self.out
-
-    def close(self) -> None:
-        if self._file.closed:
-            return
-        if self._csv is not None:
-            self._csv.close()
-        self._file.flush()
-        self._file.close()
-
-    def abort(self) -> None:
-        try:
-            self.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
-
-
-def _json_column(column: pa.Array) -> pa.Array:
-    if pa.types.is_string(column.type):
-        # Ids, names and versions need no escaping (id alphabet); titles are escaped once per
-        # item before the take (see run_export).
-        return pc.if_else(pc.is_null(column), "null", pc.binary_join_element_wise('"', column, '"', ""))
-    text = pc.cast(column, pa.string())
-    return pc.if_else(pc.is_null(text), "null", text)
-
-
-def _json_string(value: str) -> str:
-    """The inside of a JSON string literal (no surrounding quotes)."""
-    return json.dumps(value, ensure_ascii=False)[1:-1]
-
-
-def clean_stale_parts(out: Path, max_age_s: float = 0.0) -> list[Path]:
-    """Remove temp files of earlier killed exports to the same ``out`` (none is ever complete)."""
-    removed = []
-    for path in out.parent.glob(f".{out.name}.*.part"):
-        if time.time() - path.stat().st_mtime >= max_age_s:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 # ------------------------------------------------------------------------------------------------
@@ -648,10 +191,6 @@ def new_export_id(now: _dt.datetime | None = None) -> str:
     """
     now = now or _dt.datetime.now(_dt.UTC)
     return f"{now.strftime('%Y%m%dT%H%M%S.%fZ')}-{secrets.token_hex(3)}"
-
-
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -982,24 +521,6 @@ def _write_chunk(
             ledger_writer.write(user_ids, item_ids)
 
 
-def _schema(with_bundles: bool) -> pa.Schema:
-    fields = [
-        ("user_id", pa.string()),
-        ("segment", pa.string()),
-        ("rank", pa.int16()),
-        ("item_id", pa.string()),
-        ("title", pa.string()),
-        ("price", pa.float64()),
-        ("score", pa.float64()),
-        ("reason", pa.string()),
-        ("model_version", pa.string()),
-        ("export_id", pa.string()),
-    ]
-    if with_bundles:
-        fields += [("bundle_item_ids", pa.string()), ("bundle_price", pa.float64())]
-    return pa.schema(fields)
-
-
 def current_availability(
     artifact: Artifact, catalog: CatalogLike | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -1043,39 +564,12 @@ def catalogue_history(
     return history
 
 
-def run_export(
-    artifact: Artifact,
-    events: EventsLike,
-    out: str | os.PathLike,
-    *,
-    segment: str = "all",
-    n: int = 8,
-    fmt: str = "csv",
-    with_bundles: bool = False,
-    thresholds: SegmentThresholds | None = None,
-    as_of: int | None = None,
-    catalog: CatalogLike | None = None,
-    previous: Sequence[Artifact] = (),
-    ledger: ExportLedger | None = None,
-    cap_last: int = 2,
-    config: Config | None = None,
-    memory_mb: int = 256,
-    winback_slots: int | None = None,
-    progress: bool | None = None,
-    export_id: str | None = None,
-    catalog_prices: dict[str, float] | None = None,
-    threads: int | None = None,
-) -> ExportSummary:
-    """Rank, filter and write the picks of every user of ``segment``; record them in ``ledger``.
+@dataclass(frozen=True)
+class ExportOptions:
+    """What an export writes: who, how many picks, which format, and its resource budget.
 
-    Parameters
+    Attributes
     ----------
-    artifact : Artifact
-        The model (normally the live version).
-    events : EventsLike
-        Purchase/visit history: segments, last visits, categories, already-bought items.
-    out : path
-        Final file; written as a hidden ``.part`` sibling and renamed when complete.
     segment : str
         One of :data:`~training.segments.SEGMENT_CHOICES`.
     n : int
@@ -1085,56 +579,114 @@ def run_export(
         Add ``bundle_item_ids`` (``|``-separated) and ``bundle_price`` for each pick.
     thresholds, as_of :
         Segmentation rules (:func:`training.segments.compute_segments`).
+    cap_last : int
+        Items sent in any of the last ``cap_last`` exports are not sent again (0 = no cap).
+    memory_mb : int
+        Working-set budget for the chunks of users ranked at once.
+    winback_slots : int, optional
+        Most win-back picks per dormant user; default ``ceil(n / 2)``.
+    threads : int, optional
+        Chunks ranked in parallel (default: CPU cores, at most 8); ``memory_mb`` is shared by them.
+    progress : bool, optional
+        tqdm bar on stderr; ``None`` = only on a terminal.
+    export_id : str, optional
+        Default: a new sortable id.
+
+    Raises
+    ------
+    ExportInputError
+        An option is out of range (the message names it as the command line does).
+    """
+
+    segment: str = "all"
+    n: int = 8
+    fmt: str = "csv"
+    with_bundles: bool = False
+    thresholds: SegmentThresholds | None = None
+    as_of: int | None = None
+    cap_last: int = 2
+    memory_mb: int = 256
+    winback_slots: int | None = None
+    threads: int | None = None
+    progress: bool | None = None
+    export_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.segment not in SEGMENT_CHOICES:
+            raise ExportInputError(
+                f"unknown segment {self.segment!r}; choose one of {', '.join(SEGMENT_CHOICES)}"
+            )
+        if not 1 <= self.n <= MAX_N:
+            raise ExportInputError(f"--n must be 1..{MAX_N}, got {self.n}")
+        if not 0 <= self.cap_last <= MAX_CAP_LAST:
+            raise ExportInputError(f"--cap-last must be 0..{MAX_CAP_LAST}, got {self.cap_last}")
+        if not MIN_MEMORY_MB <= self.memory_mb <= MAX_MEMORY_MB:
+            raise ExportInputError(
+                f"--memory-mb must be {MIN_MEMORY_MB}..{MAX_MEMORY_MB}, got {self.memory_mb}"
+            )
+        if self.fmt not in FORMATS:
+            raise ExportInputError(f"--format must be one of {', '.join(FORMATS)}, got {self.fmt!r}")
+        if not 0 <= self.slots <= self.n:
+            raise ExportInputError(f"--winback-slots must be 0..{self.n}, got {self.slots}")
+        if self.threads is not None and not 1 <= self.threads <= MAX_THREADS:
+            raise ExportInputError(f"--threads must be 1..{MAX_THREADS}, got {self.threads}")
+
+    @property
+    def slots(self) -> int:
+        """Win-back picks per dormant user."""
+        return math.ceil(self.n / 2) if self.winback_slots is None else int(self.winback_slots)
+
+
+def run_export(
+    artifact: Artifact,
+    events: EventsLike,
+    out: str | os.PathLike,
+    options: ExportOptions | None = None,
+    *,
+    catalog: CatalogLike | None = None,
+    previous: Sequence[Artifact] = (),
+    ledger: ExportLedger | None = None,
+    config: Config | None = None,
+    catalog_prices: dict[str, float] | None = None,
+) -> ExportSummary:
+    """Rank, filter and write the picks of every user of a segment; record them in ``ledger``.
+
+    Parameters
+    ----------
+    artifact : Artifact
+        The model (normally the live version).
+    events : EventsLike
+        Purchase/visit history: segments, last visits, categories, already-bought items.
+    out : path
+        Final file; written as a hidden ``.part`` sibling and renamed when complete.
+    options : ExportOptions
+        Segment, picks, format, cap, budget (defaults: every user, 8 picks, CSV).
     catalog : CatalogLike, optional
         Current catalogue: stock, prices and titles fresher than the model's.
     previous : sequence of Artifact
         Older versions, for "new / back in stock since the last visit".
     ledger : ExportLedger, optional
         Frequency cap and record; ``None`` disables both (tests, benchmarks).
-    cap_last : int
-        Items sent in any of the last ``cap_last`` exports are not sent again (0 = no cap).
     config : Config
         ``repurchase_categories``, bundle size and discount.
-    memory_mb : int
-        Working-set budget for one chunk of users.
-    winback_slots : int, optional
-        Most win-back picks per dormant user; default ``ceil(n / 2)``.
-    progress : bool, optional
-        tqdm bar on stderr; ``None`` = only on a terminal.
-    export_id : str, optional
-        Default: a new sortable id.
     catalog_prices : dict, optional
         ``item_id -> price`` for purchases without a price (segmentation's monetary value).
-    threads : int, optional
-        Chunks ranked in parallel (default: CPU cores, at most 8); ``memory_mb`` is shared by them.
 
     Returns
     -------
     ExportSummary
     """
-    from tqdm import tqdm
-
     started = time.perf_counter()
+    options = options or ExportOptions()
     config = config or Config()
-    if segment not in SEGMENT_CHOICES:
-        raise ExportInputError(f"unknown segment {segment!r}; choose one of {', '.join(SEGMENT_CHOICES)}")
-    if not 1 <= n <= MAX_N:
-        raise ExportInputError(f"--n must be 1..{MAX_N}, got {n}")
-    if not 0 <= cap_last <= MAX_CAP_LAST:
-        raise ExportInputError(f"--cap-last must be 0..{MAX_CAP_LAST}, got {cap_last}")
-    if not MIN_MEMORY_MB <= memory_mb <= MAX_MEMORY_MB:
-        raise ExportInputError(f"--memory-mb must be {MIN_MEMORY_MB}..{MAX_MEMORY_MB}, got {memory_mb}")
-    if fmt not in FORMATS:
-        raise ExportInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    slots = math.ceil(n / 2) if winback_slots is None else int(winback_slots)
-    if not 0 <= slots <= n:
-        raise ExportInputError(f"--winback-slots must be 0..{n}, got {slots}")
+    segment, n, fmt, with_bundles = options.segment, options.n, options.fmt, options.with_bundles
+    cap_last, slots, memory_mb = options.cap_last, options.slots, options.memory_mb
     out = Path(out)
     if not out.parent.is_dir():
         raise ExportInputError(f"--out {out}: folder {out.parent} does not exist")
-    export_id = export_id or new_export_id()
+    export_id = options.export_id or new_export_id()
 
-    table = compute_segments(events, as_of, thresholds, catalog_prices)
+    table = compute_segments(events, options.as_of, options.thresholds, catalog_prices)
     available, price, titles = current_availability(artifact, catalog)
     history = catalogue_history(artifact, previous, catalog is not None)
     sent = ledger.sent_pairs(cap_last) if ledger is not None else (np.zeros(0, object), np.zeros(0, object))
@@ -1145,18 +697,16 @@ def run_export(
     strings = {
         "user_ids": pa.array(plan.user_ids, type=pa.string()),
         "item_ids": pa.array(artifact.item_ids, type=pa.string()),
-        "titles": pa.array(titles if fmt == "csv" else [_json_string(t) for t in titles], type=pa.string()),
+        "titles": pa.array(titles if fmt == "csv" else [json_string(t) for t in titles], type=pa.string()),
         "segments": pa.array(SEGMENTS, type=pa.string()),
         "reasons": pa.array(REASONS, type=pa.string()),
         "model_version": pa.array([artifact.version], type=pa.string()),
         "export_id": pa.array([export_id], type=pa.string()),
     }
-    schema = _schema(with_bundles)
+    schema = row_schema(with_bundles)
     # A chunk holds a score row per user plus a dense row of category flags (onboarding, win-back);
     # `threads` chunks are ranked at once, so each gets its share of the budget.
-    threads = default_threads() if threads is None else threads
-    if not 1 <= threads <= MAX_THREADS:
-        raise ExportInputError(f"--threads must be 1..{MAX_THREADS}, got {threads}")
+    threads = default_threads() if options.threads is None else options.threads
     step = chunk_rows(len(plan.columns) + plan.user_categories.shape[1], max(1, memory_mb // threads))
     n_users = len(plan.user_ids)
     reasons = np.zeros(len(REASONS), dtype=np.int64)
@@ -1169,7 +719,7 @@ def run_export(
     ledger_writer = ledger.writer(export_id) if ledger is not None else None
     try:
         # disable=None: tqdm shows the bar only when stderr is a terminal (not under cron).
-        disable = None if progress is None else not progress
+        disable = None if options.progress is None else not options.progress
         bar = tqdm(total=n_users, unit="user", disable=disable, file=sys.stderr)
         # Ranking runs on `threads` worker threads, each on its own chunk with a single-threaded
         # BLAS (numpy releases the GIL in matmul, reductions, comparisons and sorts), the way
@@ -1232,7 +782,7 @@ def run_export(
         writer.close()
         if ledger_writer is not None:
             meta = {k: v for k, v in asdict(summary).items() if k not in ("extra", "seconds", "users_per_s")}
-            meta["created_at"] = _now_iso()
+            meta["created_at"] = now_iso()
             ledger_writer.close(meta)
             # Record first, then publish the file: a crash in between caps items that were never
             # sent (harmless) rather than leaving a sent file unrecorded (a user mailed twice).
