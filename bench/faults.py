@@ -942,6 +942,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", choices=list(SCENARIOS), help="run only these scenarios")
     ap.add_argument("--out", default="bench/results", help="folder for faults.json and faults.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs) for inspection")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="recsvc-faults-"))
     t0 = time.monotonic()
@@ -967,8 +968,31 @@ def main(argv: list[str] | None = None) -> int:
             {"when": stamp, "conditions": cond, "rows": [asdict(r) for r in rows]}, indent=2, default=str
         )
     )
-    bad = sum(r.r5xx + r.wrong_version + r.mixed + r.lost + r.duplicated + r.leftovers for r in rows)
-    return 0 if bad == 0 else 1
+    missed = verdict(rows)
+    print("targets met" if not missed else "TARGETS MISSED: " + "; ".join(missed))
+    return 1 if missed and args.strict else 0
+
+
+def verdict(rows: list[Row]) -> list[str]:
+    """The issue's targets, each missed one named."""
+    missed = []
+    for r in rows:
+        for key, what in (("r5xx", "5xx on reads"), ("wrong_version", "wrong-version answers"),
+                          ("mixed", "mixed-version answers"), ("lost", "accepted events lost"),
+                          ("duplicated", "events duplicated"), ("leftovers", "leftovers")):  # fmt: skip
+            if getattr(r, key):
+                missed.append(f"{r.scenario}: {getattr(r, key)} {what}")
+        if "error" in r.details:
+            missed.append(f"{r.scenario}: scenario broke")
+    slow = next((r for r in rows if r.scenario == "slow-clients"), None)
+    if slow and (slow.p99_ms > 50 or slow.dropped):
+        missed.append(
+            f"slow-clients: fast-request p99 {slow.p99_ms:.0f} ms (target 50), {slow.dropped} unanswered"
+        )
+    hang = next((r for r in rows if r.scenario == "redis-hang"), None)
+    if hang and hang.details.get("hang_over_300ms"):
+        missed.append(f"redis-hang: {hang.details['hang_over_300ms']} reads over 300 ms (documented ~0.2 s)")
+    return missed
 
 
 if __name__ == "__main__":
