@@ -133,11 +133,12 @@ def test_experiment_with_a_list_or_object_control_is_400(target, control):
 
 @xfail("hole 2: a request the server failed (5xx) still counts against the caller's event rate limit")
 def test_server_errors_are_not_charged_to_the_rate_limit(target):
-    """Spend the key's whole minute (600 requests) on bodies that answer 5xx today; a valid event must
-    then still go through. Once those bodies answer 400 (documented to count), the check passes."""
+    """Spend the key's minute (600 requests) on bodies that answer 5xx today, up to the first 429; a
+    valid event right after must not be refused because of 5xx answers. Once those bodies answer 400
+    (documented to count), the check passes."""
     client = target.http()
     statuses = []
-    for _ in range(600):
+    for _ in range(1300):  # until the first 429: the limit is a fixed window, it may roll over once
         statuses.append(
             client.post_json("/v1/events", _event(event=["view"]), harness.bearer(KEYS[1])).status
         )
