@@ -13,6 +13,7 @@ then runs read load and event ingestion while it injects faults, one scenario at
 steady             load, no fault (the reference)
 redis-kill         SIGKILL Redis during reads and event ingestion, restart it from its AOF
 redis-hang         SIGSTOP Redis (a hung server), SIGCONT after a while
+redis-pause        SIGSTOP Redis for 150 ms, again and again, during event ingestion
 kill-publish       SIGKILL ``recsvc publish`` while it writes a new version, then publish again
 swap-rollback      ``recsvc publish B`` / ``recsvc rollback`` back and forth under load
 worker-kill        SIGKILL gunicorn workers while events are posted; dump and reconcile
@@ -36,7 +37,8 @@ duplicated, leftovers on disk (and in Redis), and read latency. How each is coun
 * **mixed**: an answer naming one version whose items carry another version's titles.
 * **lost / duplicated**: every event carries a unique ``order_id``; after the scenario the stream
   is dumped with ``recsvc events dump`` and every event answered 202 must be in the dump files
-  exactly once (events whose request got no answer are "in doubt": reported, not counted).
+  exactly once (events whose request got no answer are "in doubt": reported, not counted; events
+  answered "nothing stored" that were stored anyway are reported in the notes).
 * **leftovers**: temporary files (``models/.tmp-*``, ``.<out>.*.part``, hidden dump files) left
   after the killed command *and one successful re-run*, and Redis keys of versions no longer
   listed by ``recsvc versions``.
@@ -258,6 +260,7 @@ class EventLoad:
         self.bench, self.tag, self.threads, self.batch, self.pace_s = bench, tag, threads, batch, pace_s
         self.accepted: list[str] = []
         self.in_doubt: list[str] = []
+        self.refused_ids: list[str] = []  # answered "nothing stored" (4xx, 503)
         self.refused: Counter = Counter()
         self.server_errors: Counter = Counter()
         self.replies = 0
@@ -302,6 +305,7 @@ class EventLoad:
                     self.in_doubt.extend(ids)
                 else:
                     self.refused[r.status] += 1
+                    self.refused_ids.extend(ids)
             self._stop.wait(self.pace_s)
         client.close()
 
@@ -446,12 +450,23 @@ class Bench:
         mine = {k: v for k, v in seen.items() if k.startswith(tag)}
         row.accepted += len(load.accepted)
         row.lost += sum(1 for i in load.accepted if i not in mine)
-        row.duplicated += sum(1 for v in mine.values() if v > 1)
+        dup_accepted = sum(1 for i in load.accepted if mine.get(i, 0) > 1)
+        row.duplicated += dup_accepted
         row.in_doubt += len(load.in_doubt)
         stored_in_doubt = sum(1 for i in load.in_doubt if i in mine)
-        unknown = set(mine) - set(load.accepted) - set(load.in_doubt)
+        refused_stored = sum(1 for i in load.refused_ids if i in mine)
+        refused_twice = sum(1 for i in load.refused_ids if mine.get(i, 0) > 1)
+        row.details["accepted_stored_twice"] = dup_accepted
+        row.details["refused_but_stored"] = refused_stored
+        if dup_accepted:
+            row.notes.append(f"{dup_accepted} accepted events stored twice")
+        if refused_stored:
+            row.notes.append(
+                f"{refused_stored} events answered 'nothing stored' were stored ({refused_twice} twice)"
+            )
+        unknown = set(mine) - set(load.accepted) - set(load.in_doubt) - set(load.refused_ids)
         if unknown:
-            row.notes.append(f"{len(unknown)} stored events were never sent as such")
+            row.notes.append(f"{len(unknown)} stored events were never sent")
             row.duplicated += len(unknown)
         if load.in_doubt:
             row.notes.append(
@@ -617,6 +632,24 @@ def sc_redis_hang(b: Bench) -> Row:
         f"{len(slow)} over 200 ms, {row.details['hang_over_300ms']} over 300 ms"
     )
     b.wait_healthy()
+    return row
+
+
+def sc_redis_pause(b: Bench) -> Row:
+    """Short Redis stalls (SIGSTOP 150 ms: a slow fsync, a failover blip) during event ingestion."""
+    row = Row("redis-pause")
+    pauses = 10 if b.short else 40
+    with ReadLoad(b, threads=1) as load, EventLoad(b, "rpause", threads=3, pace_s=0.0) as events:
+        for _ in range(pauses):
+            time.sleep(0.2)
+            b.redis.hang()
+            time.sleep(0.15)  # longer than the 0.1 s socket timeout, shorter than timeout + retry
+            b.redis.resume()
+        time.sleep(0.5)
+    b.score_reads(row, load.samples)
+    b.wait_healthy()
+    b.reconcile(row, events)
+    row.notes.insert(0, f"{pauses} stalls of 150 ms")
     return row
 
 
@@ -894,6 +927,7 @@ SCENARIOS = {
     "steady": sc_steady,
     "redis-kill": sc_redis_kill,
     "redis-hang": sc_redis_hang,
+    "redis-pause": sc_redis_pause,
     "kill-publish": sc_kill_publish,
     "swap-rollback": sc_swap_rollback,
     "worker-kill": sc_worker_kill,

@@ -17,15 +17,21 @@ READ_SCENARIOS = [
     "steady",
     "redis-kill",
     "redis-hang",
+    "redis-pause",
     "kill-publish",
     "swap-rollback",
     "worker-kill",
     "redis-empty",
     "slow-clients",
 ]
-EVENT_SCENARIOS = ["steady", "redis-kill", "worker-kill", "kill-dump"]
+EVENT_SCENARIOS = ["steady", "redis-kill", "redis-pause", "worker-kill", "kill-dump"]
 KILL_SCENARIOS = ["kill-publish", "kill-dump", "kill-train", "kill-export"]
 
+NEW_RETRIED_EVENTS = (
+    "NEW (found by this suite): the Redis client retries a timed-out MULTI/EXEC (socket timeout 0.1 s, "
+    "1 retry), and Redis runs both copies: a Redis stall of 0.1-0.2 s stores accepted events twice, and "
+    "one that outlasts the retry answers 503 'nothing was stored' for events that were stored"
+)
 NEW_EMPTY_REDIS_VERSION = (
     "NEW (found by this suite): with Redis emptied, workers answer from the newest artifact on disk "
     "(reason not_published), a version that is not the one that was live (here the rolled-back one) "
@@ -78,11 +84,31 @@ def test_no_wrong_or_mixed_version(rows, name):
 
 
 @pytest.mark.parametrize("name", EVENT_SCENARIOS)
-def test_accepted_events_neither_lost_nor_duplicated(rows, name):
+def test_accepted_events_are_not_lost(rows, name):
     row = _row(rows, name)
     assert row.accepted > 0, "no event was accepted: the check would be empty"
     assert row.lost == 0, row.notes
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param("redis-pause", marks=_xfail(NEW_RETRIED_EVENTS)),
+        # Around a Redis restart a write can time out too (seen once in a long run): not strict,
+        # because whether a write times out there is up to the host's timing.
+        pytest.param(
+            "redis-kill", marks=pytest.mark.xfail(strict=False, reason="intermittent: " + NEW_RETRIED_EVENTS)
+        ),
+        "steady",
+        "worker-kill",
+        "kill-dump",
+    ],
+)
+def test_accepted_events_are_stored_once(rows, name):
+    row = _row(rows, name)
+    assert row.accepted > 0, "no event was accepted: the check would be empty"
     assert row.duplicated == 0, row.notes
+    assert row.details.get("refused_but_stored", 0) == 0, row.notes
 
 
 @pytest.mark.parametrize(
