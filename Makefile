@@ -7,7 +7,7 @@ RECSVC := $(BIN)/recsvc
 SAMPLE := var/sample
 PORT   ?= 8000
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench faults loadtest clean
 
 install: $(STAMP)
 
@@ -35,6 +35,16 @@ lint: install
 
 bench: install
 	$(BIN)/python bench/run_all.py
+
+# External fault suite, long run (issue 16; the short run is tests/system, part of `make test`).
+# Prints one table and writes bench/results/faults.{md,json}. STRICT=1: exit 1 when a target is missed.
+faults: install
+	$(BIN)/python bench/faults.py $(if $(STRICT),--strict) --out bench/results
+
+# Pre-promotion stress test: step the rate up until p99 > 50 ms or an error; capacity, table, plot in
+# bench/results/loadtest/. Against a running service: LOADTEST_ARGS='--host URL --data shop.json --api-key KEY'.
+loadtest: install
+	$(BIN)/python bench/loadtest/run.py $(LOADTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
