@@ -29,14 +29,17 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# Style, the one-way import rule (import-linter contracts in pyproject.toml) and types (mypy).
 lint: install
 	$(BIN)/ruff check recsvc training tests bench
 	$(BIN)/ruff format --check recsvc training tests bench
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python bench/run_all.py
 
-# External fault suite, long run (issue 16; the short run is tests/system, part of `make test`).
+# External fault suite, long run (the short run is tests/system, part of `make test`).
 # Prints one table and writes bench/results/faults.{md,json}. STRICT=1: exit 1 when a target is missed.
 faults: install
 	$(BIN)/python bench/faults.py $(if $(STRICT),--strict) --out bench/results

@@ -1,4 +1,4 @@
-"""External fault suite (issue 16): a real multi-worker server and a real Redis, driven from outside.
+"""External fault suite: a real multi-worker server and a real Redis, driven from outside.
 
     .venv/bin/python bench/faults.py            # the long run (about 3-4 minutes)
     .venv/bin/python bench/faults.py --short    # the CI-sized run (about 45 s), also run by tests/system

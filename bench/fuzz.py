@@ -1,4 +1,4 @@
-"""Fuzz the running service against the OpenAPI document it serves (schemathesis, issue 16).
+"""Fuzz the running service against the OpenAPI document it serves (schemathesis).
 
     .venv/bin/python bench/fuzz.py --base http://127.0.0.1:8000 --api-key KEY [--max-examples 30] [--seed 16]
 

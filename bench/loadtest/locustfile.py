@@ -1,6 +1,6 @@
 """A storefront's traffic mix for ``locust`` (driven by bench/loadtest/run.py, or by hand).
 
-Mix (issue 16): 70 % recommendations (a third of them filtered by category/price/exclude),
+Mix: 70 % recommendations (a third of them filtered by category/price/exclude),
 10 % similar items, 10 % bundles (item bundle, cart bundle, user bundles), 10 % events.
 Users: known to the model (70 %), unknown (15 %), real-time (15 %: visitors whose events this
 run posts, so their recommendations are folded in live, ``source: realtime``).

@@ -1,4 +1,4 @@
-"""Pre-promotion stress test (issue 16): step the request rate up until p99 > 50 ms or an error.
+"""Pre-promotion stress test: step the request rate up until p99 > 50 ms or an error.
 
     make loadtest                                   # its own Redis + sample shop + recsvc serve
     .venv/bin/python bench/loadtest/run.py --host http://10.0.0.5:8000 --data shop.json --api-key KEY

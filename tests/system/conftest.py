@@ -1,4 +1,4 @@
-"""System tests (issue 16): a real multi-worker ``recsvc serve`` and real redis-servers, driven only
+"""System tests: a real multi-worker ``recsvc serve`` and real redis-servers, driven only
 through public surfaces (the ``recsvc`` console script, HTTP, signals) by bench/harness.py.
 
 Every process is started on a free loopback port and stopped by its own id when the fixture ends.

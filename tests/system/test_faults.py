@@ -1,6 +1,6 @@
 """The short fault suite (bench/faults.py --short) and its targets, one check per scenario and target.
 
-Targets (issue 16): 0 5xx on reads, 0 lost or duplicated accepted events, 0 wrong or mixed-version
+Targets: 0 5xx on reads, 0 lost or duplicated accepted events, 0 wrong or mixed-version
 answers, 0 leftovers; with 32 slow-body connections open, fast requests keep p99 <= 50 ms.
 Checks that fail today because of a known hole are ``xfail(strict=True)`` naming the hole: once the
 hole is fixed they XPASS, which fails the run, and the marker must be removed.

@@ -1,4 +1,4 @@
-"""One check per hole an outside tester found (issue 16), against a real 4-worker ``recsvc serve``.
+"""One check per hole an outside tester found, against a real 4-worker ``recsvc serve``.
 
 Each check states the right behaviour and is ``xfail(strict=True)`` while the hole is open: when
 the hole is fixed the check XPASSes, the run fails, and the marker must be removed. Controls next to
