@@ -183,9 +183,9 @@ def report(
     served = None
     try:
         if include_stream:
-            stream = read_stream_events(client, config.events.stream, stream_limit)
-            if stream.skipped:
-                click.echo(f"warning: {stream.skipped} invalid stream entries skipped", err=True)
+            stream, skipped = read_stream_events(client, config.events.stream, stream_limit)
+            if skipped:
+                click.echo(f"warning: {skipped} invalid stream entries skipped", err=True)
             parts.append(stream)
         if include_served:
             served = read_served(client, name, limit=stream_limit)

@@ -199,7 +199,8 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -279,7 +280,7 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
         )
         files = {}
         for path in sorted(tmp.iterdir()):
-            files[path.name] = {"sha256": _sha256(path), "bytes": path.stat().st_size}
+            files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         manifest = dict(artifact.manifest)
         manifest.update(
             format=FORMAT,
@@ -346,7 +347,7 @@ def verify_checksums(path: str | os.PathLike, manifest: dict[str, Any] | None = 
         file = path / name
         if not file.exists():
             raise ArtifactError(f"{file}: missing")
-        if _sha256(file) != meta["sha256"]:
+        if sha256_file(file) != meta["sha256"]:
             raise ArtifactError(f"{file}: checksum mismatch (file changed after it was written)")
 
 

@@ -536,6 +536,16 @@ def _parse_numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return values[enc.codes], parsed[enc.codes] & ~empty, empty
 
 
+def _price_column(cols: dict[str, Any], n: int, rej: _Rejections) -> np.ndarray:
+    """float32 prices (NaN where empty or rejected); bad values are marked ``invalid_price``."""
+    if "price" not in cols:
+        return np.full(n, np.nan, np.float32)
+    value, parsed, empty = _parse_numbers(cols["price"])
+    bad = ~empty & ~(parsed & np.isfinite(value) & (value >= 0))
+    rej.mark("invalid_price", bad, "price")
+    return np.where(empty | bad, np.nan, value).astype(np.float32)
+
+
 def _parse_bool(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """``(value, ok)`` per row; empty means the default, true."""
     if pa.types.is_boolean(arr.type):
@@ -720,13 +730,7 @@ def _parse_events_file(raw: _RawFile, report: LoadReport) -> _ParsedEvents:
         quantity = np.where(empty, 1.0, qty).astype(np.float32)
     else:
         quantity = np.ones(n, np.float32)
-    if "price" in cols:
-        value, parsed, empty = _parse_numbers(cols["price"])
-        bad = ~empty & ~(parsed & np.isfinite(value) & (value >= 0))
-        rej.mark("invalid_price", bad, "price")
-        price = np.where(empty | bad, np.nan, value).astype(np.float32)
-    else:
-        price = np.full(n, np.nan, np.float32)
+    price = _price_column(cols, n, rej)
 
     good = rej.finish(report)
     return _ParsedEvents(
@@ -905,13 +909,7 @@ def load_catalog(path: PathLike, *, max_bad_fraction: float = 0.01) -> tuple[Cat
 
     title = text_column("title", contract.MAX_TITLE_LENGTH, "invalid_title")
     category = text_column("category", contract.MAX_CATEGORY_LENGTH, "invalid_category")
-    if "price" in cols:
-        value, parsed, empty = _parse_numbers(cols["price"])
-        bad = ~empty & ~(parsed & np.isfinite(value) & (value >= 0))
-        rej.mark("invalid_price", bad, "price")
-        price = np.where(empty | bad, np.nan, value).astype(np.float32)
-    else:
-        price = np.full(n, np.nan, np.float32)
+    price = _price_column(cols, n, rej)
     if "available" in cols:
         available, ok = _parse_bool(cols["available"])
         rej.mark("invalid_available", ~ok, "available")

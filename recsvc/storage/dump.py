@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from typing import Any, cast
 
 import redis
 
+from recsvc.core.artifact import sha256_file
 from recsvc.storage import codec, keys
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,6 @@ def _ensure_group(client: redis.Redis, stream: str) -> None:
             raise
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _acknowledge_through(client: redis.Redis, stream: str, last_id: str, chunk: int = 1000) -> int:
     """XACK + XDEL every entry pending for the dump consumer with id <= ``last_id``."""
     done = 0
@@ -146,7 +138,7 @@ def _recover(client: redis.Redis, stream: str) -> int:
     record = json.loads(codec.text(raw))
     path = Path(record["path"])
     done = 0
-    if path.is_file() and _sha256(path) == record["sha256"]:
+    if path.is_file() and sha256_file(path) == record["sha256"]:
         done = _acknowledge_through(client, stream, record["last_id"])
         log.warning("recovered interrupted dump %s: acknowledged %d entries", path, done)
     client.delete(dump_commit_key(stream))
@@ -392,7 +384,12 @@ def _dump_locked(
             _acknowledge_through(client, stream, last_id)
             return DumpResult(count=0, path=None, first_id=first_id, last_id=last_id)
         writer.close()
-        record = {"path": str(out.resolve()), "sha256": _sha256(tmp), "last_id": last_id, "stream": stream}
+        record = {
+            "path": str(out.resolve()),
+            "sha256": sha256_file(tmp),
+            "last_id": last_id,
+            "stream": stream,
+        }
         client.set(dump_commit_key(stream), json.dumps(record))
         _place(tmp, out)
     except BaseException:

@@ -20,6 +20,7 @@ from redis.typing import EncodableT, FieldT
 
 from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, ContractError, validate_event
 from recsvc.core.errors import Unavailable
+from recsvc.core.events import EventTable
 from recsvc.storage import codec, keys
 
 _RECENT_SEPARATOR = "|"
@@ -167,29 +168,16 @@ DEFAULT_STREAM_LIMIT = 1_000_000
 _STREAM_CHUNK = 10_000
 
 
-@dataclass
-class StreamEvents:
-    """Events read from the live Redis stream, as parallel arrays (the attribution's event shape)."""
-
-    user_id: np.ndarray
-    item_id: np.ndarray
-    event: np.ndarray
-    timestamp: np.ndarray
-    order_id: np.ndarray
-    quantity: np.ndarray
-    price: np.ndarray
-    rec_id: np.ndarray
-    skipped: int = 0
-
-    def __len__(self) -> int:
-        return len(self.user_id)
-
-
-def read_stream_events(client: Any, stream: str, limit: int = DEFAULT_STREAM_LIMIT) -> StreamEvents:
+def read_stream_events(client: Any, stream: str, limit: int = DEFAULT_STREAM_LIMIT) -> tuple[EventTable, int]:
     """The newest ``limit`` events of the live stream (fields as written by ``POST /v1/events``).
 
     Entries are validated again with the events contract (a stream can be written by anything
-    that can reach Redis); invalid ones are skipped and counted in ``skipped``.
+    that can reach Redis); invalid ones are skipped.
+
+    Returns
+    -------
+    (EventTable, int)
+        The events, oldest first, and how many invalid entries were skipped.
     """
     rows: list[dict[str, Any]] = []
     skipped = 0
@@ -214,7 +202,7 @@ def read_stream_events(client: Any, stream: str, limit: int = DEFAULT_STREAM_LIM
                 skipped += 1
         upper = "(" + codec.text(chunk[-1][0])
     rows.reverse()  # oldest first, like a file
-    return StreamEvents(
+    table = EventTable(
         user_id=np.array([r["user_id"] for r in rows], dtype=object),
         item_id=np.array([r["item_id"] for r in rows], dtype=object),
         event=np.array([EVENT_CODE[r["event"]] for r in rows], dtype=np.int8),
@@ -223,5 +211,5 @@ def read_stream_events(client: Any, stream: str, limit: int = DEFAULT_STREAM_LIM
         quantity=np.array([r.get("quantity", 1.0) for r in rows], dtype=np.float32),
         price=np.array([r.get("price", np.nan) for r in rows], dtype=np.float32),
         rec_id=np.array([r.get("rec_id", "") for r in rows], dtype=object),
-        skipped=skipped,
     )
+    return table, skipped

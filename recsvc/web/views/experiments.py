@@ -276,13 +276,13 @@ def report(name: str):
                 except BadInputError as e:
                     warnings.append(f"skipped {path.name}: {e}")
     try:
-        stream = read_stream_events(svc.client, svc.config.events.stream, max_events)
+        stream, skipped = read_stream_events(svc.client, svc.config.events.stream, max_events)
         served = reg.read_served(svc.client, name, limit=max_events)
     except redis.RedisError as e:
         raise _redis_unavailable(e) from None
     parts.append(stream)
-    if stream.skipped:
-        warnings.append(f"{stream.skipped} invalid stream entries skipped")
+    if skipped:
+        warnings.append(f"{skipped} invalid stream entries skipped")
     events = combine_events(parts)
     try:
         result = make_report(

@@ -15,6 +15,7 @@ from typing import Any
 from flask import Blueprint
 
 from recsvc.core.answers import Reason, Source
+from recsvc.serving.recommender import ModelChoice
 from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
 from recsvc.web.params import query_args
@@ -59,11 +60,7 @@ def ready():
         checks["redis_error"] = svc.health.last_error
     choice = svc.recommender.resolve()
     model = choice.model
-    body: dict[str, Any] = {
-        "model_version": model.version if model is not None else None,
-        "source": Source.FALLBACK if choice.degraded else Source.PERSONALIZED,
-        "request_id": request_id(),
-    }
+    body = _envelope(choice)
     if not choice.degraded:
         body.update(status="ready", checks=checks)
         return answer(body)
@@ -92,11 +89,7 @@ def model_info():
     svc = services()
     choice = svc.recommender.resolve()
     model = choice.model
-    body: dict[str, Any] = {
-        "model_version": model.version if model is not None else None,
-        "source": Source.FALLBACK if choice.degraded else Source.PERSONALIZED,
-        "request_id": request_id(),
-    }
+    body = _envelope(choice)
     if choice.degraded:
         body["reason"] = choice.reason
     if model is not None:
@@ -126,3 +119,12 @@ def model_info():
 def _source(model) -> Source:
     """``personalized`` while the live version from Redis is in memory, else ``fallback``."""
     return Source.PERSONALIZED if model is not None and model.origin == "redis" else Source.FALLBACK
+
+
+def _envelope(choice: ModelChoice) -> dict[str, Any]:
+    """``model_version``, ``source`` and ``request_id`` of an answer about the model in use."""
+    return {
+        "model_version": choice.model.version if choice.model is not None else None,
+        "source": Source.FALLBACK if choice.degraded else Source.PERSONALIZED,
+        "request_id": request_id(),
+    }
