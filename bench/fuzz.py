@@ -231,7 +231,7 @@ def render(result: FuzzResult) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", help="a running service, e.g. http://127.0.0.1:8000 (default: start one)")
-    ap.add_argument("--api-key", default=os.environ.get("RECSVC_FUZZ_API_KEY"))
+    ap.add_argument("--api-key", default=os.environ.get("FUZZ_API_KEY"))
     ap.add_argument("--max-examples", type=int, default=30, help="per operation (30 gives > 1,000 cases)")
     ap.add_argument("--seed", type=int, default=16)
     ap.add_argument("--out", default="bench/results/fuzz", help="report folder")

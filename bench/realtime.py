@@ -123,12 +123,13 @@ def timed(fn, runs: int, warmup: int = 20) -> list[float]:
 def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, float]]:
     import redis
 
-    from recsvc import realtime
     from recsvc.core import ranking
     from recsvc.core.config import Config
     from recsvc.core.ranking import Filters
+    from recsvc.serving import realtime
     from recsvc.serving.model import ServingModel
     from recsvc.storage import versions
+    from recsvc.storage.stream import append_events
 
     model = ServingModel.from_artifact(artifact)
     realtime.foldin_state(model)  # once per version, as when a worker switches versions
@@ -203,7 +204,7 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
         {"user_id": "u00007", "item_id": item, "event": names[code], "timestamp": int(ts)}
         for item, code, ts in zip(recent.item_ids, recent.events, recent.timestamps, strict=True)
     ]
-    realtime.append_events(client, events, stream="bench:events", history_length=200, history_ttl_s=600)
+    append_events(client, events, stream="bench:events", history_length=200, history_ttl_s=600)
 
     def hook():
         assert realtime.recommend(live, client, "u00007", plain, n, known_user=True) is not None

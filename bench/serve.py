@@ -83,7 +83,7 @@ def floor_app():
     import redis
     from flask import Flask, Response
 
-    from recsvc import realtime
+    from recsvc.storage import stream
     from recsvc.serving.model import ServingModel, fetch_user
     from recsvc.storage import keys
 
@@ -95,12 +95,12 @@ def floor_app():
 
     @app.get("/fetch/<user_id>")
     def fetch(user_id: str):
-        fetch_user(client, model, user_id, (realtime.recent_key(user_id),))
+        fetch_user(client, model, user_id, (stream.recent_key(user_id),))
         return Response(b"[]", mimetype="application/json")
 
     @app.get("/minimal/<user_id>")
     def minimal(user_id: str):
-        _, record, _ = fetch_user(client, model, user_id, (realtime.recent_key(user_id),))
+        _, record, _ = fetch_user(client, model, user_id, (stream.recent_key(user_id),))
         items = record.topk_items
         ok = model.available[items]
         for bought in record.purchased.tolist():  # a handful: cheaper than np.isin's sort

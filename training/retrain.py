@@ -259,17 +259,17 @@ class RetrainSummary:
         return json.dumps(asdict(self), sort_keys=True, default=str)
 
 
-def _crash_point(step: str) -> None:
-    """Test hook: ``RECSVC_RETRAIN_CRASH_AFTER=<step>`` SIGKILLs this process after ``step``."""
-    if os.environ.get(CRASH_ENV) == step:
+def _crash_point(step: str, crash_after: str | None) -> None:
+    """Fault injection (``training.retrain_crash_after``): SIGKILL this process after ``step``."""
+    if crash_after == step:
         log.warning("%s=%s: killing this process now (test hook)", CRASH_ENV, step)
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Step:
-    def __init__(self, summary: RetrainSummary, name: str):
-        self.summary, self.name = summary, name
+    def __init__(self, summary: RetrainSummary, name: str, crash_after: str | None):
+        self.summary, self.name, self.crash_after = summary, name, crash_after
 
     def __enter__(self) -> _Step:
         self.start = time.perf_counter()
@@ -280,7 +280,7 @@ class _Step:
         self.summary.steps_s[self.name] = round(time.perf_counter() - self.start, 3)
         if exc_type is None:
             log.info("step %s: done in %.1fs", self.name, self.summary.steps_s[self.name])
-            _crash_point(self.name)
+            _crash_point(self.name, self.crash_after)
 
 
 def _live_manifest(config: Config, live_version: str | None) -> dict[str, Any] | None:
@@ -376,13 +376,13 @@ def run_retrain(
             return summary
         lock = candidate
         log.info("step lock: acquired %s (ttl %ss, renewed while running)", LOCK_KEY, lock_ttl_s)
-        _crash_point("lock")
+        _crash_point("lock", config.training.retrain_crash_after)
 
         summary.live_before = _decode(current_version(client))
         paths = expand_event_paths(event_paths)
 
         if dump_stream:
-            with _Step(summary, "dump"):
+            with _Step(summary, "dump", config.training.retrain_crash_after):
                 dump_path, dumped = _dump_stream(client, config)
                 summary.dumped_events = dumped
                 if dumped and dump_path not in paths:  # --events may already name the dump folder
@@ -393,7 +393,7 @@ def run_retrain(
             raise _BadInput(f"no events file in {', '.join(str(p) for p in event_paths)}")
         summary.event_files = [str(p) for p in paths]
 
-        with _Step(summary, "train"):
+        with _Step(summary, "train", config.training.retrain_crash_after):
             live_manifest = _live_manifest(config, summary.live_before)
             params, summary.params_source = _choose_params(params, live_manifest)
             try:
@@ -415,7 +415,7 @@ def run_retrain(
             )
             log.info("trained %s: %s", summary.version, json.dumps(summary.metrics))
 
-        with _Step(summary, "gate"):
+        with _Step(summary, "gate", config.training.retrain_crash_after):
             new_metrics = result.manifest.get("metrics") or getattr(result, "metrics", None)
             live_metrics = None if live_manifest is None else live_manifest.get("metrics")
             decision = gate_decision(new_metrics, live_metrics, tolerance, summary.live_before)
@@ -437,7 +437,7 @@ def run_retrain(
             summary.live_after = summary.live_before
             return summary
 
-        with _Step(summary, "publish"):
+        with _Step(summary, "publish", config.training.retrain_crash_after):
             if not lock.still_held():
                 summary.status, summary.exit_code = "locked", int(ExitCode.LOCKED)
                 summary.error = "lost the retrain lock before publishing; nothing published"
@@ -448,7 +448,7 @@ def run_retrain(
             summary.live_after = published
             log.info("published %s (was %s)", published, summary.live_before)
 
-        with _Step(summary, "prune"):
+        with _Step(summary, "prune", config.training.retrain_crash_after):
             protect = {v for v in (summary.live_before, summary.live_after) if v}
             protect |= _published_versions(client)
             summary.pruned = prune(config.models_dir, keep, protect=protect)

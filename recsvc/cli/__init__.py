@@ -10,6 +10,8 @@ import importlib
 
 import click
 
+from recsvc.core.config import unknown_variables
+
 # name -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
     "sample-data": "recsvc.cli.data:sample_data",
@@ -67,3 +69,5 @@ class LazyGroup(click.Group):
 @click.version_option(package_name="recsvc")
 def main() -> None:
     """recsvc: train, publish and serve product recommendations."""
+    for warning in unknown_variables():
+        click.echo(f"warning: {warning}", err=True)

@@ -262,5 +262,7 @@ def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
     return out
 
 
-#: ``RECSVC_*`` variables that are read elsewhere on purpose (not settings of the service).
-IGNORED_VARIABLES: frozenset[str] = frozenset()
+#: ``RECSVC_*`` variables that are read elsewhere on purpose: defaults of command-line options.
+IGNORED_VARIABLES: frozenset[str] = frozenset(
+    {"RECSVC_SEGMENT_NEW_DAYS", "RECSVC_SEGMENT_DORMANT_DAYS", "RECSVC_SEGMENT_HIGH_VALUE_QUANTILE"}
+)
