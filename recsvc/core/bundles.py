@@ -4,19 +4,31 @@ A *bundle* is an anchor item (or a cart) plus complementary items, priced as one
 Companions come from a fallback chain, so every valid item gets a bundle:
 
 1. **co-purchase candidates** mined offline (:class:`recsvc.core.artifact.BundleCandidates`: the
-   artifact's ``bundles.npz``, already blended with ALS similarity) -- reason
-   ``bought_together`` when a companion has co-purchase support, ``similar_taste`` otherwise;
-2. **ALS similarity** computed on the fly from the item factors -- ``similar_taste``;
-3. **category-complementary popular items**: popular items of the categories most often bought
-   with the anchor's category, then the most popular items overall -- ``popular_pairing``.
+   artifact's ``bundles.npz``) -- reason ``bought_together`` when a companion has co-purchase
+   support, ``similar_taste`` for an ALS-only candidate (mining can blend those in);
+2. **category-complementary popular items**: popular items of the categories most often bought
+   with the anchor's category, then the most popular items overall -- ``popular_pairing``;
+3. **ALS similarity** computed on the fly from the item factors -- ``similar_taste`` (reached
+   when stock, price or category rules leave the popular items short).
+
+Popular pairings come before similarity because they predict held-out orders better on every
+data set measured (``bench/bundles.py``, ``docs/bundles.md``): what an anchor's buyers add to
+their basket is, failing co-purchase evidence, most often a best seller, rarely a look-alike.
 
 Every companion must be in stock, not the anchor, not excluded (already bought, already in the
 cart), not a near-duplicate of an item already in the bundle (same normalised title, or item
 factors with cosine >= ``near_duplicate_cosine``; only for companions that were never bought
 with the anchor, since substitutes are rarely bought together) and keep the bundle price within
-``max_price``. Categories (``same_category`` False, the default): the anchor's category is never
-used (merchandisers rarely want a set of three shirts) and companions of categories not yet in
-the bundle are picked first. With ``same_category`` True categories play no part at all.
+``max_price``.
+
+**Categories** (``same_category`` False, the default). A bundle never holds two items of one
+category unless they were really bought together with the anchor: a companion without
+co-purchase support (a fallback) must bring a category the bundle does not have yet, the
+anchor's included. Co-purchased companions may repeat a category (the sample shop's orders hold
+two consumables of one category; refusing them cost hit rate). ``order`` decides what comes
+first among the co-purchased: ``"evidence"`` (default) takes them best score first;
+``"diversity"`` takes those of new categories first, then other categories, the anchor's last.
+With ``same_category`` True categories play no part at all (a merchant's explicit choice).
 
 Pricing (:func:`price_bundle`): ``percent`` takes ``discount_pct`` off the total; ``cheapest``
 takes ``discount_pct`` off the cheapest item. Amounts are rounded to cents and
@@ -51,17 +63,23 @@ _POPULAR_PER_CATEGORY = 20
 _POPULAR_GLOBAL = 200
 _COMPLEMENT_CATEGORIES = 10
 
-#: Passes of :meth:`_Picker.fill` over one pool, keyed by ``same_category``:
-#: ``(new categories only, base's category allowed, co-purchased items only)``.
-_PASSES: dict[bool, tuple[tuple[bool, bool, bool], ...]] = {
-    False: (
+#: Orders of companions within a pool (see the module docstring).
+ORDERS: tuple[str, ...] = ("evidence", "diversity")
+
+#: Passes of :meth:`_Picker.fill` over one pool, keyed by ``(same_category, order)``:
+#: ``(new categories only, base's category allowed, co-purchased items only)``. Whatever the
+#: pass, an item without co-purchase support needs a category the bundle does not hold yet
+#: (:meth:`_Picker.allowed`).
+_PASSES: dict[tuple[bool, str], tuple[tuple[bool, bool, bool], ...]] = {
+    (False, "evidence"): ((False, True, True), (True, False, False)),
+    (False, "diversity"): (
         (True, False, True),
         (False, False, True),
         (False, True, True),
         (True, False, False),
-        (False, False, False),
     ),
-    True: ((False, True, True), (False, True, False)),
+    (True, "evidence"): ((False, True, True), (False, True, False)),
+    (True, "diversity"): ((False, True, True), (False, True, False)),
 }
 
 #: A pool of candidates: ``(items, co-purchase support, scores, reason code)``, best first.
@@ -81,8 +99,14 @@ class BundleRules:
     discount_pct : float
         Percent, 0..100.
     same_category : bool
-        False: never the anchor's (or a cart item's) category, and new categories first. True:
-        categories are ignored, companions come in evidence order.
+        False: two items of one category only when both were bought together with the anchor
+        (see the module docstring). True: categories are ignored.
+    order : str
+        ``"evidence"``: co-purchased companions best score first, whatever their category.
+        ``"diversity"``: co-purchased companions of new categories first.
+    similar_before_popular : bool
+        Fallback order: False (default) popular pairings, then ALS similarity; True the
+        reverse (the order before measurements showed popular pairings predict orders better).
     max_price : float or None
         Upper bound on the bundle price after discount; companions without a known price are
         skipped when it is set.
@@ -94,6 +118,8 @@ class BundleRules:
     discount_rule: str = "percent"
     discount_pct: float = 10.0
     same_category: bool = False
+    order: str = "evidence"
+    similar_before_popular: bool = False
     max_price: float | None = None
     near_duplicate_cosine: float = 0.95
 
@@ -106,6 +132,8 @@ class BundleRules:
             )
         if not (math.isfinite(self.discount_pct) and 0.0 <= self.discount_pct <= 100.0):
             raise ValueError(f"discount_pct must be between 0 and 100, got {self.discount_pct!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.max_price is not None and not (math.isfinite(self.max_price) and self.max_price >= 0):
             raise ValueError(f"max_price must be a finite number >= 0, got {self.max_price!r}")
         if not 0.0 < self.near_duplicate_cosine <= 1.0:
@@ -438,8 +466,11 @@ class _Picker:
         if self.blocked[item] or not cat.available[item]:
             return False
         code = int(cat.category[item])
-        if code >= 0:
-            if code in self.base_categories and not (self.rules.same_category or base_category):
+        if code >= 0 and not self.rules.same_category:
+            # Two items of one category only when really bought together with the base.
+            if support <= 0 and code in self.categories:
+                return False
+            if code in self.base_categories and not base_category:
                 return False
             if distinct_categories and code in self.categories:
                 return False
@@ -485,15 +516,15 @@ class _Picker:
         ``pools`` yields ``(items, support, scores, source)`` in fallback order and each pool is
         exhausted before the next is drawn (lazily: a bundle filled from co-purchase data never
         computes the fallbacks), so what was really bought together always wins over a guess.
-        Within a pool, items co-purchased with the base go before similar-taste ones; within each,
-        categories not yet in the bundle go first, then the other categories, and -- for
-        co-purchased items only -- last the base's own category: other categories are preferred,
-        but a real co-purchase beats a guess. With ``same_category`` rules categories play no part.
+        Within a pool, items co-purchased with the base go before the others: in score order
+        (``order="evidence"``) or categories new to the bundle first (``"diversity"``). An item
+        without co-purchase support never repeats a category already in the bundle.
         """
+        passes = _PASSES[(bool(self.rules.same_category), self.rules.order)]
         for items, support, scores, source in pools:
-            # Converted once per pool: the passes below walk it up to five times.
+            # Converted once per pool: the passes below walk it up to four times.
             entries = list(zip(items.tolist(), support.tolist(), scores.tolist(), strict=True))
-            for distinct, base_category, evidence_only in _PASSES[self.rules.same_category]:
+            for distinct, base_category, evidence_only in passes:
                 for item, sup, score in entries:
                     if len(self.items) - self.base >= wanted:
                         return
@@ -527,7 +558,7 @@ def _mask(n: int, items: Iterable[int] | np.ndarray | None) -> np.ndarray:
     return blocked
 
 
-def _candidate_pools(catalog: BundleCatalog, base: Sequence[int]) -> Iterator[Pool]:
+def _candidate_pools(catalog: BundleCatalog, base: Sequence[int], rules: BundleRules) -> Iterator[Pool]:
     """The fallback chain for a set of base items, as ordered pools, computed only when reached."""
     if len(base) == 1:
         items, score, support = catalog.bundles.row(int(base[0]))
@@ -551,6 +582,17 @@ def _candidate_pools(catalog: BundleCatalog, base: Sequence[int]) -> Iterator[Po
             np.maximum.at(best_support, inverse, support)
             order = np.lexsort((unique, -total))
             yield unique[order], best_support[order], total[order], REASON_BOUGHT_TOGETHER
+    if rules.similar_before_popular:
+        yield from _similar_pool(catalog, base)
+    cats = [int(catalog.category[i]) for i in base if catalog.category[i] >= 0]
+    popular = catalog.popular_complements(cats)
+    yield popular, np.zeros(len(popular), np.int64), np.zeros(len(popular)), REASON_POPULAR_PAIRING
+    if not rules.similar_before_popular:
+        yield from _similar_pool(catalog, base)
+
+
+def _similar_pool(catalog: BundleCatalog, base: Sequence[int]) -> Iterator[Pool]:
+    """Items by cosine to the mean unit factor vector of the base items (none without factors)."""
     vectors = [catalog.unit_factors[i] for i in base if catalog.has_factors[i]]
     if vectors:
         mean = np.mean(vectors, axis=0)
@@ -558,9 +600,6 @@ def _candidate_pools(catalog: BundleCatalog, base: Sequence[int]) -> Iterator[Po
         if norm > 0:
             similar, cosine = catalog.similar_items(mean / norm)
             yield similar, np.zeros(len(similar), np.int64), cosine, REASON_SIMILAR_TASTE
-    cats = [int(catalog.category[i]) for i in base if catalog.category[i] >= 0]
-    popular = catalog.popular_complements(cats)
-    yield popular, np.zeros(len(popular), np.int64), np.zeros(len(popular)), REASON_POPULAR_PAIRING
 
 
 def assemble_bundle(
@@ -596,7 +635,7 @@ def assemble_bundle(
     blocked = _mask(catalog.n_items, exclude)
     blocked[anchor] = True
     picker = _Picker(catalog, rules, [anchor], blocked)
-    picker.fill(rules.size - 1, _candidate_pools(catalog, [anchor]))
+    picker.fill(rules.size - 1, _candidate_pools(catalog, [anchor], rules))
     return picker.bundle()
 
 
@@ -628,7 +667,7 @@ def complete_cart(
     blocked = _mask(catalog.n_items, exclude)
     blocked[unique_cart] = True
     picker = _Picker(catalog, rules, in_stock, blocked)
-    picker.fill(add, _candidate_pools(catalog, in_stock))
+    picker.fill(add, _candidate_pools(catalog, in_stock, rules))
     unavailable = [catalog.item_ids[i] for i in unique_cart if not catalog.available[i]]
     return picker.bundle({"unavailable_cart_items": unavailable} if unavailable else None)
 

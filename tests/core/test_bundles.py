@@ -124,20 +124,89 @@ def test_rules_validation_and_config():
 # ---- one anchor ------------------------------------------------------------------------------
 
 
-def test_other_categories_are_preferred_to_the_anchors_by_default():
+def test_evidence_order_takes_co_purchases_best_first_whatever_their_category():
     # 0 phone; 1 phone (bought together most), 2 case, 3 case, 4 charger.
     cat = make_catalog([0, 0, 1, 1, 2], {0: [(1, 9), (2, 8), (3, 7), (4, 6)]})
     bundle = assemble_bundle(cat, 0, BundleRules(size=3))
-    assert bundle.items == [0, 2, 4]  # a case and a charger, not two cases, no second phone
-    assert bundle.support == [0, 8, 6] and bundle.sources == ["base", "bought_together", "bought_together"]
-    assert bundle.reason == "bought together by 8 customers" and bundle.reason_code == "bought_together"
-    # price 10 + 30 + 50 = 90, 10% off.
-    assert bundle.offer == Offer(90.0, 81.0, 9.0)
-    # Size 4: the second case comes in the relaxed pass; size 5: the co-purchased phone last of all.
-    assert assemble_bundle(cat, 0, BundleRules(size=4)).items == [0, 2, 4, 3]
-    assert assemble_bundle(cat, 0, BundleRules(size=5)).items == [0, 2, 4, 3, 1]
+    # Really bought together with the anchor: a second phone is allowed, and comes first.
+    assert bundle.items == [0, 1, 2]
+    assert bundle.support == [0, 9, 8] and bundle.sources == ["base", "bought_together", "bought_together"]
+    assert bundle.reason == "bought together by 9 customers" and bundle.reason_code == "bought_together"
+    # price 10 + 20 + 30 = 60, 10% off.
+    assert bundle.offer == Offer(60.0, 54.0, 6.0)
+    assert assemble_bundle(cat, 0, BundleRules(size=5)).items == [0, 1, 2, 3, 4]
+    # Diversity order: new categories first, then other categories, the anchor's last.
+    diverse = BundleRules(size=3, order="diversity")
+    assert assemble_bundle(cat, 0, diverse).items == [0, 2, 4]
+    assert assemble_bundle(cat, 0, diverse.with_(size=4)).items == [0, 2, 4, 3]
+    assert assemble_bundle(cat, 0, diverse.with_(size=5)).items == [0, 2, 4, 3, 1]
     # With same-category sets allowed, categories play no part: evidence order.
     assert assemble_bundle(cat, 0, BundleRules(size=5, same_category=True)).items == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="order"):
+        BundleRules(order="random")
+
+
+def test_a_category_repeats_only_for_items_bought_together_with_the_anchor():
+    # Anchor 0 (phones). Bought with it: 1 (cases). Similar taste only (support 0 in its mined
+    # row): 2 (cases), 6 (phones). Best sellers: 3 (cases), 4 (phones), 5 (chargers), 7 (audio).
+    cat = make_catalog(
+        [0, 1, 1, 1, 0, 2, 0, 3],
+        {0: [(1, 4), (2, 0), (6, 0)]},
+        popularity=[0, 1, 2, 9, 8, 7, 0, 6],
+    )
+    bundle = assemble_bundle(cat, 0, BundleRules(size=5))
+    # 2 and 3 would be a second case, 4 and 6 a second phone, none bought with the anchor.
+    assert bundle.items == [0, 1, 5, 7]
+    assert bundle.sources[1:] == ["bought_together", "popular_pairing", "popular_pairing"]
+    # Bought together, a case goes with a case and a phone with a phone.
+    cat = make_catalog([0, 0, 1, 1, 2], {0: [(3, 2), (1, 3), (2, 1)]}, popularity=[0, 0, 0, 0, 9])
+    assert assemble_bundle(cat, 0, BundleRules(size=5)).items == [0, 3, 1, 2, 4]
+    # In a cart too: the cart's categories count as taken.
+    cart = complete_cart(
+        make_catalog([0, 1, 1, 2], {}, popularity=[0, 9, 8, 7]), [0, 2], BundleRules(), add=2
+    )
+    assert cart.companions == [3]
+
+
+@pytest.mark.parametrize("order", ["evidence", "diversity"])
+def test_no_bundle_repeats_a_category_without_co_purchase_on_random_catalogues(order):
+    rng = np.random.default_rng(17)
+    for trial in range(30):
+        n = 40
+        category = rng.integers(-1, 5, n).tolist()  # -1: unknown category, never a conflict
+        rows = {
+            a: [
+                (int(i), int(rng.integers(0, 3)) * int(rng.integers(1, 9)))
+                for i in rng.choice(n, 8, replace=False)
+            ]
+            for a in range(n)
+            if rng.random() < 0.7
+        }
+        cat = make_catalog(
+            category,
+            rows,
+            factors=rng.standard_normal((n, 4)).astype(np.float32),
+            popularity=rng.random(n).tolist(),
+            available=(rng.random(n) < 0.9).tolist(),
+        )
+        rules = BundleRules(size=int(rng.integers(2, 8)), order=order)
+        bundles = [assemble_bundle(cat, a, rules) for a in range(n)]
+        bundles += [
+            complete_cart(cat, rng.choice(n, 3, replace=False).tolist(), rules, add=3) for _ in range(10)
+        ]
+        for bundle in filter(None, bundles):
+            seen: dict[int, int] = {}
+            for position, item in enumerate(bundle.items):
+                code = category[item]
+                if code < 0:
+                    continue
+                if code in seen and position >= bundle.base:
+                    # A repeated category: this companion was really bought with the base ...
+                    assert bundle.support[position] > 0, (trial, bundle.items, bundle.support)
+                    # ... and so was the earlier one, unless that one is a base item.
+                    first = seen[code]
+                    assert first < bundle.base or bundle.support[first] > 0, (trial, bundle.items)
+                seen.setdefault(code, position)
 
 
 def test_out_of_stock_duplicates_and_near_duplicates_are_skipped():
@@ -190,7 +259,7 @@ def test_exclusions_and_repurchase_categories():
     assert category_codes(["chargers", "nope", "phones"], CATEGORIES) == [2, 0]
 
 
-def test_fallback_chain_similarity_then_popular_complements():
+def test_fallback_chain_popular_complements_then_similarity():
     # Item 0 has no co-purchase data; its factors are close to item 3's.
     factors = np.eye(6, dtype=np.float32)
     factors[0] = [0.0, 0.0, 0.0, 1.0, 0.0, 0.5]
@@ -198,10 +267,26 @@ def test_fallback_chain_similarity_then_popular_complements():
         [0, 1, 2, 2, 3, 1], {1: [(4, 5)], 4: [(1, 5)]}, factors=factors, popularity=[1, 2, 3, 4, 5, 6]
     )
     bundle = assemble_bundle(cat, 0, BundleRules(size=3))
-    # Similarity: 3 (cosine .89), then 5 (cosine .45); both other categories.
-    assert bundle.items == [0, 3, 5] and bundle.sources[1:] == ["similar_taste", "similar_taste"]
-    assert bundle.reason == "similar taste" and bundle.support == [0, 0, 0]
-    assert bundle.scores[1] == pytest.approx(1 / math.sqrt(1.25), rel=1e-5)
+    # Phones have no complementary category: the best sellers, 5 (cases) then 4 (audio).
+    assert bundle.items == [0, 5, 4] and bundle.sources[1:] == ["popular_pairing", "popular_pairing"]
+    assert bundle.reason == "popular pairing" and bundle.support == [0, 0, 0]
+    # The old order: similarity first -- 3 (cosine .89), then 5 (cosine .45).
+    similar = assemble_bundle(cat, 0, BundleRules(size=3, similar_before_popular=True))
+    assert similar.items == [0, 3, 5] and similar.sources[1:] == ["similar_taste", "similar_taste"]
+    assert similar.reason == "similar taste" and similar.scores[1] == pytest.approx(
+        1 / math.sqrt(1.25), rel=1e-5
+    )
+    # Similarity fills what the popular items leave: here the 200 best sellers are out of stock.
+    n = 260
+    big_factors = np.eye(n, dtype=np.float32)
+    big_factors[0, 250] = 2.0  # 0 and 250 are alike
+    popularity = np.arange(n, 0, -1, dtype=np.float32)  # 0 ... 199 are the best sellers
+    big = make_catalog(
+        [-1] * n, {}, factors=big_factors, popularity=popularity.tolist(),
+        available=[i == 0 or i >= 200 for i in range(n)], price=[1.0] * n,
+    )  # fmt: skip
+    scarce = assemble_bundle(big, 0, BundleRules(size=2))
+    assert scarce.items == [0, 250] and scarce.sources[1:] == ["similar_taste"]
 
     # An item with neither co-purchases nor factors: popular items of the categories bought with
     # its category (cases are bought with audio: 1<->4), then popular items overall.
@@ -317,5 +402,15 @@ def test_companions_for_evaluation_matches_assembly():
     table = companions_for_evaluation(
         np.array([0, 2]), rows, np.eye(4, dtype=np.float32), category, np.ones(4), 2
     )
-    assert table.shape == (2, 2) and table[0].tolist() == [1, 2]
-    assert 2 not in table[1] and (table[1] >= 0).all()
+    # Anchor 0: 1 and 3 are both cases, both bought with it; 2: no data, best sellers 0 and 1.
+    assert table.shape == (2, 2) and table[0].tolist() == [1, 3] and table[1].tolist() == [0, 1]
+    for row, anchor in enumerate([0, 2]):
+        assert table[row].tolist() == assemble_bundle(
+            BundleCatalog(
+                item_ids=["a", "b", "c", "d"], item_factors=np.eye(4, dtype=np.float32),
+                price=np.full(4, np.nan, np.float32), available=np.ones(4, bool), category=category,
+                popularity=np.ones(4, np.float32), bundles=rows,
+            ),
+            anchor,
+            BundleRules(size=3),
+        ).companions  # fmt: skip
