@@ -1,10 +1,10 @@
 """Bundle mining: which items are bought together, and how well the mined bundles predict orders.
 
-The pipeline calls :func:`mine_bundles` after fitting ALS and stores the result in the artifact
-(``bundles.npz``); ``recsvc evaluate`` calls :func:`evaluate_bundles`.
+The pipeline calls :func:`mine_bundles_report` after fitting ALS and stores the result in the
+artifact (``bundles.npz``); ``recsvc evaluate`` calls :func:`evaluate_bundles`.
 
-How candidates are mined
-------------------------
+How candidates are mined (defaults of :class:`MiningParams`)
+-----------------------------------------------------------
 1. **Baskets.** Purchase events that share a non-empty ``order_id`` form one basket. Purchases
    without an order id are grouped per user into sessions: consecutive purchases no more than
    ``basket_window_s`` apart belong to the same basket. An item counts once per basket, and only
@@ -13,18 +13,31 @@ How candidates are mined
 2. **Pair counts.** ``B`` is the binary baskets x items matrix; the co-purchase counts are
    ``C = B^T B`` (scipy sparse), computed in row blocks of anchor items whose size is bounded by
    ``max_pairs_per_block`` so memory stays bounded on any input.
-3. **Significance.** A pair needs at least ``min_support`` baskets and a lift above 1 (bought
-   together more often than chance). Its strength is the measure named by ``measure`` (see
-   :data:`MEASURES`), shrunk towards zero for thin evidence: ``s / (s + shrinkage)``.
-4. **ALS blend.** Each anchor also gets its ``als_neighbours`` nearest items by cosine of the
-   ALS item factors. The final score is ``evidence * co_purchase + als_weight * cosine`` where
-   ``evidence = n / (n + evidence_baskets)`` grows with the number of baskets ``n`` the anchor
-   appears in -- items with few orders lean on ALS, well-sold items on what was really bought
-   together.
-5. The best ``candidates_per_item`` per anchor are kept, best first, with their float32 score
+3. **Score.** ``posterior``: the chance that a basket holding the anchor also holds the
+   candidate, ``(s + m * n_b / N) / (n_a + m)`` -- the co-purchase rate shrunk towards the
+   candidate's share of all baskets with the weight of ``m = prior_baskets`` baskets. Thin
+   evidence leans on popularity, ties between equal counts go to the more popular candidate.
+   Other measures (:data:`MEASURES`) remain available for comparison.
+4. **Best-seller floor.** A pair is kept only when its posterior beats what the best seller
+   (never bought with the anchor) would get: a co-purchase weaker than that is noise, and the
+   popular fallback of serving proposes the best sellers anyway.
+5. **ALS blend** (off by default, ``als_neighbours=0``). Each anchor can also get its
+   ``als_neighbours`` nearest items by cosine of the ALS item factors (one matrix product per
+   block of anchors and the exact top-k of :mod:`recsvc.core.topk`), scored
+   ``evidence * co_purchase + als_weight * cosine`` with ``evidence = n / (n + evidence_baskets)``.
+   It lowered the hit rate on held-out orders on the real data sets (``docs/bundles.md``).
+6. **Coverage re-rank.** The first places of a row are re-ordered so companions cover different
+   baskets of the anchor (:func:`rerank_for_coverage`).
+7. The best ``candidates_per_item`` per anchor are kept, best first, with their float32 score
    and int32 support (co-purchase count; 0 for an ALS-only candidate).
 
-Serving (:mod:`recsvc.core.bundles`) then applies stock, category, price and near-duplicate rules.
+Serving (:mod:`recsvc.core.bundles`) then applies stock, category, price and near-duplicate rules,
+and falls back to popular pairings, then ALS similarity.
+
+Cost: baskets and pairs grow with the purchases and the pairs inside baskets (``sum |b|^2``,
+bounded by ``max_basket_items``), never with ``items^2``; the pair blocks hold at most
+``max_pairs_per_block`` entries per thread. The evaluation mines once and then works per query
+anchor, on a bounded sample of queries (:data:`EVAL_MAX_QUERIES`).
 """
 
 from __future__ import annotations
@@ -44,11 +57,13 @@ from recsvc.core.artifact import BundleCandidates
 from recsvc.core.bundles import BundleRules, companions_for_evaluation
 from recsvc.core.contract import PURCHASE
 from recsvc.core.ids import as_id_map
-from recsvc.core.ranking import mask_positions
+from recsvc.core.topk import topk_for_users
 
 #: Significance measures for a co-purchased pair (``s`` support, ``n_a``/``n_b`` baskets holding
 #: each item, ``N`` baskets). Each is mapped to [0, 1] so it can be blended with a cosine.
 MEASURES: dict[str, str] = {
+    "posterior": "(s + m * n_b / N) / (n_a + m): P(candidate | anchor) shrunk towards the candidate's "
+    "share of baskets, m = prior_baskets",
     "cosine": "s / sqrt(n_a * n_b) (Ochiai): lift tempered by the candidate's popularity",
     "npmi": "log(lift) / -log(s / N), normalised pointwise mutual information",
     "lift": "1 - 1 / lift, with lift = s * N / (n_a * n_b)",
@@ -72,12 +87,24 @@ class MiningParams:
         Baskets that must contain a pair before it counts as bought together.
     measure : str
         One of :data:`MEASURES`.
+    prior_baskets : float
+        ``m`` of the ``posterior`` measure: how many baskets' worth of weight the candidate's
+        popularity has against the anchor's own baskets.
+    best_seller_floor : bool
+        Keep a pair only when ``s + m * n_b / N`` beats ``m * n_top / N`` of the best seller (the
+        most bought item that is neither of the two): a co-purchase that the popular fallback
+        would beat is noise, and serving proposes the best sellers anyway.
+    min_lift : float
+        A pair is kept only when its lift ``s * N / (n_a * n_b)`` exceeds this (0 keeps all).
     shrinkage : float
-        Support at which a pair's strength is halved: ``strength * s / (s + shrinkage)``.
+        Support at which a pair's strength is halved: ``strength * s / (s + shrinkage)`` (all
+        measures but ``posterior``, whose prior is its shrinkage).
     evidence_baskets : float
         Anchor basket count at which co-purchase data and ALS similarity weigh the same.
     als_neighbours : int
-        ALS nearest neighbours per anchor blended in (0 disables the blend).
+        ALS nearest neighbours per anchor blended in (0, the default, disables the blend: it cost
+        hit rate on held-out orders on every real data set measured, see ``docs/bundles.md``;
+        serving still falls back to ALS similarity when nothing else is left).
     als_weight : float
         Weight of the ALS cosine in the blended score.
     als_max_anchors : int
@@ -99,13 +126,15 @@ class MiningParams:
 
     basket_window_s: int = 3600
     max_basket_items: int = 60
-    min_support: int = 2  # 1 was no better on the samples and 4x slower to count on 1M orders
-    measure: str = "confidence"
+    min_support: int = 1
+    measure: str = "posterior"
+    prior_baskets: float = 10.0
+    best_seller_floor: bool = True
     popularity_exponent: float = 0.5
-    min_lift: float = 1.0
+    min_lift: float = 0.0
     shrinkage: float = 2.0
     evidence_baskets: float = 10.0
-    als_neighbours: int = 20
+    als_neighbours: int = 0
     als_weight: float = 0.05
     als_max_anchors: int = 20_000
     candidates_per_item: int = 50
@@ -126,7 +155,7 @@ class MiningParams:
         ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("shrinkage", "evidence_baskets", "als_weight"):
+        for name in ("shrinkage", "evidence_baskets", "als_weight", "prior_baskets", "min_lift"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
@@ -290,18 +319,97 @@ def _top_per_row(
 ) -> tuple[np.ndarray, ...]:
     """Keep the ``keep`` highest-scoring entries per row; rows ascending, best first within a row.
 
-    Ties are broken by the smaller column index so the result is deterministic.
+    Ties are broken by the smaller column index so the result is deterministic. When rows come
+    ascending (as every caller passes them), only the entries that can make their row's top
+    ``keep`` are sorted: :func:`_top_small` for a small ``keep``, else the entries reaching the
+    row's ``keep``-th score (:func:`_reaching_kth`). The result equals a sort of every entry.
     """
-    order = np.lexsort((cols, -score, rows))
+    ascending = len(rows) < 2 or bool((rows[1:] >= rows[:-1]).all())
+    order: np.ndarray
+    if not ascending or keep <= 0:
+        order = np.lexsort((cols, -score, rows))
+    elif keep <= _SMALL_KEEP and len(rows) > keep:
+        order = _top_small(rows, cols, score, keep)
+    else:
+        order = np.flatnonzero(_reaching_kth(rows, score, keep))
+        order = order[np.lexsort((cols[order], -score[order], rows[order]))]
     rows, cols, score = rows[order], cols[order], score[order]
     extra = tuple(e[order] for e in extra)
-    if len(rows) == 0:
-        return (rows, cols, score, *extra)
-    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-    lengths = np.diff(np.r_[starts, len(rows)])
-    rank = np.arange(len(rows)) - np.repeat(starts, lengths)
-    sel = rank < keep
+    sel = _rank_in_row(rows) < keep
     return (rows[sel], cols[sel], score[sel], *(e[sel] for e in extra))
+
+
+#: Up to this many entries per row, :func:`_top_per_row` selects by passes instead of sorting.
+_SMALL_KEEP = 8
+
+
+def _reaching_kth(rows: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
+    """Mask of the entries scoring at least their row's ``keep``-th best (grouped ``rows``).
+
+    Rows longer than ``keep`` are padded into a 2-D array per power-of-two length (at most twice
+    their entries) and ``np.partition`` finds each row's ``keep``-th score in linear time.
+    """
+    n = len(rows)
+    mask = np.ones(n, dtype=bool)
+    if n <= keep:
+        return mask
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    lengths = np.diff(np.r_[starts, n])
+    long = np.flatnonzero(lengths > keep)
+    if len(long) == 0:
+        return mask
+    threshold = np.full(len(starts), -np.inf)
+    width_of = np.ceil(np.log2(lengths[long])).astype(np.int64)
+    value = np.asarray(score, dtype=np.float64)
+    for exponent in np.unique(width_of).tolist():
+        which = long[width_of == exponent]
+        width = 1 << exponent
+        offset = np.arange(width)
+        valid = offset[None, :] < lengths[which][:, None]
+        padded = np.full((len(which), width), -np.inf)
+        padded[valid] = value[(starts[which][:, None] + offset[None, :])[valid]]
+        threshold[which] = np.partition(padded, width - keep, axis=1)[:, width - keep]
+    return value >= np.repeat(threshold, lengths)
+
+
+def _rank_in_row(rows: np.ndarray) -> np.ndarray:
+    """Position of each entry within its run of equal ``rows`` (0 for the first of a row)."""
+    if len(rows) == 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    return np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
+
+
+#: Up to this many entries per row, :func:`_top_per_row` selects by passes instead of sorting.
+_SMALL_KEEP = 8
+
+
+def _top_small(rows: np.ndarray, cols: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
+    """Positions of the best ``keep`` entries of each row (grouped rows), in (row, rank) order.
+
+    Each pass takes, per row, the highest score among the entries not taken yet and the smallest
+    column among those tied (columns are distinct within a row): exactly the first ``keep``
+    entries of ``lexsort((cols, -score, rows))``.
+    """
+    n = len(rows)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    segment = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, n]))
+    alive = np.ones(n, dtype=bool)
+    value = np.asarray(score, dtype=np.float64)
+    picks: list[np.ndarray] = []
+    no_col = np.iinfo(np.int64).max
+    for _ in range(keep):
+        best = np.maximum.reduceat(np.where(alive, value, -np.inf), starts)
+        tied = alive & (value == best[segment])
+        first = np.minimum.reduceat(np.where(tied, cols, no_col), starts)
+        hit = np.flatnonzero(tied & (cols == first[segment]))
+        if len(hit) == 0:
+            break
+        picks.append(hit)
+        alive[hit] = False
+    taken = np.concatenate(picks)
+    rounds = np.repeat(np.arange(len(picks)), [len(p) for p in picks])
+    return taken[np.lexsort((rounds, segment[taken]))]
 
 
 def significance(
@@ -312,6 +420,7 @@ def significance(
     measure: str,
     gamma: float = 0.5,
     min_lift: float = 1.0,
+    prior_baskets: float = 10.0,
 ) -> np.ndarray:
     """Strength in [0, 1] of pairs bought together ``support`` times (vectorised).
 
@@ -325,17 +434,26 @@ def significance(
         All baskets.
     measure : str
         One of :data:`MEASURES`.
+    gamma : float
+        Exponent of the ``damped`` measure.
+    min_lift : float
+        Pairs with a lift at or below this get 0.
+    prior_baskets : float
+        ``m`` of the ``posterior`` measure.
 
     Returns
     -------
     numpy.ndarray
-        float64, 0 where the pair is not positively associated (lift <= 1).
+        float64, 0 where the lift is at or below ``min_lift``.
     """
     s = np.asarray(support, dtype=np.float64)
     na = np.asarray(n_anchor, dtype=np.float64)
     nb = np.asarray(n_candidate, dtype=np.float64)
     lift = s * float(n_baskets) / np.maximum(na * nb, 1.0)
-    if measure == "cosine":
+    if measure == "posterior":
+        m = float(prior_baskets)
+        value = (s + m * nb / max(n_baskets, 1)) / np.maximum(na + m, 1e-12)
+    elif measure == "cosine":
         value = s / np.sqrt(np.maximum(na * nb, 1.0))
     elif measure == "npmi":
         joint = np.clip(s / max(n_baskets, 1), 1e-300, 1.0)
@@ -366,7 +484,11 @@ class PairCounts:
 
 
 def count_pairs(
-    baskets: Baskets, params: MiningParams | None = None, keep: int | None = None, threads: int = 1
+    baskets: Baskets,
+    params: MiningParams | None = None,
+    keep: int | None = None,
+    threads: int = 1,
+    anchors: np.ndarray | None = None,
 ) -> PairCounts:
     """Co-purchase counts ``B^T B`` in bounded row blocks, filtered and scored.
 
@@ -381,6 +503,9 @@ def count_pairs(
     threads : int, default 1
         Row blocks counted at once (the sparse product and the per-row sort release the GIL:
         ~2x with 2 threads); the result does not depend on it.
+    anchors : numpy.ndarray, optional
+        Count only these anchors' rows (the evaluation needs the rows of its queries only);
+        each row is the same as in a count of every anchor.
 
     Returns
     -------
@@ -396,14 +521,27 @@ def count_pairs(
     # Entries row i of B^T B can have at most: the summed sizes of the baskets holding i.
     work = np.asarray(by_item @ np.diff(multi.indptr).astype(np.int64), dtype=np.int64).ravel()
 
+    floor = _best_seller_floor(item_baskets, baskets.n_baskets, params) if params.best_seller_floor else None
+    posterior = params.measure == "posterior"
+
+    targets = None if anchors is None else np.unique(np.asarray(anchors, dtype=np.int64))
+    if targets is not None:
+        work = work[targets]
+
     def one_block(lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-        block = (by_item[lo:hi] @ multi).tocoo()
-        rows = block.row.astype(np.int64) + lo
+        if targets is None:
+            block = (by_item[lo:hi] @ multi).tocoo()
+            rows = block.row.astype(np.int64) + lo
+        else:
+            block = (by_item[targets[lo:hi]] @ multi).tocoo()
+            rows = targets[lo:hi][block.row]
         cols = block.col.astype(np.int64)
         support = block.data.astype(np.int64)
         off_diagonal = rows != cols
         counted = int(off_diagonal.sum())
         ok = off_diagonal & (support >= params.min_support)
+        if floor is not None:
+            ok &= floor(rows, cols, support)
         rows, cols, support = rows[ok], cols[ok], support[ok]
         strength = significance(
             support,
@@ -413,14 +551,16 @@ def count_pairs(
             params.measure,
             params.popularity_exponent,
             params.min_lift,
+            params.prior_baskets,
         )
         positive = strength > 0
         rows, cols, strength, support = _top_per_row(
             rows[positive], cols[positive], strength[positive], keep, support[positive]
         )
         # Relative to the anchor's best partner (first of each row), so every anchor's scale is
-        # [0, 1] and blends with a cosine; thin evidence is then shrunk towards zero.
-        if len(rows):
+        # [0, 1] and blends with a cosine; thin evidence is then shrunk towards zero. The
+        # posterior is a probability already, shrunk by its prior.
+        if len(rows) and not posterior:
             starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
             best = np.repeat(strength[starts], np.diff(np.r_[starts, len(rows)]))
             strength = strength / best * (support / (support + float(params.shrinkage)))
@@ -444,6 +584,32 @@ def count_pairs(
     )
 
 
+def _best_seller_floor(
+    item_baskets: np.ndarray, n_baskets: int, params: MiningParams
+) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """``keep(rows, cols, support)``: the pair beats the best seller's prior (``best_seller_floor``).
+
+    With ``m = prior_baskets``, a pair bought together ``s`` times is kept when
+    ``s + m * n_b / N > m * n_top / N``, ``n_top`` counting the baskets of the most bought item
+    other than the anchor and the candidate: the pair's posterior beats what the best seller,
+    never bought with the anchor, would get.
+    """
+    n_items = len(item_baskets)
+    top = np.lexsort((np.arange(n_items), -item_baskets))[:3]
+    m = float(params.prior_baskets) / max(int(n_baskets), 1)
+
+    def keep(rows: np.ndarray, cols: np.ndarray, support: np.ndarray) -> np.ndarray:
+        reference = np.zeros(len(rows), dtype=np.float64)
+        pending = np.ones(len(rows), dtype=bool)
+        for item in top.tolist():  # the first of the top three that is neither of the pair
+            use = pending & (rows != item) & (cols != item)
+            reference[use] = item_baskets[item]
+            pending &= ~use
+        return support + m * item_baskets[cols] > m * reference
+
+    return keep
+
+
 # --------------------------------------------------------------------------------------------
 # ALS neighbours
 # --------------------------------------------------------------------------------------------
@@ -459,8 +625,10 @@ def als_neighbours(
     """Top ``k`` items per anchor by cosine of the factors (positive cosines only).
 
     Items whose factors are all zero (never seen in training) have no neighbours and are never
-    anyone's neighbour. Computed in blocks of ``block_rows`` anchors, so memory is
-    ``threads * block_rows * n_items`` floats; time is ``len(anchors) * n_items * factors``.
+    anyone's neighbour. Each block of anchors is one matrix product against every item followed by
+    the exact, deterministic top-k of :func:`recsvc.core.topk.topk_for_users` (ties: the lower
+    item index), so memory is ``threads * block_rows * n_items`` floats and time
+    ``len(anchors) * n_items * factors``: bounded by the anchors asked for.
 
     Parameters
     ----------
@@ -471,10 +639,10 @@ def als_neighbours(
     anchors : numpy.ndarray, optional
         Item indices to find neighbours for (default: every item).
     block_rows : int, optional
-        Anchors per block (default: as many as fit in ~32M similarities, at most 512).
+        Anchors per block (default: as many as fit in ~32M similarities, at most 2048).
     threads : int, default 1
         Blocks computed at once. numpy releases the GIL in the product and the selection, so
-        threads scale (1.84x with 2 on 2 cores); the result does not depend on the count.
+        threads scale; the result does not depend on the count.
 
     Returns
     -------
@@ -484,39 +652,36 @@ def als_neighbours(
     factors = np.asarray(item_factors, dtype=np.float32)
     n_items = factors.shape[0]
     anchors = (
-        np.arange(n_items, dtype=np.int64) if anchors is None else np.sort(np.asarray(anchors, np.int64))
+        np.arange(n_items, dtype=np.int64) if anchors is None else np.unique(np.asarray(anchors, np.int64))
     )
     if k <= 0 or n_items < 2 or len(anchors) == 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty, np.zeros(0, dtype=np.float64)
     norms = np.linalg.norm(factors, axis=1)
-    unit = np.divide(factors, norms[:, None], out=np.zeros_like(factors), where=norms[:, None] > 0)
-    unit_t = unit.T
-    k = min(k, n_items - 1)
+    # Items without factors have a cosine of 0 with everything: neither anchors nor neighbours.
+    # Leaving them out also keeps ties at 0 away from the top-k (which sorts tied rows in full).
+    live = np.flatnonzero(norms > 0)
+    anchors = anchors[norms[anchors] > 0]
+    if len(live) < 2 or len(anchors) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float64)
+    unit = factors[live] / norms[live, None]
+    position = np.full(n_items, -1, dtype=np.int64)
+    position[live] = np.arange(len(live))
+    k = min(k, len(live) - 1)
     if block_rows is None:
-        block_rows = int(min(512, max(8, (32 << 20) // n_items)))
-    # Selecting the k best of n per row dominates the cost, so it is done in two steps: the k-th
-    # best of a sample of every stride-th column is a threshold that at least k entries of the
-    # full row reach (the sample is part of the row), and only entries above it are sorted.
-    # About k * stride entries pass the threshold; the sample is 1/stride of the row.
-    stride = max(1, min(8, n_items // (4 * k)))
+        block_rows = int(min(2048, max(8, (32 << 20) // len(live))))
 
     def one_block(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        sims = unit[block] @ unit_t
-        sims[np.arange(len(block)), block] = -np.inf
-        sample = sims[:, ::stride]
-        if sample.shape[1] > k:
-            threshold = np.partition(sample, sample.shape[1] - k, axis=1)[:, sample.shape[1] - k]
-            threshold = np.maximum(threshold, 0.0)  # only positive cosines are kept anyway
-            rows, cols = mask_positions(sims >= threshold[:, None])
-        else:
-            rows, cols = mask_positions(np.isfinite(sims))
-        cos = sims[rows, cols].astype(np.float64)
-        ok = cos > 0
-        # Top k per anchor inside the block (in the worker thread, on ~k * stride entries a row):
-        # blocks hold disjoint, ascending anchors, so their results only need concatenating.
-        top_rows, top_cols, top_cos = _top_per_row(block[rows[ok]], cols[ok].astype(np.int64), cos[ok], k)
-        return top_rows, top_cols, top_cos
+        # k + 1: the anchor itself is (almost always) its own best match and is dropped below.
+        _, idx, cos = next(topk_for_users(unit[position[block]], unit, k + 1, chunk_rows=len(block)))
+        rows = np.repeat(block, idx.shape[1])
+        cols, cos = live[idx.ravel()], cos.astype(np.float64).ravel()
+        ok = (cols != rows) & (cos > 0)
+        rows, cols, cos = rows[ok], cols[ok], cos[ok]
+        # Keep k per anchor (one more survives where the anchor was not among its own k + 1).
+        sel = _rank_in_row(rows) < k
+        return rows[sel], cols[sel], cos[sel]
 
     blocks = [anchors[lo : lo + block_rows] for lo in range(0, len(anchors), block_rows)]
     from threadpoolctl import threadpool_limits
@@ -609,12 +774,7 @@ def mine_bundles_report(
 
     baskets = build_baskets(events, item_index, params)
     lap("baskets")
-    pairs = count_pairs(baskets, params, threads=threads)
-    lap("pairs")
-    candidates = blend(pairs, item_factors, params, threads=threads)
-    lap("blend")
-    candidates = rerank_for_coverage(candidates, baskets, params, threads=threads)
-    lap("coverage")
+    candidates, counts = _mine(baskets, item_factors, params, threads, lap)
     report = {
         "params": params.as_dict(),
         "baskets": baskets.n_baskets,
@@ -622,13 +782,35 @@ def mine_bundles_report(
         "baskets_from_sessions": baskets.from_sessions,
         "baskets_capped": baskets.capped,
         "unknown_items": baskets.unknown_items,
-        "pairs_counted": pairs.pairs_counted,
-        "significant_pairs": int(len(pairs.rows)),
+        **counts,
         "anchors_with_candidates": int((np.diff(candidates.indptr) > 0).sum()),
         "candidates": int(len(candidates.indices)),
         "seconds": seconds,
     }
     return candidates, report
+
+
+def _mine(
+    baskets: Baskets,
+    item_factors: np.ndarray,
+    params: MiningParams,
+    threads: int,
+    lap: Callable[[str], None] = lambda name: None,
+) -> tuple[BundleCandidates, dict[str, int]]:
+    """Pairs, blend and coverage re-rank on built baskets; the pair counts for the report.
+
+    The pair arrays are dropped as soon as the blend has consumed them, so the baskets matrix and
+    the candidates are all that stays alive during the coverage stage.
+    """
+    pairs = count_pairs(baskets, params, threads=threads)
+    counts = {"pairs_counted": pairs.pairs_counted, "significant_pairs": int(len(pairs.rows))}
+    lap("pairs")
+    candidates = blend(pairs, item_factors, params, threads=threads)
+    del pairs
+    lap("blend")
+    candidates = rerank_for_coverage(candidates, baskets, params, threads=threads)
+    lap("coverage")
+    return candidates, counts
 
 
 def blend(
@@ -654,19 +836,25 @@ def blend(
     else:
         a_rows = a_cols = np.zeros(0, dtype=np.int64)
         a_score = np.zeros(0, dtype=np.float64)
-    # Sum the two sources per (anchor, candidate): a pair that is both co-purchased and similar in
-    # taste gets both contributions.
-    rows = np.concatenate([pairs.rows, a_rows])
-    cols = np.concatenate([pairs.cols, a_cols])
-    score = np.concatenate([co_score, a_score])
-    support = np.concatenate([pairs.support, np.zeros(len(a_rows), dtype=np.int64)])
-    if len(rows):
+    if len(a_rows) == 0:
+        # Co-purchases alone: PairCounts rows are best first already, and the per-row evidence
+        # factor keeps that order, so only the length of each row is left to bound.
+        rank = _rank_in_row(pairs.rows)
+        sel = rank < int(params.candidates_per_item)
+        rows, cols, score, support = pairs.rows[sel], pairs.cols[sel], co_score[sel], pairs.support[sel]
+    else:
+        # Sum the two sources per (anchor, candidate): a pair that is both co-purchased and
+        # similar in taste gets both contributions.
+        rows = np.concatenate([pairs.rows, a_rows])
+        cols = np.concatenate([pairs.cols, a_cols])
+        score = np.concatenate([co_score, a_score])
+        support = np.concatenate([pairs.support, np.zeros(len(a_rows), dtype=np.int64)])
         key = rows * n_items + cols
         unique, inverse = np.unique(key, return_inverse=True)
         score = np.bincount(inverse, weights=score, minlength=len(unique))
         support = np.bincount(inverse, weights=support, minlength=len(unique)).astype(np.int64)
         rows, cols = unique // n_items, unique % n_items
-    rows, cols, score, support = _top_per_row(rows, cols, score, int(params.candidates_per_item), support)
+        rows, cols, score, support = _top_per_row(rows, cols, score, int(params.candidates_per_item), support)
     indptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_items), out=indptr[1:])
     return BundleCandidates(
@@ -817,6 +1005,12 @@ def _params(params: MiningParams | Mapping[str, Any] | None) -> MiningParams:
 # --------------------------------------------------------------------------------------------
 
 
+#: Queries the evaluation scores by default (a seeded sample when there are more): the 95%
+#: interval of a hit rate near 0.5 is then about +-0.7 points, whatever the size of the data.
+EVAL_MAX_QUERIES = 20_000
+_BOOTSTRAP_DRAWS = 2000
+
+
 def evaluate_bundles(
     train: Any,
     test: Any,
@@ -826,14 +1020,24 @@ def evaluate_bundles(
     size: int = 3,
     params: MiningParams | Mapping[str, Any] | None = None,
     rules: Any = None,
+    *,
+    max_queries: int | None = EVAL_MAX_QUERIES,
+    seed: int = 0,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Hit rate@size of bundles on held-out orders, against two baselines, in one run.
 
     For every held-out basket with at least two known items, each of its items is an anchor
     (query); the query is a hit when the ``size - 1`` companions the method proposes contain
-    another item of the same basket. Methods: ``bundles`` (mined from ``train`` with ALS blend
-    and assembled like serving), ``cooccurrence`` (raw co-purchase counts, padded with popular
-    items), ``popularity`` (the most bought items).
+    another item of the same basket. Methods: ``bundles`` (mined from ``train`` and assembled by
+    the serving code, :func:`recsvc.core.bundles.companions_for_evaluation`), ``cooccurrence``
+    (raw co-purchase counts, every pair, ties by item index, padded with popular items),
+    ``popularity`` (the most bought items).
+
+    Cost: mining the training baskets (as :func:`mine_bundles`), then per query anchor one
+    assembly and one row of pair counts -- so at most ``max_queries`` of each, however large the
+    data set: by default a seeded sample of ``max_queries`` queries is scored and
+    ``queries_total`` says how many there were.
 
     Parameters
     ----------
@@ -845,22 +1049,32 @@ def evaluate_bundles(
         Bundle size including the anchor.
     params : MiningParams or mapping, optional
         Mining parameters.
-
     rules : recsvc.core.bundles.BundleRules, optional
         Assembly rules (default ``BundleRules(size=size)``: the served defaults).
+    max_queries : int or None
+        Queries scored (a uniform sample without replacement, seeded by ``seed``); None scores
+        every query.
+    seed : int
+        Seeds the query sample and the bootstrap.
+    threads : int
+        Threads for mining and pair counting (the result does not depend on it).
 
     Returns
     -------
     dict
-        ``{"size", "train_baskets", "test_orders", "queries", "hit_rate@<size>",
-        "cooccurrence_hit_rate@<size>", "popularity_hit_rate@<size>", "lift_vs_cooccurrence",
-        "lift_vs_popularity", "seconds"}`` plus ``"any_category_hit_rate@<size>"`` (the same
-        bundles with ``same_category`` rules) when items have categories. Hit rates are None
-        when there is no query.
+        ``{"size", "train_baskets", "test_orders", "queries", "queries_total",
+        "hit_rate@<size>", "cooccurrence_hit_rate@<size>", "popularity_hit_rate@<size>",
+        "lift_vs_cooccurrence", "lift_vs_popularity", "ci95", "seed", "seconds"}`` plus
+        ``"any_category_hit_rate@<size>"`` (the same bundles with ``same_category`` rules) when
+        items have categories. ``ci95`` holds a bootstrap 95% interval over queries for each hit
+        rate and for each lift (paired: the same resampled queries for both methods). Hit rates
+        are None when there is no query.
     """
 
     if size < 2:
         raise ValueError(f"size must be >= 2, got {size!r}")
+    if max_queries is not None and max_queries < 1:
+        raise ValueError(f"max_queries must be >= 1 or None, got {max_queries!r}")
     params = _params(params)
     start = time.perf_counter()
     n_items = len(item_index)
@@ -869,13 +1083,18 @@ def evaluate_bundles(
     test_baskets = build_baskets(test, item_index, params).matrix
     test_baskets = test_baskets[np.diff(test_baskets.indptr) >= 2]
     anchors = test_baskets.indices.astype(np.int64)
-    query_basket = np.repeat(np.arange(test_baskets.shape[0]), np.diff(test_baskets.indptr))
+    query_basket = np.repeat(np.arange(test_baskets.shape[0], dtype=np.int64), np.diff(test_baskets.indptr))
+    rng = np.random.default_rng(seed)
+    if max_queries is not None and len(anchors) > max_queries:
+        pick = np.sort(rng.choice(len(anchors), size=int(max_queries), replace=False))
+        anchors, query_basket = anchors[pick], query_basket[pick]
     key = f"@{size}"
     result: dict[str, Any] = {
         "size": size,
         "train_baskets": train_baskets.n_baskets,
         "test_orders": int(test_baskets.shape[0]),
         "queries": int(len(anchors)),
+        "queries_total": int(test_baskets.nnz),
     }
     if len(anchors) == 0:
         result.update(
@@ -886,94 +1105,103 @@ def evaluate_bundles(
 
     popularity = np.asarray(train_baskets.matrix.sum(axis=0), dtype=np.float64).ravel()
     popular_order = np.lexsort((np.arange(n_items), -popularity))
-
-    # Mined bundles, assembled by the serving code (category preference, near-duplicates).
-    pairs = count_pairs(train_baskets, params)
-    candidates = rerank_for_coverage(blend(pairs, np.asarray(item_factors), params), train_baskets, params)
     unique_anchors = np.unique(anchors)
-    mined = companions_for_evaluation(
-        unique_anchors,
-        candidates,
-        np.asarray(item_factors, dtype=np.float32),
-        np.asarray(category),
-        popularity,
-        k,
-        rules,
-    )
-    # Raw counts baseline: the most co-purchased partners, no significance test, no blend.
-    raw_params = replace(params, min_support=1, measure="confidence", shrinkage=0.0)
-    raw = count_pairs(train_baskets, raw_params, keep=k)
-    raw_table = _padded_table(raw.rows, raw.cols, unique_anchors, k, popular_order, n_items)
-    pop_table = _padded_table(
-        np.zeros(0, np.int64), np.zeros(0, np.int64), unique_anchors, k, popular_order, n_items
-    )
+    factors = np.asarray(item_factors, dtype=np.float32)
+    category = np.asarray(category)
+    rules = rules or BundleRules(size=size)
 
-    tables = [("", mined), ("cooccurrence_", raw_table), ("popularity_", pop_table)]
-    if (np.asarray(category) >= 0).any():
-        # The served rules keep the anchor's category out of its bundle; what that policy costs
-        # in hit rate is worth knowing, so the same bundles without category rules are scored too.
-
-        anyway = (rules or BundleRules(size=size)).with_(size=size, same_category=True)
-        tables.append(
-            (
-                "any_category_",
-                companions_for_evaluation(
-                    unique_anchors,
-                    candidates,
-                    np.asarray(item_factors, dtype=np.float32),
-                    np.asarray(category),
-                    popularity,
-                    k,
-                    anyway,
-                ),
-            )
+    # Served bundles: mined like training does, assembled by the serving code for each anchor.
+    candidates, _ = _mine(train_baskets, factors, params, threads)
+    tables = [
+        ("", companions_for_evaluation(unique_anchors, candidates, factors, category, popularity, k, rules))
+    ]
+    # Raw counts baseline: the most co-purchased partners, every pair, no test, no blend.
+    raw_params = replace(
+        params, min_support=1, measure="confidence", shrinkage=0.0, min_lift=0.0, best_seller_floor=False
+    )
+    raw = count_pairs(train_baskets, raw_params, keep=k, threads=threads, anchors=unique_anchors)
+    tables.append(("cooccurrence_", _padded_table(raw.rows, raw.cols, unique_anchors, k, popular_order)))
+    del raw
+    none = np.zeros(0, np.int64)
+    tables.append(("popularity_", _padded_table(none, none, unique_anchors, k, popular_order)))
+    if (category >= 0).any():
+        # What the category rule costs in hit rate is worth knowing: the same bundles without it.
+        anyway = rules.with_(size=size, same_category=True)
+        table = companions_for_evaluation(
+            unique_anchors, candidates, factors, category, popularity, k, anyway
         )
+        tables.append(("any_category_", table))
     position = np.searchsorted(unique_anchors, anchors)
-    for name, table in tables:
-        result[f"{name}hit_rate{key}"] = _hit_rate(table[position], query_basket, test_baskets)
-    base_co = result[f"cooccurrence_hit_rate{key}"]
-    base_pop = result[f"popularity_hit_rate{key}"]
-    ours = result[f"hit_rate{key}"]
-    result["lift_vs_cooccurrence"] = round(ours / base_co, 3) if base_co else None
-    result["lift_vs_popularity"] = round(ours / base_pop, 3) if base_pop else None
+    hits = {name: _hits(table[position], query_basket, test_baskets) for name, table in tables}
+    ci: dict[str, list[float]] = {}
+    for name, hit in hits.items():
+        result[f"{name}hit_rate{key}"] = float(hit.mean())
+        ci[f"{name}hit_rate{key}"] = _bootstrap_ci(rng, hit)
+    for base in ("cooccurrence", "popularity"):
+        ours, theirs = hits[""], hits[f"{base}_"]
+        result[f"lift_vs_{base}"] = round(float(ours.mean() / theirs.mean()), 3) if theirs.any() else None
+        if theirs.any():
+            ci[f"lift_vs_{base}"] = _bootstrap_ci(rng, ours, theirs)
+    result["ci95"] = ci
+    result["seed"] = seed
     result["seconds"] = round(time.perf_counter() - start, 3)
     return result
 
 
+def _bootstrap_ci(rng: np.random.Generator, hits: np.ndarray, base: np.ndarray | None = None) -> list[float]:
+    """95% bootstrap interval over queries of ``hits.mean()``, or of ``hits.mean() / base.mean()``.
+
+    Resampling n queries with replacement only changes how many fall in each cell of
+    (hit, base hit), so the draws are multinomial over those cells: exact, and O(draws) instead
+    of O(draws x queries). The ratio is paired: both methods see the same resampled queries.
+    """
+    n = len(hits)
+    if base is None:
+        rates = rng.binomial(n, float(hits.mean()), size=_BOOTSTRAP_DRAWS) / n
+    else:
+        cells = np.array(
+            [(hits & base).sum(), (hits & ~base).sum(), (~hits & base).sum(), (~hits & ~base).sum()]
+        )
+        draws = rng.multinomial(n, cells / n, size=_BOOTSTRAP_DRAWS)
+        rates = (draws[:, 0] + draws[:, 1]) / np.maximum(draws[:, 0] + draws[:, 2], 1)
+    lo, hi = np.percentile(rates, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
 def _padded_table(
-    rows: np.ndarray, cols: np.ndarray, anchors: np.ndarray, k: int, popular_order: np.ndarray, n_items: int
+    rows: np.ndarray, cols: np.ndarray, anchors: np.ndarray, k: int, popular_order: np.ndarray
 ) -> np.ndarray:
-    """(len(anchors), k) companions: the given partners first, then popular items, never the anchor."""
+    """(len(anchors), k) companions: the given partners first, then popular items, never the anchor.
+
+    ``rows``/``cols`` are partners best first within each row (rows ascending).
+    """
+    n_items = len(popular_order)
     table = np.full((len(anchors), k), -1, dtype=np.int64)
     lookup = np.full(n_items, -1, dtype=np.int64)
     lookup[anchors] = np.arange(len(anchors))
     slot = lookup[rows] if len(rows) else np.zeros(0, np.int64)
     ok = slot >= 0
     rows, cols, slot = rows[ok], cols[ok], slot[ok]
-    if len(rows):
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-        rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.r_[starts, len(rows)]))
-        sel = rank < k
-        table[slot[sel], rank[sel]] = cols[sel]
-    head = popular_order[: k + 1]
-    for r in np.flatnonzero((table < 0).any(axis=1)):
-        have = [c for c in table[r] if c >= 0]
-        for c in head:
-            if len(have) >= k:
-                break
-            if c != anchors[r] and c not in have:
-                have.append(int(c))
-        table[r, : len(have)] = have
+    rank = _rank_in_row(rows)
+    sel = rank < k
+    table[slot[sel], rank[sel]] = cols[sel]
+    # Fill the free slots from the best sellers: skipping the anchor and the row's partners
+    # (at most k of them), so the first 2k + 1 best sellers always suffice.
+    head = popular_order[: 2 * k + 1]
+    taken = (head[None, :] == anchors[:, None]) | (head[None, :, None] == table[:, None, :]).any(axis=2)
+    filled = (table >= 0).sum(axis=1)
+    free_rank = np.cumsum(~taken, axis=1) - 1
+    target = filled[:, None] + free_rank
+    r, c = np.nonzero(~taken & (target < k))
+    table[r, target[r, c]] = head[c]
     return table
 
 
-def _hit_rate(companions: np.ndarray, query_basket: np.ndarray, baskets: sp.csr_matrix) -> float:
-    """Share of queries whose companions include an item of the query's own basket."""
-    hits = np.zeros(len(companions), dtype=bool)
-    for j in range(companions.shape[1]):
-        item = companions[:, j]
-        valid = item >= 0
-        found = np.zeros(len(item), dtype=bool)
-        found[valid] = np.asarray(baskets[query_basket[valid], item[valid]]).ravel() > 0
-        hits |= found
-    return float(hits.mean())
+def _hits(companions: np.ndarray, query_basket: np.ndarray, baskets: sp.csr_matrix) -> np.ndarray:
+    """Per query: do its companions include an item of the query's own basket?"""
+    n_items = baskets.shape[1]
+    keys = np.repeat(np.arange(baskets.shape[0], dtype=np.int64), np.diff(baskets.indptr)) * n_items
+    keys = np.sort(keys + baskets.indices.astype(np.int64))
+    wanted = query_basket[:, None] * n_items + companions
+    at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+    return ((keys[at] == wanted) & (companions >= 0)).any(axis=1)

@@ -97,5 +97,9 @@ def topk_for_users(
         if wide < n_items:
             top = np.take_along_axis(part_scores, order, axis=1)
             for row in np.flatnonzero(top[:, k - 1] == top[:, -1]):
-                idx[row] = np.argsort(-scores[row], kind="stable")[:k]
+                # Every column reaching the k-th score, ordered by score then index: the same
+                # k as a full stable sort of the row, without sorting the row (duplicate item
+                # vectors make such ties common in some catalogues).
+                cols = np.flatnonzero(scores[row] >= top[row, k - 1])
+                idx[row] = cols[np.lexsort((cols, -scores[row, cols]))][:k]
         yield start, idx, np.take_along_axis(scores, idx, axis=1).astype(np.float32)

@@ -19,6 +19,7 @@ from training.cooccurrence import (
     rerank_for_coverage,
     significance,
 )
+from training.cooccurrence import _top_per_row as top_per_row
 
 ITEMS = ["A", "B", "C", "D", "E", "F", "G", "H"]
 INDEX = {item: i for i, item in enumerate(ITEMS)}
@@ -35,6 +36,8 @@ SHOP = orders({"o1": "ABC", "o2": "AB", "o3": "AC", "o4": "BD", "o5": "D", "o6":
 ]
 
 NO_BLEND = {"als_neighbours": 0, "coverage_positions": 0}
+# The confidence measure as it was scored before the posterior: lift > 1 required, no floor.
+CONFIDENCE = {"measure": "confidence", "min_lift": 1.0, "best_seller_floor": False}
 
 
 def dense(baskets) -> np.ndarray:
@@ -66,7 +69,7 @@ def test_repeated_item_counts_once_and_basket_size_is_capped():
 
 def test_pair_counts_and_confidence_strength_by_hand():
     # 8 baskets; A in 4, B in 4, C in 2; AB together 3 times, AC 2, BC 1, BD 1, EF 1.
-    params = MiningParams(min_support=2, measure="confidence", shrinkage=2.0, **NO_BLEND)
+    params = MiningParams(min_support=2, shrinkage=2.0, **CONFIDENCE, **NO_BLEND)
     pairs = count_pairs(build_baskets(events(SHOP), INDEX), params)
     assert pairs.n_baskets == 8
     assert pairs.item_baskets.tolist() == [4, 4, 2, 2, 1, 1, 1, 0]
@@ -84,6 +87,74 @@ def test_pair_counts_and_confidence_strength_by_hand():
     assert pairs.pairs_counted == 10  # AB AC BC BD EF, both directions
 
 
+def test_posterior_and_best_seller_floor_by_hand():
+    # 8 baskets; A in 4, B in 4, C in 2, D in 2, E F G in 1. AB 3, AC 2, BC 1, BD 1, EF 1.
+    # Posterior (m = 10): (s + 10 n_b / 8) / (n_a + 10).
+    baskets = build_baskets(events(SHOP), INDEX)
+    loose = count_pairs(baskets, MiningParams(best_seller_floor=False, **NO_BLEND))
+    got = {(ITEMS[r], ITEMS[c]): (int(s), round(x, 9)) for r, c, s, x in zip(*_arrays(loose), strict=True)}
+    assert got == {
+        key: (s, round(x, 9))
+        for key, (s, x) in {
+            ("A", "B"): (3, 8 / 14), ("A", "C"): (2, 4.5 / 14),
+            ("B", "A"): (3, 8 / 14), ("B", "C"): (1, 3.5 / 14), ("B", "D"): (1, 3.5 / 14),
+            ("C", "A"): (2, 7 / 12), ("C", "B"): (1, 6 / 12), ("D", "B"): (1, 6 / 12),
+            ("E", "F"): (1, 2.25 / 11), ("F", "E"): (1, 2.25 / 11),
+        }.items()
+    }  # fmt: skip
+    # Every pair bought together counts, even at lift 1 (C with B: 1 * 8 / (2 * 4)); with
+    # min_lift=1 it would not.
+    strict = count_pairs(baskets, MiningParams(best_seller_floor=False, min_lift=1.0, **NO_BLEND))
+    assert ("C", "B") not in {(ITEMS[r], ITEMS[c]) for r, c in zip(strict.rows, strict.cols, strict=True)}
+    # The floor: s + 10 n_b / 8 must beat 10 n_top / 8, n_top the baskets of the best seller that is
+    # neither of the pair (A and B: 4 each, then C: 2). AC: 2 + 2.5 < 5 (B); BC, BD: 3.5 < 5 (A);
+    # EF: 2.25 < 5; CA: 2 + 5 > 5 (B); CB, DB: 1 + 5 > 5 (A); AB: 8 > 2.5 (C).
+    floored = count_pairs(baskets, MiningParams(**NO_BLEND))
+    kept = [(ITEMS[r], ITEMS[c]) for r, c in zip(floored.rows, floored.cols, strict=True)]
+    assert kept == [("A", "B"), ("B", "A"), ("C", "A"), ("C", "B"), ("D", "B")]  # best first per row
+
+
+def _arrays(pairs):
+    return pairs.rows, pairs.cols, pairs.support, pairs.strength
+
+
+def test_top_per_row_equals_a_full_sort():
+    rng = np.random.default_rng(4)
+    rows = np.sort(rng.integers(0, 40, 3000))
+    cols = np.concatenate([rng.permutation(500)[: int((rows == r).sum())] for r in np.unique(rows)])
+    score = rng.integers(0, 6, len(rows)).astype(np.float64)  # many ties: the column decides
+    support = np.arange(len(rows))
+    for keep in (1, 2, 3, 8, 9, 50, 200):
+        order = np.lexsort((cols, -score, rows))
+        rank = np.zeros(len(rows), np.int64)
+        for r in np.unique(rows):
+            at = np.flatnonzero(rows[order] == r)
+            rank[at] = np.arange(len(at))
+        want = order[rank < keep]
+        got = top_per_row(rows, cols, score, keep, support)
+        assert got[3].tolist() == want.tolist()  # the extra array travels with its entries
+        assert got[0].tolist() == rows[want].tolist() and got[1].tolist() == cols[want].tolist()
+    # Rows out of order are sorted in full.
+    shuffled = rng.permutation(len(rows))
+    got = top_per_row(rows[shuffled], cols[shuffled], score[shuffled], 9, support[shuffled])
+    assert got[3].tolist() == top_per_row(rows, cols, score, 9, support)[3].tolist()
+
+
+def test_counting_some_anchors_gives_their_rows_of_the_full_count():
+    rng = np.random.default_rng(5)
+    rows = []
+    for o in range(400):
+        for item in rng.choice(8, size=rng.integers(2, 6), replace=False):
+            rows.append((f"u{o}", ITEMS[item], PURCHASE, 1_700_000_000 + o, f"o{o}"))
+    baskets = build_baskets(events(rows), INDEX)
+    params = MiningParams(max_pairs_per_block=1000)
+    full = count_pairs(baskets, params)
+    some = count_pairs(baskets, params, anchors=np.array([6, 1, 6, 3]), threads=2)
+    mine = np.isin(full.rows, [1, 3, 6])
+    assert some.rows.tolist() == full.rows[mine].tolist() and some.cols.tolist() == full.cols[mine].tolist()
+    assert some.strength.tolist() == full.strength[mine].tolist()
+
+
 def test_significance_measures_by_hand():
     support, n_a, n_b, total = np.array([3, 1]), np.array([4, 4]), np.array([4, 8]), 8
     # lift = s N / (n_a n_b): 1.5 and 0.25 (negatively associated -> 0 whatever the measure)
@@ -98,7 +169,7 @@ def test_significance_measures_by_hand():
 
 
 def test_mine_bundles_blends_and_orders_best_first():
-    params = MiningParams(min_support=2, evidence_baskets=10.0, **NO_BLEND)
+    params = MiningParams(min_support=2, evidence_baskets=10.0, **CONFIDENCE, **NO_BLEND)
     factors = np.eye(8, dtype=np.float32)
     b = mine_bundles(events(SHOP), INDEX, factors, np.full(8, -1, np.int32), params)
     assert isinstance(b, BundleCandidates) and b.n_items == 8
@@ -137,7 +208,9 @@ def test_coverage_rerank_prefers_companions_from_other_baskets():
         | {f"r{i}": "AD" for i in range(2)}
         | {f"x{i}": "EF" for i in range(5)}
     )
-    params = MiningParams(min_support=1, coverage_positions=3, coverage_min_baskets=5, als_neighbours=0)
+    params = MiningParams(
+        min_support=1, coverage_positions=3, coverage_min_baskets=5, als_neighbours=0, best_seller_floor=False
+    )
     baskets = build_baskets(events(shop), INDEX, params)
     plain = mine_bundles(
         events(shop),
@@ -222,6 +295,24 @@ def test_als_neighbours_by_hand_and_independent_of_blocks_and_threads():
         for a, b in zip(serial, other, strict=True):
             assert a.tolist() == b.tolist()
     assert len(serial[0]) == 120 * 7 and set(serial[0].tolist()) == set(anchors.tolist())
+    # Exactly the brute-force top 7 of every anchor.
+    unit = many / np.linalg.norm(many, axis=1, keepdims=True)
+    for a in anchors[:20].tolist():
+        cos = unit @ unit[a]
+        cos[a] = -np.inf
+        best = np.sort(cos)[::-1][:7]
+        assert serial[2][serial[0] == a] == pytest.approx(best, abs=1e-5)
+
+
+def test_als_neighbours_break_ties_by_index_and_skip_items_without_factors():
+    # Items 0, 3, 6, ... point along x, 1, 4, 7, ... along y, 2, 5, 8, ... along z: all cosines
+    # are exactly 1 or 0. Items 9 and 10 have no factors.
+    factors = np.eye(3, dtype=np.float32)[np.arange(12) % 3] * 2.0
+    factors[[9, 10]] = 0.0
+    rows, cols, cos = als_neighbours(factors, k=2, anchors=np.array([0, 4, 9]))
+    got = {int(r): [int(c) for c in cols[rows == r]] for r in np.unique(rows)}
+    assert got == {0: [3, 6], 4: [1, 7]}  # lowest indices among the ties; 9 has no neighbours
+    assert cos.tolist() == [1.0] * 4
 
 
 def test_mined_candidates_fit_the_artifact(tmp_path):
