@@ -17,9 +17,10 @@ their basket is, failing co-purchase evidence, most often a best seller, rarely 
 
 Every companion must be in stock, not the anchor, not excluded (already bought, already in the
 cart), not a near-duplicate of an item already in the bundle (same normalised title, or item
-factors with cosine >= ``near_duplicate_cosine``; only for companions that were never bought
-with the anchor, since substitutes are rarely bought together) and keep the bundle price within
-``max_price``.
+factors with cosine >= ``near_duplicate_cosine``: only for companions that were never bought with
+the anchor, since substitutes are rarely bought together, and for popular pairings only against
+the anchor or cart, since best sellers' factors all point the same way) and keep the bundle price
+within ``max_price``.
 
 **Categories** (``same_category`` False, the default). A bundle never holds two items of one
 category unless they were really bought together with the anchor: a companion without
@@ -456,11 +457,17 @@ class _Picker:
         self.categories = set(self.base_categories)
         self.title_keys = {k for k in (catalog.title_key(i) for i in base) if k}
         self.vectors = [catalog.unit_factors[i] for i in base if catalog.has_factors[i]]
+        self.base_vectors = list(self.vectors)
         prices = catalog.price[list(base)] if len(base) else np.zeros(0, np.float32)
         self.prices = [float(p) for p in prices]
 
     def allowed(
-        self, item: int, distinct_categories: bool, support: int = 0, base_category: bool = False
+        self,
+        item: int,
+        distinct_categories: bool,
+        support: int = 0,
+        base_category: bool = False,
+        source: str = REASON_SIMILAR_TASTE,
     ) -> bool:
         cat = self.catalog
         if self.blocked[item] or not cat.available[item]:
@@ -478,10 +485,13 @@ class _Picker:
         if key and key in self.title_keys:
             return False
         # Substitutes (variants of one product) are rarely bought together, so an item that was
-        # co-purchased with the anchor is not a duplicate whatever its factors say; only
-        # similarity and popularity fallbacks are checked against the factors.
-        if support <= 0 and cat.has_factors[item] and self.vectors:
-            cosines = np.asarray(self.vectors) @ cat.unit_factors[item]
+        # co-purchased with the anchor is not a duplicate whatever its factors say; only the
+        # fallbacks are checked against the factors. A best seller only against the base items:
+        # bought by everyone, best sellers' factors point the same way without being variants of
+        # one product (on sparse data every best seller "duplicated" the first one taken).
+        vectors = self.base_vectors if source == REASON_POPULAR_PAIRING else self.vectors
+        if support <= 0 and cat.has_factors[item] and vectors:
+            cosines = np.asarray(vectors) @ cat.unit_factors[item]
             if float(cosines.max()) >= self.rules.near_duplicate_cosine:
                 return False
         if self.rules.max_price is not None:
@@ -530,7 +540,7 @@ class _Picker:
                         return
                     if (sup > 0) != evidence_only:
                         continue
-                    if self.allowed(item, distinct, sup, base_category):
+                    if self.allowed(item, distinct, sup, base_category, source):
                         # Mined rows also hold ALS-only candidates (support 0): those are taste,
                         # not co-purchase, and must not claim "bought together".
                         if source == REASON_BOUGHT_TOGETHER and sup <= 0:

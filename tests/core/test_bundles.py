@@ -232,6 +232,17 @@ def test_co_purchased_items_are_not_near_duplicates_whatever_the_factors():
     assert assemble_bundle(cat, 0, BundleRules(size=3)).items == [0, 1]
 
 
+def test_best_sellers_are_no_near_duplicates_of_each_other_only_of_the_anchor():
+    # No co-purchase data, no categories. Best sellers 1, 2, 3: 1 is a variant of the anchor,
+    # 2 and 3 share their factors (bought by everyone, as best sellers' factors tend to be).
+    factors = np.eye(5, dtype=np.float32)
+    factors[1] = factors[0]
+    factors[3] = factors[2]
+    cat = make_catalog([-1] * 5, {}, factors=factors, popularity=[0, 9, 8, 7, 1])
+    bundle = assemble_bundle(cat, 0, BundleRules(size=3))
+    assert bundle.items == [0, 2, 3] and bundle.sources[1:] == ["popular_pairing", "popular_pairing"]
+
+
 def test_max_price_bounds_the_bundle_price_after_discount():
     cat = make_catalog([0, 1, 2, 3], {0: [(1, 9), (2, 8), (3, 7)]}, price=[50.0, 40.0, 10.0, math.nan])
     # 50 + 40 = 90 -> 81 > 70: skipped; 50 + 10 = 60 -> 54 fits; unknown price skipped.
