@@ -83,31 +83,41 @@ SIZE = 3
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_orders(n_orders: int, n_items: int, seed: int = 0) -> EventTable:
-    """Orders of 1 + Poisson(2.5) items (Zipf popularity); each item brings one of its three
-    fixed complements along with probability 0.4 (the signal mining should find)."""
-    rng = np.random.default_rng(seed)
-    sizes = 1 + rng.poisson(2.5, n_orders)
-    weights = 1.0 / np.arange(1, n_items + 1) ** 0.9
+def _orders(
+    rng: np.random.Generator, n_orders: int, n_items: int, mean_extra: float, zipf: float, complement: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(items, order)`` of orders of 1 + Poisson(``mean_extra``) items drawn with Zipf popularity,
+    each item bringing one of its three fixed complements along with probability ``complement``;
+    sorted by order."""
+    sizes = 1 + rng.poisson(mean_extra, n_orders)
+    weights = 1.0 / np.arange(1, n_items + 1) ** zipf
     weights /= weights.sum()
     items = rng.choice(n_items, size=int(sizes.sum()), p=weights)
     order = np.repeat(np.arange(n_orders), sizes)
     complements = rng.integers(0, n_items, size=(n_items, 3))
-    extra = rng.random(len(items)) < 0.4
-    extra_items = complements[items[extra], rng.integers(0, 3, int(extra.sum()))]
-    items = np.concatenate([items, extra_items])
+    extra = rng.random(len(items)) < complement
+    items = np.concatenate([items, complements[items[extra], rng.integers(0, 3, int(extra.sum()))]])
     order = np.concatenate([order, order[extra]])
     sort = np.argsort(order, kind="stable")
-    items, order = items[sort], order[sort]
-    ids = np.array([f"sku{i:06d}" for i in range(n_items)], dtype=object)
-    order_ids = np.array([f"o{o}" for o in range(n_orders)], dtype=object)
+    return items[sort], order[sort]
+
+
+def _purchases(items: np.ndarray, order: np.ndarray, customer: np.ndarray, n_items: int) -> EventTable:
+    """Purchase events of ``_orders``: ids ``sku<i>``, ``o<order>``, ``c<customer>``, 30 s apart."""
     return EventTable(
-        user_id=np.array([f"c{o % (n_orders // 3 + 1)}" for o in range(n_orders)], dtype=object)[order],
-        item_id=ids[items],
+        user_id=np.array([f"c{c}" for c in range(int(customer.max()) + 1)], dtype=object)[customer[order]],
+        item_id=np.array([f"sku{i:06d}" for i in range(n_items)], dtype=object)[items],
         event=np.full(len(items), PURCHASE, np.int8),
         timestamp=1_700_000_000 + order.astype(np.int64) * 30,
-        order_id=order_ids[order],
+        order_id=np.array([f"o{o}" for o in range(int(order.max()) + 1)], dtype=object)[order],
     )
+
+
+def synthetic_orders(n_orders: int, n_items: int, seed: int = 0) -> EventTable:
+    """Orders of 1 + Poisson(2.5) items (Zipf popularity); each item brings one of its three
+    fixed complements along with probability 0.4 (the signal mining should find)."""
+    items, order = _orders(np.random.default_rng(seed), n_orders, n_items, 2.5, 0.9, 0.4)
+    return _purchases(items, order, np.arange(n_orders) % (n_orders // 3 + 1), n_items)
 
 
 def grocery_orders(
@@ -121,26 +131,11 @@ def grocery_orders(
     one of its three fixed complements along with probability 0.2; orders 30 s apart, customers
     and categories uniform. Returns the events and an int32 category per item."""
     rng = np.random.default_rng(seed)
-    sizes = 1 + rng.poisson(7.5, n_orders)
-    weights = 1.0 / np.arange(1, n_items + 1) ** 0.8
-    weights /= weights.sum()
-    items = rng.choice(n_items, size=int(sizes.sum()), p=weights)
-    order = np.repeat(np.arange(n_orders), sizes)
-    complements = rng.integers(0, n_items, size=(n_items, 3))
-    extra = rng.random(len(items)) < 0.2
-    items = np.concatenate([items, complements[items[extra], rng.integers(0, 3, int(extra.sum()))]])
-    order = np.concatenate([order, order[extra]])
-    sort = np.argsort(order, kind="stable")
-    items, order = items[sort], order[sort]
+    items, order = _orders(rng, n_orders, n_items, 7.5, 0.8, 0.2)
     customer = rng.integers(0, n_customers, n_orders)
-    events = EventTable(
-        user_id=np.array([f"c{c}" for c in range(n_customers)], dtype=object)[customer[order]],
-        item_id=np.array([f"sku{i:06d}" for i in range(n_items)], dtype=object)[items],
-        event=np.full(len(items), PURCHASE, np.int8),
-        timestamp=1_700_000_000 + order.astype(np.int64) * 30,
-        order_id=np.array([f"o{o}" for o in range(n_orders)], dtype=object)[order],
+    return _purchases(items, order, customer, n_items), rng.integers(0, n_categories, n_items).astype(
+        np.int32
     )
-    return events, rng.integers(0, n_categories, n_items).astype(np.int32)
 
 
 def load_dataset(name: str, workdir: Path):
