@@ -407,7 +407,7 @@ def parse_experiment(
             raise ExperimentError(f"{where}name", f"duplicate variant name {vname!r}")
         seen.add(vname)
         strategy = rv.get("strategy") or "personalized"
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise ExperimentError(f"{where}strategy", f"must be one of {', '.join(STRATEGIES)}")
         version = rv.get("model_version") or None
         if version is not None and not is_valid_version(version):
@@ -433,7 +433,7 @@ def parse_experiment(
     if total == 0:
         raise ExperimentError(f"{prefix}variants", "at least one variant needs a share above 0")
     control = raw.get("control") or parsed[0]["name"]
-    if control not in seen:
+    if not isinstance(control, str) or control not in seen:
         raise ExperimentError(f"{prefix}control", f"names no variant ({control!r})")
 
     explicit = [p["ranges"] is not None for p in parsed]

@@ -425,6 +425,19 @@ def resolve(models_dir: str | os.PathLike, ref: str | os.PathLike) -> Path:
     return path
 
 
+def resolve_name(models_dir: str | os.PathLike, name: str) -> Path:
+    """``latest`` or a version *name* inside ``models_dir`` -- never a path, never another folder.
+
+    For callers that must not let a request make the process read other files (the admin API).
+    """
+    if name != "latest" and not is_valid_version(name):
+        raise ArtifactError(f"{name!r} is not a version name")
+    path = resolve(models_dir, name) if name == "latest" else Path(models_dir) / name
+    if not (path / MANIFEST).exists():
+        raise ArtifactError(f"{path}: not a model version folder (no {MANIFEST})")
+    return path
+
+
 def prune(
     models_dir: str | os.PathLike, keep: int, protect: set[str] | frozenset[str] = frozenset()
 ) -> list[str]:

@@ -108,7 +108,8 @@ def validate_event(raw: Any) -> dict[str, Any]:
                 name, f"invalid_{name}", f"{name} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._:-]"
             )
         out[name] = raw[name]
-    if raw["event"] not in EVENT_CODE:
+    # A list or object is unhashable: check the type before the membership test.
+    if not isinstance(raw["event"], str) or raw["event"] not in EVENT_CODE:
         raise ContractError("event", "unknown_event", REASONS["unknown_event"])
     out["event"] = raw["event"]
     try:

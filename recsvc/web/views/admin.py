@@ -12,7 +12,7 @@ import logging
 from flask import Blueprint, g
 
 from recsvc.core.answers import Source
-from recsvc.core.artifact import ArtifactError, resolve
+from recsvc.core.artifact import ArtifactError, resolve_name
 from recsvc.core.ids import is_valid_version
 from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
@@ -45,7 +45,7 @@ def publish():
         )
     svc = services()
     try:
-        path = resolve(svc.config.models_dir, ref)
+        path = resolve_name(svc.config.models_dir, ref)
     except ArtifactError:
         raise ApiError(
             404, "unknown_version", f"no model version {ref!r} in the models folder", field="version"

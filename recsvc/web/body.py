@@ -1,0 +1,97 @@
+"""Request bodies are read whole, bounded in size and in time, before a view sees them.
+
+* **Size**: a body over ``serving.max_body_bytes`` is refused with 413, whether it announces its
+  length (``Content-Length``) or not (``Transfer-Encoding: chunked``: read up to one byte past the
+  cap, never silently cut at the cap).
+* **Time**: the whole body must arrive within ``serving.body_timeout_s``, else 408 and the
+  connection is closed. Under the gevent worker the deadline covers the whole read; elsewhere it
+  bounds each wait for data.
+
+The body then sits in memory (at most the cap) and the view reads it as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from flask import request
+
+from recsvc.web.errors import ApiError
+
+_CHUNK = 64 * 1024
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "request_entity_too_large", f"the body is larger than {limit:,} bytes", field="body")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`_BodyTimeout` in this greenlet after ``seconds`` (gevent only; else nothing)."""
+    gevent = sys.modules.get("gevent")
+    monkey = sys.modules.get("gevent.monkey")
+    if gevent is None or monkey is None or not monkey.is_module_patched("socket"):
+        yield
+        return
+    with gevent.Timeout(seconds, _BodyTimeout):
+        yield
+
+
+def read_body(max_bytes: int, timeout_s: float) -> None:
+    """``before_request`` hook: read the body whole (see the module docstring).
+
+    Raises
+    ------
+    ApiError
+        413 over ``max_bytes``; 408 when the body does not arrive within ``timeout_s``.
+    """
+    environ: dict[str, Any] = request.environ
+    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+    length = request.content_length
+    if not chunked and not length:
+        return
+    if length is not None and length > max_bytes:
+        raise too_large(max_bytes)
+    want = length if length is not None and not chunked else max_bytes + 1
+    stream = environ["wsgi.input"]
+    sock = environ.get("gunicorn.socket")
+    end = time.monotonic() + timeout_s
+    parts: list[bytes] = []
+    got = 0
+    try:
+        with _deadline(timeout_s):
+            while got < want:
+                remaining = end - time.monotonic()
+                if remaining <= 0:
+                    raise _BodyTimeout
+                if sock is not None:
+                    sock.settimeout(remaining)
+                data = stream.read(min(_CHUNK, want - got))
+                if not data:
+                    break
+                parts.append(data)
+                got += len(data)
+    except (_BodyTimeout, TimeoutError):
+        raise ApiError(
+            408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s", field="body"
+        ) from None
+    finally:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.settimeout(None)
+    if got > max_bytes:
+        raise too_large(max_bytes)
+    body = b"".join(parts)
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    environ["wsgi.input_terminated"] = True
