@@ -355,9 +355,11 @@ class Reply:
 class Http:
     """Keep-alive HTTP/1.1 client for one thread; reconnects after any error."""
 
-    def __init__(self, base: str, timeout_s: float = 5.0):
+    def __init__(self, base: str, timeout_s: float = 5.0, source: str | None = None):
         host, port = base.removeprefix("http://").split(":")
         self.host, self.port, self.timeout_s = host, int(port), timeout_s
+        # Another loopback address (127.0.0.2 ...) looks like another client to the server.
+        self.source = (source, 0) if source else None
         self.conn: http.client.HTTPConnection | None = None
 
     def request(
@@ -366,7 +368,9 @@ class Http:
         t0 = time.monotonic()
         try:
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+                self.conn = http.client.HTTPConnection(
+                    self.host, self.port, timeout=self.timeout_s, source_address=self.source
+                )
             self.conn.request(method, path, body=body, headers=headers or {})
             resp = self.conn.getresponse()
             data = resp.read()

@@ -24,6 +24,8 @@ from flask import request
 from recsvc.web.errors import ApiError
 
 _CHUNK = 64 * 1024
+#: A refused chunked body is drained up to this many times the cap (then the connection just closes).
+_DRAIN_FACTOR = 4
 
 
 class _BodyTimeout(Exception):
@@ -44,6 +46,15 @@ def _deadline(seconds: float) -> Iterator[None]:
         return
     with gevent.Timeout(seconds, _BodyTimeout):
         yield
+
+
+def _read(stream: Any, sock: Any, size: int, end: float) -> bytes:
+    remaining = end - time.monotonic()
+    if remaining <= 0:
+        raise _BodyTimeout
+    if sock is not None:
+        sock.settimeout(remaining)
+    return stream.read(size)
 
 
 def read_body(max_bytes: int, timeout_s: float) -> None:
@@ -70,16 +81,18 @@ def read_body(max_bytes: int, timeout_s: float) -> None:
     try:
         with _deadline(timeout_s):
             while got < want:
-                remaining = end - time.monotonic()
-                if remaining <= 0:
-                    raise _BodyTimeout
-                if sock is not None:
-                    sock.settimeout(remaining)
-                data = stream.read(min(_CHUNK, want - got))
+                data = _read(stream, sock, min(_CHUNK, want - got), end)
                 if not data:
                     break
                 parts.append(data)
                 got += len(data)
+            if got > max_bytes:
+                # Read (and drop) a bounded rest, so that the client, still sending, reads the 413
+                # instead of a connection reset when the socket closes with unread data.
+                dropped = 0
+                with contextlib.suppress(_BodyTimeout, TimeoutError, OSError):
+                    while dropped < _DRAIN_FACTOR * max_bytes and _read(stream, sock, _CHUNK, end):
+                        dropped += _CHUNK
     except (_BodyTimeout, TimeoutError):
         raise ApiError(
             408, "request_timeout", f"the request body did not arrive within {timeout_s:g} s", field="body"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from flask import Blueprint, g, request
 
+from recsvc.storage.stream import StoredBatch
 from recsvc.web.auth import require_api_key
 from recsvc.web.errors import bad_request, status_of
-from recsvc.storage.stream import StoredBatch
 from recsvc.web.params import parse_id, query_args
 from recsvc.web.render import answer
 from recsvc.web.services import Services, services
