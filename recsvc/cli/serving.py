@@ -305,6 +305,9 @@ def serve(
         "keepalive": 5,
         "accesslog": "-" if access_log else None,
         "logger_class": "recsvc.web.server.RedactingLogger",  # no key reaches the access log
+        # The longest valid URL (200 excluded ids of 128 characters) is ~26 KB, past gunicorn's 8 KB
+        # line limit: 0 lets gunicorn read up to its own 1 MB bound; the app answers 414 beyond 64 KiB.
+        "limit_request_line": 0,
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "recsvc",

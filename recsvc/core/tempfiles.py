@@ -16,7 +16,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-
 def hold(path: str | os.PathLike) -> int:
     """Take the writer's lock on ``path`` (a file or a folder); return the descriptor to release."""
     fd = os.open(path, os.O_RDONLY)

@@ -26,6 +26,7 @@ from recsvc.storage.connection import connect
 from recsvc.storage.embedded import ensure_redis
 from recsvc.web.auth import configured_keys_problem
 from recsvc.web.body import read_body
+from recsvc.web.declare import REQUEST_ID, by_rule
 from recsvc.web.errors import register_error_handlers
 from recsvc.web.jsonio import OrjsonProvider, dumps, loads
 from recsvc.web.services import Services
@@ -107,6 +108,7 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
     app.after_request(_finish_response)
     for view in BLUEPRINTS:
         app.register_blueprint(view.bp)
+    app.extensions["recsvc.params"] = by_rule(config)
     if serving.proxy_hops > 0:
         # The client address (wrong-key throttle) is the one the trusted proxies saw.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=serving.proxy_hops)  # type: ignore[method-assign]
@@ -115,8 +117,14 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
 
 def _assign_request_id() -> None:
     incoming = request.headers.get("X-Request-ID")
-    # 128 random bits as 32 hex digits (the shape of uuid4().hex, at a quarter of its cost).
-    g.request_id = incoming if incoming and is_valid_id(incoming) else os.urandom(16).hex()
+    if incoming is None:
+        # 128 random bits as 32 hex digits (the shape of uuid4().hex, at a quarter of its cost).
+        g.request_id = os.urandom(16).hex()
+    elif is_valid_id(incoming):
+        g.request_id = incoming
+    else:
+        g.request_id = os.urandom(16).hex()  # the 400 below still carries one
+        REQUEST_ID.parse_one(incoming)  # 400 naming the header, as the document says
 
 
 def _finish_response(response: Response) -> Response:

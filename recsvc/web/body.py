@@ -1,4 +1,5 @@
-"""Request bodies are read whole, bounded in size and in time, before a view sees them.
+"""Request bodies are read whole, bounded in size and in time, before a view sees them (and the
+request target is bounded: 414 beyond :data:`MAX_URL_BYTES`).
 
 * **Size**: a body over ``serving.max_body_bytes`` is refused with 413, whether it announces its
   length (``Content-Length``) or not (``Transfer-Encoding: chunked``: read up to one byte past the
@@ -57,6 +58,10 @@ def _read(stream: Any, sock: Any, size: int, end: float) -> bytes:
     return stream.read(size)
 
 
+#: Longest request target (path and query) answered; the longest valid one is ~26 KB.
+MAX_URL_BYTES = 64 * 1024
+
+
 def read_body(max_bytes: int, timeout_s: float) -> None:
     """``before_request`` hook: read the body whole (see the module docstring).
 
@@ -66,6 +71,8 @@ def read_body(max_bytes: int, timeout_s: float) -> None:
         413 over ``max_bytes``; 408 when the body does not arrive within ``timeout_s``.
     """
     environ: dict[str, Any] = request.environ
+    if len(environ.get("RAW_URI") or "") > MAX_URL_BYTES:
+        raise ApiError(414, "uri_too_long", f"the request target is longer than {MAX_URL_BYTES:,} bytes")
     chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
     length = request.content_length
     if not chunked and not length:

@@ -24,7 +24,11 @@ def _held_by_child(path):
 
 
 def test_a_killed_writers_folder_and_file_are_swept_a_live_ones_are_not(tmp_path):
-    dead_dir, dead_file, live_file = tmp_path / ".tmp-v1-1", tmp_path / ".out.1.part", tmp_path / ".out.2.part"
+    dead_dir, dead_file, live_file = (
+        tmp_path / ".tmp-v1-1",
+        tmp_path / ".out.1.part",
+        tmp_path / ".out.2.part",
+    )
     dead_dir.mkdir()
     (dead_dir / "item_factors.npy").write_bytes(b"x")
     dead_file.write_bytes(b"rows")

@@ -18,7 +18,7 @@ from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
 from recsvc.web.auth import require_api_key
 from recsvc.web.errors import ApiError, bad_request
-from recsvc.web.params import json_body, query_args
+from recsvc.web.params import declared, json_body
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
 
@@ -36,7 +36,7 @@ def _redis_unavailable(e: BaseException) -> ApiError:
 @bp.post("/v1/admin/publish")
 @require_api_key
 def publish():
-    query_args(())
+    declared()
     body = json_body(allowed=("version",))
     ref = body.get("version", "latest")
     if not isinstance(ref, str) or not (ref == "latest" or is_valid_version(ref)):
@@ -84,7 +84,7 @@ def publish():
 @bp.post("/v1/admin/rollback")
 @require_api_key
 def rollback():
-    query_args(())
+    declared()
     json_body(allowed=())
     svc = services()
     try:

@@ -15,7 +15,7 @@ from flask import Blueprint, g, request
 from recsvc.storage.stream import StoredBatch
 from recsvc.web.auth import require_api_key
 from recsvc.web.errors import bad_request, status_of
-from recsvc.web.params import parse_id, query_args
+from recsvc.web.params import declared, parse_id
 from recsvc.web.render import answer
 from recsvc.web.services import Services, services
 
@@ -30,7 +30,7 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 @require_api_key
 def post_events():
     """Validate and store one event, a JSON list of events, or ``{"events": [...]}``."""
-    query_args(())
+    declared()
     svc = services()
     svc.ingest.count_request(g.api_key)
     try:

@@ -19,7 +19,7 @@ from recsvc.core.answers import Reason, Source
 from recsvc.serving.recommender import ModelChoice
 from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
-from recsvc.web.params import query_args
+from recsvc.web.params import declared
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
 
@@ -28,7 +28,7 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/health/live")
 def live():
-    query_args(())
+    declared()
     model = services().models.current()
     return answer(
         {
@@ -44,7 +44,7 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    query_args(())
+    declared()
     svc = services()
     checks: dict[str, Any] = {}
     redis_ok = False
@@ -90,7 +90,7 @@ def ready():
 @bp.get("/v1/model")
 def model_info():
     """The live model: version, when it was trained, its parameters, metrics and counts."""
-    query_args(())
+    declared()
     svc = services()
     choice = svc.recommender.resolve()
     model = choice.model
