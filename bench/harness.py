@@ -259,8 +259,10 @@ class Service:
         port: int | None = None,
         access_log: bool = False,
         name: str = "serve",
+        worker_class: str | None = None,
     ):
         self.env, self.cwd, self.workers, self.threads = env, Path(cwd), workers, threads
+        self.worker_class = worker_class  # None: recsvc serve's default
         self.port = port or free_port()
         self.access_log = access_log
         self.log = self.cwd / f"{name}-{self.port}.log"
@@ -282,6 +284,8 @@ class Service:
         ]  # fmt: skip
         if self.access_log:
             args.append("--access-log")
+        if self.worker_class:
+            args += ["--worker-class", self.worker_class]
         self.proc = recsvc_popen(args, self.env, self.cwd, self.log)
         self.wait_ready(deadline_s, ready)
         return self

@@ -441,7 +441,9 @@ def parse_experiment(
     if total == 0:
         raise ExperimentError(f"{prefix}variants", "at least one variant needs a share above 0", True)
     control = raw.get("control") or parsed[0]["name"]
-    if not isinstance(control, str) or control not in seen:
+    if not isinstance(control, str):
+        raise ExperimentError(f"{prefix}control", "must be a variant name")
+    if control not in seen:
         raise ExperimentError(f"{prefix}control", f"names no variant ({control!r})", True)
 
     explicit = [p["ranges"] is not None for p in parsed]

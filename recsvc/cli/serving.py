@@ -33,8 +33,9 @@ EXIT_REDIS = 3
 # (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded workers per core.
 DEFAULT_WORKERS = max(2, 2 * (os.cpu_count() or 1))
 DEFAULT_THREADS = 1
-# gevent: a slow or idle client holds a greenlet, not the worker (docs/operations.md, slow clients).
-DEFAULT_WORKER_CLASS = "gevent"
+# buffered: gthread whose threads only see whole requests -- a slow or idle client costs a buffer, not
+# a thread -- at gthread's cost per request (docs/operations.md, slow clients, for the designs measured).
+DEFAULT_WORKER_CLASS = "buffered"
 
 
 class _Failed(click.ClickException):
@@ -226,8 +227,8 @@ class _GunicornApp:
     default=DEFAULT_WORKER_CLASS,
     show_default=True,
     type=click.Choice(sorted(WORKER_CLASSES)),
-    help="gevent: one greenlet per connection (slow clients cannot starve the worker); "
-    "gthread: --threads threads per worker.",
+    help="buffered: gthread whose threads only see whole requests (slow clients cannot starve it); "
+    "gevent: one greenlet per connection; gthread: plain, a slow client holds a thread.",
 )
 @click.option(
     "--threads",
@@ -257,7 +258,7 @@ def serve(
     dev: bool,
     examples: bool,
 ) -> None:
-    """Serve the HTTP API: gunicorn (gevent workers) in production, --dev for Flask's server.
+    """Serve the HTTP API: gunicorn in production (request-buffering threaded workers), --dev for Flask's.
 
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
     every worker through the environment.

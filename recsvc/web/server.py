@@ -17,17 +17,25 @@ from __future__ import annotations
 
 import json
 import re
+import selectors
+import time
+from collections import deque
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
+from gunicorn import http as gunicorn_http
 from gunicorn.glogging import Logger
+from gunicorn.http2 import negotiation
 from gunicorn.workers.ggevent import GeventWorker as _GeventWorker
 from gunicorn.workers.gthread import ThreadWorker as _ThreadWorker
 
+from recsvc.core.config import Config
 from recsvc.web.auth import SECRET_PARAM
 
 #: gunicorn's ``--worker-class`` values recsvc supports, by short name.
 WORKER_CLASSES = {
+    "buffered": "recsvc.web.server.BufferedThreadWorker",
     "gevent": "recsvc.web.server.GeventWorker",
     "gthread": "recsvc.web.server.ThreadWorker",
 }
@@ -130,3 +138,160 @@ class GeventWorker(JsonErrors, _GeventWorker):
 
 class ThreadWorker(JsonErrors, _ThreadWorker):
     """gunicorn's gthread worker with JSON errors (see :class:`JsonErrors`)."""
+
+
+#: Request heads (request line + headers) above this are answered 431 without a thread.
+MAX_HEAD_BYTES = 64 * 1024 + 16 * 1024
+
+
+def request_complete(buf: bytes, max_body: int) -> bool | None:
+    """Whether ``buf`` holds a whole HTTP/1.1 request (head and body); None: a malformed head.
+
+    A body announced larger than ``max_body`` counts as complete once the head is in: the app
+    refuses it (413) from its ``Content-Length`` without reading it.
+    """
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    length, chunked = 0, False
+    for line in buf[:end].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            try:
+                length = int(value.strip())
+            except ValueError:
+                return None  # gunicorn answers it (400)
+        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+            chunked = True
+    pos = end + 4
+    if not chunked:
+        return length > max_body or len(buf) - pos >= length
+    while True:  # walk the chunks: size line, data, CRLF; "0" then the (empty) trailers end it
+        line_end = buf.find(b"\r\n", pos)
+        if line_end < 0:
+            return False
+        try:
+            size = int(buf[pos:line_end].split(b";")[0].strip(), 16)
+        except ValueError:
+            return None
+        if size == 0:
+            return buf.find(b"\r\n\r\n", line_end) >= 0 or buf[line_end : line_end + 4] == b"\r\n\r\n"
+        pos = line_end + 2 + size + 2
+        if pos > len(buf) or pos - end > max_body + 64 * 1024:
+            return pos - end > max_body + 64 * 1024  # over the cap: the app refuses it (413)
+
+
+class BufferedThreadWorker(ThreadWorker):
+    """gthread whose threads only ever see whole requests (the default of ``recsvc serve``).
+
+    The worker's main thread -- the one that accepts and polls connections -- reads each request
+    (head and body, non-blocking) into memory and hands the connection to a thread only once the
+    request is complete: a client that trickles its headers or body, or opens a connection and sends
+    nothing, costs a buffer and a socket, never a thread. A request still incomplete after
+    ``serving.body_timeout_s`` is answered 408 (431 for an oversized head) by the main thread and
+    closed; an idle connection is closed after the keep-alive timeout. Requests are then handled
+    exactly as by gthread (blocking Redis calls in the thread), so a fast request costs what it did.
+    This is the buffering a proxy in front (nginx) also does; it keeps the service safe without one.
+    """
+
+    def init_process(self) -> None:
+        serving = Config.from_env().serving
+        self.body_timeout_s = serving.body_timeout_s
+        self.max_body = serving.max_body_bytes
+        self.buffering: deque[Any] = deque()
+        super().init_process()
+
+    def enqueue_req(self, conn: Any) -> None:
+        if self.cfg.is_ssl or negotiation.prior_knowledge_allowed(self.cfg, conn.client) or conn.is_http2:
+            super().enqueue_req(conn)  # TLS and HTTP/2 are not buffered here
+            return
+        leftover = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
+        conn.recsvc_buf = bytearray(leftover)
+        conn.recsvc_started = time.monotonic()
+        conn.recsvc_continued = False
+        conn.sock.setblocking(False)
+        self.buffering.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
+        # A kept-alive connection that became readable, or a client that sent at once: no poll round.
+        self._on_readable(conn, conn.sock)
+
+    def _on_readable(self, conn: Any, sock: Any) -> None:
+        try:
+            data = sock.recv(256 * 1024)
+        except BlockingIOError:
+            data = None
+        except OSError:
+            data = b""
+        if data == b"":  # the client went away
+            self._drop(conn)
+            return
+        if data:
+            conn.recsvc_buf += data
+        if self._dispatch_if_complete(conn):
+            return
+        head_end = conn.recsvc_buf.find(b"\r\n\r\n")
+        if (
+            head_end >= 0
+            and not conn.recsvc_continued
+            and b"100-continue" in conn.recsvc_buf[:head_end].lower()
+        ):
+            # The client waits for this before it sends the body (gunicorn sends it only later).
+            conn.recsvc_continued = True
+            try:
+                sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError:
+                pass
+        if len(conn.recsvc_buf) > MAX_HEAD_BYTES and conn.recsvc_buf.find(b"\r\n\r\n") < 0:
+            self._answer_and_drop(
+                conn, 431, "Request Header Fields Too Large", "the request headers are too large"
+            )
+
+    def _dispatch_if_complete(self, conn: Any) -> bool:
+        buf = bytes(conn.recsvc_buf)
+        if not buf or request_complete(buf, self.max_body) is False:
+            return False
+        self.poller.unregister(conn.sock)
+        self.buffering.remove(conn)
+        if conn.parser is None:
+            conn.sock.setblocking(True)
+            conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
+        conn.parser.unreader.unread(buf)
+        conn.recsvc_buf = bytearray()
+        conn.data_ready = True
+        super().enqueue_req(conn)
+        return True
+
+    def _drop(self, conn: Any) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        try:
+            self.buffering.remove(conn)
+        except ValueError:
+            pass
+        self.nr_conns -= 1
+        conn.close()
+
+    def _answer_and_drop(self, conn: Any, status: int, reason: str, message: str) -> None:
+        try:
+            conn.sock.send(json_error_bytes(status, reason, message))
+        except OSError:
+            pass
+        self._drop(conn)
+
+    def murder_pending(self) -> None:
+        super().murder_pending()
+        now = time.monotonic()
+        for conn in list(self.buffering):
+            waited = now - conn.recsvc_started
+            if conn.recsvc_buf and waited > self.body_timeout_s:
+                self._answer_and_drop(
+                    conn,
+                    408,
+                    "Request Timeout",
+                    f"the request did not arrive within {self.body_timeout_s:g} s",
+                )
+            elif not conn.recsvc_buf and waited > max(self.cfg.keepalive, 1):
+                self._drop(conn)  # an idle connection: closed like any idle keep-alive one
