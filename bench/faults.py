@@ -983,7 +983,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="bench/results", help="folder for faults.json and faults.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (logs) for inspection")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    ap.add_argument("--worker-class", choices=("gevent", "gthread"), help="default: recsvc serve's")
+    ap.add_argument("--worker-class", choices=("buffered", "gevent", "gthread"), help="default: serve's")
     ap.add_argument("--threads", type=int, default=1, help="threads per worker (gthread)")
     args = ap.parse_args(argv)
     SERVER.update(worker_class=args.worker_class, threads=args.threads)

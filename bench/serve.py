@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             other_cmd[other_cmd.index("--port") + 1] = str(other_port)
             procs.append(subprocess.Popen(other_cmd, env=env, stdout=log, stderr=log, cwd=workdir))
             other_base = f"http://127.0.0.1:{other_port}"
-            wait_http(f"{other_base}/health/ready")
+            wait_http(f"{other_base}/health/ready", timeout=120.0)
         floor_base = ""
         if args.floor:
             floor_port = free_port()

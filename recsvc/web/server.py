@@ -144,7 +144,7 @@ class ThreadWorker(JsonErrors, _ThreadWorker):
 MAX_HEAD_BYTES = 64 * 1024 + 16 * 1024
 
 
-def request_complete(buf: bytes, max_body: int) -> bool | None:
+def request_complete(buf: bytes | bytearray, max_body: int) -> bool | None:
     """Whether ``buf`` holds a whole HTTP/1.1 request (head and body); None: a malformed head.
 
     A body announced larger than ``max_body`` counts as complete once the head is in: the app
@@ -153,16 +153,19 @@ def request_complete(buf: bytes, max_body: int) -> bool | None:
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return False
+    head = buf[:end].lower()
+    if b"content-length" not in head and b"transfer-encoding" not in head:
+        return True  # no body: the common GET
     length, chunked = 0, False
-    for line in buf[:end].split(b"\r\n")[1:]:
+    for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
-        name = name.strip().lower()
+        name = name.strip()
         if name == b"content-length":
             try:
                 length = int(value.strip())
             except ValueError:
                 return None  # gunicorn answers it (400)
-        elif name == b"transfer-encoding" and b"chunked" in value.lower():
+        elif name == b"transfer-encoding" and b"chunked" in value:
             chunked = True
     pos = end + 4
     if not chunked:
@@ -210,11 +213,15 @@ class BufferedThreadWorker(ThreadWorker):
         conn.recsvc_buf = bytearray(leftover)
         conn.recsvc_started = time.monotonic()
         conn.recsvc_continued = False
+        conn.recsvc_polled = False
         conn.sock.setblocking(False)
-        self.buffering.append(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
-        # A kept-alive connection that became readable, or a client that sent at once: no poll round.
+        # A kept-alive connection that became readable, or a client that sent at once: the request
+        # is usually whole already, and goes to a thread without a poll round.
         self._on_readable(conn, conn.sock)
+        if conn.recsvc_buf is not None and not conn.recsvc_polled:
+            conn.recsvc_polled = True
+            self.buffering.append(conn)
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self._on_readable, conn))
 
     def _on_readable(self, conn: Any, sock: Any) -> None:
         try:
@@ -248,29 +255,31 @@ class BufferedThreadWorker(ThreadWorker):
             )
 
     def _dispatch_if_complete(self, conn: Any) -> bool:
-        buf = bytes(conn.recsvc_buf)
+        buf = conn.recsvc_buf
         if not buf or request_complete(buf, self.max_body) is False:
             return False
-        self.poller.unregister(conn.sock)
-        self.buffering.remove(conn)
+        if conn.recsvc_polled:
+            self.poller.unregister(conn.sock)
+            self.buffering.remove(conn)
+        conn.recsvc_polled = False
         if conn.parser is None:
             conn.sock.setblocking(True)
             conn.parser = gunicorn_http.get_parser(self.cfg, conn.sock, conn.client)
         conn.parser.unreader.unread(buf)
-        conn.recsvc_buf = bytearray()
+        conn.recsvc_buf = None  # handed over
         conn.data_ready = True
         super().enqueue_req(conn)
         return True
 
     def _drop(self, conn: Any) -> None:
-        try:
-            self.poller.unregister(conn.sock)
-        except (KeyError, ValueError, OSError):
-            pass
-        try:
+        if conn.recsvc_polled:
+            try:
+                self.poller.unregister(conn.sock)
+            except (KeyError, ValueError, OSError):
+                pass
             self.buffering.remove(conn)
-        except ValueError:
-            pass
+        conn.recsvc_polled = False
+        conn.recsvc_buf = None
         self.nr_conns -= 1
         conn.close()
 

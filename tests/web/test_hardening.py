@@ -58,7 +58,9 @@ def test_basic_auth_is_not_a_way_in(http):
 def test_wrong_keys_are_throttled_per_address_then_the_right_one_waits_too(http):
     client = http(auth_failures_per_min=5)
     statuses = [
-        client.post("/v1/events", json=EVENT, headers={"Authorization": f"Bearer wrong-{i:02d}-xxxxxxxxxxxx"}).status_code
+        client.post(
+            "/v1/events", json=EVENT, headers={"Authorization": f"Bearer wrong-{i:02d}-xxxxxxxxxxxx"}
+        ).status_code
         for i in range(8)
     ]
     assert statuses == [401] * 5 + [429] * 3
@@ -75,7 +77,9 @@ def test_short_keys_are_refused_at_start(make_app, make_config):
         make_app(make_config(api_keys=("short",)))
 
 
-@pytest.mark.parametrize("method, path, allowed", [("DELETE", "/v1/popular", "GET"), ("GET", "/v1/events", "POST")])
+@pytest.mark.parametrize(
+    "method, path, allowed", [("DELETE", "/v1/popular", "GET"), ("GET", "/v1/events", "POST")]
+)
 def test_405_names_the_allowed_methods(http, method, path, allowed):
     r = http().open(path, method=method)
     assert r.status_code == 405 and r.mimetype == "application/json"
@@ -120,8 +124,10 @@ def test_a_write_that_runs_late_after_its_attempt_was_given_up_stores_nothing(re
     assert settled is not None and settled.first_id == stored.first_id and redis_client.xlen("s") == 1
 
 
-def test_redis_gone_mid_write_answers_503_without_claiming_nothing_was_stored(http, redis_client, monkeypatch):
-    """And the failed request is not charged to the key's rate limit (the service failed, not it)."""
+def test_redis_gone_mid_write_answers_503_without_claiming_nothing_was_stored(
+    http, redis_client, monkeypatch
+):
+    """Not "nothing was stored" (it may have been); and not charged to the key's rate limit."""
     client = http()
 
     def boom(*args, **kwargs):
