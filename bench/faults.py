@@ -256,7 +256,12 @@ class ReadLoad:
 
 
 class EventLoad:
-    """Client threads posting batches of events; each event has a unique order_id (its identity)."""
+    """Client threads posting batches of events; each event has a unique order_id (its identity).
+
+    Each batch carries an ``Idempotency-Key``; a batch that got no answer (a killed worker) or a
+    ``503 outcome_unknown`` is sent again with the same key, up to 3 times, as a storefront should:
+    the service must store it exactly once.
+    """
 
     def __init__(self, bench: Bench, tag: str, threads: int = 2, batch: int = 5, pace_s: float = 0.01):
         self.bench, self.tag, self.threads, self.batch, self.pace_s = bench, tag, threads, batch, pace_s
@@ -266,7 +271,9 @@ class EventLoad:
         self.refused: Counter = Counter()
         self.server_errors: Counter = Counter()
         self.replies = 0
+        self.retried = 0  # batches sent again with their Idempotency-Key
         self._seq = itertools.count()
+        self._batches = itertools.count()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -295,7 +302,15 @@ class EventLoad:
         while not self._stop.is_set():
             events = self._events(rng)
             ids = [e["order_id"] for e in events]
-            r = client.post_json("/v1/events", events, bearer(API_KEY))
+            headers = {**bearer(API_KEY), "Idempotency-Key": f"{self.tag}-b{next(self._batches)}"}
+            for attempt in range(4):
+                r = client.post_json("/v1/events", events, headers)
+                unknown = r.status == 503 and (r.json() or {}).get("error") == "outcome_unknown"
+                if not (r.status == 0 or unknown) or attempt == 3 or self._stop.is_set():
+                    break
+                with self._lock:
+                    self.retried += 1
+                self._stop.wait(0.05)
             with self._lock:
                 self.replies += 1
                 if r.status == 202:
@@ -470,6 +485,9 @@ class Bench:
         if unknown:
             row.notes.append(f"{len(unknown)} stored events were never sent")
             row.duplicated += len(unknown)
+        row.details["retried_batches"] = row.details.get("retried_batches", 0) + load.retried
+        if load.retried:
+            row.notes.append(f"{load.retried} unanswered batches sent again with their Idempotency-Key")
         if load.in_doubt:
             row.notes.append(
                 f"{len(load.in_doubt)} events in doubt (no answer), {stored_in_doubt} of them stored"

@@ -100,6 +100,14 @@ def test_a_killed_publish_does_not_block_the_retry(rows):
     assert _row(rows, "kill-publish").details["retry_exit"] == 0
 
 
+def test_unanswered_batches_were_sent_again_with_their_key(rows):
+    """A killed worker's in-flight batches are retried with the same Idempotency-Key; the
+    stored-once checks above then prove the retries stored nothing twice."""
+    row = _row(rows, "worker-kill")
+    assert row.details["retried_batches"] > 0, row.notes
+    assert row.duplicated == 0, row.notes
+
+
 def test_worker_kills_were_injected_and_recovered(rows):
     row = _row(rows, "worker-kill")
     assert row.notes and "workers SIGKILLed" in row.notes[0] and not row.notes[0].startswith("0 ")
