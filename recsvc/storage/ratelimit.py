@@ -51,7 +51,7 @@ def peek(
     now = time.time() if now is None else now
     window = int(now // 60)
     raw = client.get(keys.rate_limit(scope, key_fingerprint(api_key), window))
-    count = int(raw) if raw is not None else 0  # type: ignore[arg-type]
+    count = int(raw) if raw is not None else 0
     retry_after = max(1, int((window + 1) * 60 - now + 0.999))
     return RateDecision(count < limit_per_min, count, limit_per_min, retry_after)
 

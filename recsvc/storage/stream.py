@@ -190,14 +190,14 @@ def store_batch(
         args += entries
     user_keys = [recent_key(user_id) for user_id in by_user]
     reply = client.eval(_STORE_BATCH, 2 + len(user_keys), batch_key, stream, *user_keys, *args)
-    code = int(reply[0])  # type: ignore[index]
+    code = int(reply[0])
     if code == -2:
         raise StreamFull(f"event stream {stream!r} holds {stream_maxlen} undumped events")
     if code == -1:
         raise BatchGivenUp("this attempt was given up; nothing of it was stored")
     if code == 0:
-        return _summary(codec.text(reply[1]), duplicate=True)  # type: ignore[index]
-    ids = tuple(codec.text(i) for i in reply[1:])  # type: ignore[index]
+        return _summary(codec.text(reply[1]), duplicate=True)
+    ids = tuple(codec.text(i) for i in reply[1:])
     return StoredBatch(ids[0], ids[-1], len(ids), False, ids)
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from recsvc.core.bundles import MAX_BUNDLE_SIZE
 from recsvc.core.config import Config
-from recsvc.core.contract import MAX_TIMESTAMP, MIN_TIMESTAMP
+from recsvc.core.contract import EPOCH_UNITS, MAX_TIMESTAMP, MIN_TIMESTAMP
 from recsvc.core.ids import ID_PATTERN, MAX_ID_LENGTH
 from recsvc.serving.recommender import MAX_USER_BUNDLES
 from recsvc.web.errors import bad_request
@@ -348,8 +348,8 @@ def by_rule(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
 
 #: ISO-8601 timestamps the document promises to take: 2001-2099, days 1-28 of a month (every one
 #: exists), optional milliseconds or microseconds, an optional offset of at most 13 h -- always
-#: inside the contract's [2000, 2100) whatever the offset. The code takes more (any valid ISO date in
-#: range, Unix seconds as a string); the document states the part a client can rely on.
+#: inside the contract's range whatever the offset. The code takes more (any valid ISO date in
+#: range, Unix times as strings); the document states the part a client can rely on.
 ISO_TIMESTAMP = (
     r"^20(0[1-9]|[1-9][0-9])-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
     r"(\.[0-9]{3}|\.[0-9]{6})?(Z|[+-](0[0-9]|1[0-3]):[0-5][0-9])?$"
@@ -357,11 +357,15 @@ ISO_TIMESTAMP = (
 
 
 def event_timestamp_schema() -> dict[str, Any]:
-    """``Event.timestamp``, from the events contract's bounds (:mod:`recsvc.core.contract`)."""
+    """``Event.timestamp``, from the events contract's ranges (:mod:`recsvc.core.contract`): Unix
+    seconds, or milliseconds / microseconds in their own ranges, or an ISO-8601 string."""
+    ranges = [(float(MIN_TIMESTAMP), float(MAX_TIMESTAMP))] + [(low, high) for low, high, _ in EPOCH_UNITS]
+    numbers = [{"minimum": int(low), "maximum": int(high)} for low, high in ranges]
     return {
-        "description": "Unix seconds, or ISO-8601 (naive = UTC); between 2000-01-01 and 2100-01-01.",
-        "oneOf": [
-            {"type": "number", "minimum": MIN_TIMESTAMP, "maximum": MAX_TIMESTAMP, "exclusiveMaximum": True},
+        "description": "Unix time in seconds, milliseconds or microseconds (after 1970, before 2100), "
+        "or ISO-8601 (naive = UTC).",
+        "anyOf": [
+            *({"type": "number", **bounds, "exclusiveMaximum": True} for bounds in numbers),
             {"type": "string", "pattern": ISO_TIMESTAMP},
         ],
     }

@@ -40,7 +40,7 @@ def openapi_document(config: Config | None = None) -> dict[str, Any]:
     schemas["Event"]["properties"]["timestamp"] = event_timestamp_schema()
     for name in ("start", "end"):  # an experiment's: the same times, or empty / null for "none"
         times = schemas["ExperimentDefinition"]["properties"][name]
-        times["oneOf"] = [*event_timestamp_schema()["oneOf"], {"type": "string", "maxLength": 0}]
+        times["anyOf"] = [*event_timestamp_schema()["anyOf"], {"type": "string", "maxLength": 0}]
     for path, item in doc["paths"].items():
         for method, op in item.items():
             op["parameters"] = parameters(method, path)
