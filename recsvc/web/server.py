@@ -302,5 +302,5 @@ class BufferedThreadWorker(ThreadWorker):
                     "Request Timeout",
                     f"the request did not arrive within {self.body_timeout_s:g} s",
                 )
-            elif not conn.recsvc_buf and waited > max(self.cfg.keepalive, 1):
+            elif not conn.recsvc_buf and (waited > max(self.cfg.keepalive, 1) or not self.alive):
                 self._drop(conn)  # an idle connection: closed like any idle keep-alive one

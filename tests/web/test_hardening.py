@@ -138,3 +138,13 @@ def test_redis_gone_mid_write_answers_503_without_claiming_nothing_was_stored(
     r = client.post("/v1/events", json=EVENT, headers=AUTH)
     assert r.status_code == 503 and r.get_json()["error"] == "outcome_unknown" and r.get_json()["batch_id"]
     assert ratelimit.peek(redis_client, API_KEY, 600).count == 0
+
+
+def test_behind_a_proxy_the_throttle_counts_the_forwarded_client(http):
+    client = http(auth_failures_per_min=2, proxy_hops=1)
+    wrong = {"Authorization": "Bearer wrong-key-xxxxxxxxxxxx"}
+    for _ in range(3):
+        client.post("/v1/events", json=EVENT, headers={**wrong, "X-Forwarded-For": "203.0.113.7"})
+    blocked = client.post("/v1/events", json=EVENT, headers={**AUTH, "X-Forwarded-For": "203.0.113.7"})
+    other = client.post("/v1/events", json=EVENT, headers={**AUTH, "X-Forwarded-For": "203.0.113.8"})
+    assert blocked.status_code == 429 and other.status_code == 202
