@@ -4,9 +4,10 @@ request target is bounded: 414 beyond :data:`MAX_URL_BYTES`).
 * **Size**: a body over ``serving.max_body_bytes`` is refused with 413, whether it announces its
   length (``Content-Length``) or not (``Transfer-Encoding: chunked``: read up to one byte past the
   cap, never silently cut at the cap).
-* **Time**: the whole body must arrive within ``serving.body_timeout_s``, else 408 and the
-  connection is closed. Under the gevent worker the deadline covers the whole read; elsewhere it
-  bounds each wait for data.
+* **Time**: the whole body must arrive within ``serving.body_timeout_s``, else 408. Under the
+  default buffered worker the request is already whole when the app runs (the worker's poll loop
+  applies the same deadline, :mod:`recsvc.web.server`); under gevent the deadline covers the whole
+  read; elsewhere (plain gthread, Flask's server) it bounds each wait for data.
 
 The body then sits in memory (at most the cap) and the view reads it as usual.
 """

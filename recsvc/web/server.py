@@ -140,7 +140,8 @@ class ThreadWorker(JsonErrors, _ThreadWorker):
     """gunicorn's gthread worker with JSON errors (see :class:`JsonErrors`)."""
 
 
-#: Request heads (request line + headers) above this are answered 431 without a thread.
+#: Request heads above this are answered without a thread: 414 when the request line alone is
+#: that long (the app answers 414 from 64 KiB on), else 431.
 MAX_HEAD_BYTES = 64 * 1024 + 16 * 1024
 
 
@@ -250,9 +251,12 @@ class BufferedThreadWorker(ThreadWorker):
             except OSError:
                 pass
         if len(conn.recsvc_buf) > MAX_HEAD_BYTES and conn.recsvc_buf.find(b"\r\n\r\n") < 0:
-            self._answer_and_drop(
-                conn, 431, "Request Header Fields Too Large", "the request headers are too large"
-            )
+            if conn.recsvc_buf.find(b"\r\n") < 0:  # the request line alone is that long
+                self._answer_and_drop(conn, 414, "URI Too Long", "the request line is too long")
+            else:
+                self._answer_and_drop(
+                    conn, 431, "Request Header Fields Too Large", "the request headers are too large"
+                )
 
     def _dispatch_if_complete(self, conn: Any) -> bool:
         buf = conn.recsvc_buf

@@ -388,3 +388,31 @@ def test_timestamp_zero_follows_the_served_spec(target, spec):
     allowed = any(s.get("minimum", 0) <= 0 and s.get("exclusiveMinimum", -1) < 0 for s in numbers)
     r = target.http().post_json("/v1/events", _event(timestamp=0), harness.bearer(KEYS[0]))
     assert (r.status == 202) == allowed, (allowed, r.status, r.body[:200])
+
+
+def test_a_request_that_never_completes_gets_408_without_holding_the_worker(tmp_path):
+    """The buffered worker's own deadline: a head or body still incomplete after
+    RECSVC_BODY_TIMEOUT_S is answered 408 (JSON) by the poll loop; meanwhile the one worker, with
+    one thread, keeps answering others."""
+    redis = harness.RedisProc(tmp_path / "redis").start()
+    env = harness.base_env(redis.url, tmp_path, RECSVC_BODY_TIMEOUT_S="1.5")
+    service = harness.Service(env, tmp_path, workers=1, name="deadline").start(ready="live")
+    try:
+        host, port = service.base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(b"POST /v1/bundles HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            t0 = time.monotonic()
+            fast = [harness.http_once(service.base, "GET", "/health/live", timeout_s=1)[0] for _ in range(5)]
+            data = b""
+            while b"\r\n\r\n" not in data:
+                got = s.recv(4096)
+                if not got:
+                    break
+                data += got
+            waited = time.monotonic() - t0
+        assert fast == [200] * 5
+        assert data.startswith(b"HTTP/1.1 408"), data[:80]
+        assert b"application/json" in data and 1.0 <= waited <= 5.0, (waited, data[:200])
+    finally:
+        service.stop()
+        redis.stop()
