@@ -259,8 +259,10 @@ class Service:
         port: int | None = None,
         access_log: bool = False,
         name: str = "serve",
+        worker_class: str | None = None,
     ):
         self.env, self.cwd, self.workers, self.threads = env, Path(cwd), workers, threads
+        self.worker_class = worker_class  # None: recsvc serve's default
         self.port = port or free_port()
         self.access_log = access_log
         self.log = self.cwd / f"{name}-{self.port}.log"
@@ -282,6 +284,8 @@ class Service:
         ]  # fmt: skip
         if self.access_log:
             args.append("--access-log")
+        if self.worker_class:
+            args += ["--worker-class", self.worker_class]
         self.proc = recsvc_popen(args, self.env, self.cwd, self.log)
         self.wait_ready(deadline_s, ready)
         return self
@@ -355,9 +359,11 @@ class Reply:
 class Http:
     """Keep-alive HTTP/1.1 client for one thread; reconnects after any error."""
 
-    def __init__(self, base: str, timeout_s: float = 5.0):
+    def __init__(self, base: str, timeout_s: float = 5.0, source: str | None = None):
         host, port = base.removeprefix("http://").split(":")
         self.host, self.port, self.timeout_s = host, int(port), timeout_s
+        # Another loopback address (127.0.0.2 ...) looks like another client to the server.
+        self.source = (source, 0) if source else None
         self.conn: http.client.HTTPConnection | None = None
 
     def request(
@@ -366,7 +372,9 @@ class Http:
         t0 = time.monotonic()
         try:
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+                self.conn = http.client.HTTPConnection(
+                    self.host, self.port, timeout=self.timeout_s, source_address=self.source
+                )
             self.conn.request(method, path, body=body, headers=headers or {})
             resp = self.conn.getresponse()
             data = resp.read()

@@ -268,7 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--connections", type=int, default=16, help="wrk connections at max load (default 16)"
     )
+    parser.add_argument(
+        "--compare",
+        metavar="CLASS:THREADS",
+        help="also load a second recsvc with this worker class (e.g. gthread:8), alternating with the "
+        "default one in the same rounds (paired)",
+    )
     parser.add_argument("--seconds", type=int, default=None, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2 quick, 5)")
     parser.add_argument(
         "--floor",
         action="store_true",
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     factors = 64
     # Short alternating rounds: on a shared VM throughput drifts by tens of percent from one second
     # to the next, so the ratio is taken per round (neighbouring runs) and the median reported.
-    rounds = 2 if quick else 5
+    rounds = args.rounds or (2 if quick else 5)
 
     workdir = Path(tempfile.mkdtemp(prefix="recsvc-bench-serve-"))
     server = RedisServer(workdir / "redis").start()
@@ -372,6 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         procs.append(subprocess.Popen(gunicorn, env=env, stdout=log, stderr=log, cwd=workdir))
         procs.append(subprocess.Popen(recsvc_cmd, env=env, stdout=log, stderr=log, cwd=workdir))
         bare_base, rec_base = f"http://127.0.0.1:{bare_port}", f"http://127.0.0.1:{rec_port}"
+        other_base = ""
+        if args.compare:
+            other_class, _, other_threads = args.compare.partition(":")
+            other_port = free_port()
+            other_cmd = recsvc_cmd[:-1] + [other_threads or "1", "--worker-class", other_class]
+            other_cmd[other_cmd.index("--port") + 1] = str(other_port)
+            procs.append(subprocess.Popen(other_cmd, env=env, stdout=log, stderr=log, cwd=workdir))
+            other_base = f"http://127.0.0.1:{other_port}"
+            wait_http(f"{other_base}/health/ready", timeout=120.0)
         floor_base = ""
         if args.floor:
             floor_port = free_port()
@@ -394,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
         run_wrk(rec_base, rec_paths, 2, args.connections, 0, workdir)
 
         targets = {"bare": (bare_base, bare_paths), "recsvc": (rec_base, rec_paths)}
+        if other_base:
+            targets["other"] = (other_base, rec_paths)
+            run_wrk(other_base, rec_paths, 2, args.connections, 0, workdir)
         if floor_base:
             for part in ("fetch", "minimal"):
                 targets[part] = (floor_base, [f"/{part}/{u}" for u in sample_users])
@@ -409,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
         pace_ms = 1000.0 * pace_conns / half_rate
         # A p99 needs more samples than a throughput figure: the paced run is longer.
         paced = run_wrk(rec_base, rec_paths, 5 if quick else 12, pace_conns, pace_ms, workdir)
+        paced_other = (
+            run_wrk(other_base, rec_paths, 5 if quick else 12, pace_conns, pace_ms, workdir)
+            if other_base
+            else None
+        )
 
         def median_ratio(name: str) -> float:
             pairs = zip(results[name], results["bare"], strict=True)
@@ -416,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ratio = median_ratio("recsvc")
         print(
-            f"workers={args.workers} threads={args.threads} connections={args.connections} "
+            f"workers={args.workers} threads={args.threads} (recsvc: its default worker class) "
+            f"connections={args.connections} "
             f"seconds/run={seconds} rounds={rounds} (best round shown; ratios: median of per-round ratios)"
         )
         print(f"{'server':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
@@ -425,6 +450,21 @@ def main(argv: list[str] | None = None) -> int:
             ("recsvc /v1/users/<id>/recommendations?n=20", best["recsvc"]),
             (f"recsvc paced at half max (~{half_rate:,.0f} req/s)", paced),
         ):
+            print(f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")
+        if other_base:
+            r = best["other"]
+            label = f"recsvc --worker-class {args.compare}"
+            print(
+                f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}"
+                f"   {median_ratio('other'):.2f} x bare; default / it, per round: "
+                + ", ".join(
+                    f"{a['rps'] / o['rps']:.2f}"
+                    for a, o in zip(results["recsvc"], results["other"], strict=True)
+                )
+            )
+            assert paced_other is not None
+            label = "  ... paced at half of recsvc max"
+            r = paced_other
             print(f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")
         if floor_base:
             for name, label in (

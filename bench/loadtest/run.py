@@ -167,8 +167,8 @@ def table(steps: list[dict], p99_ms: float) -> str:
 class OwnService:
     """Redis + sample shop + published model + ``recsvc serve`` of our own (loopback)."""
 
-    def __init__(self, workdir: Path, workers: int):
-        self.workdir, self.workers = workdir, workers
+    def __init__(self, workdir: Path, workers: int, worker_class: str | None = None):
+        self.workdir, self.workers, self.worker_class = workdir, workers, worker_class
         self.redis = self.service = None
 
     def __enter__(self) -> tuple[str, Path]:
@@ -182,7 +182,9 @@ class OwnService:
             )
             shop = harness.make_shop(self.workdir, env, users=2000, items=500)
             harness.recsvc(["publish", shop.version_a], env, self.workdir)
-            self.service = harness.Service(env, self.workdir, workers=self.workers, name="loadtest")
+            self.service = harness.Service(
+                env, self.workdir, workers=self.workers, name="loadtest", worker_class=self.worker_class
+            )
             self.service.start(ready="ready")
         except BaseException:
             self.__exit__()
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--step-s", type=float, default=20.0, help="seconds per step")
     ap.add_argument("--p99-ms", type=float, default=50.0)
     ap.add_argument("--workers", type=int, default=4, help="gunicorn workers of the service it starts")
+    ap.add_argument("--worker-class", choices=("buffered", "gevent", "gthread"), help="default: serve's")
     ap.add_argument("--out", default="bench/results/loadtest")
     args = ap.parse_args(argv)
     if args.host and not args.data:
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.host:
             ctx = _Given(args.host, Path(args.data))
         else:
-            ctx = OwnService(tmp, args.workers)
+            ctx = OwnService(tmp, args.workers, args.worker_class)
         with ctx as (host, data):
             misses = 0
             for rate in rates:

@@ -60,11 +60,15 @@ VARIANT_FIELDS = ("name", "share", "strategy", "model_version", "buckets")
 
 
 class ExperimentError(ValueError):
-    """A definition breaks a rule. ``field`` is a path such as ``variants[1].share``."""
+    """A definition breaks a rule. ``field`` is a path such as ``variants[1].share``.
 
-    def __init__(self, field: str, message: str):
+    ``inconsistent`` marks rules between fields (duplicate names, shares over 100 %, a control that
+    names no variant, overlapping buckets, end before start): each field alone is valid.
+    """
+
+    def __init__(self, field: str, message: str, inconsistent: bool = False):
         super().__init__(f"{field}: {message}" if field else message)
-        self.field, self.message = field, message
+        self.field, self.message, self.inconsistent = field, message, inconsistent
 
 
 class ExperimentFileError(ValueError):
@@ -328,11 +332,11 @@ def _parse_bucket_ranges(value: Any, field_name: str) -> tuple[tuple[int, int], 
             not isinstance(item, list | tuple)
             or len(item) != 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in item)
-            or not 0 <= item[0] < item[1] <= BUCKETS
+            or not (0 <= item[0] <= BUCKETS and 0 <= item[1] <= BUCKETS)
         ):
-            raise ExperimentError(
-                f"{field_name}[{i}]", f"must be [start, end] with 0 <= start < end <= {BUCKETS}"
-            )
+            raise ExperimentError(f"{field_name}[{i}]", f"must be [start, end] within 0..{BUCKETS}")
+        if item[0] >= item[1]:
+            raise ExperimentError(f"{field_name}[{i}]", "start must be below end", True)
         out.append((int(item[0]), int(item[1])))
     return tuple(sorted(out))
 
@@ -376,7 +380,7 @@ def parse_experiment(
     _reject_unknown(raw, DEFINITION_FIELDS, prefix)
     if name is not None:
         if raw.get("name") not in (None, name):
-            raise ExperimentError(f"{prefix}name", f"does not match the name in the path ({name!r})")
+            raise ExperimentError(f"{prefix}name", f"does not match the name in the path ({name!r})", True)
         raw = {**raw, "name": name}
     exp_name = _check_name(raw.get("name"), f"{prefix}name")
     description = raw.get("description") or ""
@@ -385,12 +389,12 @@ def parse_experiment(
             f"{prefix}description", f"must be a string of at most {MAX_DESCRIPTION} characters"
         )
     salt = raw.get("salt") or exp_name
-    if not isinstance(salt, str) or not 1 <= len(salt) <= MAX_SALT or not salt.isprintable():
-        raise ExperimentError(f"{prefix}salt", f"must be 1-{MAX_SALT} printable characters")
+    if not isinstance(salt, str) or not 1 <= len(salt) <= MAX_SALT:
+        raise ExperimentError(f"{prefix}salt", f"must be 1-{MAX_SALT} characters")
     start = _parse_time(raw.get("start"), f"{prefix}start")
     end = _parse_time(raw.get("end"), f"{prefix}end")
     if start is not None and end is not None and end <= start:
-        raise ExperimentError(f"{prefix}end", "must be after start")
+        raise ExperimentError(f"{prefix}end", "must be after start", True)
 
     raw_variants = raw.get("variants")
     if not isinstance(raw_variants, list | tuple) or not 2 <= len(raw_variants) <= MAX_VARIANTS:
@@ -404,10 +408,10 @@ def parse_experiment(
         _reject_unknown(rv, VARIANT_FIELDS, where)
         vname = _check_name(rv.get("name"), f"{where}name")
         if vname in seen:
-            raise ExperimentError(f"{where}name", f"duplicate variant name {vname!r}")
+            raise ExperimentError(f"{where}name", f"duplicate variant name {vname!r}", True)
         seen.add(vname)
         strategy = rv.get("strategy") or "personalized"
-        if strategy not in STRATEGIES:
+        if not isinstance(strategy, str) or strategy not in STRATEGIES:
             raise ExperimentError(f"{where}strategy", f"must be one of {', '.join(STRATEGIES)}")
         version = rv.get("model_version") or None
         if version is not None and not is_valid_version(version):
@@ -419,7 +423,9 @@ def parse_experiment(
             count = _share_to_buckets(rv["share"], f"{where}share")
             if ranges is not None and sum(e - s for s, e in ranges) != count:
                 raise ExperimentError(
-                    f"{where}buckets", f"cover {sum(e - s for s, e in ranges)} buckets, share says {count}"
+                    f"{where}buckets",
+                    f"cover {sum(e - s for s, e in ranges)} buckets, share says {count}",
+                    True,
                 )
         elif ranges is not None:
             count = sum(e - s for s, e in ranges)
@@ -429,23 +435,27 @@ def parse_experiment(
 
     total = sum(p["count"] for p in parsed)
     if total > BUCKETS:
-        raise ExperimentError(f"{prefix}variants", f"shares add up to {total / 100:g} %, more than 100 %")
+        raise ExperimentError(
+            f"{prefix}variants", f"shares add up to {total / 100:g} %, more than 100 %", True
+        )
     if total == 0:
-        raise ExperimentError(f"{prefix}variants", "at least one variant needs a share above 0")
+        raise ExperimentError(f"{prefix}variants", "at least one variant needs a share above 0", True)
     control = raw.get("control") or parsed[0]["name"]
+    if not isinstance(control, str):
+        raise ExperimentError(f"{prefix}control", "must be a variant name")
     if control not in seen:
-        raise ExperimentError(f"{prefix}control", f"names no variant ({control!r})")
+        raise ExperimentError(f"{prefix}control", f"names no variant ({control!r})", True)
 
     explicit = [p["ranges"] is not None for p in parsed]
     if any(explicit) and not all(explicit):
-        raise ExperimentError(f"{prefix}variants", "give buckets for every variant or for none")
+        raise ExperimentError(f"{prefix}variants", "give buckets for every variant or for none", True)
     if all(explicit):
         owner = np.zeros(BUCKETS, dtype=np.int16)
         for i, p in enumerate(parsed):
             for s, e in p["ranges"]:
                 if owner[s:e].any():
                     raise ExperimentError(
-                        f"{prefix}variants[{i}].buckets", "overlap another variant's buckets"
+                        f"{prefix}variants[{i}].buckets", "overlap another variant's buckets", True
                     )
                 owner[s:e] = 1
         layout = {p["name"]: p["ranges"] for p in parsed}

@@ -23,6 +23,8 @@ from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
 from recsvc.web.app import create_app
+from recsvc.web.auth import configured_keys_problem
+from recsvc.web.server import WORKER_CLASSES
 
 EXIT_FAILED = 1
 EXIT_REDIS = 3
@@ -31,6 +33,9 @@ EXIT_REDIS = 3
 # (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded workers per core.
 DEFAULT_WORKERS = max(2, 2 * (os.cpu_count() or 1))
 DEFAULT_THREADS = 1
+# buffered: gthread whose threads only see whole requests -- a slow or idle client costs a buffer, not
+# a thread -- at gthread's cost per request (docs/operations.md, slow clients, for the designs measured).
+DEFAULT_WORKER_CLASS = "buffered"
 
 
 class _Failed(click.ClickException):
@@ -218,11 +223,19 @@ class _GunicornApp:
     help="gunicorn worker processes (default: 2 per CPU core).",
 )
 @click.option(
+    "--worker-class",
+    default=DEFAULT_WORKER_CLASS,
+    show_default=True,
+    type=click.Choice(sorted(WORKER_CLASSES)),
+    help="buffered: gthread whose threads only see whole requests (slow clients cannot starve it); "
+    "gevent: one greenlet per connection; gthread: plain, a slow client holds a thread.",
+)
+@click.option(
     "--threads",
     default=DEFAULT_THREADS,
     show_default=True,
     type=click.IntRange(1, 64),
-    help="Threads per worker (gthread).",
+    help="Threads per worker (gthread only).",
 )
 @click.option(
     "--timeout", default=120, show_default=True, type=click.IntRange(5, 3600), help="Worker timeout, s."
@@ -238,13 +251,14 @@ def serve(
     host: str,
     port: int,
     workers: int,
+    worker_class: str,
     threads: int,
     timeout: int,
     access_log: bool,
     dev: bool,
     examples: bool,
 ) -> None:
-    """Serve the HTTP API: gunicorn (gthread workers) in production, --dev for Flask's server.
+    """Serve the HTTP API: gunicorn in production (request-buffering threaded workers), --dev for Flask's.
 
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
     every worker through the environment.
@@ -255,6 +269,9 @@ def serve(
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     config = _config()
+    problem = configured_keys_problem(config.api_keys)
+    if problem:
+        raise click.UsageError(problem)
     try:
         url = ensure_redis(config)
     except (RuntimeError, OSError) as e:
@@ -273,7 +290,8 @@ def serve(
                 "nothing is published yet: run `recsvc publish latest` (answers are fallbacks until then)"
             )
     client.close()
-    click.echo(f"recsvc serving on {base} ({'flask dev server' if dev else f'gunicorn, {workers} workers'})")
+    how = "flask dev server" if dev else f"gunicorn, {workers} {worker_class} workers"
+    click.echo(f"recsvc serving on {base} ({how})")
     sys.stdout.flush()
     if dev:
         create_app().run(host=host, port=port, threaded=True, use_reloader=False)
@@ -281,12 +299,16 @@ def serve(
     options = {
         "bind": f"{host}:{port}",
         "workers": workers,
-        "worker_class": "gthread",
+        "worker_class": WORKER_CLASSES[worker_class],
         "threads": threads,
         "timeout": timeout,
         "graceful_timeout": 30,
         "keepalive": 5,
         "accesslog": "-" if access_log else None,
+        "logger_class": "recsvc.web.server.RedactingLogger",  # no key reaches the access log
+        # The longest valid URL (200 excluded ids of 128 characters) is ~26 KB, past gunicorn's 8 KB
+        # line limit: 0 lets gunicorn read up to its own 1 MB bound; the app answers 414 beyond 64 KiB.
+        "limit_request_line": 0,
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "recsvc",

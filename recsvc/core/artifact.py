@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from recsvc.core import tempfiles
 from recsvc.core.ids import VERSION_PATTERN, IdMap, is_valid_id, is_valid_version
 
 FORMAT = "recsvc-artifact"
@@ -250,9 +251,11 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
         n += 1
         version = f"{base}.{n}"
 
+    sweep_leftovers(models_dir)
     tmp = models_dir / f"{_TMP_PREFIX}{version}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    lock = tempfiles.hold(tmp)  # a later run removes the folder at once if this process dies
     try:
         _write_json(tmp / "item_ids.json", list(artifact.item_ids))
         _write_json(tmp / "user_ids.json", list(artifact.user_ids))
@@ -308,6 +311,9 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        tempfiles.release(lock)
+    sweep_leftovers(models_dir)  # also those of writers that died while this one ran
     artifact.manifest = manifest
     artifact.path = models_dir / version
     return models_dir / version
@@ -425,6 +431,19 @@ def resolve(models_dir: str | os.PathLike, ref: str | os.PathLike) -> Path:
     return path
 
 
+def resolve_name(models_dir: str | os.PathLike, name: str) -> Path:
+    """``latest`` or a version *name* inside ``models_dir`` -- never a path, never another folder.
+
+    For callers that must not let a request make the process read other files (the admin API).
+    """
+    if name != "latest" and not is_valid_version(name):
+        raise ArtifactError(f"{name!r} is not a version name")
+    path = resolve(models_dir, name) if name == "latest" else Path(models_dir) / name
+    if not (path / MANIFEST).exists():
+        raise ArtifactError(f"{path}: not a model version folder (no {MANIFEST})")
+    return path
+
+
 def prune(
     models_dir: str | os.PathLike, keep: int, protect: set[str] | frozenset[str] = frozenset()
 ) -> list[str]:
@@ -433,14 +452,13 @@ def prune(
     doomed = [p for p in versions[: max(0, len(versions) - keep)] if p.name not in protect]
     for p in doomed:
         shutil.rmtree(p)
-    # Leftovers of crashed writers are never readable versions; clear those old enough that no
-    # writer can still be busy with them.
-    import time
-
-    for p in Path(models_dir).glob(f"{_TMP_PREFIX}*"):
-        if time.time() - p.stat().st_mtime > 3600:
-            shutil.rmtree(p, ignore_errors=True)
+    sweep_leftovers(models_dir)
     return [p.name for p in doomed]
+
+
+def sweep_leftovers(models_dir: str | os.PathLike) -> list[Path]:
+    """Remove temporary version folders of writers that died (never readable versions)."""
+    return tempfiles.sweep(Path(models_dir).glob(f"{_TMP_PREFIX}*"))
 
 
 # ------------------------------------------------------------------------------------------------

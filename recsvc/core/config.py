@@ -54,6 +54,14 @@ class ServingSettings:
     repurchase_categories: tuple[str, ...] = _env("RECSVC_REPURCHASE_CATEGORIES", ())
     # How long item answers trust the model in memory before reading the live pointer again.
     model_check_interval_s: float = _env("RECSVC_MODEL_CHECK_INTERVAL_S", 1.0)
+    # A request body must arrive whole within this time (408 beyond): slow senders are bounded.
+    body_timeout_s: float = _env("RECSVC_BODY_TIMEOUT_S", 10.0)
+    # Wrong API keys from one client address per minute; beyond, every keyed request from that
+    # address answers 429 until the minute ends (online key guessing is throttled).
+    auth_failures_per_min: int = _env("RECSVC_AUTH_FAILURES_PER_MIN", 20)
+    # Proxies in front that append to X-Forwarded-For (nginx: 1); 0 trusts no such header. The
+    # client address (for the wrong-key throttle) is taken that many hops back.
+    proxy_hops: int = _env("RECSVC_PROXY_HOPS", 0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,9 @@ class EventSettings:
     rate_limit_per_min: int = _env("RECSVC_EVENTS_RATE_LIMIT_PER_MIN", 600)  # per API key; 429 beyond
     # A visitor's recent list expires this long after their newest event.
     history_ttl_s: int = _env("RECSVC_HISTORY_TTL_S", 30 * 86_400)
+    # How long a stored batch's id is remembered: a retry of the same batch (the client's
+    # Idempotency-Key, or the service's own retry after a Redis timeout) within it is not stored again.
+    dedup_ttl_s: int = _env("RECSVC_EVENTS_DEDUP_TTL_S", 86_400)
 
 
 @dataclass(frozen=True)

@@ -137,19 +137,21 @@ def validate_event(raw: Any) -> dict[str, Any]:
                 name, f"invalid_{name}", f"{name} must be 1-{MAX_ID_LENGTH} characters of [A-Za-z0-9._:-]"
             )
         out[name] = raw[name]
-    if raw["event"] not in EVENT_CODE:
+    # A list or object is unhashable: check the type before the membership test.
+    if not isinstance(raw["event"], str) or raw["event"] not in EVENT_CODE:
         raise ContractError("event", "unknown_event", REASONS["unknown_event"])
     out["event"] = raw["event"]
     try:
         out["timestamp"] = parse_timestamp(raw["timestamp"])
     except (ValueError, TypeError, OverflowError):
         raise ContractError("timestamp", "invalid_timestamp", REASONS["invalid_timestamp"]) from None
+    # An optional field that is present must be valid: "" or null is not "absent".
     for name in ("order_id", "rec_id"):
-        if raw.get(name) not in (None, ""):
+        if name in raw:
             if not is_valid_id(raw[name]):
                 raise ContractError(name, f"invalid_{name}", REASONS[f"invalid_{name}"])
             out[name] = raw[name]
-    if raw.get("quantity") is not None:
+    if "quantity" in raw:
         try:
             quantity = _number(raw["quantity"])
         except (TypeError, ValueError):
@@ -157,7 +159,7 @@ def validate_event(raw: Any) -> dict[str, Any]:
         if not (math.isfinite(quantity) and 0 <= quantity <= MAX_QUANTITY):
             raise ContractError("quantity", "invalid_quantity", REASONS["invalid_quantity"])
         out["quantity"] = quantity
-    if raw.get("price") is not None:
+    if "price" in raw:
         try:
             price = _number(raw["price"])
         except (TypeError, ValueError):

@@ -53,6 +53,17 @@ class Unavailable(RecsvcError):
     exit_code = ExitCode.UNAVAILABLE
 
 
+class OutcomeUnknown(Unavailable):
+    """A write's reply was lost and could not be learned in time: it may or may not have happened.
+
+    ``batch_id`` names the write; repeating it under that id applies it exactly once.
+    """
+
+    def __init__(self, message: str, *, batch_id: str):
+        super().__init__(message)
+        self.batch_id = batch_id
+
+
 class Conflict(RecsvcError):
     """The request cannot be applied in the current state (nothing to roll back to, ...)."""
 

@@ -19,6 +19,8 @@ class RedisHealth:
         self.recheck_s = recheck_s
         self._down_until = 0.0
         self.last_error: str | None = None
+        #: The error's type only: safe to show to anyone (no host, port or path).
+        self.last_error_kind: str | None = None
         self.last_failure_at: float | None = None
 
     def is_down(self) -> bool:
@@ -27,6 +29,7 @@ class RedisHealth:
     def mark_down(self, error: BaseException) -> None:
         self._down_until = time.monotonic() + self.recheck_s
         self.last_error = f"{type(error).__name__}: {error}"
+        self.last_error_kind = type(error).__name__
         self.last_failure_at = time.time()
         log.warning("redis unavailable, serving fallback for %.1fs: %s", self.recheck_s, self.last_error)
 

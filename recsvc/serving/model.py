@@ -333,6 +333,9 @@ class ModelCache:
         self.check_interval_s = check_interval_s
         self.keep = max(1, keep)
         self.model: ServingModel | None = None
+        # The version this process last saw live in Redis. It stays the right answer while Redis
+        # is down *or emptied*: the newest local artifact may be a rolled-back or refused model.
+        self.last_live: ServingModel | None = None
         self.checked_at = 0.0
         self._by_version: OrderedDict[str, ServingModel] = OrderedDict()
         self._lock = threading.Lock()
@@ -366,7 +369,7 @@ class ModelCache:
     def switch(self, client: redis.Redis, version: str) -> ServingModel:
         """Make ``version`` the process's live model (loading it unless already loaded)."""
         model = self.model_for(client, version)
-        self.model = model
+        self.model = self.last_live = model
         self.checked_at = time.monotonic()
         return model
 

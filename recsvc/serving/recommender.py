@@ -201,8 +201,8 @@ class Recommender:
     # -- the model ---------------------------------------------------------------------------------
 
     def fallback(self, reason: Reason) -> ModelChoice:
-        """The in-process copy of the live version, else the newest local artifact, else nothing."""
-        model = self.models.current() if reason == Reason.REDIS_UNAVAILABLE else None
+        """The in-process copy of the last live version, else the newest local artifact, else nothing."""
+        model = self.models.last_live
         if model is None:
             model = self.models.local_fallback()
         return ModelChoice(model, reason)

@@ -23,8 +23,10 @@ def connect(url: str, config: Config | None = None, **kwargs) -> redis.Redis:
     options = dict(
         socket_timeout=config.redis.socket_timeout_s,
         socket_connect_timeout=config.redis.connect_timeout_s,
-        retry=Retry(ConstantBackoff(0.01), config.redis.retries),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        # Retry a broken connection (a pooled socket that a Redis restart closed), never a timeout:
+        # a slow Redis would cost the request the timeout twice (the fallback is the answer then),
+        # and a timed-out write may still run when Redis wakes -- repeating it runs it twice.
+        retry=Retry(ConstantBackoff(0.01), config.redis.retries, supported_errors=(redis.ConnectionError,)),
         health_check_interval=30,
     )
     options.update(kwargs)

@@ -22,7 +22,7 @@ from typing import Any, cast
 import redis
 
 from recsvc.core.artifact import sha256_file
-from recsvc.storage import codec, keys
+from recsvc.storage import codec, holders, keys
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,13 @@ def dump_events(
         raise DumpError(f"format must be csv or parquet, got {fmt!r}")
 
     lock = client.lock(keys.EVENTS_DUMP_LOCK, timeout=lock_timeout_s, blocking=False, thread_local=False)
-    if not lock.acquire():
-        raise DumpLocked(f"another dump holds {keys.EVENTS_DUMP_LOCK} (expires within {lock_timeout_s:.0f}s)")
+    token = holders.holder_token()
+    if not lock.acquire(token=token):
+        # A dump killed on this host frees its lock now rather than when it expires.
+        if holders.take_over_if_dead(client, keys.EVENTS_DUMP_LOCK) is None or not lock.acquire(token=token):
+            raise DumpLocked(
+                f"another dump holds {keys.EVENTS_DUMP_LOCK} (expires within {lock_timeout_s:.0f}s)"
+            )
     try:
         recovered = _recover(client, stream)
         _ensure_group(client, stream)

@@ -15,6 +15,7 @@ Nothing else spells a ``recsvc:*`` key: code asks this module for the name. Layo
     recsvc:v:<V>:interactions:<b>    hash    user_id -> packed training row (fold-in)
     recsvc:events                    stream  accepted events until a dump writes them to a file
     recsvc:recent:<user_id>          list    a user's newest events (fold-in)
+    recsvc:events:batch:<fp>:<id>    string  a stored event batch (first id, last id, count): at most once
     recsvc:ratelimit:<scope>:<fp>:<minute>   counter per API key fingerprint and minute
     recsvc:lock:events-dump, recsvc:events:dump:commit:<stream>   the dump's lock and commit record
     recsvc:lock:retrain              string  the nightly retrain's lock
@@ -107,6 +108,14 @@ def bucket(version_name: str, part: str, bucket_number: int) -> str:
 def recent(user_id: str) -> str:
     """A user's recent-history list; the id is checked against the id contract first."""
     return RECENT_PREFIX + check_id(user_id, "user_id")
+
+
+EVENT_BATCH_PREFIX = "recsvc:events:batch:"
+
+
+def event_batch(fingerprint: str, batch_id: str) -> str:
+    """The at-most-once record of an event batch, per API key fingerprint (ids checked first)."""
+    return f"{EVENT_BATCH_PREFIX}{check_id(fingerprint, 'fingerprint')}:{check_id(batch_id, 'batch_id')}"
 
 
 def rate_limit(scope: str, fingerprint: str, window: int) -> str:

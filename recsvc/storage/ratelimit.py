@@ -42,3 +42,26 @@ def rate_limit(
     count = int(pipe.execute()[0])
     retry_after = max(1, int((window + 1) * 60 - now + 0.999))
     return RateDecision(count <= limit_per_min, count, limit_per_min, retry_after)
+
+
+def peek(
+    client: redis.Redis, api_key: str, limit_per_min: int, now: float | None = None, scope: str = "events"
+) -> RateDecision:
+    """The current window of :func:`rate_limit` without counting: allowed while under the limit."""
+    now = time.time() if now is None else now
+    window = int(now // 60)
+    raw = client.get(keys.rate_limit(scope, key_fingerprint(api_key), window))
+    count = int(raw) if raw is not None else 0
+    retry_after = max(1, int((window + 1) * 60 - now + 0.999))
+    return RateDecision(count < limit_per_min, count, limit_per_min, retry_after)
+
+
+def refund(client: redis.Redis, api_key: str, now: float | None = None, scope: str = "events") -> None:
+    """Take back one request of the current window (a request the service failed, 5xx)."""
+    now = time.time() if now is None else now
+    key = keys.rate_limit(scope, key_fingerprint(api_key), int(now // 60))
+    client.eval(_REFUND, 1, key)
+
+
+# Never below zero, and never creating a key that expired.
+_REFUND = "local n = redis.call('GET', KEYS[1]) if n and tonumber(n) > 0 then redis.call('DECR', KEYS[1]) end"

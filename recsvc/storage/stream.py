@@ -10,13 +10,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import redis
-from redis.typing import EncodableT, FieldT
 
 from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, ContractError, validate_event
 from recsvc.core.errors import Unavailable
@@ -56,6 +56,169 @@ def _recent_entry(event: Mapping[str, Any]) -> str:
     return _RECENT_SEPARATOR.join(parts)
 
 
+#: Marks a batch key whose attempt was given up ("aborted:<attempt token>"): that attempt, if it
+#: reaches Redis later, stores nothing.
+_ABORTED = "aborted:"
+
+# KEYS: batch key, stream, then one recent-list key per user. ARGV: attempt token, dedup ttl ms
+# (0: no dedup), stream maxlen (0: none), history length, history ttl s, event count, then per event
+# its field count and field/value pairs, then per user its entry count and entries.
+# Returns {1, ids...} when stored now, {0, "first last count"} when the batch was stored before,
+# {-1} when this attempt was given up, {-2} when the stream is full. Atomic: a retried or delayed
+# copy of the same batch finds the batch key and stores nothing.
+_STORE_BATCH = """
+local ttl = tonumber(ARGV[2])
+if ttl > 0 then
+  local seen = redis.call('GET', KEYS[1])
+  if seen then
+    if string.sub(seen, 1, 8) == 'aborted:' then
+      if string.sub(seen, 9) == ARGV[1] then return {-1} end
+    else
+      return {0, seen}
+    end
+  end
+end
+local maxlen = tonumber(ARGV[3])
+if maxlen > 0 and redis.call('XLEN', KEYS[2]) >= maxlen then return {-2} end
+local pos = 7
+local ids = {1}
+for i = 1, tonumber(ARGV[6]) do
+  local nf = tonumber(ARGV[pos])
+  local fields = {}
+  for j = 1, 2 * nf do fields[j] = ARGV[pos + j] end
+  pos = pos + 1 + 2 * nf
+  ids[#ids + 1] = redis.call('XADD', KEYS[2], '*', unpack(fields))
+end
+for k = 3, #KEYS do
+  local ne = tonumber(ARGV[pos])
+  local entries = {}
+  for j = 1, ne do entries[j] = ARGV[pos + j] end
+  pos = pos + 1 + ne
+  redis.call('LPUSH', KEYS[k], unpack(entries))
+  redis.call('LTRIM', KEYS[k], 0, tonumber(ARGV[4]) - 1)
+  redis.call('EXPIRE', KEYS[k], tonumber(ARGV[5]))
+end
+if ttl > 0 then
+  redis.call('SET', KEYS[1], ids[2] .. ' ' .. ids[#ids] .. ' ' .. (#ids - 1), 'PX', ttl)
+end
+return ids
+"""
+
+# Settle an attempt whose reply was lost: either it was stored (its summary is returned), or it
+# is marked given up so that it never will be. KEYS: batch key. ARGV: attempt token, ttl ms.
+_SETTLE = """
+local seen = redis.call('GET', KEYS[1])
+if seen and string.sub(seen, 1, 8) ~= 'aborted:' then return seen end
+redis.call('SET', KEYS[1], 'aborted:' .. ARGV[1], 'PX', ARGV[2])
+return false
+"""
+
+
+@dataclass(frozen=True)
+class StoredBatch:
+    """What :func:`store_batch` did: the batch's stream ids (first, last, count) and whether it was
+    stored by an earlier attempt (a retry of the same batch)."""
+
+    first_id: str
+    last_id: str
+    count: int
+    duplicate: bool = False
+    ids: tuple[str, ...] = ()  # every id, when stored by this call
+
+
+class BatchGivenUp(Unavailable):
+    """This attempt was given up before Redis ran it: nothing of the batch was stored by it."""
+
+
+def store_batch(
+    client: redis.Redis,
+    events: Sequence[Mapping[str, Any]],
+    *,
+    batch_key: str,
+    attempt: str,
+    stream: str,
+    history_length: int,
+    history_ttl_s: int,
+    stream_maxlen: int | None = None,
+    dedup_ttl_s: int = 0,
+) -> StoredBatch:
+    """Store validated events durably, all or nothing, at most once per ``batch_key``.
+
+    One Lua script appends the events to ``stream`` (``XADD``), pushes them onto each user's
+    ``recsvc:recent:<user_id>`` (``LPUSH``, ``LTRIM`` to ``history_length``, ``EXPIRE``) and, with
+    ``dedup_ttl_s``, records the batch under ``batch_key`` for that long. A second run of the same
+    batch (the client's retry with the same idempotency key, or a copy of the command that Redis
+    runs late after a timeout) finds the record and stores nothing again.
+
+    Parameters
+    ----------
+    client : redis.Redis
+    events : sequence of dict
+        Events already normalised by :func:`recsvc.core.contract.validate_event`.
+    batch_key : str
+        :func:`recsvc.storage.keys.event_batch` of the batch's id.
+    attempt : str
+        A random token of this attempt (see :func:`settle_batch`).
+    stream, history_length, history_ttl_s
+        The stream key, entries kept per user list, and a list's lifetime after its newest event.
+    stream_maxlen : int, optional
+        Refuse (:class:`StreamFull`) when the stream already holds this many entries. The stream is
+        never trimmed by ingestion: an entry leaves it only once a dump wrote it to a file.
+    dedup_ttl_s : int
+        How long the batch is remembered (0: not at all).
+
+    Raises
+    ------
+    StreamFull
+        The stream is at ``stream_maxlen``.
+    BatchGivenUp
+        :func:`settle_batch` gave this attempt up before Redis ran it.
+    redis.RedisError
+        Redis refused or is unreachable; call :func:`settle_batch` to learn what happened.
+    """
+    by_user: dict[str, list[str]] = {}
+    args: list[Any] = [attempt, int(dedup_ttl_s * 1000), stream_maxlen or 0, history_length, history_ttl_s]
+    args.append(len(events))
+    for event in events:
+        fields = _stream_fields(event)
+        args.append(len(fields))
+        for name, value in fields.items():
+            args += (name, value)
+        by_user.setdefault(event["user_id"], []).append(_recent_entry(event))
+    for entries in by_user.values():
+        args.append(len(entries))
+        args += entries
+    user_keys = [recent_key(user_id) for user_id in by_user]
+    reply = client.eval(_STORE_BATCH, 2 + len(user_keys), batch_key, stream, *user_keys, *args)
+    code = int(reply[0])
+    if code == -2:
+        raise StreamFull(f"event stream {stream!r} holds {stream_maxlen} undumped events")
+    if code == -1:
+        raise BatchGivenUp("this attempt was given up; nothing of it was stored")
+    if code == 0:
+        return _summary(codec.text(reply[1]), duplicate=True)
+    ids = tuple(codec.text(i) for i in reply[1:])
+    return StoredBatch(ids[0], ids[-1], len(ids), False, ids)
+
+
+def settle_batch(client: redis.Redis, batch_key: str, attempt: str, dedup_ttl_s: int) -> StoredBatch | None:
+    """After a lost reply: the batch as stored (by this attempt or an earlier one), or None when
+    nothing was stored -- and then this attempt is marked given up, so it never will be.
+
+    Raises
+    ------
+    redis.RedisError
+        Redis is still unreachable: the outcome is unknown.
+    """
+    seen = client.eval(_SETTLE, 1, batch_key, attempt, int(max(1, dedup_ttl_s) * 1000))
+    return _summary(codec.text(seen), duplicate=False) if seen else None
+
+
+def _summary(text: str, duplicate: bool) -> StoredBatch:
+    first, last, count = text.split(" ")
+    return StoredBatch(first, last, int(count), duplicate)
+
+
 def append_events(
     client: redis.Redis,
     events: Sequence[Mapping[str, Any]],
@@ -65,57 +228,25 @@ def append_events(
     history_ttl_s: int,
     stream_maxlen: int | None = None,
 ) -> list[str]:
-    """Store validated events durably: the stream and each user's recent list, all or nothing.
+    """Store validated events (no idempotency record); return their stream ids, in event order.
 
-    Everything goes in one ``MULTI``/``EXEC`` transaction: the events are appended to ``stream``
-    (``XADD``) and pushed onto ``recsvc:recent:<user_id>`` (``LPUSH``, ``LTRIM`` to
-    ``history_length``, ``EXPIRE``). The function returns only after ``EXEC`` succeeded, so a
-    caller that answers afterwards never acknowledges an event Redis did not take.
-
-    Parameters
-    ----------
-    client : redis.Redis
-    events : sequence of dict
-        Events already normalised by :func:`recsvc.core.contract.validate_event`.
-    stream : str
-        Stream key (``Config.events_stream``).
-    history_length : int
-        Entries kept per user list (``Config.history_length``).
-    history_ttl_s : int
-        Lifetime of a user's list after their newest event (``Config.history_ttl_s``).
-    stream_maxlen : int, optional
-        Refuse (:class:`StreamFull`) when the stream already holds this many entries. The stream is
-        never trimmed by ingestion: an entry leaves it only once a dump wrote it to a file.
-
-    Returns
-    -------
-    list of str
-        The stream entry ids, in event order.
-
-    Raises
-    ------
-    StreamFull
-        The stream is at ``stream_maxlen``.
-    redis.RedisError
-        Redis refused or is unreachable; nothing of the batch was applied.
+    See :func:`store_batch`; ``POST /v1/events`` goes through
+    :class:`~recsvc.serving.ingest.EventIngest`, which adds the at-most-once record.
     """
     if not events:
         return []
-    if stream_maxlen is not None and client.xlen(stream) >= stream_maxlen:
-        raise StreamFull(f"event stream {stream!r} holds {stream_maxlen} undumped events")
-    by_user: dict[str, list[str]] = {}
-    pipe = client.pipeline(transaction=True)
-    for event in events:
-        # redis-py types the fields as a dict of any encodable (dict is invariant); ours are str.
-        pipe.xadd(stream, cast("dict[FieldT, EncodableT]", _stream_fields(event)))
-        by_user.setdefault(event["user_id"], []).append(_recent_entry(event))
-    for user_id, entries in by_user.items():
-        key = recent_key(user_id)
-        pipe.lpush(key, *entries)
-        pipe.ltrim(key, 0, history_length - 1)
-        pipe.expire(key, history_ttl_s)
-    results = pipe.execute()
-    return [codec.text(entry_id) for entry_id in results[: len(events)]]
+    token = os.urandom(8).hex()
+    stored = store_batch(
+        client,
+        events,
+        batch_key=keys.event_batch("local", token),
+        attempt=token,
+        stream=stream,
+        history_length=history_length,
+        history_ttl_s=history_ttl_s,
+        stream_maxlen=stream_maxlen,
+    )
+    return list(stored.ids)
 
 
 @dataclass(frozen=True)

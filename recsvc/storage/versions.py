@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from recsvc.core.artifact import Artifact, ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
 from recsvc.core.ids import is_valid_version
 from recsvc.core.topk import topk_for_users
-from recsvc.storage import codec, keys
+from recsvc.storage import codec, holders, keys
 from recsvc.storage.codec import (
     PackedRows,
     array_bytes,
@@ -279,13 +278,17 @@ class _Lease:
     """A short-lived key that says "a publish is writing this version" (renewed while writing)."""
 
     def __init__(self, client: redis.Redis, version: str):
-        self.client, self.version, self.token = client, version, uuid.uuid4().hex
+        self.client, self.version, self.token = client, version, holders.holder_token()
         self.key = keys.publishing(version)
         self.renewed = 0.0
 
     def acquire(self) -> None:
         if not self.client.set(self.key, self.token, nx=True, ex=PUBLISH_LEASE_S):
-            raise PublishError(f"another publish of {self.version} is running")
+            # A publish killed on this host: its lease is freed now rather than in PUBLISH_LEASE_S.
+            dead = holders.take_over_if_dead(self.client, self.key)
+            if dead is None or not self.client.set(self.key, self.token, nx=True, ex=PUBLISH_LEASE_S):
+                raise PublishError(f"another publish of {self.version} is running")
+            log.warning("took over the lease of a publish of %s that died (%s)", self.version, dead)
         self.renewed = time.monotonic()
 
     def renew(self) -> None:

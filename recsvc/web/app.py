@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from flask import Flask, Response, g, request
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from recsvc.analytics.registry import ExperimentRegistry, ServedLog
 from recsvc.core.config import Config, unknown_variables
@@ -23,6 +24,9 @@ from recsvc.serving.model import ModelCache
 from recsvc.serving.recommender import Recommender
 from recsvc.storage.connection import connect
 from recsvc.storage.embedded import ensure_redis
+from recsvc.web.auth import configured_keys_problem
+from recsvc.web.body import read_body
+from recsvc.web.declare import REQUEST_ID, by_rule
 from recsvc.web.errors import register_error_handlers
 from recsvc.web.jsonio import OrjsonProvider, dumps, loads
 from recsvc.web.services import Services
@@ -65,6 +69,9 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
     config = _make_config(config)
     for warning in unknown_variables():
         log.warning("%s", warning)
+    problem = configured_keys_problem(config.api_keys)
+    if problem:
+        raise ValueError(problem)
     app = Flask("recsvc", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.serving.max_body_bytes
     app.json = OrjsonProvider(app)  # compact, fields in insertion order (envelope first, items ranked)
@@ -96,16 +103,28 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
 
     register_error_handlers(app)
     app.before_request(_assign_request_id)
+    serving = config.serving
+    app.before_request(lambda: read_body(serving.max_body_bytes, serving.body_timeout_s))
     app.after_request(_finish_response)
     for view in BLUEPRINTS:
         app.register_blueprint(view.bp)
+    app.extensions["recsvc.params"] = by_rule(config)
+    if serving.proxy_hops > 0:
+        # The client address (wrong-key throttle) is the one the trusted proxies saw.
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=serving.proxy_hops)  # type: ignore[method-assign]
     return app
 
 
 def _assign_request_id() -> None:
     incoming = request.headers.get("X-Request-ID")
-    # 128 random bits as 32 hex digits (the shape of uuid4().hex, at a quarter of its cost).
-    g.request_id = incoming if incoming and is_valid_id(incoming) else os.urandom(16).hex()
+    if incoming is None:
+        # 128 random bits as 32 hex digits (the shape of uuid4().hex, at a quarter of its cost).
+        g.request_id = os.urandom(16).hex()
+    elif is_valid_id(incoming):
+        g.request_id = incoming
+    else:
+        g.request_id = os.urandom(16).hex()  # the 400 below still carries one
+        REQUEST_ID.parse_one(incoming)  # 400 naming the header, as the document says
 
 
 def _finish_response(response: Response) -> Response:

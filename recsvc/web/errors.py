@@ -18,6 +18,7 @@ from recsvc.core.errors import (
     Conflict,
     Locked,
     NotFound,
+    OutcomeUnknown,
     RateLimited,
     RecsvcError,
     Unavailable,
@@ -55,6 +56,7 @@ STATUS: tuple[tuple[type[RecsvcError], int, str], ...] = (
     (BatchError, 400, "invalid_event"),
     (BadInput, 400, "invalid_request"),
     (StreamFull, 503, "stream_full"),
+    (OutcomeUnknown, 503, "outcome_unknown"),
     (Unavailable, 503, "unavailable"),
     (Locked, 409, "locked"),
     (Conflict, 409, "conflict"),
@@ -74,10 +76,23 @@ def api_error_for(error: RecsvcError) -> ApiError:
         extra = {"index": error.index, "reason": error.reason}
     if isinstance(error, RateLimited):
         extra = {"retry_after_s": error.retry_after_s}
+    if isinstance(error, OutcomeUnknown):
+        extra = {"batch_id": error.batch_id}
     if isinstance(error, RateLimited | Unavailable):
         g.retry_after_s = getattr(error, "retry_after_s", 1)
     message = getattr(error, "message", None) or str(error)
     return ApiError(status, code, message, field=field, **extra)
+
+
+def status_of(error: BaseException) -> int:
+    """The HTTP status ``error`` is answered with (500 for anything unexpected)."""
+    if isinstance(error, ApiError):
+        return error.status
+    if isinstance(error, RecsvcError):
+        return next((status for kind, status, _ in STATUS if isinstance(error, kind)), 500)
+    if isinstance(error, HTTPException):
+        return error.code or 500
+    return 500
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -92,7 +107,12 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         code = (e.name or "error").lower().replace(" ", "_")
-        return json_error(e.code or 500, code, e.description or e.name)
+        response, status = json_error(e.code or 500, code, e.description or e.name)
+        # werkzeug's own headers: above all ``Allow`` on a 405 (RFC 9110 requires it).
+        for name, value in e.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, status
 
     @app.after_request
     def _retry_after(response):

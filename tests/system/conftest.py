@@ -52,7 +52,7 @@ class Target:
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    """4 single-threaded workers (the shape the known holes were reported on), access log on."""
+    """4 single-threaded workers (the shape the holes were reported on), access log on."""
     t = Target(tmp_path_factory.mktemp("target"), workers=4, access_log=True)
     yield t
     t.stop()

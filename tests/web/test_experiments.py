@@ -72,19 +72,21 @@ X = "/v1/admin/experiments/x"
     ("path", "payload", "status", "field"),
     [
         ("/v1/admin/experiments/bad.name", DEFINITION, 400, "name"),
-        (X, {"variants": [{"name": "a", "share": 90}, {"name": "b", "share": 20}]}, 400, "variants"),
+        (X, {"variants": [{"name": "a", "share": 90}, {"name": "b", "share": 20}]}, 409, "variants"),
         (X, {"variants": DEFINITION["variants"], "bogus": 1}, 400, "bogus"),
-        (X, {"name": "y", "variants": DEFINITION["variants"]}, 400, "name"),
+        (X, {"name": "y", "variants": DEFINITION["variants"]}, 409, "name"),
         (X, {"variants": [{"name": "a", "share": 1}, {"name": "b", "strategy": "x"}]}, 400,
          "variants[1].strategy"),
         (X + "?debug=1", DEFINITION, 400, "debug"),
     ],
 )  # fmt: skip
 def test_bad_definitions_are_400_naming_the_field(client, redis_client, path, payload, status, field):
+    """400 for a field that breaks its own rule; 409 for fields valid alone but not together."""
     response = client.put(path, json=payload, headers=AUTH)
     assert response.status_code == status
     body = response.get_json()
-    assert body["error"] == "invalid_request" and body["field"] == field and body["message"]
+    code = "invalid_request" if status == 400 else "inconsistent_definition"
+    assert body["error"] == code and body["field"] == field and body["message"]
     assert redis_client.hlen(keys.EXPERIMENTS) == 0  # nothing stored
     not_json = client.put(
         "/v1/admin/experiments/x", data="{", headers={**AUTH, "Content-Type": "application/json"}

@@ -125,7 +125,7 @@ def test_redis_down_before_any_model_was_loaded_uses_the_newest_local_artifact(
     assert client.get("/health/ready").get_json()["status"] == "degraded"
 
 
-def test_nothing_published_serves_local_popularity_and_ready_is_503(
+def test_nothing_published_serves_local_popularity_and_ready_is_degraded(
     server, tmp_path, make_app, server_config
 ):
     config = server_config()
@@ -138,13 +138,31 @@ def test_nothing_published_serves_local_popularity_and_ready_is_503(
     body = client.get(URLS[0]).get_json()
     assert body["reason"] == "not_published" and body["model_version"] == artifact.version
     assert _ids(body) == ["i2", "i5", "i8", "i11", "i14"]
+    # It serves: a balancer must keep it (503 only when nothing at all can be served).
     ready = client.get("/health/ready")
-    assert ready.status_code == 503
-    assert ready.get_json()["status"] == "not_ready" and "recsvc publish" in ready.get_json()["message"]
+    assert ready.status_code == 200
+    assert ready.get_json()["status"] == "degraded" and ready.get_json()["reason"] == "not_published"
     # Publishing makes it ready without a restart.
     versions.publish(redis.Redis.from_url(server.url), artifact, config)
     assert client.get("/health/ready").status_code == 200
     assert client.get(URLS[0]).get_json()["source"] == "personalized"
+
+
+def test_an_emptied_redis_keeps_serving_the_version_that_was_live(server, make_app, server_config):
+    """Not the newest artifact on disk: that may be a rolled-back or gate-refused model."""
+    config = server_config()
+    old, new = make_artifact(seed=1), make_artifact(seed=2)
+    write_artifact(old, config.models_dir, version="20240101T000000-old")
+    write_artifact(new, config.models_dir, version="20240102T000000-new")  # newer on disk, never live
+    versions.publish(redis.Redis.from_url(server.url), old, config)
+    client = make_app(config).test_client()
+    assert client.get(URLS[0]).get_json()["model_version"] == old.version
+    redis.Redis.from_url(server.url).flushall()
+    for url in URLS:
+        body = client.get(url).get_json()
+        assert body["model_version"] == old.version and body["reason"] == "not_published", (url, body)
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200 and ready.get_json()["status"] == "degraded"
 
 
 def test_nothing_published_and_no_artifact_is_an_empty_200(server, tmp_path, make_app, server_config):
@@ -162,11 +180,11 @@ def test_nothing_published_and_no_artifact_is_an_empty_200(server, tmp_path, mak
 
 
 def test_admin_answers_503_when_redis_is_down(server, tmp_path, make_app, server_config):
-    config = server_config(api_keys=("k",))
+    config = server_config(api_keys=("k" * 16,))
     write_artifact(make_artifact(), config.models_dir)
     client = make_app(config).test_client()
     server.stop()
-    r = client.post("/v1/admin/rollback", headers={"X-API-Key": "k"})
+    r = client.post("/v1/admin/rollback", headers={"X-API-Key": "k" * 16})
     assert r.status_code == 503 and r.get_json()["error"] == "redis_unavailable"
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from recsvc.core import tempfiles
 from recsvc.core.errors import BadInput
 
 COLUMNS: tuple[str, ...] = (
@@ -62,6 +62,8 @@ class RowWriter:
         self.out, self.fmt, self.schema = out, fmt, schema
         self.tmp = temp_path_for(out, export_id)
         self._file = open(self.tmp, "wb")
+        # A later export removes the file at once if this one dies.
+        self._lock: int | None = tempfiles.hold(self.tmp)
         self._csv = None
         if fmt == "csv":
             from pyarrow import csv as pacsv
@@ -93,9 +95,12 @@ class RowWriter:
         fsync_path(self.tmp)
         os.replace(self.tmp, self.out)
         fsync_dir(self.out.parent)
+        clean_stale_parts(self.out)  # also those of exports that died while this one ran
         return self.out
 
     def close(self) -> None:
+        tempfiles.release(self._lock)
+        self._lock = None
         if self._file.closed:
             return
         if self._csv is not None:
@@ -124,14 +129,12 @@ def json_string(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)[1:-1]
 
 
-def clean_stale_parts(out: Path, max_age_s: float = 0.0) -> list[Path]:
-    """Remove temp files of earlier killed exports to the same ``out`` (none is ever complete)."""
-    removed = []
-    for path in out.parent.glob(f".{out.name}.*.part"):
-        if time.time() - path.stat().st_mtime >= max_age_s:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+def clean_stale_parts(out: Path) -> list[Path]:
+    """Remove temp files of exports that died, to any file of ``out``'s folder (none is complete).
+
+    A running export holds its temp file's lock (:mod:`recsvc.core.tempfiles`): it is never touched.
+    """
+    return tempfiles.sweep(out.parent.glob(".*.part"))
 
 
 def row_schema(with_bundles: bool) -> pa.Schema:

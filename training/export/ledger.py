@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from recsvc.core import tempfiles
 from recsvc.core.errors import Locked
 from training.export.files import fsync_dir, fsync_path
 
@@ -116,8 +117,10 @@ class LedgerWriter:
 
         ledger.dir.mkdir(parents=True, exist_ok=True)
         self.final = ledger.dir / f"{export_id}.parquet"
+        tempfiles.sweep(ledger.dir.glob(".*.parquet.part"))  # leftovers of ledgers whose export died
         self.tmp = ledger.dir / f".{export_id}.parquet.part"
         self._writer = pq.ParquetWriter(self.tmp, self.SCHEMA, compression="zstd", use_dictionary=True)
+        self._lock: int | None = tempfiles.hold(self.tmp)
         self._closed = False
 
     def write(self, user_ids: pa.Array, item_ids: pa.Array) -> None:
@@ -133,6 +136,8 @@ class LedgerWriter:
     def commit(self) -> None:
         os.replace(self.tmp, self.final)
         fsync_dir(self.final.parent)
+        tempfiles.release(self._lock)
+        tempfiles.sweep(self.final.parent.glob(".*.parquet.part"))
 
     def abort(self) -> None:
         if not self._closed:
@@ -141,6 +146,7 @@ class LedgerWriter:
             except Exception:  # noqa: BLE001 - already failing; the temp file is removed below
                 pass
         self.tmp.unlink(missing_ok=True)
+        tempfiles.release(self._lock)
 
 
 class ExportLocked(Locked):

@@ -713,8 +713,7 @@ def run_export(
     rows_written = 0
     users_without = 0
 
-    if ledger is not None:  # the ledger lock is held: no other export can be writing these
-        clean_stale_parts(out)
+    clean_stale_parts(out)  # temp files of exports that died (a running one's are locked)
     writer = RowWriter(out, export_id, fmt, schema)
     ledger_writer = ledger.writer(export_id) if ledger is not None else None
     try:

@@ -12,13 +12,13 @@ import logging
 from flask import Blueprint, g
 
 from recsvc.core.answers import Source
-from recsvc.core.artifact import ArtifactError, resolve
+from recsvc.core.artifact import ArtifactError, resolve_name
 from recsvc.core.ids import is_valid_version
 from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
 from recsvc.web.auth import require_api_key
 from recsvc.web.errors import ApiError, bad_request
-from recsvc.web.params import json_body, query_args
+from recsvc.web.params import declared, json_body
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
 
@@ -36,7 +36,7 @@ def _redis_unavailable(e: BaseException) -> ApiError:
 @bp.post("/v1/admin/publish")
 @require_api_key
 def publish():
-    query_args(())
+    declared()
     body = json_body(allowed=("version",))
     ref = body.get("version", "latest")
     if not isinstance(ref, str) or not (ref == "latest" or is_valid_version(ref)):
@@ -45,7 +45,7 @@ def publish():
         )
     svc = services()
     try:
-        path = resolve(svc.config.models_dir, ref)
+        path = resolve_name(svc.config.models_dir, ref)
     except ArtifactError:
         raise ApiError(
             404, "unknown_version", f"no model version {ref!r} in the models folder", field="version"
@@ -84,7 +84,7 @@ def publish():
 @bp.post("/v1/admin/rollback")
 @require_api_key
 def rollback():
-    query_args(())
+    declared()
     json_body(allowed=())
     svc = services()
     try:

@@ -19,15 +19,13 @@ from flask import Blueprint
 from recsvc.core.bundles import MAX_BUNDLE_SIZE, MAX_CART_ITEMS, BundleRules
 from recsvc.core.config import Config
 from recsvc.core.ids import is_valid_id
-from recsvc.serving.recommender import MAX_USER_BUNDLES
+from recsvc.web.declare import DEFAULT_USER_BUNDLES
 from recsvc.web.errors import bad_request
-from recsvc.web.params import int_value, json_body, parse_id, parse_price, price_value, query_args, query_int
+from recsvc.web.params import declared, int_value, json_body, parse_id, price_value
 from recsvc.web.render import render
 from recsvc.web.services import services
 
 bp = Blueprint("bundles", __name__)
-
-DEFAULT_USER_BUNDLES = 3
 
 
 def _rules(config: Config, size: int, max_price: float | None) -> BundleRules:
@@ -42,12 +40,10 @@ def item_bundle(item_id: str):
     than ``max_price``) gets an empty ``bundles`` list and a ``note``.
     """
     item_id = parse_id(item_id, "item_id")
-    args = query_args(("size", "max_price"))
+    q = declared()
     svc = services()
-    size = query_int(args, "size", 2, MAX_BUNDLE_SIZE, svc.config.bundles.size)
-    return render(
-        svc.recommender.item_bundle(item_id, _rules(svc.config, size, parse_price(args, "max_price")))
-    )
+    size = q["size"] or svc.config.bundles.size
+    return render(svc.recommender.item_bundle(item_id, _rules(svc.config, size, q["max_price"])))
 
 
 def _cart_ids(raw: Any, limit: int) -> list[str]:
@@ -71,16 +67,14 @@ def cart_bundle():
     listed in ``unknown_items`` and otherwise ignored; with ``user_id``, items the user already
     bought are not suggested (unless of a repurchase category).
     """
-    query_args(())
+    declared()
     svc = services()
     config = svc.config
     body = json_body(("items", "size", "max_price", "user_id"), required=("items",))
     ids = _cart_ids(body["items"], min(MAX_CART_ITEMS, config.serving.max_exclude))
     add = int_value(body.get("size", max(1, config.bundles.size - 1)), "size", 1, MAX_BUNDLE_SIZE - 1)
     max_price = price_value(body.get("max_price"), "max_price")
-    user_id = body.get("user_id")
-    if user_id is not None:
-        user_id = parse_id(user_id, "user_id")
+    user_id = parse_id(body["user_id"], "user_id") if "user_id" in body else None
     result = svc.recommender.cart_bundle(ids, _rules(config, add + 1, max_price), add, user_id)
     return render(result, user_id=user_id)
 
@@ -89,9 +83,8 @@ def cart_bundle():
 def user_bundles(user_id: str):
     """Up to ``n`` bundles for a user, no item repeated, none already bought."""
     user_id = parse_id(user_id, "user_id")
-    args = query_args(("n", "size", "max_price"))
+    q = declared()
     svc = services()
-    n = query_int(args, "n", 1, MAX_USER_BUNDLES, DEFAULT_USER_BUNDLES)
-    size = query_int(args, "size", 2, MAX_BUNDLE_SIZE, svc.config.bundles.size)
-    rules = _rules(svc.config, size, parse_price(args, "max_price"))
+    n = q["n"] or DEFAULT_USER_BUNDLES
+    rules = _rules(svc.config, q["size"] or svc.config.bundles.size, q["max_price"])
     return render(svc.recommender.user_bundles(user_id, n, rules), user_id=user_id)

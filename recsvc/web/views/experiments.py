@@ -31,7 +31,7 @@ from recsvc.storage import versions
 from recsvc.storage.stream import read_stream_events
 from recsvc.web.auth import require_api_key
 from recsvc.web.errors import ApiError, bad_request
-from recsvc.web.params import json_body, parse_id, query_args
+from recsvc.web.params import declared, json_body
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
 
@@ -73,7 +73,7 @@ def _published_versions() -> set[str] | None:
 @require_api_key
 def list_experiments():
     """Every known experiment, ordered by start then name."""
-    query_args(())
+    declared()
     registry = services().experiments
     registry.refresh(force=True)
     now = registry.clock()
@@ -86,7 +86,7 @@ def list_experiments():
 def get_experiment(name: str):
     """One experiment's definition, bucket layout, status and source."""
     name = _check_name(name)
-    query_args(())
+    declared()
     registry = services().experiments
     registry.refresh(force=True)
     experiment = registry.get(name)
@@ -105,7 +105,7 @@ def get_experiment(name: str):
 def put_experiment(name: str):
     """Create or replace an experiment (body: the definition; ``name`` optional, must match)."""
     name = _check_name(name)
-    query_args(())
+    declared()
     if len(request.get_data(cache=True)) > ex.MAX_DEFINITION_BYTES:
         raise ApiError(
             413, "too_large", f"a definition is at most {ex.MAX_DEFINITION_BYTES} bytes", field="body"
@@ -125,6 +125,8 @@ def put_experiment(name: str):
     try:
         experiment = ex.parse_experiment(body, previous=previous, name=name)
     except ex.ExperimentError as e:
+        if e.inconsistent:  # every field valid alone (the document's schema), not together
+            raise ApiError(409, "inconsistent_definition", e.message, field=e.field) from None
         raise bad_request(e.field, e.message) from None
     warnings = []
     published = _published_versions()
@@ -160,7 +162,7 @@ def put_experiment(name: str):
 def delete_experiment(name: str):
     """Remove a stored experiment; its users are served the default from the next refresh on."""
     name = _check_name(name)
-    query_args(())
+    declared()
     registry = services().experiments
     registry.refresh(force=True)
     if registry.source_of(name) == "file":
@@ -182,8 +184,7 @@ def delete_experiment(name: str):
 def assignment(name: str):
     """The bucket and variant ``user_id`` gets in this experiment (whether or not it is active)."""
     name = _check_name(name)
-    args = query_args(("user_id",))
-    user_id = parse_id(args.get("user_id", ""), "user_id")
+    user_id = declared()["user_id"]
     registry = services().experiments
     experiment = registry.get(name)
     if experiment is None:
@@ -199,21 +200,6 @@ def assignment(name: str):
             "status": experiment.status(registry.clock()),
         }
     )
-
-
-def _number(
-    args: Any, name: str, default: float, low: float, high: float, *, low_open: bool = False
-) -> float:
-    raw = args.get(name)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise bad_request(name, f"{name} must be a number") from None
-    if not (low < value if low_open else low <= value) or not value <= high:
-        raise bad_request(name, f"{name} must be {'>' if low_open else '>='} {low:g} and <= {high:g}")
-    return value
 
 
 def _dump_files(var_dir: Path, since: float | None) -> list[Path]:
@@ -236,26 +222,20 @@ def report(name: str):
     """Attribution report: per variant metrics, both attribution models, z-test verdicts."""
 
     name = _check_name(name)
-    args = query_args(("window_days", "alpha", "attribution", "control", "max_events", "include_dumps"))
-    window_days = _number(args, "window_days", 7.0, 0, 365)
-    alpha = _number(args, "alpha", 0.05, 0, 0.5, low_open=True)
-    attribution = args.get("attribution") or "last_click"
-    if attribution not in ("last_click", "linear"):
-        raise bad_request("attribution", "attribution must be last_click or linear")
-    max_events = int(_number(args, "max_events", DEFAULT_REPORT_EVENTS, 1, MAX_REPORT_EVENTS))
-    include_dumps = (args.get("include_dumps") or "true").lower()
-    if include_dumps not in ("true", "false", "1", "0"):
-        raise bad_request("include_dumps", "include_dumps must be true or false")
-    control = args.get("control") or None
-    if control is not None and ex.NAME_PATTERN.fullmatch(control) is None:
-        raise bad_request("control", "control must be a variant name")
+    q = declared()
+    window_days = q["window_days"] if q["window_days"] is not None else 7.0
+    alpha = q["alpha"] if q["alpha"] is not None else 0.05
+    attribution = q["attribution"] or "last_click"
+    max_events = q["max_events"] or DEFAULT_REPORT_EVENTS
+    include_dumps = q["include_dumps"] is not False
+    control = q["control"]
 
     svc = services()
     registry = services().experiments
     definition = registry.get(name)
     warnings: list[str] = []
     parts: list[Any] = []
-    if include_dumps in ("true", "1"):
+    if include_dumps:
         since = (
             definition.start - window_days * 86400 if definition is not None and definition.start else None
         )

@@ -2,8 +2,9 @@
 
 * ``GET /health/live``  -- the process answers (never touches Redis).
 * ``GET /health/ready`` -- 200 ``ready`` when Redis answers and a published model is loaded;
-  200 ``degraded`` when Redis is unreachable but a fallback can be served; 503 ``not_ready`` when
-  nothing is published (or nothing at all can be served).
+  200 ``degraded`` when Redis is unreachable or nothing is published but a model can still be
+  served (the in-process copy of the live version, else a local artifact); 503 ``not_ready`` only
+  when nothing at all can be served.
 * ``GET /v1/model``     -- the live version's manifest summary and the published versions.
 """
 
@@ -18,7 +19,7 @@ from recsvc.core.answers import Reason, Source
 from recsvc.serving.recommender import ModelChoice
 from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
-from recsvc.web.params import query_args
+from recsvc.web.params import declared
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
 
@@ -27,7 +28,7 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/health/live")
 def live():
-    query_args(())
+    declared()
     model = services().models.current()
     return answer(
         {
@@ -43,7 +44,7 @@ def live():
 
 @bp.get("/health/ready")
 def ready():
-    query_args(())
+    declared()
     svc = services()
     checks: dict[str, Any] = {}
     redis_ok = False
@@ -56,8 +57,9 @@ def ready():
         except REDIS_DOWN_ERRORS as e:
             svc.health.mark_down(e)
     checks["redis"] = "ok" if redis_ok else "unreachable"
-    if not redis_ok and svc.health.last_error:
-        checks["redis_error"] = svc.health.last_error
+    if not redis_ok and svc.health.last_error_kind:
+        # The kind only: this endpoint needs no key, and the full message names Redis's address.
+        checks["redis_error"] = svc.health.last_error_kind
     choice = svc.recommender.resolve()
     model = choice.model
     body = _envelope(choice)
@@ -66,7 +68,10 @@ def ready():
         return answer(body)
     checks["model"] = choice.reason
     checks["fallback"] = model.origin if model is not None else None
-    if choice.reason == Reason.REDIS_UNAVAILABLE and model is not None:
+    if model is not None:
+        # Redis down or emptied: the instance still serves (the in-process copy of the live
+        # version, else a local artifact). A balancer that pulled every instance now would turn a
+        # degraded service into an outage, so only "nothing at all to serve" is not ready.
         body.update(status="degraded", reason=choice.reason, checks=checks)
         return answer(body)
     body.update(
@@ -85,7 +90,7 @@ def ready():
 @bp.get("/v1/model")
 def model_info():
     """The live model: version, when it was trained, its parameters, metrics and counts."""
-    query_args(())
+    declared()
     svc = services()
     choice = svc.recommender.resolve()
     model = choice.model
