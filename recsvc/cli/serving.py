@@ -16,21 +16,42 @@ from typing import Any, cast
 import click
 import redis
 
+from recsvc.core import logs
 from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
+from recsvc.core.cpus import available_cpus, default_workers
 from recsvc.serving.model import ServingModel
 from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
 from recsvc.web.app import create_app
+from recsvc.web.metrics import fold_dead_worker, prepare_dir
 
 EXIT_FAILED = 1
 EXIT_REDIS = 3
 
-# A request is ~0.1 ms of Redis wait and ~0.3 ms of Python: processes, not threads, add throughput
-# (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded workers per core.
-DEFAULT_WORKERS = max(2, 2 * (os.cpu_count() or 1))
 DEFAULT_THREADS = 1
+# A unix socket path longer than this does not fit sockaddr_un (108 bytes with the NUL).
+_MAX_SOCKET_PATH = 100
+
+
+def auto_workers(config: Config) -> int:
+    """Workers when ``--workers`` is not given: ``RECSVC_WORKERS``, else 2 per CPU of the quota.
+
+    A request is ~0.1 ms of Redis wait and ~0.3 ms of Python: processes, not threads, add
+    throughput (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded
+    workers per CPU that the container's quota and the affinity mask allow, capped at
+    ``RECSVC_MAX_WORKERS`` (each worker holds its own copy of the live model's item side).
+    """
+    if config.ops.workers > 0:
+        return config.ops.workers
+    return default_workers(available_cpus(), config.ops.max_workers)
+
+
+def instance_dir(config: Config, host: str, port: int) -> Path:
+    """This server instance's folder: its metrics files and gunicorn control socket."""
+    safe_host = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
+    return (Path(config.var_dir) / "run" / f"{safe_host}-{port}").resolve()
 
 
 class _Failed(click.ClickException):
@@ -197,8 +218,8 @@ class _GunicornApp:
                     self.cfg.set(key, value)
 
             def load(self):
-
-                return create_app()
+                # The command line has already warned about unknown variables once.
+                return create_app(warn_unknown=False)
 
         self.options = options
         self.app = App()
@@ -212,10 +233,10 @@ class _GunicornApp:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port.")
 @click.option(
     "--workers",
-    default=DEFAULT_WORKERS,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="gunicorn worker processes (default: 2 per CPU core).",
+    default=None,
+    type=click.IntRange(1, 1024),
+    help="gunicorn worker processes [default: RECSVC_WORKERS, else 2 per CPU of the container's "
+    "quota, at most RECSVC_MAX_WORKERS (16)].",
 )
 @click.option(
     "--threads",
@@ -237,7 +258,7 @@ class _GunicornApp:
 def serve(
     host: str,
     port: int,
-    workers: int,
+    workers: int | None,
     threads: int,
     timeout: int,
     access_log: bool,
@@ -247,7 +268,8 @@ def serve(
     """Serve the HTTP API: gunicorn (gthread workers) in production, --dev for Flask's server.
 
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
-    every worker through the environment.
+    every worker through the environment. Each instance keeps its metrics files and its gunicorn
+    control socket under RECSVC_VAR_DIR/run/<host>-<port>/.
     """
 
     # Scoring one user is a small matrix-vector product: BLAS threads only contend with the other
@@ -255,6 +277,7 @@ def serve(
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     config = _config()
+    workers = workers or auto_workers(config)
     try:
         url = ensure_redis(config)
     except (RuntimeError, OSError) as e:
@@ -278,7 +301,8 @@ def serve(
     if dev:
         create_app().run(host=host, port=port, threaded=True, use_reloader=False)
         return
-    options = {
+    run_dir = instance_dir(config, host, port)
+    options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": workers,
         "worker_class": "gthread",
@@ -288,11 +312,36 @@ def serve(
         "keepalive": 5,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",
-        "loglevel": "info",
-        "proc_name": "recsvc",
+        "loglevel": config.ops.log_level.lower(),
+        "proc_name": f"recsvc-{port}",
+        **_control_socket(run_dir),
     }
-    click.echo(
-        "gunicorn " + " ".join(shlex.quote(f"--{k}={v}") for k, v in options.items() if v is not None),
-        err=True,
-    )
+    shown = " ".join(shlex.quote(f"--{k}={v}") for k, v in options.items() if v is not None)
+    click.echo(f"gunicorn {shown}", err=True)
+    options["logconfig_dict"] = logs.dict_config(config.ops.log_level, config.ops.log_format)
+    if config.ops.metrics_enabled:
+        options.update(_metrics_hooks(run_dir / "metrics"))
     _GunicornApp(options).run()
+
+
+def _control_socket(run_dir: Path) -> dict[str, Any]:
+    """gunicorn's control socket in this instance's folder (never the per-user default path that
+    every instance on the host would share)."""
+    path = run_dir / "gunicorn.ctl"
+    if len(str(path)) > _MAX_SOCKET_PATH:
+        click.echo(f"warning: {path} is too long for a unix socket; no control socket", err=True)
+        return {"control_socket_disable": True}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return {"control_socket": str(path), "control_socket_mode": 0o600}
+
+
+def _metrics_hooks(metrics_dir: Path) -> dict[str, Any]:
+    """An empty multiprocess folder for this instance, handed to every worker, and the master's
+    hook that folds an exited worker's counts into the archive files."""
+    prepare_dir(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # workers read it (Config and the client)
+
+    def child_exit(server: Any, worker: Any) -> None:
+        fold_dead_worker(metrics_dir, worker.pid)
+
+    return {"child_exit": child_exit}

@@ -11,14 +11,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import current_app, g, request
 
+from recsvc.core.logs import log_fields
 from recsvc.web.errors import ApiError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+audit_log = logging.getLogger("recsvc.audit")
 
 
 def presented_key() -> str | None:
@@ -44,9 +48,12 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-def check_api_key() -> str:
-    """Check the request's key; return it, or raise 403 (disabled) / 401 (missing or wrong)."""
-    configured = current_app.extensions["recsvc"].config.api_keys
+def check_api_key(also: tuple[str, ...] = ()) -> str:
+    """Check the request's key; return it, or raise 403 (disabled) / 401 (missing or wrong).
+
+    ``also``: more keys accepted here besides ``RECSVC_API_KEYS`` (the read-only metrics keys).
+    """
+    configured = current_app.extensions["recsvc"].config.api_keys + also
     if not configured:
         raise ApiError(
             403, "disabled", "this endpoint is disabled: no API key is configured (RECSVC_API_KEYS)"
@@ -72,3 +79,17 @@ def require_api_key(view: F) -> F:
         return view(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
+
+
+def audit(action: str, message: str, **fields: Any) -> None:
+    """One audit line (logger ``recsvc.audit``): what an admin key did, named by its fingerprint.
+
+    ``fields`` become keys of the JSON line next to ``audit`` (the action), ``key`` (the sha256
+    prefix of the caller's key, never the key) and ``request_id``.
+    """
+    audit_log.info(
+        message,
+        extra=log_fields(
+            audit=action, key=g.get("api_key_fingerprint"), request_id=g.get("request_id"), **fields
+        ),
+    )

@@ -31,6 +31,7 @@ def post_events():
     if payload is None:
         raise bad_request("body", "body is not valid JSON")
     ids = svc.ingest.accept(payload)
+    g.events_accepted = len(ids)  # counted by recsvc.web.metrics
     model = svc.models.current()
     body = {
         "model_version": model.version if model is not None else None,

@@ -1,0 +1,134 @@
+"""Log lines: one JSON object per line for machines, or plain text for people; set up in one place.
+
+Every process of recsvc -- a command, the gunicorn master and each worker -- logs through the root
+logger with :class:`JsonFormatter` or :class:`TextFormatter` on stderr, at ``RECSVC_LOG_LEVEL``.
+Structured fields are passed as ``extra={"fields": {...}}`` and become keys of the JSON object
+(``request_id``, ``endpoint``, ``status``...); :func:`log_fields` is the shorthand.
+
+Nothing here formats a request's headers, query string or body: callers name the fields they log,
+so an API key can only reach a log line if some code puts it into ``fields`` -- none does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.config
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+#: ``RECSVC_LOG_FORMAT`` values.
+FORMATS = ("auto", "json", "text")
+
+# The LogRecord attribute that carries a line's structured fields (set through ``extra=``).
+_FIELDS_ATTR = "fields"
+
+
+def log_fields(**fields: Any) -> dict[str, Any]:
+    """``extra=`` for a structured log line: ``log.info("msg", extra=log_fields(status=200))``."""
+    return {_FIELDS_ATTR: fields}
+
+
+def _iso(created: float) -> str:
+    seconds = time.gmtime(created)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(created % 1 * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """``{"ts", "level", "logger", "pid", "msg", **fields}`` on one line; exceptions as ``exc``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": _iso(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": record.process,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, _FIELDS_ATTR, None)
+        if isinstance(fields, Mapping):
+            for key, value in fields.items():
+                out.setdefault(key, value)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-12-02T10:00:00.123Z INFO logger: message key=value ...`` for a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{_iso(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        fields = getattr(record, _FIELDS_ATTR, None)
+        if isinstance(fields, Mapping) and fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items())
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def resolve_format(log_format: str, stream: Any = None) -> str:
+    """``json`` or ``text``: ``auto`` is text on a terminal and json otherwise.
+
+    Raises
+    ------
+    ValueError
+        ``log_format`` is none of :data:`FORMATS`.
+    """
+    if log_format not in FORMATS:
+        raise ValueError(f"RECSVC_LOG_FORMAT must be one of {', '.join(FORMATS)}, not {log_format!r}")
+    if log_format != "auto":
+        return log_format
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return "text" if isatty is not None and isatty() else "json"
+
+
+def formatter_for(log_format: str) -> logging.Formatter:
+    """The formatter of a resolved format (``json`` or ``text``)."""
+    return JsonFormatter() if resolve_format(log_format) == "json" else TextFormatter()
+
+
+def check_level(level: str) -> str:
+    """``level`` upper-cased when it is a logging level name.
+
+    Raises
+    ------
+    ValueError
+        Not one of DEBUG, INFO, WARNING, ERROR, CRITICAL.
+    """
+    name = str(level).upper()
+    if name not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ValueError(f"RECSVC_LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, not {level!r}")
+    return name
+
+
+def dict_config(level: str, log_format: str) -> dict[str, Any]:
+    """A :func:`logging.config.dictConfig` document: root, gunicorn's error log, one stderr handler.
+
+    Passed to gunicorn (``logconfig_dict``) so that its master and workers log like every other
+    recsvc process; loggers created before (recsvc's module loggers) are kept.
+    """
+    kind = resolve_format(log_format)
+    cls = JsonFormatter if kind == "json" else TextFormatter
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"recsvc": {"()": f"{cls.__module__}.{cls.__qualname__}"}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "recsvc", "stream": "ext://sys.stderr"}
+        },
+        "root": {"level": check_level(level), "handlers": ["stderr"]},
+        "loggers": {
+            # gunicorn.access is left as gunicorn sets it (off unless --access-log): recsvc writes
+            # its own structured line per request (logger recsvc.request).
+            "gunicorn.error": {"level": check_level(level), "handlers": ["stderr"], "propagate": False},
+        },
+    }
+
+
+def configure(level: str, log_format: str) -> None:
+    """Send every log line of this process to stderr in ``log_format`` at ``level`` (idempotent)."""
+    logging.config.dictConfig(dict_config(level, log_format))
