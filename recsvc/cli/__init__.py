@@ -10,7 +10,7 @@ import importlib
 
 import click
 
-from recsvc.core import logs
+from recsvc.core import logs, progress
 from recsvc.core.config import Config, unknown_variables
 
 # name -> "module:attribute" of a click command
@@ -77,5 +77,6 @@ def main() -> None:
     try:
         ops = Config.from_env().ops
         logs.configure(ops.log_level, ops.log_format)
+        progress.configure(interval_s=ops.progress_interval_s)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -20,6 +20,7 @@ from recsvc.core import logs
 from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
 from recsvc.core.cpus import available_cpus, default_workers
+from recsvc.core.progress import Progress
 from recsvc.serving.model import ServingModel
 from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
@@ -99,8 +100,6 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
     RECSVC_KEEP_VERSIONS (3) are deleted from Redis. A version the retrain quality gate refused is
     not published unless --force is given.
     """
-    from tqdm import tqdm
-
     config = _config(models_dir)
     try:
         artifact = read_artifact(resolve(config.models_dir, ref))
@@ -118,12 +117,7 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
         )
     client = _admin_client(config)
     stats: list[versions.PublishStats] = []
-    with tqdm(
-        total=artifact.n_users,
-        unit="users",
-        desc=f"publish {artifact.version}",
-        disable=not sys.stderr.isatty(),
-    ) as bar:
+    with Progress(f"publish {artifact.version}", total=artifact.n_users, unit="users") as bar:
         try:
             previous = versions.current_version(client)
             version = versions.publish(client, artifact, config, progress=bar.update, stats=stats)
