@@ -22,6 +22,9 @@ from typing import Any
 #: ``RECSVC_LOG_FORMAT`` values.
 FORMATS = ("auto", "json", "text")
 
+# One encoder for every line: json.dumps with options builds a new encoder per call (~4 µs).
+_encode = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
 # The LogRecord attribute that carries a line's structured fields (set through ``extra=``).
 _FIELDS_ATTR = "fields"
 
@@ -53,7 +56,7 @@ class JsonFormatter(logging.Formatter):
                 out.setdefault(key, value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, separators=(",", ":"))
+        return _encode(out)
 
 
 class TextFormatter(logging.Formatter):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.client import Pipeline
+from redis.exceptions import NoScriptError
 
 from recsvc.core.config import Config
 
@@ -35,6 +36,10 @@ class ObservedRedis(redis.Redis):
         started = time.perf_counter()
         try:
             result = super().execute_command(*args, **options)
+        except NoScriptError:
+            # A script's first EVALSHA on a server: the client loads it and retries; not a failure.
+            self.observer(str(args[0]), time.perf_counter() - started, None)
+            raise
         except BaseException as e:
             self.observer(str(args[0]), time.perf_counter() - started, e)
             raise
@@ -53,7 +58,8 @@ class ObservedPipeline(Pipeline):
     observer: Observer
 
     def execute(self, raise_on_error: bool = True) -> list[Any]:
-        command = "MULTI" if self.transaction or self.explicit_transaction else "PIPELINE"
+        # `transaction` is an attribute of a pipeline but a method of the client class it extends.
+        command = "MULTI" if vars(self).get("transaction") or self.explicit_transaction else "PIPELINE"
         started = time.perf_counter()
         try:
             result = super().execute(raise_on_error)
@@ -92,7 +98,7 @@ def connect(
     options.update(kwargs)
     if observer is None:
         return redis.Redis.from_url(url, **options)
-    client = ObservedRedis.from_url(url, **options)
+    client = cast(ObservedRedis, ObservedRedis.from_url(url, **options))
     client.observer = observer
     return client
 

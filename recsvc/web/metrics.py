@@ -126,10 +126,23 @@ class Metrics:
             ["experiment", "variant"],
             registry=registry,
         )
+        # Label children by label values: `labels()` takes a lock and builds a key on every call.
+        self._redis_children: dict[str, Any] = {}
+        self._request_children: dict[tuple[str, str, int], Any] = {}
+
+    def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        key = (endpoint, method, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self._request_children[key] = self.requests.labels(endpoint, method, str(status))
+        child.observe(seconds)
 
     def observe_redis(self, command: str, seconds: float, error: BaseException | None) -> None:
         """Called by the request-path Redis client after every round trip."""
-        self.redis_seconds.labels(command).observe(seconds)
+        child = self._redis_children.get(command)
+        if child is None:
+            child = self._redis_children[command] = self.redis_seconds.labels(command)
+        child.observe(seconds)
         if error is not None:
             self.redis_errors.labels(command, type(error).__name__).inc()
 
@@ -193,7 +206,7 @@ def install(app: Flask, metrics: Metrics | None, config: Config) -> None:
         source, reason = g.get("answer_source"), g.get("answer_reason")
         variant = g.get("answer_variant")
         if metrics is not None:
-            metrics.requests.labels(endpoint, request.method, str(status)).observe(seconds)
+            metrics.observe_request(endpoint, request.method, status, seconds)
             if g.get("item_answer"):
                 metrics.answers.labels(endpoint, source or "none", reason or "none").inc()
                 if source == "realtime":
