@@ -20,11 +20,9 @@ from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
 from recsvc.core.progress import Progress, mode_for
 from recsvc.core.progress import configure as configure_progress
 from training.als import TrainParams
-from training.datasets import DATASETS, convert
 from training.evaluation import evaluate as run_evaluation
 from training.evaluation import format_table
 from training.pipeline import train_model
-from training.recommend import write_recommendations
 
 EXIT_BAD_INPUT = 2
 
@@ -262,6 +260,9 @@ def evaluate(**kwargs: Any) -> None:
         if events_paths:
             raise BadInput("give either --events or --dataset, not both")
 
+        # Loaded by the command that needs it, so `recsvc train` starts without the converters.
+        from training.datasets import DATASETS, convert
+
         if kwargs["dataset"] not in DATASETS:
             raise BadInput(f"--dataset: unknown dataset {kwargs['dataset']!r} (known: {', '.join(DATASETS)})")
         try:
@@ -354,6 +355,9 @@ def recommend(**kwargs: Any) -> None:
     except ArtifactError as e:
         raise BadInput(str(e)) from None
     out = Path(kwargs["out_path"])
+    # Loaded by the command that needs it (implicit's batched recommend), not by `recsvc train`.
+    from training.recommend import write_recommendations
+
     rows = write_recommendations(
         artifact,
         out,
