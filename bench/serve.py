@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "--connections", type=int, default=16, help="wrk connections at max load (default 16)"
     )
     parser.add_argument("--seconds", type=int, default=None, help="seconds per load run")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, --quick 2)")
     parser.add_argument(
         "--floor",
         action="store_true",
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     factors = 64
     # Short alternating rounds: on a shared VM throughput drifts by tens of percent from one second
     # to the next, so the ratio is taken per round (neighbouring runs) and the median reported.
-    rounds = 2 if quick else 5
+    rounds = args.rounds or (2 if quick else 5)
 
     workdir = Path(tempfile.mkdtemp(prefix="recsvc-bench-serve-"))
     server = RedisServer(workdir / "redis").start()

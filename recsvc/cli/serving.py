@@ -312,7 +312,9 @@ def serve(
     }
     shown = " ".join(shlex.quote(f"--{k}={v}") for k, v in options.items() if v is not None)
     click.echo(f"gunicorn {shown}", err=True)
-    options["logconfig_dict"] = logs.dict_config(config.ops.log_level, config.ops.log_format)
+    options["logconfig_dict"] = logs.dict_config(
+        config.ops.log_level, config.ops.log_format, config.ops.log_flush_s
+    )
     if config.ops.metrics_enabled:
         options.update(_metrics_hooks(run_dir / "metrics"))
     _GunicornApp(options).run()

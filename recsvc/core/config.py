@@ -108,6 +108,9 @@ class OpsSettings:
     log_level: str = _env("RECSVC_LOG_LEVEL", "INFO")
     # "json": one JSON object per line; "text": for people; "auto": text on a terminal, else json.
     log_format: str = _env("RECSVC_LOG_FORMAT", "auto")
+    # Server processes write log lines in batches at most this often (0: each line at once);
+    # commands always write each line at once.
+    log_flush_s: float = _env("RECSVC_LOG_FLUSH_S", 0.5)
     request_log: bool = _env("RECSVC_REQUEST_LOG", True)  # one log line per HTTP request
     metrics_enabled: bool = _env("RECSVC_METRICS_ENABLED", True)
     # Read-only keys that may scrape GET /metrics (besides RECSVC_API_KEYS); none: only those.

@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import logging
 import logging.config
+import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 #: ``RECSVC_LOG_FORMAT`` values.
 FORMATS = ("auto", "json", "text")
@@ -72,6 +74,71 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class LineHandler(logging.Handler):
+    """Writes formatted lines to a stream, optionally in batches (the server's request lines).
+
+    Writing and flushing one line per request costs more than the rest of the log line; with
+    ``flush_s`` > 0 lines are collected and written at most ``flush_s`` seconds later (by a
+    background thread), when 64 KiB are waiting, at a WARNING or higher, for an audit line, and
+    when the process exits normally. A process killed with SIGKILL loses its last ``flush_s``
+    seconds of lines.
+    """
+
+    CAPACITY = 64 * 1024
+
+    def __init__(self, stream: TextIO | None = None, flush_s: float = 0.0):
+        super().__init__()
+        self.stream = stream if stream is not None else sys.stderr
+        self.flush_s = flush_s
+        self._pending: list[str] = []
+        self._size = 0
+        self._thread_pid: int | None = None  # the thread does not survive a fork: one per process
+        # A forked child (a gunicorn worker) must not write the lines its parent still holds.
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._pending, self._size = [], 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001 -- logging must never raise into the caller
+            self.handleError(record)
+            return
+        if self.flush_s <= 0:
+            self._write(line)
+            return
+        fields = getattr(record, _FIELDS_ATTR, None)
+        urgent = record.levelno >= logging.WARNING or (isinstance(fields, Mapping) and "audit" in fields)
+        with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
+            self._pending.append(line)
+            self._size += len(line)
+            full = self._size >= self.CAPACITY
+        if urgent or full:
+            self.flush()
+        elif self._thread_pid != os.getpid():
+            self._thread_pid = os.getpid()
+            threading.Thread(target=self._flush_every, name="log-flush", daemon=True).start()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            text, self._pending, self._size = "".join(self._pending), [], 0
+        if text:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed or broken stderr must not break the request
+
+    def _flush_every(self) -> None:
+        while True:
+            time.sleep(self.flush_s)
+            self.flush()
+
+
 def resolve_format(log_format: str, stream: Any = None) -> str:
     """``json`` or ``text``: ``auto`` is text on a terminal and json otherwise.
 
@@ -108,11 +175,12 @@ def check_level(level: str) -> str:
     return name
 
 
-def dict_config(level: str, log_format: str) -> dict[str, Any]:
+def dict_config(level: str, log_format: str, flush_s: float = 0.0) -> dict[str, Any]:
     """A :func:`logging.config.dictConfig` document: root, gunicorn's error log, one stderr handler.
 
     Passed to gunicorn (``logconfig_dict``) so that its master and workers log like every other
-    recsvc process; loggers created before (recsvc's module loggers) are kept.
+    recsvc process; loggers created before (recsvc's module loggers) are kept. ``flush_s``: see
+    :class:`LineHandler` (the server batches; a command writes each line at once).
     """
     kind = resolve_format(log_format)
     cls = JsonFormatter if kind == "json" else TextFormatter
@@ -121,7 +189,12 @@ def dict_config(level: str, log_format: str) -> dict[str, Any]:
         "disable_existing_loggers": False,
         "formatters": {"recsvc": {"()": f"{cls.__module__}.{cls.__qualname__}"}},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "recsvc", "stream": "ext://sys.stderr"}
+            "stderr": {
+                "()": f"{LineHandler.__module__}.{LineHandler.__qualname__}",
+                "formatter": "recsvc",
+                "stream": "ext://sys.stderr",
+                "flush_s": flush_s,
+            }
         },
         "root": {"level": check_level(level), "handlers": ["stderr"]},
         "loggers": {
@@ -132,6 +205,12 @@ def dict_config(level: str, log_format: str) -> dict[str, Any]:
     }
 
 
-def configure(level: str, log_format: str) -> None:
-    """Send every log line of this process to stderr in ``log_format`` at ``level`` (idempotent)."""
-    logging.config.dictConfig(dict_config(level, log_format))
+def configure(level: str, log_format: str, flush_s: float = 0.0) -> None:
+    """Send every log line of this process to stderr in ``log_format`` at ``level`` (idempotent).
+
+    Our formats use neither the caller's file and line nor the process name: not collecting them
+    saves a stack walk and a lookup per line (the logging HOWTO's "Optimization").
+    """
+    logging._srcfile = None
+    logging.logMultiprocessing = False
+    logging.config.dictConfig(dict_config(level, log_format, flush_s))

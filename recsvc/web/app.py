@@ -81,7 +81,7 @@ def create_app(config: Config | dict[str, Any] | None = None, *, warn_unknown: b
     config = _make_config(config)
     if not logging.getLogger().handlers:
         # Run by a bare WSGI server that set up no logging: recsvc's lines must not be lost.
-        logs.configure(config.ops.log_level, config.ops.log_format)
+        logs.configure(config.ops.log_level, config.ops.log_format, config.ops.log_flush_s)
     if warn_unknown:
         for warning in unknown_variables():
             log.warning("%s", warning)

@@ -28,6 +28,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,7 @@ class Metrics:
         # Label children by label values: `labels()` takes a lock and builds a key on every call.
         self._redis_children: dict[str, Any] = {}
         self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._answer_children: dict[tuple[str, str, str], Any] = {}
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         key = (endpoint, method, status)
@@ -136,6 +138,15 @@ class Metrics:
         if child is None:
             child = self._request_children[key] = self.requests.labels(endpoint, method, str(status))
         child.observe(seconds)
+
+    def observe_answer(self, endpoint: str, source: str | None, reason: str | None) -> None:
+        key = (endpoint, source or "none", reason or "none")
+        child = self._answer_children.get(key)
+        if child is None:
+            child = self._answer_children[key] = self.answers.labels(*key)
+        child.inc()
+        if source == "realtime":
+            self.foldins.labels(endpoint).inc()
 
     def observe_redis(self, command: str, seconds: float, error: BaseException | None) -> None:
         """Called by the request-path Redis client after every round trip."""
@@ -198,39 +209,41 @@ def install(app: Flask, metrics: Metrics | None, config: Config) -> None:
         return
 
     def finish(response: Response) -> Response:
-        started = g.get("started")
+        # The objects behind Flask's proxies, once: each proxy access costs a context lookup.
+        ctx = g._get_current_object()
+        req = request._get_current_object()  # type: ignore[attr-defined]
+        d = ctx.__dict__
+        started = d.get("started")
         seconds = time.perf_counter() - started if started is not None else 0.0
-        rule = request.url_rule
+        rule = req.url_rule
         endpoint = rule.rule if rule is not None else "unmatched"
         status = response.status_code
-        source, reason = g.get("answer_source"), g.get("answer_reason")
-        variant = g.get("answer_variant")
+        seen: Answered = d.get("answered") or NOTHING
         if metrics is not None:
-            metrics.observe_request(endpoint, request.method, status, seconds)
-            if g.get("item_answer"):
-                metrics.answers.labels(endpoint, source or "none", reason or "none").inc()
-                if source == "realtime":
-                    metrics.foldins.labels(endpoint).inc()
-            if variant is not None:
-                metrics.assignments.labels(*variant).inc()
+            metrics.observe_request(endpoint, req.method, status, seconds)
+            if seen.item_answer:
+                metrics.observe_answer(endpoint, seen.source, seen.reason)
+            if seen.variant is not None:
+                metrics.assignments.labels(*seen.variant).inc()
             if status == 429:
                 metrics.rate_limited.labels(endpoint).inc()
-            if request.endpoint == "events.post_events":
+            if req.endpoint == "events.post_events":
                 if status == 202:
-                    metrics.events_accepted.inc(g.get("events_accepted", 0))
+                    metrics.events_accepted.inc(d.get("events_accepted", 0))
                 else:
                     metrics.events_rejected.labels(str(status)).inc()
         if log_requests:
+            variant = seen.variant
             request_log.info(
                 "request",
                 extra=log_fields(
-                    request_id=g.get("request_id"),
-                    method=request.method,
+                    request_id=d.get("request_id"),
+                    method=req.method,
                     endpoint=endpoint,
                     status=status,
-                    source=source,
-                    reason=reason,
-                    model_version=g.get("answer_model_version"),
+                    source=seen.source,
+                    reason=seen.reason,
+                    model_version=seen.model_version,
                     experiment=variant[0] if variant is not None else None,
                     variant=variant[1] if variant is not None else None,
                     latency_ms=round(seconds * 1000, 3),
@@ -242,17 +255,38 @@ def install(app: Flask, metrics: Metrics | None, config: Config) -> None:
     app.after_request_funcs.setdefault(None, []).insert(0, finish)
 
 
+@dataclass
+class Answered:
+    """What a request answered, for its metrics and log line (kept on ``flask.g.answered``)."""
+
+    model_version: str | None = None
+    source: str | None = None
+    reason: str | None = None
+    item_answer: bool = False
+    variant: tuple[str, str] | None = None
+
+
+NOTHING = Answered()
+
+
 def note_answer(body: dict[str, Any], *, item_answer: bool = False) -> None:
     """Remember what this request answered (model version, source, reason) for metrics and logs."""
-    g.answer_model_version = body.get("model_version")
-    g.answer_source = _text(body.get("source"))
-    g.answer_reason = _text(body.get("reason"))
-    if item_answer:
-        g.item_answer = True
+    ctx = g._get_current_object()
+    seen = ctx.__dict__.get("answered")
+    if seen is None:
+        seen = ctx.answered = Answered()
+    seen.model_version = body.get("model_version")
+    seen.source = _text(body.get("source"))
+    seen.reason = _text(body.get("reason"))
+    seen.item_answer = seen.item_answer or item_answer
 
 
 def note_variant(experiment: str, variant: str) -> None:
-    g.answer_variant = (experiment, variant)
+    ctx = g._get_current_object()
+    seen = ctx.__dict__.get("answered")
+    if seen is None:
+        seen = ctx.answered = Answered()
+    seen.variant = (experiment, variant)
 
 
 def _text(value: Any) -> str | None:
