@@ -427,8 +427,11 @@ def main(argv: list[str] | None = None) -> int:
                 targets[part] = (floor_base, [f"/{part}/{u}" for u in sample_users])
                 run_wrk(floor_base, targets[part][1], 1, args.connections, 0, workdir)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-        for _ in range(rounds):  # alternate, so background load hits all alike
-            for name, (base, paths) in targets.items():
+        for round_no in range(rounds):  # alternate, so background load hits all alike
+            order = list(targets.items())
+            if round_no % 2:  # A B C, C B A, ...: a steady drift of the host's load cancels out
+                order.reverse()
+            for name, (base, paths) in order:
                 results[name].append(run_wrk(base, paths, seconds, args.connections, 0, workdir))
         best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
         half_rate = best["recsvc"]["rps"] / 2

@@ -337,7 +337,13 @@ def _metrics_hooks(metrics_dir: Path) -> dict[str, Any]:
     prepare_dir(metrics_dir)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # workers read it (Config and the client)
 
+    def worker_exit(server: Any, worker: Any) -> None:
+        # In the exiting worker: write the counts it still holds before its file is folded.
+        services = getattr(worker.wsgi, "extensions", {}).get("recsvc")
+        if services is not None and services.metrics is not None:
+            services.metrics.flush()
+
     def child_exit(server: Any, worker: Any) -> None:
         fold_dead_worker(metrics_dir, worker.pid)
 
-    return {"child_exit": child_exit}
+    return {"worker_exit": worker_exit, "child_exit": child_exit}

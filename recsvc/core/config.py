@@ -115,6 +115,9 @@ class OpsSettings:
     metrics_enabled: bool = _env("RECSVC_METRICS_ENABLED", True)
     # Read-only keys that may scrape GET /metrics (besides RECSVC_API_KEYS); none: only those.
     metrics_keys: tuple[str, ...] = _env("RECSVC_METRICS_KEYS", ())
+    # Workers write their counts to the shared metric files this often (a scrape sees the other
+    # workers' counts at most this old).
+    metrics_flush_s: float = _env("RECSVC_METRICS_FLUSH_S", 1.0)
     # prometheus-client's own variable: where the worker processes of one server keep their
     # metric files (`recsvc serve` sets it per instance; unset: metrics of this process only).
     metrics_dir: Path | None = _env("PROMETHEUS_MULTIPROC_DIR", None)

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 #: ``RECSVC_LOG_FORMAT`` values.
 FORMATS = ("auto", "json", "text")
@@ -36,24 +36,30 @@ def log_fields(**fields: Any) -> dict[str, Any]:
     return {_FIELDS_ATTR: fields}
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(created: float) -> str:
-    seconds = time.gmtime(created)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", seconds) + f".{int(created % 1 * 1000):03d}Z"
+    whole = int(created)
+    if _second[0] != whole:  # one strftime per second, not per line
+        _second[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second[0] = whole
+    return f"{_second[1]}.{int(created % 1 * 1000):03d}Z"
+
+
+def envelope(logger: str, level: str, msg: str, created: float | None = None) -> dict[str, Any]:
+    """The first keys of every JSON line: ``ts``, ``level``, ``logger``, ``pid``, ``msg``."""
+    when = time.time() if created is None else created
+    return {"ts": _iso(when), "level": level, "logger": logger, "pid": os.getpid(), "msg": msg}
 
 
 class JsonFormatter(logging.Formatter):
     """``{"ts", "level", "logger", "pid", "msg", **fields}`` on one line; exceptions as ``exc``."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": _iso(record.created),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "pid": record.process,
-            "msg": record.getMessage(),
-        }
+        out = envelope(record.name, record.levelname.lower(), record.getMessage(), record.created)
         fields = getattr(record, _FIELDS_ATTR, None)
-        if isinstance(fields, Mapping):
+        if type(fields) is dict:  # an isinstance against Mapping costs more than the rest
             for key, value in fields.items():
                 out.setdefault(key, value)
         if record.exc_info:
@@ -109,7 +115,14 @@ class LineHandler(logging.Handler):
             self._write(line)
             return
         fields = getattr(record, _FIELDS_ATTR, None)
-        urgent = record.levelno >= logging.WARNING or (isinstance(fields, Mapping) and "audit" in fields)
+        urgent = record.levelno >= logging.WARNING or (type(fields) is dict and "audit" in fields)
+        self.write_line(line, urgent)
+
+    def write_line(self, line: str, urgent: bool = False) -> None:
+        """Write one formatted line (ending in a newline), batched unless ``urgent``."""
+        if self.flush_s <= 0:
+            self._write(line)
+            return
         with self.lock:  # type: ignore[union-attr]  # created by Handler.__init__
             self._pending.append(line)
             self._size += len(line)
@@ -137,6 +150,35 @@ class LineHandler(logging.Handler):
         while True:
             time.sleep(self.flush_s)
             self.flush()
+
+
+def direct_json_handler(logger: logging.Logger, level: int = logging.INFO) -> LineHandler | None:
+    """The one handler a ``level`` line of ``logger`` would reach, when writing to it directly
+    gives the same line: a :class:`LineHandler` with a :class:`JsonFormatter`, no filters on the way.
+
+    The per-request line is written this way (building a LogRecord and formatting it cost ~45 µs of
+    a ~400 µs request in bench measurements); anything else (text format, caplog, extra handlers)
+    returns None and the caller logs as usual.
+    """
+    if not logger.isEnabledFor(level):
+        return None
+    reached: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        reached.extend(current.handlers)
+        current = current.parent if current.propagate else None
+    if len(reached) != 1:
+        return None
+    handler = reached[0]
+    ok = (
+        isinstance(handler, LineHandler)
+        and type(handler.formatter) is JsonFormatter
+        and not handler.filters
+        and handler.level <= level
+    )
+    return cast(LineHandler, handler) if ok else None
 
 
 def resolve_format(log_format: str, stream: Any = None) -> str:

@@ -89,7 +89,11 @@ def create_app(config: Config | dict[str, Any] | None = None, *, warn_unknown: b
     app.config["MAX_CONTENT_LENGTH"] = config.serving.max_body_bytes
     app.json = OrjsonProvider(app)  # compact, fields in insertion order (envelope first, items ranked)
 
-    observed = request_metrics.Metrics(config.ops.metrics_dir) if config.ops.metrics_enabled else None
+    observed = (
+        request_metrics.Metrics(config.ops.metrics_dir, config.ops.metrics_flush_s)
+        if config.ops.metrics_enabled
+        else None
+    )
     redis_url = ensure_redis(config)
     client = connect(redis_url, config, observer=observed.observe_redis if observed is not None else None)
     models = ModelCache(

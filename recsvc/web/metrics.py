@@ -14,6 +14,14 @@ by any worker, sums the files of all of them. When a worker exits, the master fo
 into one archive file and deletes its file (:func:`fold_dead_worker`), so restarts do not pile
 files up and no count is lost; scrapes and folds exclude each other with a file lock.
 
+**Cheap on the request path.** A request only adds to plain per-process tallies
+(:meth:`Metrics.count`, :meth:`Metrics.observe`: a dict update under an uncontended lock); a
+background thread writes them to the metric files every ``flush_s`` seconds
+(``RECSVC_METRICS_FLUSH_S``, 1), as does a scrape (for its own worker) and a worker's normal exit.
+Writing each value through prometheus-client on the request path cost ~25 µs of a ~400 µs request
+(bench/serve.py --observability). So a scrape sees the other workers' counts at most ``flush_s``
+old, and a worker killed with SIGKILL loses at most its last ``flush_s`` of counts.
+
 Without the variable (tests, ``--dev``) the values are this process's only.
 
 Everything observed comes from the request (``flask.g`` fields set by ``render``), never from the
@@ -22,10 +30,12 @@ request's headers, query string or body, so neither the metrics nor the log line
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,8 +48,10 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
 
+from recsvc.core import logs
 from recsvc.core.config import Config
 from recsvc.core.logs import log_fields
+from recsvc.web import jsonio
 
 request_log = logging.getLogger("recsvc.request")
 
@@ -63,10 +75,16 @@ class Metrics:
     ----------
     metrics_dir : Path or None
         prometheus-client's multiprocess folder (``PROMETHEUS_MULTIPROC_DIR``); None: this process only.
+    flush_s : float
+        How often the tallies of this process are written to the metric files (multiprocess only;
+        otherwise at each scrape).
     """
 
-    def __init__(self, metrics_dir: Path | None):
+    def __init__(self, metrics_dir: Path | None, flush_s: float = 1.0):
         self.metrics_dir = metrics_dir
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[Any, tuple[str, ...]], float] = {}
+        self._hists: dict[tuple[Any, tuple[str, ...]], list[float]] = {}
         if metrics_dir is not None:
             metrics_dir.mkdir(parents=True, exist_ok=True)
             # prometheus-client chooses where values live when it is first imported; `recsvc serve`
@@ -127,38 +145,72 @@ class Metrics:
             ["experiment", "variant"],
             registry=registry,
         )
-        # Label children by label values: `labels()` takes a lock and builds a key on every call.
-        self._redis_children: dict[str, Any] = {}
-        self._request_children: dict[tuple[str, str, int], Any] = {}
-        self._answer_children: dict[tuple[str, str, str], Any] = {}
+        if metrics_dir is not None:
+            threading.Thread(
+                target=self._flush_every, args=(flush_s,), name="metrics-flush", daemon=True
+            ).start()
+
+    # -- the request path: tallies only ------------------------------------------------------------
+
+    def count(self, metric: Counter, labels: tuple[str, ...] = (), amount: float = 1.0) -> None:
+        """Add ``amount`` to ``metric{labels}`` (written to the files by :meth:`flush`)."""
+        key = (metric, labels)
+        with self._lock:
+            self._counts[key] = self._counts.get(key, 0.0) + amount
+
+    def observe(
+        self, metric: Histogram, bounds: tuple[float, ...], labels: tuple[str, ...], value: float
+    ) -> None:
+        """Observe ``value`` in histogram ``metric{labels}`` whose bucket bounds are ``bounds``."""
+        key = (metric, labels)
+        slot = bisect.bisect_left(bounds, value)  # bucket i counts values <= bounds[i]; the last: +Inf
+        with self._lock:
+            tally = self._hists.get(key)
+            if tally is None:
+                tally = self._hists[key] = [0.0] * (len(bounds) + 2)  # buckets, +Inf, then the sum
+            tally[slot] += 1
+            tally[-1] += value
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        key = (endpoint, method, status)
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self.requests.labels(endpoint, method, str(status))
-        child.observe(seconds)
+        self.observe(self.requests, REQUEST_BUCKETS, (endpoint, method, str(status)), seconds)
 
     def observe_answer(self, endpoint: str, source: str | None, reason: str | None) -> None:
-        key = (endpoint, source or "none", reason or "none")
-        child = self._answer_children.get(key)
-        if child is None:
-            child = self._answer_children[key] = self.answers.labels(*key)
-        child.inc()
+        self.count(self.answers, (endpoint, source or "none", reason or "none"))
         if source == "realtime":
-            self.foldins.labels(endpoint).inc()
+            self.count(self.foldins, (endpoint,))
 
     def observe_redis(self, command: str, seconds: float, error: BaseException | None) -> None:
         """Called by the request-path Redis client after every round trip."""
-        child = self._redis_children.get(command)
-        if child is None:
-            child = self._redis_children[command] = self.redis_seconds.labels(command)
-        child.observe(seconds)
+        self.observe(self.redis_seconds, REDIS_BUCKETS, (command,), seconds)
         if error is not None:
-            self.redis_errors.labels(command, type(error).__name__).inc()
+            self.count(self.redis_errors, (command, type(error).__name__))
+
+    # -- to the metric objects (and their files) -------------------------------------------------
+
+    def flush(self) -> None:
+        """Write this process's tallies to the metric objects (the files in multiprocess mode)."""
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            hists, self._hists = self._hists, {}
+        for (metric, labels), amount in counts.items():
+            (metric.labels(*labels) if labels else metric).inc(amount)
+        for (metric, labels), tally in hists.items():
+            child = metric.labels(*labels) if labels else metric
+            # prometheus-client has no public "add n observations to bucket i": its bucket values
+            # are what `observe` increments (non-cumulative per bucket, summed when collected).
+            for slot, n in enumerate(tally[:-1]):
+                if n:
+                    child._buckets[slot].inc(n)
+            child._sum.inc(tally[-1])
+
+    def _flush_every(self, flush_s: float) -> None:
+        while True:
+            time.sleep(flush_s)
+            self.flush()
 
     def render(self, extra: Collector | None = None) -> bytes:
         """The Prometheus text of every worker (or of this process), plus ``extra``'s families."""
+        self.flush()
         scrape = CollectorRegistry(auto_describe=False)
         if extra is not None:
             scrape.register(extra)
@@ -207,6 +259,7 @@ def install(app: Flask, metrics: Metrics | None, config: Config) -> None:
     log_requests = config.ops.request_log
     if metrics is None and not log_requests:
         return
+    lines = RequestLines()
 
     def finish(response: Response) -> Response:
         # The objects behind Flask's proxies, once: each proxy access costs a context lookup.
@@ -224,35 +277,60 @@ def install(app: Flask, metrics: Metrics | None, config: Config) -> None:
             if seen.item_answer:
                 metrics.observe_answer(endpoint, seen.source, seen.reason)
             if seen.variant is not None:
-                metrics.assignments.labels(*seen.variant).inc()
+                metrics.count(metrics.assignments, seen.variant)
             if status == 429:
-                metrics.rate_limited.labels(endpoint).inc()
+                metrics.count(metrics.rate_limited, (endpoint,))
             if req.endpoint == "events.post_events":
                 if status == 202:
-                    metrics.events_accepted.inc(d.get("events_accepted", 0))
+                    metrics.count(metrics.events_accepted, (), d.get("events_accepted", 0))
                 else:
-                    metrics.events_rejected.labels(str(status)).inc()
+                    metrics.count(metrics.events_rejected, (str(status),))
         if log_requests:
             variant = seen.variant
-            request_log.info(
-                "request",
-                extra=log_fields(
-                    request_id=d.get("request_id"),
-                    method=req.method,
-                    endpoint=endpoint,
-                    status=status,
-                    source=seen.source,
-                    reason=seen.reason,
-                    model_version=seen.model_version,
-                    experiment=variant[0] if variant is not None else None,
-                    variant=variant[1] if variant is not None else None,
-                    latency_ms=round(seconds * 1000, 3),
-                ),
+            lines.write(
+                {
+                    "request_id": d.get("request_id"),
+                    "method": req.method,
+                    "endpoint": endpoint,
+                    "status": status,
+                    "source": seen.source,
+                    "reason": seen.reason,
+                    "model_version": seen.model_version,
+                    "experiment": variant[0] if variant is not None else None,
+                    "variant": variant[1] if variant is not None else None,
+                    "latency_ms": round(seconds * 1000, 3),
+                }
             )
         return response
 
     # Registered before every other after_request hook, so it runs last and sees the final status.
     app.after_request_funcs.setdefault(None, []).insert(0, finish)
+
+
+class RequestLines:
+    """Writes the per-request line (logger ``recsvc.request``, INFO).
+
+    When the line would reach exactly one JSON :class:`~recsvc.core.logs.LineHandler` (the set-up
+    of ``recsvc serve``), it is built here with orjson and handed to that handler: the same line,
+    without a LogRecord and the stdlib encoder (~45 µs of a ~400 µs request in
+    bench/serve.py --observability). Anything else (text format, tests capturing logs) goes
+    through ``logging`` as usual. The choice is made again when the process or its handlers change.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[Any, ...] | None = None
+        self._handler: logs.LineHandler | None = None
+
+    def write(self, fields: dict[str, Any]) -> None:
+        key = (os.getpid(), tuple(logging.root.handlers), tuple(request_log.handlers))
+        if key != self._key:
+            self._key, self._handler = key, logs.direct_json_handler(request_log)
+        if self._handler is None:
+            request_log.info("request", extra=log_fields(**fields))
+            return
+        body = logs.envelope(request_log.name, "info", "request")
+        body.update(fields)
+        self._handler.write_line(jsonio.dumps(body).decode() + "\n")
 
 
 @dataclass
@@ -269,12 +347,17 @@ class Answered:
 NOTHING = Answered()
 
 
-def note_answer(body: dict[str, Any], *, item_answer: bool = False) -> None:
-    """Remember what this request answered (model version, source, reason) for metrics and logs."""
+def _answered() -> Answered:
     ctx = g._get_current_object()
     seen = ctx.__dict__.get("answered")
     if seen is None:
         seen = ctx.answered = Answered()
+    return seen
+
+
+def note_answer(body: dict[str, Any], *, item_answer: bool = False) -> None:
+    """Remember what this request answered (model version, source, reason) for metrics and logs."""
+    seen = _answered()
     seen.model_version = body.get("model_version")
     seen.source = _text(body.get("source"))
     seen.reason = _text(body.get("reason"))
@@ -282,11 +365,8 @@ def note_answer(body: dict[str, Any], *, item_answer: bool = False) -> None:
 
 
 def note_variant(experiment: str, variant: str) -> None:
-    ctx = g._get_current_object()
-    seen = ctx.__dict__.get("answered")
-    if seen is None:
-        seen = ctx.answered = Answered()
-    seen.variant = (experiment, variant)
+    """Remember the A/B variant this request's answer was served under."""
+    _answered().variant = (experiment, variant)
 
 
 def _text(value: Any) -> str | None:

@@ -10,6 +10,7 @@ import pytest
 
 from recsvc.core.logs import (
     JsonFormatter,
+    LineHandler,
     TextFormatter,
     check_level,
     dict_config,
@@ -70,3 +71,38 @@ def test_gunicorn_logging_config_keeps_existing_loggers_and_leaves_the_access_lo
     assert config["disable_existing_loggers"] is False
     assert config["root"]["level"] == "INFO" and "gunicorn.access" not in config["loggers"]
     logging.config.dictConfig({**config, "root": {"level": "INFO", "handlers": []}})  # it is valid
+
+
+def _handler(flush_s: float) -> tuple[LineHandler, io.StringIO, logging.Logger]:
+    out = io.StringIO()
+    handler = LineHandler(out, flush_s=flush_s)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger(f"test.lines.{flush_s}")
+    logger.handlers[:] = [handler]
+    logger.propagate, logger.level = False, logging.INFO
+    return handler, out, logger
+
+
+def test_batched_lines_come_out_within_the_flush_interval_and_urgent_ones_at_once():
+    import time
+
+    handler, out, logger = _handler(0.2)
+    logger.info("request", extra=log_fields(status=200))
+    assert out.getvalue() == ""  # waiting for the next batch
+    deadline = time.monotonic() + 5
+    while not out.getvalue() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert json.loads(out.getvalue())["status"] == 200
+    logger.info("admin publish", extra=log_fields(audit="publish"))
+    assert '"audit":"publish"' in out.getvalue()  # audit lines are never held back
+    logger.warning("redis unavailable")
+    assert "redis unavailable" in out.getvalue()
+    logger.info("last one")
+    handler.flush()  # what logging.shutdown does at a normal exit
+    assert "last one" in out.getvalue()
+
+
+def test_unbatched_lines_are_written_at_once():
+    _, out, logger = _handler(0.0)
+    logger.info("now")
+    assert json.loads(out.getvalue())["msg"] == "now"

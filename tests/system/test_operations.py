@@ -82,6 +82,14 @@ def test_counters_add_up_across_workers_and_survive_a_killed_worker(ops):
     before = served_count(ops)
     lines_before = len([r for r in request_lines(ops) if r["endpoint"] == REC])
     assert _load(ops, ops.shop.users, 60) == [200] * 60
+    # Workers write log lines and counts in batches (RECSVC_LOG_FLUSH_S, RECSVC_METRICS_FLUSH_S):
+    # all 60 are out before the kill (a SIGKILL loses what a worker still holds, by design).
+    harness.wait_until(
+        lambda: len([r for r in request_lines(ops) if r["endpoint"] == REC]) == lines_before + 60,
+        10,
+        what="the first 60 request lines",
+    )
+    harness.wait_until(lambda: served_count(ops) - before == 60, 10, what="the first 60 counted")
     victim = ops.service.worker_pids()[0]
     os.kill(victim, signal.SIGKILL)
     harness.wait_until(
@@ -91,7 +99,13 @@ def test_counters_add_up_across_workers_and_survive_a_killed_worker(ops):
     )
     assert _load(ops, ops.shop.users, 60) == [200] * 60
     # Every request counted once, whichever worker served it -- the killed one's included.
+    harness.wait_until(lambda: served_count(ops) - before >= 120, 10, what="120 counted")
     assert served_count(ops) - before == 120
+    harness.wait_until(
+        lambda: len([r for r in request_lines(ops) if r["endpoint"] == REC]) >= lines_before + 120,
+        10,
+        what="120 request lines",
+    )
     served = [r for r in request_lines(ops) if r["endpoint"] == REC][lines_before:]
     assert len(served) == 120
     by_worker = Tally(r["pid"] for r in served)

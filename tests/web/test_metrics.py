@@ -201,3 +201,32 @@ def test_the_deploy_dashboard_and_alerts_only_use_metrics_the_service_exports(cl
     for name in used:
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
         assert name in exported or base in families or base + "_seconds" in families, name
+
+
+def test_the_servers_request_line_is_written_straight_to_its_json_handler(client, published):
+    """Under `recsvc serve` the line skips the LogRecord; it must be the line logging would write."""
+    import io
+    import json
+
+    from recsvc.core.logs import JsonFormatter, LineHandler
+
+    out = io.StringIO()
+    handler = LineHandler(out, flush_s=0.0)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)  # setLevel, not .level: loggers cache whether a level is enabled
+    try:
+        client.get("/v1/users/u1/recommendations?n=2", headers={"X-Request-ID": "direct-1", **AUTH})
+        logging.getLogger("recsvc.request").info("request", extra={"fields": {"status": 1}})
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+    direct, through_logging = (json.loads(line) for line in out.getvalue().splitlines()[-2:])
+    assert list(direct)[:5] == list(through_logging)[:5] == ["ts", "level", "logger", "pid", "msg"]
+    assert direct["logger"] == "recsvc.request" and direct["msg"] == "request" and direct["level"] == "info"
+    assert (
+        direct["request_id"] == "direct-1" and direct["status"] == 200 and direct["source"] == "personalized"
+    )
+    assert API_KEY not in out.getvalue()
