@@ -314,21 +314,24 @@ class RequestLines:
     of ``recsvc serve``), it is built here with orjson and handed to that handler: the same line,
     without a LogRecord and the stdlib encoder (~45 µs of a ~400 µs request in
     bench/serve.py --observability). Anything else (text format, tests capturing logs) goes
-    through ``logging`` as usual. The choice is made again when the process or its handlers change.
+    through ``logging`` as usual. The choice is made at the first line and again every second (a
+    change of the logging set-up is seen within a second).
     """
 
+    RECHECK_S = 1.0
+
     def __init__(self) -> None:
-        self._key: tuple[Any, ...] | None = None
         self._handler: logs.LineHandler | None = None
+        self._recheck_at = 0.0
 
     def write(self, fields: dict[str, Any]) -> None:
-        key = (os.getpid(), tuple(logging.root.handlers), tuple(request_log.handlers))
-        if key != self._key:
-            self._key, self._handler = key, logs.direct_json_handler(request_log)
+        now = time.time()
+        if now >= self._recheck_at:
+            self._handler, self._recheck_at = logs.direct_json_handler(request_log), now + self.RECHECK_S
         if self._handler is None:
             request_log.info("request", extra=log_fields(**fields))
             return
-        body = logs.envelope(request_log.name, "info", "request")
+        body = logs.envelope(request_log.name, "info", "request", now)
         body.update(fields)
         self._handler.write_line(jsonio.dumps(body).decode() + "\n")
 
