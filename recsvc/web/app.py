@@ -26,6 +26,7 @@ from recsvc.serving.recommender import Recommender
 from recsvc.storage.connection import connect
 from recsvc.storage.embedded import ensure_redis
 from recsvc.web import metrics as request_metrics
+from recsvc.web import observe
 from recsvc.web.errors import register_error_handlers
 from recsvc.web.jsonio import OrjsonProvider, dumps, loads
 from recsvc.web.services import Services
@@ -120,7 +121,7 @@ def create_app(config: Config | dict[str, Any] | None = None, *, warn_unknown: b
         metrics=observed,
     )
 
-    request_metrics.install(app, observed, config)
+    observe.install(app, observed, config)
     register_error_handlers(app)
     app.before_request(_assign_request_id)
     app.after_request(_finish_response)

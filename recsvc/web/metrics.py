@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service, correct across gunicorn workers, and the per-request log line.
+"""Prometheus metrics of the service, correct across gunicorn workers.
 
 What is counted (every name starts with ``recsvc_``; docs/operations.md#metrics has the table):
 requests per endpoint, method and status with their latency (a histogram; its ``_count`` is the
@@ -19,13 +19,12 @@ files up and no count is lost; scrapes and folds exclude each other with a file 
 background thread writes them to the metric files every ``flush_s`` seconds
 (``RECSVC_METRICS_FLUSH_S``, 1), as does a scrape (for its own worker) and a worker's normal exit.
 Writing each value through prometheus-client on the request path cost ~25 µs of a ~400 µs request
-(bench/serve.py --observability). So a scrape sees the other workers' counts at most ``flush_s``
+(bench/observability.py). So a scrape sees the other workers' counts at most ``flush_s``
 old, and a worker killed with SIGKILL loses at most its last ``flush_s`` of counts.
 
 Without the variable (tests, ``--dev``) the values are this process's only.
 
-Everything observed comes from the request (``flask.g`` fields set by ``render``), never from the
-request's headers, query string or body, so neither the metrics nor the log line can carry a key.
+What a request counts is decided by :mod:`recsvc.web.observe` (the request hook).
 """
 
 from __future__ import annotations
@@ -33,27 +32,17 @@ from __future__ import annotations
 import bisect
 import contextlib
 import fcntl
-import logging
 import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flask import Flask, Response, g, request
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess, values
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.registry import Collector
-
-from recsvc.core import logs
-from recsvc.core.config import Config
-from recsvc.core.logs import log_fields
-from recsvc.web import jsonio
-
-request_log = logging.getLogger("recsvc.request")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -247,133 +236,6 @@ class LiveState(Collector):
                 age.add_metric([], max(0.0, time.time() - created))
         yield info
         yield age
-
-
-# ------------------------------------------------------------------------------------------------
-# Request hooks: timing, metrics, the per-request log line
-# ------------------------------------------------------------------------------------------------
-
-
-def install(app: Flask, metrics: Metrics | None, config: Config) -> None:
-    """Time every request; count it in ``metrics`` (None: off) and log it (``ops.request_log``)."""
-    log_requests = config.ops.request_log
-    if metrics is None and not log_requests:
-        return
-    lines = RequestLines()
-
-    def finish(response: Response) -> Response:
-        # The objects behind Flask's proxies, once: each proxy access costs a context lookup.
-        ctx = g._get_current_object()
-        req = request._get_current_object()  # type: ignore[attr-defined]
-        d = ctx.__dict__
-        started = d.get("started")
-        seconds = time.perf_counter() - started if started is not None else 0.0
-        rule = req.url_rule
-        endpoint = rule.rule if rule is not None else "unmatched"
-        status = response.status_code
-        seen: Answered = d.get("answered") or NOTHING
-        if metrics is not None:
-            metrics.observe_request(endpoint, req.method, status, seconds)
-            if seen.item_answer:
-                metrics.observe_answer(endpoint, seen.source, seen.reason)
-            if seen.variant is not None:
-                metrics.count(metrics.assignments, seen.variant)
-            if status == 429:
-                metrics.count(metrics.rate_limited, (endpoint,))
-            if req.endpoint == "events.post_events":
-                if status == 202:
-                    metrics.count(metrics.events_accepted, (), d.get("events_accepted", 0))
-                else:
-                    metrics.count(metrics.events_rejected, (str(status),))
-        if log_requests:
-            variant = seen.variant
-            lines.write(
-                {
-                    "request_id": d.get("request_id"),
-                    "method": req.method,
-                    "endpoint": endpoint,
-                    "status": status,
-                    "source": seen.source,
-                    "reason": seen.reason,
-                    "model_version": seen.model_version,
-                    "experiment": variant[0] if variant is not None else None,
-                    "variant": variant[1] if variant is not None else None,
-                    "latency_ms": round(seconds * 1000, 3),
-                }
-            )
-        return response
-
-    # Registered before every other after_request hook, so it runs last and sees the final status.
-    app.after_request_funcs.setdefault(None, []).insert(0, finish)
-
-
-class RequestLines:
-    """Writes the per-request line (logger ``recsvc.request``, INFO).
-
-    When the line would reach exactly one JSON :class:`~recsvc.core.logs.LineHandler` (the set-up
-    of ``recsvc serve``), it is built here with orjson and handed to that handler: the same line,
-    without a LogRecord and the stdlib encoder (~45 µs of a ~400 µs request in
-    bench/serve.py --observability). Anything else (text format, tests capturing logs) goes
-    through ``logging`` as usual. The choice is made at the first line and again every second (a
-    change of the logging set-up is seen within a second).
-    """
-
-    RECHECK_S = 1.0
-
-    def __init__(self) -> None:
-        self._handler: logs.LineHandler | None = None
-        self._recheck_at = 0.0
-
-    def write(self, fields: dict[str, Any]) -> None:
-        now = time.time()
-        if now >= self._recheck_at:
-            self._handler, self._recheck_at = logs.direct_json_handler(request_log), now + self.RECHECK_S
-        if self._handler is None:
-            request_log.info("request", extra=log_fields(**fields))
-            return
-        body = logs.envelope(request_log.name, "info", "request", now)
-        body.update(fields)
-        self._handler.write_line(jsonio.dumps(body).decode() + "\n")
-
-
-@dataclass
-class Answered:
-    """What a request answered, for its metrics and log line (kept on ``flask.g.answered``)."""
-
-    model_version: str | None = None
-    source: str | None = None
-    reason: str | None = None
-    item_answer: bool = False
-    variant: tuple[str, str] | None = None
-
-
-NOTHING = Answered()
-
-
-def _answered() -> Answered:
-    ctx = g._get_current_object()
-    seen = ctx.__dict__.get("answered")
-    if seen is None:
-        seen = ctx.answered = Answered()
-    return seen
-
-
-def note_answer(body: dict[str, Any], *, item_answer: bool = False) -> None:
-    """Remember what this request answered (model version, source, reason) for metrics and logs."""
-    seen = _answered()
-    seen.model_version = body.get("model_version")
-    seen.source = _text(body.get("source"))
-    seen.reason = _text(body.get("reason"))
-    seen.item_answer = seen.item_answer or item_answer
-
-
-def note_variant(experiment: str, variant: str) -> None:
-    """Remember the A/B variant this request's answer was served under."""
-    _answered().variant = (experiment, variant)
-
-
-def _text(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 # ------------------------------------------------------------------------------------------------

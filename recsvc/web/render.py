@@ -19,7 +19,7 @@ from recsvc.analytics.registry import Assignment, served_as_defined
 from recsvc.serving.model import ServingModel
 from recsvc.serving.recommender import Answer, Variant
 from recsvc.web import jsonio
-from recsvc.web.metrics import note_answer, note_variant
+from recsvc.web.observe import note_answer, note_variant
 from recsvc.web.services import services
 
 
