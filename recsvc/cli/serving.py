@@ -7,6 +7,7 @@ is nothing to roll back to; 2 bad usage (click); 3 Redis is unreachable.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import os
 import shlex
 import sys
@@ -296,6 +297,7 @@ def serve(
         create_app().run(host=host, port=port, threaded=True, use_reloader=False)
         return
     run_dir = instance_dir(config, host, port)
+    _claim(run_dir, base)
     options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": workers,
@@ -318,6 +320,24 @@ def serve(
     if config.ops.metrics_enabled:
         options.update(_metrics_hooks(run_dir / "metrics"))
     _GunicornApp(options).run()
+
+
+_claimed: list[int] = []  # the instance lock's descriptor, held until the process exits
+
+
+def _claim(run_dir: Path, base: str) -> None:
+    """Hold this instance's folder for the life of the process: a second `recsvc serve` on the same
+    address must not empty the first one's metrics folder before failing to bind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "instance.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _Failed(
+            f"another recsvc serve already serves {base} (it holds {run_dir}/instance.lock)"
+        ) from None
+    _claimed.append(fd)
 
 
 def _control_socket(run_dir: Path) -> dict[str, Any]:

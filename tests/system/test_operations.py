@@ -118,6 +118,21 @@ def test_counters_add_up_across_workers_and_survive_a_killed_worker(ops):
     assert (metrics_dir.parent / "gunicorn.ctl").exists()  # this instance's own control socket
 
 
+def test_a_second_server_on_the_same_address_leaves_the_first_ones_metrics_alone(ops):
+    harness.http_once(ops.base, "GET", f"/v1/users/{ops.shop.users[0]}/recommendations?n=3")
+    harness.wait_until(lambda: served_count(ops) > 0, 10, what="a counted request")
+    counted = served_count(ops)
+    second = harness.recsvc(
+        ["serve", "--host", "127.0.0.1", "--port", str(ops.service.port), "--workers", "1"],
+        ops.env,
+        ops.workdir,
+        timeout_s=60,
+        check=False,
+    )
+    assert second.returncode == 1 and "already serves" in second.stderr, second.stderr[-500:]
+    assert served_count(ops) >= counted  # its metric files were not emptied
+
+
 def test_the_log_is_json_lines_with_one_line_per_request_and_never_a_key(ops):
     key = KEYS[1]
     http = ops.http()
