@@ -7,16 +7,36 @@ RECSVC := $(BIN)/recsvc
 SAMPLE := var/sample
 PORT   ?= 8000
 
-.PHONY: install run test lint bench faults loadtest clean
+.PHONY: install install-service install-train locks run test lint bench faults loadtest clean
+
+# Dependencies by role, each pinned with hashes in its own lock (requirements/*.lock, generated from
+# pyproject.toml by `make locks`): the service installs no training or test tools.
+#   service: recsvc serve, publish, events, redis    train: + implicit (train, evaluate, retrain, export)
+#   dev: + tests, lint, benchmarks, fault/fuzz/load tools (what `make install`, `make test` and CI use)
+PIP_LOCK := $(BIN)/python -m pip install -q --require-hashes --no-deps -r
 
 install: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements/dev.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q pip==26.3
+	$(PIP_LOCK) requirements/dev.lock
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# A production host: only the service (or the service and the offline jobs), into VENV.
+install-service install-train:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q pip==26.3
+	$(PIP_LOCK) requirements/$(subst install-,,$@).lock
+	$(BIN)/python -m pip install -q --no-deps .
+
+# Regenerate the three locks after a change of pyproject.toml (pip-tools, hashes of every file).
+LOCK_FLAGS := -q --generate-hashes --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
+locks: install
+	$(BIN)/pip-compile $(LOCK_FLAGS) -o requirements/service.lock pyproject.toml
+	$(BIN)/pip-compile $(LOCK_FLAGS) --extra train -o requirements/train.lock pyproject.toml
+	$(BIN)/pip-compile $(LOCK_FLAGS) --extra train --extra dev -o requirements/dev.lock pyproject.toml
 
 # The main job: sample shop -> train -> publish -> serve on http://127.0.0.1:$(PORT).
 # Uses REDIS_URL when set, else an embedded real Redis under var/redis.

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from recsvc.core.contract import PURCHASE
 from recsvc.core.ids import IdMap
+from recsvc.core.progress import Progress
 from recsvc.core.weighting import (
     SECONDS_PER_DAY,
     confidence_matrix,
@@ -408,37 +409,39 @@ def evaluate(
     depth = max(ks)
     timings: dict[str, float] = {}
     item_factors = None
-    for method in METHODS:
-        if method not in methods:
-            continue
-        start = time.perf_counter()
-        if method == "als":
-            metrics["als"], item_factors = _evaluate_als(
-                prep, params, ks, seed, threads, exclude_purchased, show_progress, device
-            )
-        elif method == "popularity":
-            pop = _popularity_vector(prep)
-            recs = _ranked(
-                prep,
-                lambda users, pop=pop: np.broadcast_to(pop, (len(users), n_items)),
-                depth,
-                exclude_purchased,
-            )
-            metrics["popularity"] = ranking_metrics(recs, prep.relevant, n_items, ks)
-        elif method == "recent_popularity":
-            pop = popularity_scores(train, prep.item_ids, params.weighting(), now=cutoff - 1).astype(
-                np.float64
-            )
-            recs = _ranked(
-                prep,
-                lambda users, pop=pop: np.broadcast_to(pop, (len(users), n_items)),
-                depth,
-                exclude_purchased,
-            )
-            metrics["recent_popularity"] = ranking_metrics(recs, prep.relevant, n_items, ks)
-        elif method == "item_knn":
-            metrics["item_knn"] = _evaluate_knn(prep, ks, knn_neighbours, threads, exclude_purchased)
-        timings[method] = round(time.perf_counter() - start, 3)
+    chosen = [m for m in METHODS if m in methods]
+    # One line every few seconds while a method runs (ALS and item-kNN fits take the longest).
+    with Progress("evaluate", total=len(chosen), unit="methods") as progress:
+        for method in chosen:
+            progress.step(method)
+            start = time.perf_counter()
+            if method == "als":
+                metrics["als"], item_factors = _evaluate_als(
+                    prep, params, ks, seed, threads, exclude_purchased, show_progress, device
+                )
+            elif method == "popularity":
+                pop = _popularity_vector(prep)
+                recs = _ranked(
+                    prep,
+                    lambda users, pop=pop: np.broadcast_to(pop, (len(users), n_items)),
+                    depth,
+                    exclude_purchased,
+                )
+                metrics["popularity"] = ranking_metrics(recs, prep.relevant, n_items, ks)
+            elif method == "recent_popularity":
+                pop = popularity_scores(train, prep.item_ids, params.weighting(), now=cutoff - 1).astype(
+                    np.float64
+                )
+                recs = _ranked(
+                    prep,
+                    lambda users, pop=pop: np.broadcast_to(pop, (len(users), n_items)),
+                    depth,
+                    exclude_purchased,
+                )
+                metrics["recent_popularity"] = ranking_metrics(recs, prep.relevant, n_items, ks)
+            elif method == "item_knn":
+                metrics["item_knn"] = _evaluate_knn(prep, ks, knn_neighbours, threads, exclude_purchased)
+            timings[method] = round(time.perf_counter() - start, 3)
     metrics["split"]["seconds"] = timings
     if bundles and item_factors is not None:
         start = time.perf_counter()
@@ -661,36 +664,40 @@ def tune(
     results: list[tuple[float, TrainParams, dict[str, Any]]] = []
     split_info: dict[str, Any] = {}
     seen: set[str] = set()
-    for trial in range(trials):
-        if trial and time.perf_counter() - start > time_budget_s:
-            break
-        params = base if trial == 0 else _sample_params(rng, base)
-        key = repr(params.to_manifest(seed))
-        if key in seen:
-            continue
-        seen.add(key)
-        t0 = time.perf_counter()
-        prep = _prepare(fit_part, validation, cutoff, catalog_ids, params, exclude_purchased)
-        split_info = prep.info
-        if len(prep.test_users) == 0:
-            raise ValueError(
-                "the validation split has no test user: use a longer history or a different split_days"
-            )
-        values, _ = _evaluate_als(prep, params, (k,), seed, threads, exclude_purchased, device=device)
-        score = float(values.get(metric, 0.0))
-        record = {
-            "trial": trial,
-            "score": score,
-            "seconds": round(time.perf_counter() - t0, 2),
-            "params": params.to_manifest(seed),
-        }
-        results.append((score, params, record))
-        if log is not None:
-            log(
-                f"trial {trial}: {metric}={score:.4f} factors={params.factors} reg={params.regularization} "
-                f"alpha={params.alpha} it={params.iterations} scaling={params.scaling} "
-                f"half_life={params.half_life_days} weights={params.event_weights}"
-            )
+    # Trials stop at the time budget: the total is an upper bound.
+    with Progress("tune", total=trials, unit="trials") as progress:
+        for trial in range(trials):
+            if trial and time.perf_counter() - start > time_budget_s:
+                break
+            params = base if trial == 0 else _sample_params(rng, base)
+            key = repr(params.to_manifest(seed))
+            if key in seen:
+                continue
+            seen.add(key)
+            t0 = time.perf_counter()
+            prep = _prepare(fit_part, validation, cutoff, catalog_ids, params, exclude_purchased)
+            split_info = prep.info
+            if len(prep.test_users) == 0:
+                raise ValueError(
+                    "the validation split has no test user: use a longer history or a different split_days"
+                )
+            values, _ = _evaluate_als(prep, params, (k,), seed, threads, exclude_purchased, device=device)
+            score = float(values.get(metric, 0.0))
+            record = {
+                "trial": trial,
+                "score": score,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "params": params.to_manifest(seed),
+            }
+            results.append((score, params, record))
+            progress.update(1)
+            if log is not None:
+                log(
+                    f"trial {trial}: {metric}={score:.4f} factors={params.factors} "
+                    f"reg={params.regularization} alpha={params.alpha} it={params.iterations} "
+                    f"scaling={params.scaling} "
+                    f"half_life={params.half_life_days} weights={params.event_weights}"
+                )
     results.sort(key=lambda r: -r[0])
     best_score, best, _ = results[0]
     return TuneResult(best, best_score, metric, [r[2] for r in results], split_info)

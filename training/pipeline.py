@@ -12,7 +12,6 @@ import datetime as _dt
 import hashlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -26,6 +25,7 @@ from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
 from recsvc.core.events import Catalog, EventTable
 from recsvc.core.ids import IdMap
+from recsvc.core.progress import Progress
 from recsvc.core.weighting import (
     bm25_manifest_params,
     id_maps,
@@ -143,6 +143,7 @@ def train_model(
     device: str = "auto",
     version: str | None = None,
     echo: Any = None,
+    stages: Progress | None = None,
 ) -> TrainResult:
     """Train a model from event files and write it as ``<models_dir>/<version>/``.
 
@@ -178,6 +179,9 @@ def train_model(
         Version folder name (default: UTC timestamp + fingerprint prefix).
     echo : callable, optional
         Receives progress lines (the CLI passes ``click.echo`` to stderr).
+    stages : Progress, optional
+        Told each stage as it starts (load, tune, evaluate, matrix, fit, extras, bundles, write);
+        its total is set here.
 
     Returns
     -------
@@ -194,7 +198,10 @@ def train_model(
     started = time.perf_counter()
     say = echo or (lambda line: log.info(line))
     if show_progress is None:
-        show_progress = sys.stderr.isatty()
+        show_progress = True  # recsvc.core.progress decides: a bar on a terminal, else log lines
+    step = stages.step if stages is not None else (lambda name: None)
+    if stages is not None:
+        stages.total = 6 + int(tune) + int(evaluate)
     params = params or TrainParams()
     paths = (
         [Path(event_paths)] if isinstance(event_paths, str | os.PathLike) else [Path(p) for p in event_paths]
@@ -204,6 +211,7 @@ def train_model(
     fingerprint.start()
 
     t0 = time.perf_counter()
+    step("load")
     events, report = load_events(paths, max_bad_fraction=max_bad_fraction)
     catalog, catalog_report = (None, None)
     if catalog_path is not None:
@@ -216,6 +224,7 @@ def train_model(
     tuning = None
     if tune:
         t0 = time.perf_counter()
+        step("tune")
         result = tune_params(
             events,
             catalog,
@@ -235,6 +244,7 @@ def train_model(
     metrics: dict[str, Any] = {}
     if evaluate:
         t0 = time.perf_counter()
+        step("evaluate")
         try:
             metrics = evaluate_split(
                 events, catalog, params, split_days=split_days, seed=seed, threads=threads, device=device
@@ -246,6 +256,7 @@ def train_model(
         timings["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    step("matrix")
     weighting = params.weighting()
     trained_until = int(events.timestamp.max())
     user_ids, item_ids = id_maps(events, weighting, None if catalog is None else catalog.item_id)
@@ -258,21 +269,25 @@ def train_model(
     timings["matrix"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    step("fit")
     user_factors, item_factors = fit_als(
         confidence, params, seed=seed, threads=threads, show_progress=show_progress, device=device
     )
     timings["fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    step("extras")
     meta = _item_metadata(item_ids, catalog)
     popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
     purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    step("bundles")
     bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"], threads)
     timings["bundles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    step("write")
     fp = fingerprint.result()
     manifest: dict[str, Any] = {
         "data_fingerprint": fp,

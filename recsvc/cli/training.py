@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import click
 from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
 from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
+from recsvc.core.progress import Progress, mode_for
+from recsvc.core.progress import configure as configure_progress
 from training.als import TrainParams
 from training.evaluation import evaluate as run_evaluation
 from training.evaluation import format_table
@@ -101,7 +102,9 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _show_progress(flag: bool | None) -> bool:
-    return sys.stderr.isatty() if flag is None else flag
+    """Set the progress mode from ``--progress/--no-progress``; True unless switched off."""
+    configure_progress(mode_for(flag))
+    return flag is not False
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,24 +170,27 @@ def train(**kwargs: Any) -> None:
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
     models_dir = kwargs["models_dir"] or Config.from_env().models_dir
+    show_progress = _show_progress(kwargs["progress"])
     try:
-        result = train_model(
-            list(kwargs["events"]),
-            kwargs["catalog"],
-            models_dir=models_dir,
-            params=params,
-            evaluate=kwargs["evaluate"],
-            max_bad_fraction=kwargs["max_bad_fraction"],
-            seed=kwargs["seed"],
-            tune=kwargs["tune"],
-            show_progress=_show_progress(kwargs["progress"]),
-            threads=kwargs["threads"],
-            split_days=kwargs["split_days"],
-            tune_trials=kwargs["tune_trials"],
-            tune_time_budget_s=kwargs["tune_budget_s"],
-            device=kwargs["device"],
-            echo=_err,
-        )
+        with Progress("train", unit="stages", enabled=show_progress) as stages:
+            result = train_model(
+                list(kwargs["events"]),
+                kwargs["catalog"],
+                models_dir=models_dir,
+                params=params,
+                evaluate=kwargs["evaluate"],
+                max_bad_fraction=kwargs["max_bad_fraction"],
+                seed=kwargs["seed"],
+                tune=kwargs["tune"],
+                show_progress=show_progress,
+                threads=kwargs["threads"],
+                split_days=kwargs["split_days"],
+                tune_trials=kwargs["tune_trials"],
+                tune_time_budget_s=kwargs["tune_budget_s"],
+                device=kwargs["device"],
+                echo=_err,
+                stages=stages,
+            )
     except BadInputError as e:
         raise BadInput(str(e)) from None
     except ValueError as e:
@@ -289,6 +295,7 @@ def evaluate(**kwargs: Any) -> None:
             exclude_purchased=not kwargs["include_purchased"],
             device=kwargs["device"],
             bundles=kwargs["bundles"],
+            show_progress=True,
         )
     except BadInputError as e:
         raise BadInput(str(e)) from None

@@ -190,7 +190,7 @@ def publish(
     config : Config
         ``topk_cached`` (K per user) and ``keep_versions`` (retention) are used.
     progress : callable, optional
-        Called with the number of users written after each chunk (e.g. ``tqdm.update``).
+        Called with the number of users written after each chunk (e.g. ``Progress.update``).
     stats : list, optional
         A :class:`PublishStats` is appended to it.
 

@@ -72,9 +72,13 @@ def test_wrong_keys_are_throttled_per_address_then_the_right_one_waits_too(http)
 
 
 def test_short_keys_are_refused_at_start(make_app, make_config):
-    assert configured_keys_problem(("x" * 15,)) and configured_keys_problem(("x" * 16,)) is None
-    with pytest.raises(ValueError, match="shorter than 16"):
+    assert configured_keys_problem(make_config(api_keys=("x" * 15,)))
+    assert configured_keys_problem(make_config(api_keys=("x" * 16,))) is None
+    with pytest.raises(ValueError, match="RECSVC_API_KEYS: 1 key.* shorter than 16"):
         make_app(make_config(api_keys=("short",)))
+    # The read-only scrape keys open /metrics: they are held to the same length.
+    with pytest.raises(ValueError, match="RECSVC_METRICS_KEYS: 1 key.* shorter than 16"):
+        make_app(make_config(metrics_keys=("short",)))
 
 
 @pytest.mark.parametrize(
