@@ -530,11 +530,11 @@ class Bench:
         client = self.redis.client()
         try:
             orphans = set()
-            for key in client.scan_iter(match="recsvc:v:*", count=1000):
-                version = key.decode().split(":")[2].strip("{}")
+            for key in client.scan_iter(match="*:v:*", count=1000):
+                version = key.decode().split(":v:", 1)[1].split(":")[0]
                 if version not in listed:
                     orphans.add(key)
-            leases = list(client.scan_iter(match="recsvc:publishing:*"))
+            leases = list(client.scan_iter(match="{recsvc}:publishing:*"))
         finally:
             client.close()
         return len(orphans) + len(leases)
@@ -665,7 +665,7 @@ def sc_kill_publish(b: Bench) -> Row:
                 ["publish", b.shop.version_b], b.env, b.workdir, b.workdir / "publish-kill.log"
             )
             b.started.append(proc)
-            lease = f"recsvc:publishing:{b.shop.version_b}"
+            lease = f"{{recsvc}}:publishing:{b.shop.version_b}"
             killed = kill_when(
                 proc, lambda lease=lease: client.exists(lease) or client.keys(f"*{b.shop.version_b}*"), 60
             )
@@ -686,7 +686,7 @@ def sc_kill_publish(b: Bench) -> Row:
         row.details["retry_exit"] = retry.returncode
         if retry.returncode != 0:
             row.notes.append(f"retry refused (exit {retry.returncode}): {retry.stderr.strip()[-120:]}")
-            expire_lock(client, f"recsvc:publishing:{b.shop.version_b}")
+            expire_lock(client, f"{{recsvc}}:publishing:{b.shop.version_b}")
             row.notes.append("lease expiry simulated (PEXPIRE 1), then published")
         b.change_version("publish", b.shop.version_b)
         time.sleep(b.scale(1.0, 3.0))
@@ -749,7 +749,7 @@ def sc_kill_dump(b: Bench) -> Row:
     client.close()
     killed = 0
     redis_client = b.redis.client()
-    commit_key = "recsvc:events:dump:commit:recsvc:events"  # docs/realtime.md: the commit record
+    commit_key = "{recsvc}:events:dump:commit:recsvc:events"  # docs/realtime.md: the commit record
 
     def new_hidden(before: set[str], min_size: int):
         def check() -> bool:
@@ -767,7 +767,7 @@ def sc_kill_dump(b: Bench) -> Row:
     ]
     for label, make_predicate in points:  # a dump killed at three points; each re-run must recover
         # A killed dump's lock lives 300 s (documented); simulate its expiry instead of waiting.
-        expire_lock(redis_client, "recsvc:lock:events-dump")
+        expire_lock(redis_client, "{recsvc}:lock:events-dump")
         out = b.dumps / f"dump-{next(b.dump_seq):03d}.csv"
         proc = recsvc_popen(
             ["events", "dump", "--out", str(out), "--batch-size", "200"],
@@ -785,9 +785,9 @@ def sc_kill_dump(b: Bench) -> Row:
         if out.exists():
             row.notes.append(f"killed at '{label}': its file was in place (the next dump must not repeat it)")
     row.details["dumps_killed"] = killed
-    lock_ttl = redis_client.pttl("recsvc:lock:events-dump")
+    lock_ttl = redis_client.pttl("{recsvc}:lock:events-dump")
     row.notes.append(f"lock of the killed dump: {lock_ttl / 1000:.0f} s left; expiry simulated")
-    expire_lock(redis_client, "recsvc:lock:events-dump")
+    expire_lock(redis_client, "{recsvc}:lock:events-dump")
     redis_client.close()
     b.reconcile(row, load)  # the re-run
     hidden = [p.name for p in b.dumps.iterdir() if p.name.startswith(".")]

@@ -83,9 +83,8 @@ def floor_app():
     import redis
     from flask import Flask, Response
 
-    from recsvc.storage import stream
     from recsvc.serving.model import ServingModel, fetch_user
-    from recsvc.storage import keys
+    from recsvc.storage import keys, stream
 
     client = redis.Redis.from_url(os.environ["BENCH_REDIS_URL"])
     model = ServingModel.load(client, client.get(keys.CURRENT).decode())
