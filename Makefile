@@ -7,7 +7,7 @@ RECSVC := $(BIN)/recsvc
 SAMPLE := var/sample
 PORT   ?= 8000
 
-.PHONY: install run test lint bench faults loadtest clean
+.PHONY: install run test test-spark test-cluster lint bench faults loadtest clean
 
 install: $(STAMP)
 
@@ -28,6 +28,14 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The Spark engine's tests alone (Spark local[1]; needs Java 17) and the Redis Cluster variants
+# alone (a 3-master cluster started by the tests). Both are part of `make test`.
+test-spark: install
+	$(BIN)/python -m pytest -q -m spark
+
+test-cluster: install
+	$(BIN)/python -m pytest -q -m cluster
 
 # Style, the one-way import rule (import-linter contracts in pyproject.toml) and types (mypy).
 lint: install

@@ -89,7 +89,7 @@ class _Fingerprint(threading.Thread):
         return self.value
 
 
-def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
+def item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
     """price (NaN unknown), available (True unknown), category codes (-1 unknown), titles."""
     n = len(item_ids)
     price = np.full(n, np.nan, dtype=np.float32)
@@ -112,7 +112,7 @@ def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, A
     }
 
 
-def _bundles(
+def bundle_candidates(
     events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray, threads: int
 ) -> tuple[BundleCandidates, dict[str, Any]]:
     """Bundle candidates mined from the training orders, and the mining report for the manifest.
@@ -264,12 +264,12 @@ def train_model(
     timings["fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    meta = _item_metadata(item_ids, catalog)
+    meta = item_metadata(item_ids, catalog)
     popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
     purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"], threads)
+    bundles, bundle_report = bundle_candidates(events, item_ids, item_factors, meta["category"], threads)
     timings["bundles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -287,6 +287,7 @@ def train_model(
             "catalog": None if catalog_path is None else str(catalog_path),
         },
         "training": {
+            "engine": "local",
             "threads": int(threads),
             "device": device,
             "bundles": bundle_report,

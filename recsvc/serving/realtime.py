@@ -144,12 +144,12 @@ def realtime_vector(
         indices, raw = add_raw_rows(train_indices, train_raw, new_indices, new_raw)
     else:
         indices, raw = new_indices, new_raw
-    confidence = scale_row(indices, raw, state.params)
+    confidence, regularization = state.params.solve_terms(scale_row(indices, raw, state.params))
     vector = fold_in(
         model.item_factors,
         indices,
         confidence,
-        state.params.regularization,
+        regularization,
         state.params.alpha,
         yty=state.yty,
     )
