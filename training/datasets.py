@@ -288,21 +288,10 @@ def convert_online_retail_baskets(src: Path, out: Path) -> tuple[Path, Path | No
 # --------------------------------------------------------------------------------------------
 
 
-#: The events contract accepts 2000..2100 only (older stamps are typos in shop data), but
-#: MovieLens 100K is from 1997-98: its timestamps are moved forward by exactly 20 years of days.
-MOVIELENS_SHIFT_S = 7_305 * 86_400
-
-
 def _rating_events(user: pa.Array, item: pa.Array, rating: np.ndarray, ts: pa.Array) -> pa.Table:
-    """Ratings >= 4 are treated as purchases (positive), lower ones as views (weak interest).
-
-    Timestamps before 2000-01-01 are shifted by :data:`MOVIELENS_SHIFT_S` (all of them, if any
-    is, so the order and gaps between ratings are kept).
-    """
+    """Ratings >= 4 are treated as purchases (positive), lower ones as views (weak interest)."""
     event = np.where(rating >= 4, "purchase", "view").astype(object)
     seconds = pc.cast(ts, pa.int64())
-    if len(seconds) and pc.min(seconds).as_py() < 946_684_800:
-        seconds = pc.add(seconds, MOVIELENS_SHIFT_S)
     return _events(
         pc.cast(user, pa.string()), pc.cast(item, pa.string()), pa.array(event, pa.string()), seconds
     )

@@ -304,7 +304,7 @@ def _parse_time(value: Any, field_name: str) -> int | None:
         return parse_timestamp(value)
     except (ValueError, TypeError, OverflowError):
         raise ExperimentError(
-            field_name, "must be an ISO-8601 time or Unix seconds between 2000 and 2100"
+            field_name, "must be an ISO-8601 time or a Unix time after 1970 and before 2100"
         ) from None
 
 

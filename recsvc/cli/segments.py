@@ -110,6 +110,6 @@ def parse_as_of(value: str | None) -> int | None:
         return parse_timestamp(value)
     except (ValueError, TypeError, OverflowError):
         raise click.BadParameter(
-            f"{value!r} is not an ISO-8601 date/time or unix seconds between 2000 and 2100",
+            f"{value!r} is not an ISO-8601 date/time or a Unix time after 1970 and before 2100",
             param_hint="--as-of",
         ) from None

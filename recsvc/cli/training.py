@@ -19,12 +19,9 @@ from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
 from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
 from training.als import TrainParams
-from training.datasets import DATASETS, convert
 from training.evaluation import evaluate as run_evaluation
 from training.evaluation import format_table
 from training.pipeline import train_model
-from training.recommend import write_recommendations
-from training.spark_engine import SparkOptions, SparkUnavailable, train_model_spark
 
 EXIT_BAD_INPUT = 2
 
@@ -240,6 +237,9 @@ def _train_spark(kwargs: dict[str, Any], params: TrainParams, models_dir: Any, c
         raise BadInput("--tune runs with the local engine only (tune on a sample, then train with Spark)")
     if kwargs["device"] == "gpu":
         raise BadInput("--device gpu is for the local engine; Spark trains on its executors' CPUs")
+    # Loaded only for this engine, as batch recommend and the converters are for theirs.
+    from training.spark_engine import SparkOptions, SparkUnavailable, train_model_spark
+
     conf = []
     for item in kwargs["spark_conf"]:
         key, sep, value = item.partition("=")
@@ -332,6 +332,9 @@ def evaluate(**kwargs: Any) -> None:
         if events_paths:
             raise BadInput("give either --events or --dataset, not both")
 
+        # Loaded by the command that needs it, so `recsvc train` starts without the converters.
+        from training.datasets import DATASETS, convert
+
         if kwargs["dataset"] not in DATASETS:
             raise BadInput(f"--dataset: unknown dataset {kwargs['dataset']!r} (known: {', '.join(DATASETS)})")
         try:
@@ -423,6 +426,9 @@ def recommend(**kwargs: Any) -> None:
     except ArtifactError as e:
         raise BadInput(str(e)) from None
     out = Path(kwargs["out_path"])
+    # Loaded by the command that needs it (implicit's batched recommend), not by `recsvc train`.
+    from training.recommend import write_recommendations
+
     rows = write_recommendations(
         artifact,
         out,

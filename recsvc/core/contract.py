@@ -14,6 +14,8 @@ import datetime as _dt
 import math
 from typing import Any
 
+import numpy as np
+
 from recsvc.core.errors import BadInput
 from recsvc.core.ids import MAX_ID_LENGTH, is_valid_id
 
@@ -31,9 +33,16 @@ CATALOG_OPTIONAL = ("title", "category", "price", "available")
 MAX_TITLE_LENGTH = 512
 MAX_CATEGORY_LENGTH = 128
 MAX_QUANTITY = 10_000
-# Timestamps outside [2000-01-01, 2100-01-01) are typos (milliseconds, zero), not events.
-MIN_TIMESTAMP = 946_684_800
+# Unix seconds after the epoch and before 2100-01-01 are events (public data sets and old catalogues
+# go back to the 1990s); 0 and negative values are missing values, not events.
+MIN_TIMESTAMP = 1
 MAX_TIMESTAMP = 4_102_444_800
+# Numbers too large to be seconds are read as milliseconds or microseconds when the result is an
+# instant from 1973 to 2100: a clickstream export in ms is common, and never a typo for seconds.
+EPOCH_UNITS: tuple[tuple[float, float, float], ...] = (
+    (1e11, MAX_TIMESTAMP * 1e3, 1e3),  # milliseconds
+    (1e14, MAX_TIMESTAMP * 1e6, 1e6),  # microseconds
+)
 
 REASONS: dict[str, str] = {
     "missing_field": "a required field is empty or missing",
@@ -42,7 +51,7 @@ REASONS: dict[str, str] = {
     "invalid_order_id": "order_id is not 1-128 characters of [A-Za-z0-9._:-]",
     "invalid_rec_id": "rec_id is not 1-128 characters of [A-Za-z0-9._:-]",
     "unknown_event": f"event is not one of {', '.join(EVENT_TYPES)}",
-    "invalid_timestamp": "timestamp is not ISO-8601 or Unix seconds between 2000 and 2100",
+    "invalid_timestamp": "timestamp is not ISO-8601 or a Unix time (s, ms or µs) after 1970 and before 2100",
     "invalid_quantity": f"quantity is not a number in 0..{MAX_QUANTITY} (negative quantities are rejected)",
     "invalid_price": "price is not a finite number >= 0",
 }
@@ -75,9 +84,29 @@ def parse_timestamp(value: Any) -> int:
             seconds = parsed.timestamp()
     else:
         raise ValueError("empty timestamp")
-    if not math.isfinite(seconds) or not MIN_TIMESTAMP <= seconds < MAX_TIMESTAMP:
+    converted, ok = epoch_seconds(np.array([seconds], dtype=np.float64))
+    if not ok[0]:
         raise ValueError("timestamp out of range")
-    return int(seconds)
+    return int(converted[0])
+
+
+def epoch_seconds(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unix seconds (int64) from Unix times in seconds, milliseconds or microseconds, and which are valid.
+
+    Seconds must lie in ``[MIN_TIMESTAMP, MAX_TIMESTAMP)``; larger numbers are divided per
+    :data:`EPOCH_UNITS` when they fall in a unit's range; anything else (0, negative, non-finite,
+    between the ranges) is invalid. Fractions of a second are truncated.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    safe = np.where(finite, values, 0.0)
+    seconds = safe.copy()
+    ok = finite & (safe >= MIN_TIMESTAMP) & (safe < MAX_TIMESTAMP)
+    for low, high, divisor in EPOCH_UNITS:
+        in_unit = finite & (safe >= low) & (safe < high)
+        seconds = np.where(in_unit, safe / divisor, seconds)
+        ok |= in_unit
+    return np.where(ok, np.trunc(seconds), 0).astype(np.int64), ok
 
 
 def _number(value: Any) -> float:

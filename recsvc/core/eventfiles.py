@@ -453,8 +453,8 @@ def _parse_timestamps(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
         except pa.ArrowInvalid:
             as_int = None
         if as_int is not None:
-            ok = (as_int >= contract.MIN_TIMESTAMP) & (as_int < contract.MAX_TIMESTAMP)
-            return np.where(ok, as_int, 0), ok, empty
+            secs, ok = contract.epoch_seconds(as_int)
+            return secs, ok, empty
     todo = ~empty
     numeric = np.asarray(
         pc.fill_null(pc.match_substring_regex(strings, r"^\s*[0-9]+(\.[0-9]*)?\s*$"), False).to_numpy(
@@ -508,9 +508,8 @@ def _parse_timestamps(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _seconds_in_range(values: np.ndarray, present: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    finite = np.isfinite(values)
-    ok = present & finite & (values >= contract.MIN_TIMESTAMP) & (values < contract.MAX_TIMESTAMP)
-    return np.where(ok, np.trunc(np.where(finite, values, 0)), 0).astype(np.int64), ok
+    seconds, ok = contract.epoch_seconds(values)
+    return seconds, ok & present
 
 
 def _parse_numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -105,6 +105,9 @@ def test_timestamps_in_every_accepted_shape(tmp_path):
         "2020-09-13T12:26:40Z",
         "2020-09-13T14:26:40+02:00",
         "2020-09-13T12:26:40.750Z",
+        "1600000000000",  # milliseconds
+        "1600000000750",
+        "1600000000000000",  # microseconds
     ]
     lines = (
         [HEADER] + [f"u{i},i1,view,{ts},,,," for i, ts in enumerate(shapes)] + ["u9,i1,view,2020-09-13,,,,"]
@@ -114,7 +117,18 @@ def test_timestamps_in_every_accepted_shape(tmp_path):
     assert table.timestamp.tolist() == [1600000000] * len(shapes) + [1599955200]
 
 
-@pytest.mark.parametrize("value", ["99999999", "4102444800", "2020-13-01", "12/09/2020", "-5"])
+def test_timestamps_before_2000_are_events(tmp_path):
+    # MovieLens 100K is from 1997-98; old catalogues and public data sets go back further.
+    lines = [HEADER, "u1,i1,view,881250949,,,,", "u2,i1,view,1995-06-01T00:00:00Z,,,,", "u3,i1,view,1,,,,"]
+    table, report = load_events(write(tmp_path, "e.csv", *lines))
+    assert report.rows_rejected == 0
+    assert table.timestamp.tolist() == [881250949, 801964800, 1]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["0", "-5", "4102444800", "50000000000", "4102444800000", "2020-13-01", "12/09/2020", "1969-12-31"],
+)
 def test_out_of_range_or_unparseable_timestamps_are_rejected(tmp_path, value):
     _, report = load_events(
         write(tmp_path, "e.csv", HEADER, GOOD, f"u1,i1,view,{value},,,,"), max_bad_fraction=1
@@ -288,3 +302,29 @@ def test_header_spaces_bom_and_many_malformed_rows(tmp_path):
     assert table.user_id.tolist() == ["u1", "u2"]
     assert report.rejected_by_reason == {"malformed_row": 30}
     assert [ex.line for ex in report.examples["malformed_row"]] == [3, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (881250949, 881250949),
+        ("1600000000", 1600000000),
+        (1600000000123, 1600000000),
+        (1.6e15, 1600000000),
+        ("1997-09-20T00:00:00Z", 874713600),
+    ],
+)
+def test_parse_timestamp_matches_the_file_loader(tmp_path, value, expected):
+    from recsvc.core.contract import parse_timestamp
+
+    assert parse_timestamp(value) == expected
+    table, _ = load_events(write(tmp_path, "e.csv", HEADER, f"u1,i1,view,{value},,,,"))
+    assert table.timestamp.tolist() == [expected]
+
+
+@pytest.mark.parametrize("value", [0, -1, 4102444800, 5e10, float("nan"), "soon", True])
+def test_parse_timestamp_refuses_what_is_not_an_instant(value):
+    from recsvc.core.contract import parse_timestamp
+
+    with pytest.raises(ValueError):
+        parse_timestamp(value)

@@ -8,7 +8,7 @@ import pytest
 
 from recsvc.core.contract import CART, PURCHASE, VIEW
 from recsvc.core.eventfiles import load_catalog, load_events
-from training.datasets import DATASETS, INSTACART_LAST_ORDER, MOVIELENS_SHIFT_S, convert
+from training.datasets import DATASETS, INSTACART_LAST_ORDER, convert
 
 
 def put(folder, name, text, encoding="utf-8"):
@@ -116,7 +116,7 @@ def test_movielens_100k_positive_threshold_titles_and_shift(tmp_path):
     put(folder, "u.genre", "unknown|0\nAction|1\nAdventure|2\nAnimation|3\nChildren's|4\nComedy|5\nCrime|6\n")
     _, events, catalog = converted(tmp_path, "movielens-100k")
     assert events.event.tolist() == [VIEW, PURCHASE, PURCHASE]
-    assert events.timestamp.tolist() == [t + MOVIELENS_SHIFT_S for t in (881250949, 891717742, 878887116)]
+    assert events.timestamp.tolist() == [881250949, 891717742, 878887116]  # 1997-98, kept as they are
     assert dict(zip(catalog.item_id, catalog.category, strict=True)) == {"242": "Comedy", "302": "Crime"}
     assert catalog.title[0] == "Kolya (1996)"
 

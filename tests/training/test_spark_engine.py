@@ -80,7 +80,8 @@ def _bad_rows_csv(path) -> None:
         ["u1", "sku 1", "view", T, "", "", "", ""],  # invalid_item_id
         ["u1", "sku-1", "like", T, "", "", "", ""],  # unknown_event
         ["u1", "sku-1", "view", "yesterday", "", "", "", ""],  # invalid_timestamp
-        ["u1", "sku-1", "view", T * 1000, "", "", "", ""],  # invalid_timestamp (milliseconds)
+        ["u1", "sku-1", "view", T * 1000, "", "", "", ""],  # milliseconds: read as seconds by both
+        ["u1", "sku-1", "view", "0", "", "", "", ""],  # invalid_timestamp (before 1970-01-01T00:00:01)
         ["u1", "sku-1", "purchase", T, "o 1", "1", "2", ""],  # invalid_order_id
         ["u1", "sku-1", "click", T, "", "", "", "r#1"],  # invalid_rec_id
         ["u1", "sku-1", "purchase", T, "o1", "-1", "2", ""],  # invalid_quantity
