@@ -125,6 +125,78 @@ def bundle_candidates(
     return mine_bundles_report(events, item_index, item_factors, category, threads=threads)
 
 
+def base_manifest(
+    *,
+    fingerprint: str,
+    params: dict[str, Any],
+    trained_until: int,
+    metrics: dict[str, Any],
+    report: LoadReport,
+    catalog: Catalog | None,
+    catalog_report: LoadReport | None,
+    inputs: dict[str, Any],
+    training: dict[str, Any],
+    n_items: int,
+) -> dict[str, Any]:
+    """The manifest every training engine writes (an engine adds its own details)."""
+    return {
+        "data_fingerprint": fingerprint,
+        "params": params,
+        "trained_until": trained_until,
+        "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(timespec="seconds"),
+        "metrics": metrics,
+        "load_report": report.to_dict(),
+        "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
+        "inputs": inputs,
+        "training": training | {"popularity": "recency-aware purchase-weighted, half-life 14 days"},
+        "counts": {
+            "events": report.rows_loaded,
+            "events_rejected": report.rows_rejected,
+            "duplicates_dropped": report.duplicates_dropped,
+            "catalog_items": 0 if catalog is None else len(catalog),
+            "items_without_catalog_entry": 0 if catalog is None else int(n_items - len(catalog)),
+        },
+    }
+
+
+def write_model(
+    manifest: dict[str, Any],
+    *,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    meta: dict[str, Any],
+    popularity: np.ndarray,
+    confidence: Any,
+    purchases: Any,
+    bundles: BundleCandidates,
+    models_dir: str | os.PathLike,
+    version: str | None,
+    timings: dict[str, float],
+) -> tuple[Path, Artifact]:
+    """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``."""
+    artifact = Artifact(
+        item_ids=[str(x) for x in item_ids],
+        user_ids=[str(x) for x in user_ids],
+        item_factors=item_factors,
+        user_factors=user_factors,
+        price=meta["price"],
+        available=meta["available"],
+        category=meta["category"],
+        categories=meta["categories"],
+        titles=meta["titles"],
+        popularity=popularity,
+        interactions=confidence,
+        purchases=purchases,
+        bundles=bundles,
+        manifest=manifest,
+    )
+    # Stage timings up to here (writing itself is not in them: the manifest is written last).
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    return write_artifact(artifact, models_dir, version=version), artifact
+
+
 def train_model(
     event_paths: str | os.PathLike | Iterable[str | os.PathLike],
     catalog_path: str | os.PathLike | None = None,
@@ -273,55 +345,38 @@ def train_model(
     timings["bundles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    fp = fingerprint.result()
-    manifest: dict[str, Any] = {
-        "data_fingerprint": fp,
-        "params": params.to_manifest(seed) | extra_params,
-        "trained_until": trained_until,
-        "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(timespec="seconds"),
-        "metrics": metrics,
-        "load_report": report.to_dict(),
-        "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
-        "inputs": {
+    manifest = base_manifest(
+        fingerprint=fingerprint.result(),
+        params=params.to_manifest(seed) | extra_params,
+        trained_until=trained_until,
+        metrics=metrics,
+        report=report,
+        catalog=catalog,
+        catalog_report=catalog_report,
+        inputs={
             "events": [str(p) for p in paths],
             "catalog": None if catalog_path is None else str(catalog_path),
         },
-        "training": {
-            "engine": "local",
-            "threads": int(threads),
-            "device": device,
-            "bundles": bundle_report,
-            "popularity": "recency-aware purchase-weighted, half-life 14 days",
-        },
-        "counts": {
-            "events": len(events),
-            "events_rejected": report.rows_rejected,
-            "duplicates_dropped": report.duplicates_dropped,
-            "catalog_items": 0 if catalog is None else len(catalog),
-            "items_without_catalog_entry": 0 if catalog is None else int(len(item_ids) - len(catalog)),
-        },
-    }
+        training={"engine": "local", "threads": int(threads), "device": device, "bundles": bundle_report},
+        n_items=len(item_ids),
+    )
     if tuning is not None:
         manifest["tuning"] = tuning
-    artifact = Artifact(
-        item_ids=[str(x) for x in item_ids],
-        user_ids=[str(x) for x in user_ids],
-        item_factors=item_factors,
+    path, artifact = write_model(
+        manifest,
+        user_ids=user_ids,
+        item_ids=item_ids,
         user_factors=user_factors,
-        price=meta["price"],
-        available=meta["available"],
-        category=meta["category"],
-        categories=meta["categories"],
-        titles=meta["titles"],
+        item_factors=item_factors,
+        meta=meta,
         popularity=popularity,
-        interactions=confidence,
+        confidence=confidence,
         purchases=purchases,
         bundles=bundles,
-        manifest=manifest,
+        models_dir=models_dir,
+        version=version,
+        timings=timings,
     )
-    # Stage timings up to here (writing itself is not in them: the manifest is written last).
-    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    path = write_artifact(artifact, models_dir, version=version)
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     say(f"wrote {path} in {timings['total']:.1f}s (fit {timings['fit']:.1f}s)")

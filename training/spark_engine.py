@@ -36,7 +36,6 @@ matrices, bundle mining and, at publish time, every user's top-K.
 from __future__ import annotations
 
 import csv
-import datetime as _dt
 import functools
 import hashlib
 import io
@@ -58,7 +57,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsvc.core import contract
-from recsvc.core.artifact import Artifact, library_versions, write_artifact
+from recsvc.core.artifact import library_versions
 from recsvc.core.eventfiles import (
     EVENT_REASON_ORDER,
     EXAMPLES_PER_REASON,
@@ -67,6 +66,7 @@ from recsvc.core.eventfiles import (
     RejectedRow,
     catalog_from_table,
     check_bad_fraction,
+    check_header,
     load_catalog,
     validate_event_columns,
 )
@@ -90,7 +90,7 @@ from training.evaluation import (
     prepare_split,
     split_days_for_span,
 )
-from training.pipeline import TrainResult, bundle_candidates, item_metadata
+from training.pipeline import TrainResult, base_manifest, bundle_candidates, item_metadata, write_model
 
 log = logging.getLogger("recsvc.training.spark")
 
@@ -271,36 +271,35 @@ def _csv_header(spark: Any, uri: str) -> list[str]:
     return [name.strip() for name in next(csv.reader(io.StringIO(first)))]
 
 
+def _read_csv(spark: Any, uri: str, header: list[str]) -> Any:
+    """Every column as a string, RFC 4180 quoting, and the raw text of rows that do not split into
+    the header's columns in ``_corrupt_record`` (the local loader's malformed rows)."""
+    from pyspark.sql import types as T
+
+    schema = T.StructType(
+        [T.StructField(name, T.StringType()) for name in header] + [T.StructField(CORRUPT, T.StringType())]
+    )
+    return spark.read.csv(
+        uri,
+        schema=schema,
+        header=True,
+        mode="PERMISSIVE",
+        columnNameOfCorruptRecord=CORRUPT,
+        escape='"',
+        enforceSchema=True,  # our (stripped) header names, by position
+    )
+
+
 def _read_events_frame(spark: Any, uri: str, input_format: str, report: LoadReport) -> Any:
     """The raw rows of one URI: its columns (strings for CSV), the CSV corrupt record, the file."""
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
     fmt = _format_of(uri, input_format)
     try:
         if fmt == "csv":
             header = _csv_header(spark, uri)
-            duplicated = sorted({c for c in header if header.count(c) > 1})
-            if duplicated:
-                raise BadInputError(
-                    f"{uri}:1 column {duplicated[0]}: the header names this column twice",
-                    file=uri,
-                    line=1,
-                    column=duplicated[0],
-                )
-            schema = T.StructType(
-                [T.StructField(name, T.StringType()) for name in header]
-                + [T.StructField(CORRUPT, T.StringType())]
-            )
-            frame = spark.read.csv(
-                uri,
-                schema=schema,
-                header=True,
-                mode="PERMISSIVE",
-                columnNameOfCorruptRecord=CORRUPT,
-                escape='"',
-                enforceSchema=True,
-            )
+            check_header(uri, header, EVENT_COLUMNS, contract.EVENT_REQUIRED, report)
+            frame = _read_csv(spark, uri, header)
         else:
             frame = spark.read.parquet(uri)
             header = list(frame.columns)
@@ -308,17 +307,7 @@ def _read_events_frame(spark: Any, uri: str, input_format: str, report: LoadRepo
         raise
     except Exception as e:  # noqa: BLE001 - Spark's AnalysisException: path not found, unreadable
         raise BadInputError(f"{uri}: cannot read {fmt} ({str(e).splitlines()[0][:200]})", file=uri) from None
-    for column in contract.EVENT_REQUIRED:
-        if column not in header:
-            raise BadInputError(
-                f"{uri}:1 column {column}: required column is missing (header is: {', '.join(header)[:200]})",
-                file=uri,
-                line=1,
-                column=column,
-            )
-    ignored = [c for c in header if c not in EVENT_COLUMNS]
-    if ignored:
-        report.ignored_columns[uri] = ignored
+    check_header(uri, header, EVENT_COLUMNS, contract.EVENT_REQUIRED, report)
     keep = [c for c in header if c in EVENT_COLUMNS] + ([CORRUPT] if fmt == "csv" else [])
     return frame.select(*keep, F.col("_metadata.file_path").alias("file"))
 
@@ -456,17 +445,9 @@ def load_catalog_uri(
     """
     if "://" not in uri or uri.startswith("file:"):
         return load_catalog(uri.removeprefix("file:"), max_bad_fraction=max_bad_fraction)
-    from pyspark.sql import types as T
-
     if _format_of(uri, input_format) == "parquet":
         return catalog_from_table(spark.read.parquet(uri).toArrow(), uri, max_bad_fraction=max_bad_fraction)
-    header = _csv_header(spark, uri)
-    schema = T.StructType(
-        [T.StructField(n, T.StringType()) for n in header] + [T.StructField(CORRUPT, T.StringType())]
-    )
-    table = spark.read.csv(
-        uri, schema=schema, header=True, mode="PERMISSIVE", columnNameOfCorruptRecord=CORRUPT, escape='"'
-    ).toArrow()
+    table = _read_csv(spark, uri, _csv_header(spark, uri)).toArrow()
     corrupt = table.column(CORRUPT)
     bad = ~np.asarray(corrupt.is_null().to_numpy(zero_copy_only=False), dtype=bool)
     malformed = [str(v) for v in np.asarray(corrupt.to_pylist(), dtype=object)[bad]]
@@ -766,7 +747,7 @@ def fit_spark_als(
 # ------------------------------------------------------------------------------------------------
 
 
-def evaluate(
+def evaluate_split(
     spark: Any,
     events: SparkEvents,
     catalog_item_ids: np.ndarray | None,
@@ -872,7 +853,7 @@ def train_model_spark(
     *,
     models_dir: str | os.PathLike = "models",
     params: TrainParams | None = None,
-    evaluate_model: bool = True,
+    evaluate: bool = True,
     max_bad_fraction: float = 0.01,
     seed: int = 42,
     split_days: float | None = None,
@@ -892,7 +873,7 @@ def train_model_spark(
         Catalog file (a local path is read by the local loader).
     models_dir, params, max_bad_fraction, seed, split_days, version, echo
         As for :func:`training.pipeline.train_model`.
-    evaluate_model : bool, default True
+    evaluate : bool, default True
         Evaluate ALS and the popularity baselines on a time split first (a second Spark fit).
     threads : int
         Bundle mining threads on the driver (0 = one per core).
@@ -937,10 +918,10 @@ def train_model_spark(
         catalog_ids = None if catalog is None else catalog.item_id
 
         metrics: dict[str, Any] = {}
-        if evaluate_model:
+        if evaluate:
             t0 = time.perf_counter()
             try:
-                metrics = evaluate(
+                metrics = evaluate_split(
                     spark, events, catalog_ids, params, split_days=split_days, seed=seed, work=work,
                     blocks=options.als_blocks,
                 )  # fmt: skip
@@ -978,24 +959,22 @@ def train_model_spark(
 
         t0 = time.perf_counter()
         report = events.report
-        manifest: dict[str, Any] = {
-            "data_fingerprint": events.fingerprint,
-            "params": params.to_manifest(seed)
+        manifest = base_manifest(
+            fingerprint=events.fingerprint,
+            params=params.to_manifest(seed)
             | matrix.extra_params
             | {
                 "regularization_scaling": "count",
                 "regularization_per_entry": als_info["regularization_per_entry"],
                 "confidence_floor": CONFIDENCE_FLOOR,
             },
-            "trained_until": trained_until,
-            "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(
-                timespec="seconds"
-            ),
-            "metrics": metrics,
-            "load_report": report.to_dict(),
-            "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
-            "inputs": {"events": uris, "catalog": catalog_uri},
-            "training": {
+            trained_until=trained_until,
+            metrics=metrics,
+            report=report,
+            catalog=catalog,
+            catalog_report=catalog_report,
+            inputs={"events": uris, "catalog": catalog_uri},
+            training={
                 "engine": ENGINE,
                 "spark": {
                     "version": spark.version,
@@ -1007,38 +986,26 @@ def train_model_spark(
                 "threads": int(threads),
                 "device": "cpu",
                 "bundles": bundle_report | {"where": "driver, from the purchase lines"},
-                "popularity": "recency-aware purchase-weighted, half-life 14 days",
             },
-            "counts": {
-                "events": report.rows_loaded,
-                "events_rejected": report.rows_rejected,
-                "duplicates_dropped": report.duplicates_dropped,
-                "purchase_lines": len(lines),
-                "catalog_items": 0 if catalog is None else len(catalog),
-                "items_without_catalog_entry": 0
-                if catalog is None
-                else int(len(matrix.item_ids) - len(catalog)),
-            },
-            "library_versions": library_versions() | {"pyspark": spark.version},
-        }
-        artifact = Artifact(
-            item_ids=[str(x) for x in matrix.item_ids],
-            user_ids=[str(x) for x in matrix.user_ids],
-            item_factors=item_factors,
+            n_items=len(matrix.item_ids),
+        )
+        manifest["counts"]["purchase_lines"] = len(lines)
+        manifest["library_versions"] = library_versions() | {"pyspark": spark.version}
+        path, artifact = write_model(
+            manifest,
+            user_ids=matrix.user_ids,
+            item_ids=matrix.item_ids,
             user_factors=user_factors,
-            price=meta["price"],
-            available=meta["available"],
-            category=meta["category"],
-            categories=meta["categories"],
-            titles=meta["titles"],
+            item_factors=item_factors,
+            meta=meta,
             popularity=popularity,
-            interactions=confidence,
+            confidence=confidence,
             purchases=purchases,
             bundles=bundles,
-            manifest=manifest,
+            models_dir=models_dir,
+            version=version,
+            timings=timings,
         )
-        manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-        path = write_artifact(artifact, models_dir, version=version)
         timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started
         say(f"wrote {path} in {timings['total']:.1f}s (spark fit {timings['fit']:.1f}s)")

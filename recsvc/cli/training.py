@@ -197,33 +197,31 @@ def train(**kwargs: Any) -> None:
     params = _params(kwargs.pop("config"), _overrides(kwargs))
     config = Config.from_env()
     models_dir = kwargs["models_dir"] or config.models_dir
-    if kwargs["engine"] == "spark":
-        result = _train_spark(kwargs, params, models_dir, config)
-        click.echo(str(result.path))
-        if result.metrics:
-            click.echo(format_table(result.metrics))
-        return
+    common: dict[str, Any] = dict(
+        models_dir=models_dir,
+        params=params,
+        evaluate=kwargs["evaluate"],
+        max_bad_fraction=kwargs["max_bad_fraction"],
+        seed=kwargs["seed"],
+        threads=kwargs["threads"],
+        split_days=kwargs["split_days"],
+        echo=_err,
+    )
     try:
-        result = train_model(
-            list(kwargs["events"]),
-            kwargs["catalog"],
-            models_dir=models_dir,
-            params=params,
-            evaluate=kwargs["evaluate"],
-            max_bad_fraction=kwargs["max_bad_fraction"],
-            seed=kwargs["seed"],
-            tune=kwargs["tune"],
-            show_progress=_show_progress(kwargs["progress"]),
-            threads=kwargs["threads"],
-            split_days=kwargs["split_days"],
-            tune_trials=kwargs["tune_trials"],
-            tune_time_budget_s=kwargs["tune_budget_s"],
-            device=kwargs["device"],
-            echo=_err,
-        )
-    except BadInputError as e:
-        raise BadInput(str(e)) from None
-    except ValueError as e:
+        if kwargs["engine"] == "spark":
+            result = _train_spark(kwargs, common, config)
+        else:
+            result = train_model(
+                list(kwargs["events"]),
+                kwargs["catalog"],
+                tune=kwargs["tune"],
+                show_progress=_show_progress(kwargs["progress"]),
+                tune_trials=kwargs["tune_trials"],
+                tune_time_budget_s=kwargs["tune_budget_s"],
+                device=kwargs["device"],
+                **common,
+            )
+    except (BadInputError, ValueError) as e:
         raise BadInput(str(e)) from None
 
     click.echo(str(result.path))
@@ -231,7 +229,7 @@ def train(**kwargs: Any) -> None:
         click.echo(format_table(result.metrics))
 
 
-def _train_spark(kwargs: dict[str, Any], params: TrainParams, models_dir: Any, config: Config) -> Any:
+def _train_spark(kwargs: dict[str, Any], common: dict[str, Any], config: Config) -> Any:
     """``recsvc train --engine spark``: the same artifact, trained by Apache Spark."""
     if kwargs["tune"]:
         raise BadInput("--tune runs with the local engine only (tune on a sample, then train with Spark)")
@@ -254,21 +252,7 @@ def _train_spark(kwargs: dict[str, Any], params: TrainParams, models_dir: Any, c
         input_format=kwargs["input_format"],
     )
     try:
-        return train_model_spark(
-            list(kwargs["events"]),
-            kwargs["catalog"],
-            models_dir=models_dir,
-            params=params,
-            evaluate_model=kwargs["evaluate"],
-            max_bad_fraction=kwargs["max_bad_fraction"],
-            seed=kwargs["seed"],
-            split_days=kwargs["split_days"],
-            threads=kwargs["threads"],
-            options=options,
-            echo=_err,
-        )
-    except (BadInputError, ValueError) as e:
-        raise BadInput(str(e)) from None
+        return train_model_spark(list(kwargs["events"]), kwargs["catalog"], options=options, **common)
     except SparkUnavailable as e:
         raise click.ClickException(str(e)) from None
 

@@ -236,6 +236,40 @@ def _csv_header(path: Path) -> list[str]:
     return [name.strip() for name in next(csv.reader(io.StringIO(first)))]
 
 
+def check_header(
+    name: str, header: Sequence[str], known: Sequence[str], required: Sequence[str], report: LoadReport
+) -> list[str]:
+    """The ``known`` columns a file has; refuse a repeated or missing required column.
+
+    Columns that are not ``known`` are ignored and listed in ``report.ignored_columns``.
+
+    Raises
+    ------
+    BadInputError
+        Naming the file, line 1 and the column.
+    """
+    duplicated = sorted({c for c in header if list(header).count(c) > 1})
+    if duplicated:
+        raise BadInputError(
+            f"{name}:1 column {duplicated[0]}: the header names this column twice",
+            file=name,
+            line=1,
+            column=duplicated[0],
+        )
+    for col in required:
+        if col not in header:
+            raise BadInputError(
+                f"{name}:1 column {col}: required column is missing (header is: {', '.join(header)[:200]})",
+                file=name,
+                line=1,
+                column=col,
+            )
+    ignored = [c for c in header if c not in known]
+    if ignored:
+        report.ignored_columns[name] = ignored
+    return [c for c in known if c in header]
+
+
 def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report: LoadReport) -> _RawFile:
     """Read ``known`` columns of one CSV/Parquet file as arrow arrays (strings for CSV)."""
     name = str(path)
@@ -252,26 +286,7 @@ def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report
         raise
     except (OSError, pa.ArrowException, UnicodeError, csv.Error) as e:
         raise BadInputError(f"{name}: cannot read the header ({e})", file=name, line=1) from None
-    duplicated = sorted({c for c in header if header.count(c) > 1})
-    if duplicated:
-        raise BadInputError(
-            f"{name}:1 column {duplicated[0]}: the header names this column twice",
-            file=name,
-            line=1,
-            column=duplicated[0],
-        )
-    for col in required:
-        if col not in header:
-            raise BadInputError(
-                f"{name}:1 column {col}: required column is missing (header is: {', '.join(header)[:200]})",
-                file=name,
-                line=1,
-                column=col,
-            )
-    present = [c for c in known if c in header]
-    ignored = [c for c in header if c not in known]
-    if ignored:
-        report.ignored_columns[name] = ignored
+    present = check_header(name, header, known, required, report)
 
     if _is_parquet(path):
         try:
@@ -1006,15 +1021,7 @@ def catalog_from_table(
         As for :func:`load_catalog`; examples name the source and column (lines are unknown).
     """
     report = LoadReport()
-    missing = [c for c in contract.CATALOG_REQUIRED if c not in table.column_names]
-    if missing:
-        raise BadInputError(
-            f"{name} column {missing[0]}: required column is missing", file=name, column=missing[0]
-        )
-    present = [c for c in _CATALOG_COLUMNS if c in table.column_names]
-    ignored = [c for c in table.column_names if c not in _CATALOG_COLUMNS]
-    if ignored:
-        report.ignored_columns[name] = ignored
+    present = check_header(name, table.column_names, _CATALOG_COLUMNS, contract.CATALOG_REQUIRED, report)
     raw = _RawFile(
         path=Path(name),
         name=name,
