@@ -74,7 +74,7 @@ def child_fit(engine: str, data: Path, cores: int) -> dict:
         from training import spark_engine
 
         t0 = time.perf_counter()
-        options = spark_engine.SparkOptions(master=f"local[{cores}]", conf=(("spark.driver.memory", "6g"),))
+        options = spark_engine.SparkOptions(master=f"local[{cores}]", conf=(("spark.driver.memory", "2g"),))
         spark = spark_engine.spark_session(options)
         coo = matrix.tocoo()
         entries = spark.createDataFrame(
