@@ -8,7 +8,7 @@ the tags are just part of the names. Layout::
     control keys, tag {recsvc}: one slot, so the flip, rollback, deletion and experiment
     transactions touch a single node
     {recsvc}:model:current             string  the live version (the source of truth)
-    {recsvc}:model:epoch               counter bumped by every flip; orders the pointer copies
+    {recsvc}:model:epoch               epoch of the last flip (server ms); orders the pointer copies
     {recsvc}:model:versions            zset    version -> unix time it went live (complete versions only)
     {recsvc}:model:previous            list    versions that were live before, newest first (rollback)
     {recsvc}:publishing:<version>      string  lease held while a publish writes <version>

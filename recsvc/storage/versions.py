@@ -54,9 +54,26 @@ PUBLISH_LEASE_S = 120
 # Users compared byte-for-byte after writing, besides the per-bucket field counts.
 VERIFY_SAMPLE_USERS = 256
 
+# The next flip epoch: the server's clock in milliseconds, or one more than the last epoch when the
+# clock has not moved past it. Clock-based so that a control slot that lost its epoch key (a
+# failover) still orders new flips after the copies' old epochs.
+_NEXT_EPOCH = """
+local function next_epoch(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = tonumber(redis.call('GET', key) or '0')
+  local epoch = now
+  if epoch <= last then epoch = last + 1 end
+  redis.call('SET', key, string.format('%d', epoch))
+  return epoch
+end
+"""
+
 # Flip the pointer only if the version is complete; remember the old live version for rollback;
-# bump the epoch the pointer copies are ordered by. Returns {old version or false, epoch}.
-_FLIP_SCRIPT = """
+# take a new epoch for the pointer copies. Returns {old version or false, epoch}.
+_FLIP_SCRIPT = (
+    _NEXT_EPOCH
+    + """
 if redis.call('HGET', KEYS[4], 'status') ~= 'complete' then
   return redis.error_reply('version ' .. ARGV[1] .. ' is not completely published')
 end
@@ -68,21 +85,25 @@ end
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-return {old, redis.call('INCR', KEYS[5])}
+return {old, next_epoch(KEYS[5])}
 """
+)
 
 # Pop previous versions until one that is still published; make it live. Returns {version, epoch}.
-_ROLLBACK_SCRIPT = """
+_ROLLBACK_SCRIPT = (
+    _NEXT_EPOCH
+    + """
 local current = redis.call('GET', KEYS[1])
 while true do
   local v = redis.call('LPOP', KEYS[2])
   if not v then return false end
   if v ~= current and redis.call('ZSCORE', KEYS[3], v) then
     redis.call('SET', KEYS[1], v)
-    return {v, redis.call('INCR', KEYS[4])}
+    return {v, next_epoch(KEYS[4])}
   end
 end
 """
+)
 
 # One group's copy of the pointer: written only by a flip newer than the one it holds.
 _COPY_SCRIPT = """

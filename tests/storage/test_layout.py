@@ -8,6 +8,8 @@ layout avoids (an untagged multi-key operation).
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import redis
@@ -120,12 +122,18 @@ def test_every_group_reads_the_live_version_and_a_request_never_mixes(redis_clie
 
 
 @pytest.mark.redis_backends("single", "cluster")
-def test_an_older_flip_never_overwrites_a_newer_copy(redis_client, models_dir, config):
+def test_flips_are_ordered_and_an_older_one_never_overwrites_a_newer_copy(redis_client, models_dir, config):
     v1 = versions.publish(redis_client, write_artifact(make_artifact(seed=1), models_dir), config)
     v2 = versions.publish(redis_client, write_artifact(make_artifact(seed=2), models_dir), config)
     epoch = int(redis_client.get(keys.EPOCH))
     versions._copy_pointer(redis_client, v1, epoch - 1)  # a copy of the first flip, arriving late
     assert versions.pointer_copies(redis_client) == [v2] * keys.GROUPS
+    # A control slot that lost its epoch (a failover) still orders the next flip after the copies.
+    redis_client.delete(keys.EPOCH)
+    time.sleep(0.005)  # the server's millisecond clock moves past the last flip
+    assert versions.rollback(redis_client, config) == v1
+    assert versions.pointer_copies(redis_client) == [v1] * keys.GROUPS
+    assert int(redis_client.get(keys.EPOCH)) > epoch
 
 
 @pytest.mark.redis_backends("single", "cluster")
