@@ -550,11 +550,11 @@ class Bench:
         client = self.redis.client()
         try:
             orphans = set()
-            for key in client.scan_iter(match="recsvc:v:*", count=1000):
-                version = key.decode().split(":")[2].strip("{}")
+            for key in client.scan_iter(match="*:v:*", count=1000):
+                version = key.decode().split(":v:", 1)[1].split(":")[0]
                 if version not in listed:
                     orphans.add(key)
-            leases = list(client.scan_iter(match="recsvc:publishing:*"))
+            leases = list(client.scan_iter(match="{recsvc}:publishing:*"))
         finally:
             client.close()
         return len(orphans) + len(leases)
@@ -685,7 +685,7 @@ def sc_kill_publish(b: Bench) -> Row:
                 ["publish", b.shop.version_b], b.env, b.workdir, b.workdir / "publish-kill.log"
             )
             b.started.append(proc)
-            lease = f"recsvc:publishing:{b.shop.version_b}"
+            lease = f"{{recsvc}}:publishing:{b.shop.version_b}"
             killed = kill_when(
                 proc, lambda lease=lease: client.exists(lease) or client.keys(f"*{b.shop.version_b}*"), 60
             )
@@ -709,7 +709,7 @@ def sc_kill_publish(b: Bench) -> Row:
             b.timeline.change(t0, time.monotonic(), b.live_version())
         else:
             row.notes.append(f"retry refused (exit {retry.returncode}): {retry.stderr.strip()[-120:]}")
-            expire_lock(client, f"recsvc:publishing:{b.shop.version_b}")
+            expire_lock(client, f"{{recsvc}}:publishing:{b.shop.version_b}")
             row.notes.append("lease expiry simulated (PEXPIRE 1), then published")
             b.change_version("publish", b.shop.version_b)
         time.sleep(b.scale(1.0, 3.0))
@@ -772,7 +772,7 @@ def sc_kill_dump(b: Bench) -> Row:
     client.close()
     killed = 0
     redis_client = b.redis.client()
-    commit_key = "recsvc:events:dump:commit:recsvc:events"  # docs/realtime.md: the commit record
+    commit_key = "{recsvc}:events:dump:commit:recsvc:events"  # docs/realtime.md: the commit record
 
     def new_hidden(before: set[str], min_size: int):
         def check() -> bool:
@@ -807,7 +807,7 @@ def sc_kill_dump(b: Bench) -> Row:
         if out.exists():
             row.notes.append(f"killed at '{label}': its file was in place (the next dump must not repeat it)")
     row.details["dumps_killed"] = killed
-    lock_ttl = redis_client.pttl("recsvc:lock:events-dump")
+    lock_ttl = redis_client.pttl("{recsvc}:lock:events-dump")
     row.notes.append(
         f"lock of the last killed dump: {max(lock_ttl, 0) / 1000:.0f} s left, taken over by the next dump"
     )

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_AND_TEST_TOOLS = {
     "implicit", "threadpoolctl", "tqdm", "pytest", "pytest-timeout", "ruff", "mypy", "import-linter",
-    "schemathesis", "locust", "matplotlib", "pip-tools",
+    "schemathesis", "locust", "matplotlib", "pip-tools", "pyspark", "py4j", "pandas",
 }  # fmt: skip
 
 
@@ -45,7 +45,13 @@ def test_the_service_lock_holds_no_training_or_test_tool():
 
 
 @pytest.mark.parametrize(
-    "role, extras", [("service", [None]), ("train", [None, "train"]), ("dev", [None, "train", "dev"])]
+    "role, extras",
+    [
+        ("service", [None]),
+        ("train", [None, "train"]),
+        ("spark", [None, "train", "spark"]),
+        ("dev", [None, "train", "spark", "dev"]),
+    ],
 )
 def test_each_lock_pins_its_roles_direct_needs_at_the_declared_version(role, extras):
     locked = pins(role)

@@ -103,7 +103,15 @@ class TrainParams:
             Naming ``source`` and the offending key.
         """
         known = {f.name for f in fields(cls)}
-        ignored = {"seed", "bm25_n_users", "bm25_avg_length"}  # present in manifests
+        # Present in manifests: set by the training run (engine, collection statistics), not chosen.
+        ignored = {
+            "seed",
+            "bm25_n_users",
+            "bm25_avg_length",
+            "regularization_scaling",
+            "regularization_per_entry",
+            "confidence_floor",
+        }
         unknown = sorted(set(values) - known - ignored)
         if unknown:
             raise ValueError(

@@ -89,7 +89,7 @@ class _Fingerprint(threading.Thread):
         return self.value
 
 
-def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
+def item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
     """price (NaN unknown), available (True unknown), category codes (-1 unknown), titles."""
     n = len(item_ids)
     price = np.full(n, np.nan, dtype=np.float32)
@@ -112,7 +112,7 @@ def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, A
     }
 
 
-def _bundles(
+def bundle_candidates(
     events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray, threads: int
 ) -> tuple[BundleCandidates, dict[str, Any]]:
     """Bundle candidates mined from the training orders, and the mining report for the manifest.
@@ -123,6 +123,78 @@ def _bundles(
     item_index = IdMap(item_ids)
     threads = threads or os.cpu_count() or 1
     return mine_bundles_report(events, item_index, item_factors, category, threads=threads)
+
+
+def base_manifest(
+    *,
+    fingerprint: str,
+    params: dict[str, Any],
+    trained_until: int,
+    metrics: dict[str, Any],
+    report: LoadReport,
+    catalog: Catalog | None,
+    catalog_report: LoadReport | None,
+    inputs: dict[str, Any],
+    training: dict[str, Any],
+    n_items: int,
+) -> dict[str, Any]:
+    """The manifest every training engine writes (an engine adds its own details)."""
+    return {
+        "data_fingerprint": fingerprint,
+        "params": params,
+        "trained_until": trained_until,
+        "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(timespec="seconds"),
+        "metrics": metrics,
+        "load_report": report.to_dict(),
+        "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
+        "inputs": inputs,
+        "training": training | {"popularity": "recency-aware purchase-weighted, half-life 14 days"},
+        "counts": {
+            "events": report.rows_loaded,
+            "events_rejected": report.rows_rejected,
+            "duplicates_dropped": report.duplicates_dropped,
+            "catalog_items": 0 if catalog is None else len(catalog),
+            "items_without_catalog_entry": 0 if catalog is None else int(n_items - len(catalog)),
+        },
+    }
+
+
+def write_model(
+    manifest: dict[str, Any],
+    *,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    meta: dict[str, Any],
+    popularity: np.ndarray,
+    confidence: Any,
+    purchases: Any,
+    bundles: BundleCandidates,
+    models_dir: str | os.PathLike,
+    version: str | None,
+    timings: dict[str, float],
+) -> tuple[Path, Artifact]:
+    """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``."""
+    artifact = Artifact(
+        item_ids=[str(x) for x in item_ids],
+        user_ids=[str(x) for x in user_ids],
+        item_factors=item_factors,
+        user_factors=user_factors,
+        price=meta["price"],
+        available=meta["available"],
+        category=meta["category"],
+        categories=meta["categories"],
+        titles=meta["titles"],
+        popularity=popularity,
+        interactions=confidence,
+        purchases=purchases,
+        bundles=bundles,
+        manifest=manifest,
+    )
+    # Stage timings up to here (writing itself is not in them: the manifest is written last).
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    return write_artifact(artifact, models_dir, version=version), artifact
 
 
 def train_model(
@@ -277,65 +349,49 @@ def train_model(
 
     t0 = time.perf_counter()
     step("extras")
-    meta = _item_metadata(item_ids, catalog)
+    meta = item_metadata(item_ids, catalog)
     popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
     purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("bundles")
-    bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"], threads)
+    bundles, bundle_report = bundle_candidates(events, item_ids, item_factors, meta["category"], threads)
     timings["bundles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     step("write")
-    fp = fingerprint.result()
-    manifest: dict[str, Any] = {
-        "data_fingerprint": fp,
-        "params": params.to_manifest(seed) | extra_params,
-        "trained_until": trained_until,
-        "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(timespec="seconds"),
-        "metrics": metrics,
-        "load_report": report.to_dict(),
-        "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
-        "inputs": {
+    manifest = base_manifest(
+        fingerprint=fingerprint.result(),
+        params=params.to_manifest(seed) | extra_params,
+        trained_until=trained_until,
+        metrics=metrics,
+        report=report,
+        catalog=catalog,
+        catalog_report=catalog_report,
+        inputs={
             "events": [str(p) for p in paths],
             "catalog": None if catalog_path is None else str(catalog_path),
         },
-        "training": {
-            "threads": int(threads),
-            "device": device,
-            "bundles": bundle_report,
-            "popularity": "recency-aware purchase-weighted, half-life 14 days",
-        },
-        "counts": {
-            "events": len(events),
-            "events_rejected": report.rows_rejected,
-            "duplicates_dropped": report.duplicates_dropped,
-            "catalog_items": 0 if catalog is None else len(catalog),
-            "items_without_catalog_entry": 0 if catalog is None else int(len(item_ids) - len(catalog)),
-        },
-    }
+        training={"engine": "local", "threads": int(threads), "device": device, "bundles": bundle_report},
+        n_items=len(item_ids),
+    )
     if tuning is not None:
         manifest["tuning"] = tuning
-    artifact = Artifact(
-        item_ids=[str(x) for x in item_ids],
-        user_ids=[str(x) for x in user_ids],
-        item_factors=item_factors,
+    path, artifact = write_model(
+        manifest,
+        user_ids=user_ids,
+        item_ids=item_ids,
         user_factors=user_factors,
-        price=meta["price"],
-        available=meta["available"],
-        category=meta["category"],
-        categories=meta["categories"],
-        titles=meta["titles"],
+        item_factors=item_factors,
+        meta=meta,
         popularity=popularity,
-        interactions=confidence,
+        confidence=confidence,
         purchases=purchases,
         bundles=bundles,
-        manifest=manifest,
+        models_dir=models_dir,
+        version=version,
+        timings=timings,
     )
-    # Stage timings up to here (writing itself is not in them: the manifest is written last).
-    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    path = write_artifact(artifact, models_dir, version=version)
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     say(f"wrote {path} in {timings['total']:.1f}s (fit {timings['fit']:.1f}s)")

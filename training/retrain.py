@@ -43,7 +43,7 @@ from recsvc.core.config import Config
 from recsvc.core.errors import ExitCode
 from recsvc.core.eventfiles import BadInputError
 from recsvc.core.progress import Progress
-from recsvc.storage import versions
+from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.dump import DumpLocked, dump_events
 from recsvc.storage.embedded import ensure_redis
@@ -54,7 +54,7 @@ from training.segments import expand_event_paths
 
 log = logging.getLogger("recsvc.retrain")
 
-LOCK_KEY = "recsvc:lock:retrain"
+LOCK_KEY = keys.RETRAIN_LOCK
 STEPS: tuple[str, ...] = ("lock", "dump", "train", "gate", "publish", "prune")
 CRASH_ENV = "RECSVC_RETRAIN_CRASH_AFTER"
 GATE_METRIC = "ndcg@10"

@@ -110,6 +110,9 @@ class TrainingSettings:
 
     # Fault injection for the crash tests of `recsvc retrain`: exit right after this step.
     retrain_crash_after: str | None = _env("RECSVC_RETRAIN_CRASH_AFTER", None)
+    # Python the Spark engine's executors run (handed to pyspark as PYSPARK_PYTHON); unset: this
+    # interpreter for a local master, Spark's own setting otherwise.
+    spark_python: str | None = _env("RECSVC_SPARK_PYTHON", None)
 
 
 @dataclass(frozen=True)

