@@ -56,6 +56,7 @@ def test_metrics_need_a_key_and_a_metrics_key_is_read_only(make_app, make_config
     assert closed.get("/metrics").status_code == 403
 
 
+@pytest.mark.redis_backends("single", "cluster")
 def test_requests_answers_model_and_redis_are_counted(client, published):
     for user in ("u1", "u2", "u3"):
         assert client.get(f"/v1/users/{user}/recommendations?n=3").status_code == 200
