@@ -97,6 +97,11 @@ class TrainingSettings:
 
     # Fault injection for the crash tests of `recsvc retrain`: exit right after this step.
     retrain_crash_after: str | None = _env("RECSVC_RETRAIN_CRASH_AFTER", None)
+    # `recsvc retrain` re-runs model selection when the saved choice (tuning.json) is older than
+    # this many days, or missing; 0 never tunes there (the choice of `recsvc tune`, or the defaults).
+    retune_days: float = _env("RECSVC_RETUNE_DAYS", 30.0)
+    # Wall-clock bound of one model selection (`recsvc tune`, `train --tune`, a re-tune in retrain).
+    tune_budget_s: float = _env("RECSVC_TUNE_BUDGET_S", 900.0)
 
 
 SECTIONS: dict[str, type] = {
