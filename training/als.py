@@ -40,7 +40,7 @@ class FitError(RuntimeError):
 #: ALS regularization per catalogue item: ``regularization = 0.03 * n_items`` unless one is given.
 #: The best absolute value moved by more than 100x between data sets; scaled with the catalogue
 #: (as the ``Y^T Y`` term it balances is) it transfers (docs/quality.md).
-DEFAULT_REGULARIZATION_PER_ITEM = 0.03
+DEFAULT_REGULARIZATION_PER_ITEM = 0.01
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ Protocol (the same for every method, in one run; splits and targets in :mod:`tra
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,28 +141,46 @@ def prepare(
     )
 
 
-def _rank(prep: Prepared, score_block: Callable[[np.ndarray], np.ndarray], depth: int) -> np.ndarray:
+def rank_lists(prep: Prepared, score_block: Callable[[np.ndarray], np.ndarray], depth: int) -> np.ndarray:
     """Top ``depth`` items per test user from ``score_block(rows) -> dense scores``, in blocks.
 
     Excluded items never appear; ties are broken by popularity, then by the lower item index.
     """
-    n_items = len(prep.item_ids)
-    tie = (prep.prior / (prep.prior.max() + 1.0) * 1e-6).astype(np.float64)
-    block = max(1, _BLOCK_FLOATS // max(n_items, 1))
     out = np.full((len(prep.test_rows), depth), -1, dtype=np.int64)
-    for lo in range(0, len(prep.test_rows), block):
-        rows = prep.test_rows[lo : lo + block]
-        scores = np.array(score_block(rows), dtype=np.float64, copy=True)
-        scale = np.maximum(1.0, np.abs(scores).max(axis=1, keepdims=True)) if scores.size else 1.0
-        scores += tie[None, :] * scale
-        ex = prep.excluded[rows]
-        scores[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
-        top, _ = top_k_rows(scores, depth)
-        out[lo : lo + block] = top
+    for lo, rows in user_blocks(prep):
+        out[lo : lo + len(rows)] = top_of_block(prep, rows, score_block(rows), depth)
     return out
 
 
-def _summarise(prep: Prepared, recommended: np.ndarray, ks: Sequence[int], seed: int) -> dict[str, Any]:
+def user_blocks(prep: Prepared) -> Iterator[tuple[int, np.ndarray]]:
+    """``(first position, training rows)`` of the test users in blocks of bounded dense size."""
+    block = max(1, _BLOCK_FLOATS // max(len(prep.item_ids), 1))
+    for lo in range(0, len(prep.test_rows), block):
+        yield lo, prep.test_rows[lo : lo + block]
+
+
+def top_of_block(prep: Prepared, rows: np.ndarray, scores: np.ndarray, depth: int) -> np.ndarray:
+    """The ``depth`` best items of each row of ``scores`` (users ``rows``), as :func:`rank_lists`.
+
+    ``scores`` is used as scratch space when it is a float32 array (the caller's scores are
+    then overwritten); anything else is copied.
+    """
+    if not (isinstance(scores, np.ndarray) and scores.dtype == np.float32 and scores.flags.writeable):
+        scores = np.array(scores, dtype=np.float32)
+    if scores.size:
+        # A popularity nudge far below any real score difference: it only orders exact ties.
+        scale = np.maximum(1.0, np.maximum(scores.max(axis=1), -scores.min(axis=1)))[:, None]
+        scores += (_tie_break(prep)[None, :] * scale).astype(np.float32)
+    ex = prep.excluded[rows]
+    scores[np.repeat(np.arange(len(rows)), np.diff(ex.indptr)), ex.indices] = -np.inf
+    return top_k_rows(scores, depth)[0]
+
+
+def _tie_break(prep: Prepared) -> np.ndarray:
+    return (prep.prior / (prep.prior.max() + 1.0) * 1e-5).astype(np.float32)
+
+
+def summarise(prep: Prepared, recommended: np.ndarray, ks: Sequence[int], seed: int) -> dict[str, Any]:
     """Means, bootstrap intervals and per-bucket nDCG of one method's lists."""
     hits = hit_matrix(recommended, prep.relevant)
     n_rel = relevant_counts(prep.relevant)
@@ -295,8 +313,8 @@ def evaluate(
         if name == "model":
             fitted = model
         scorer = model.scorer()
-        recs = _rank(prep, _scorer_block(scorer, model.raw, model.user_factors), depth)
-        metrics[name] = _summarise(prep, recs, ks, seed)
+        recs = rank_lists(prep, scorer_block(scorer, model.raw, model.user_factors), depth)
+        metrics[name] = summarise(prep, recs, ks, seed)
         timings[name] = round(time.perf_counter() - start, 3)
 
     for method in ("popularity", "recent_popularity", "item_knn", "implicit_als"):
@@ -305,7 +323,7 @@ def evaluate(
         start = time.perf_counter()
         say(f"scoring {method}")
         score_block = _baseline(method, prep, train, params, cutoff, seed, threads, device, fitted)
-        metrics[method] = _summarise(prep, _rank(prep, score_block, depth), ks, seed)
+        metrics[method] = summarise(prep, rank_lists(prep, score_block, depth), ks, seed)
         timings[method] = round(time.perf_counter() - start, 3)
     metrics["split"]["seconds"] = timings
 
@@ -332,7 +350,7 @@ def evaluate(
     return metrics
 
 
-def _scorer_block(
+def scorer_block(
     scorer: Scorer, raw: sp.csr_matrix, vectors: np.ndarray
 ) -> Callable[[np.ndarray], np.ndarray]:
     def block(rows: np.ndarray) -> np.ndarray:

@@ -44,9 +44,9 @@ class ModelSpec:
     """
 
     als: float = 1.0
-    knn: float = 1.0
-    popularity: float = 0.5
-    popularity_boost: float = 10.0
+    knn: float = 2.0
+    popularity: float = 0.25
+    popularity_boost: float = 3.0
     boost_half: float = 5.0
     seen: float = 100.0
     exclude: str = "auto"
@@ -119,6 +119,27 @@ def zscore_rows(scores: np.ndarray) -> np.ndarray:
     return (scores - mean) / np.where(std > 0, std, 1.0)
 
 
+def _popularity_weight(spec: ModelSpec, n_items_of_user: np.ndarray) -> np.ndarray:
+    n = np.asarray(n_items_of_user, dtype=np.float64)
+    weight = spec.popularity + spec.popularity_boost * spec.boost_half / (spec.boost_half + n)
+    return weight.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ScoreParts:
+    """The unweighted parts of a block of users' scores (:meth:`Scorer.parts`).
+
+    ``als`` and ``knn`` are ``(n_users, n_items)`` float32, z-scored per row (``als`` is the raw
+    dot product for plain ALS); ``history`` is each user's number of distinct items; ``seen`` holds
+    ``log1p(c_ui) / max_j log1p(c_uj)`` for the items of each user's history.
+    """
+
+    als: np.ndarray | None
+    knn: np.ndarray | None
+    history: np.ndarray
+    seen: sp.csr_matrix | None
+
+
 class Scorer:
     """Scores of every item for users, from one model's parts (see the module docstring).
 
@@ -170,9 +191,7 @@ class Scorer:
 
     def popularity_weight(self, n_items_of_user: np.ndarray) -> np.ndarray:
         """``w_pop(u)`` for users with these history lengths (distinct items)."""
-        s = self.spec
-        n = np.asarray(n_items_of_user, dtype=np.float64)
-        return (s.popularity + s.popularity_boost * s.boost_half / (s.boost_half + n)).astype(np.float32)
+        return _popularity_weight(self.spec, n_items_of_user)
 
     def score(self, rows: sp.csr_matrix, vectors: np.ndarray | None) -> np.ndarray:
         """Scores ``(n_users, n_items)`` float32 for users with raw rows ``rows`` and ALS ``vectors``.
@@ -185,34 +204,59 @@ class Scorer:
         vectors : numpy.ndarray or None
             ``(n_users, factors)`` ALS user vectors (trained or folded in); None without ALS.
         """
+        return self.combine(self.parts(rows, vectors))
+
+    def parts(self, rows: sp.csr_matrix, vectors: np.ndarray | None) -> ScoreParts:
+        """The parts of the score of these users, unweighted: the expensive half of :meth:`score`.
+
+        Model selection computes them once per block of users and re-weighs them for every
+        candidate (:meth:`combine`); the parts a spec gives no weight are not computed.
+        """
         rows = sp.csr_matrix(rows, dtype=np.float32)
-        n_users = rows.shape[0]
         spec = self.spec
-        total = np.zeros((n_users, self.n_items), dtype=np.float32)
+        als = knn = seen = None
         if spec.als > 0:
             if vectors is None:
                 raise ValueError("the model has an ALS weight: pass the users' vectors")
             assert self.item_factors is not None  # checked at construction
             als = np.asarray(vectors, dtype=np.float32) @ self.item_factors.T
-            if spec.is_plain_als:
-                # Alone, ALS keeps its own scale (z-scoring would not change the order).
-                return als.astype(np.float32, copy=False)
-            total += spec.als * zscore_rows(als).astype(np.float32)
+            if not spec.is_plain_als:  # alone, ALS keeps its own scale (the order is the same)
+                als = zscore_rows(als).astype(np.float32)
         if spec.knn > 0:
             assert self.similarity is not None  # checked at construction
-            knn = (rows @ self.similarity).toarray()
-            total += spec.knn * zscore_rows(knn).astype(np.float32)
-        if self.prior_z is not None:
-            weight = self.popularity_weight(np.diff(rows.indptr))
-            total += weight[:, None] * self.prior_z[None, :]
+            knn = zscore_rows((rows @ self.similarity).toarray()).astype(np.float32)
         if spec.seen > 0 and rows.nnz:
             seen = rows.copy()
             seen.data = np.log1p(np.maximum(seen.data, 0))
             row_max = np.asarray(seen.max(axis=1).toarray()).ravel()
-            seen = sp.diags(spec.seen / np.where(row_max > 0, row_max, 1.0)) @ seen
-            seen = sp.csr_matrix(seen)
+            seen = sp.csr_matrix(sp.diags(1.0 / np.where(row_max > 0, row_max, 1.0)) @ seen)
+        return ScoreParts(als, knn, np.diff(rows.indptr), seen)
+
+    def combine(self, parts: ScoreParts, spec: ModelSpec | None = None) -> np.ndarray:
+        """The weighted sum of ``parts`` under ``spec`` (default: this scorer's).
+
+        ``spec`` may weigh the parts differently but needs no part this scorer left out (e.g.
+        an item-kNN weight when this scorer's spec has none).
+        """
+        spec = spec or self.spec
+        n_users = len(parts.history)
+        if spec.is_plain_als and parts.als is not None:
+            return parts.als
+        total = np.zeros((n_users, self.n_items), dtype=np.float32)
+        for weight, part, name in ((spec.als, parts.als, "ALS"), (spec.knn, parts.knn, "item-kNN")):
+            if weight > 0:
+                if part is None:
+                    raise ValueError(f"these parts have no {name} part")
+                total += np.float32(weight) * part
+        if spec.popularity > 0 or spec.popularity_boost > 0:
+            if self.prior_z is None:
+                raise ValueError("this scorer has no popularity prior")
+            per_user = _popularity_weight(spec, parts.history)
+            total += per_user[:, None] * self.prior_z[None, :]
+        if spec.seen > 0 and parts.seen is not None:
+            seen = parts.seen
             user_of = np.repeat(np.arange(n_users), np.diff(seen.indptr))
-            total[user_of, seen.indices] += seen.data.astype(np.float32)
+            total[user_of, seen.indices] += np.float32(spec.seen) * seen.data.astype(np.float32)
         return total
 
     def top_k(
