@@ -17,6 +17,7 @@ the tags are just part of the names. Layout::
     {recsvc}:v:<V>:items               hash    per-item arrays (ids, titles, categories, factors, ...)
     {recsvc}:v:<V>:popular             hash    "*" -> item indices by popularity; "c<code>" per category
     {recsvc}:v:<V>:bundles             hash    the bundle candidates CSR
+    {recsvc}:v:<V>:similarity          hash    the item-kNN similarity CSR (blended models only)
     {recsvc}:lock:events-dump, {recsvc}:events:dump:commit:<stream>   the dump's lock and commit record
     {recsvc}:lock:retrain              string  the nightly retrain's lock
     {recsvc}:experiments               hash    experiment name -> JSON definition
@@ -25,7 +26,8 @@ the tags are just part of the names. Layout::
     per-user keys, tag {<group tag>} of the user's group g = crc32(user_id) mod GROUPS
     {G}:model:current, {G}:model:epoch the live pointer copied per group, and the flip epoch it
                                        was copied at (the request script reads it with the user)
-    {G}:v:<V>:topk:<b>                 hash    user_id -> packed top-K, user factors, purchases
+    {G}:v:<V>:topk:<b>                 hash    user_id -> packed top-K (+ scores), user factors,
+                                               the items never shown again
     {G}:v:<V>:interactions:<b>         hash    user_id -> packed training row (fold-in)
     {G}:recent:<user_id>               list    a user's newest events (fold-in)
     {G}:<stream>                       stream  accepted events (one shard per group) until a dump
@@ -92,7 +94,7 @@ VERSION_PREFIX = f"{CONTROL_TAG}:v:"
 #: SCAN pattern matching the ``info`` hash of every version in Redis.
 VERSION_INFO_PATTERN = f"{VERSION_PREFIX}*:info"
 #: Parts of a version stored once under the control tag (the rest is per-user buckets).
-VERSION_PARTS = ("info", "manifest", "items", "popular", "bundles")
+VERSION_PARTS = ("info", "manifest", "items", "popular", "bundles", "similarity")
 #: Parts stored per user bucket.
 BUCKET_PARTS = ("topk", "interactions")
 

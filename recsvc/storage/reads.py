@@ -51,6 +51,7 @@ class StoredVersion:
     items: dict[bytes, bytes]
     popular: dict[bytes, bytes]
     bundles: dict[bytes, bytes]
+    similarity: dict[bytes, bytes]  # empty for models without an item-kNN part
 
     @property
     def complete(self) -> bool:
@@ -65,13 +66,15 @@ def read_version(client: redis.Redis, version: str) -> StoredVersion:
     pipe.hgetall(keys.version(version, "items"))
     pipe.hgetall(keys.version(version, "popular"))
     pipe.hgetall(keys.version(version, "bundles"))
-    info, manifest, items, popular, bundles = pipe.execute()
+    pipe.hgetall(keys.version(version, "similarity"))
+    info, manifest, items, popular, bundles, similarity = pipe.execute()
     return StoredVersion(
         info={codec.text(k): codec.text(v) for k, v in info.items()},
         manifest=manifest,
         items=items,
         popular=popular,
         bundles=bundles,
+        similarity=similarity,
     )
 
 
