@@ -13,9 +13,11 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import resource
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,44 @@ class _Fingerprint(threading.Thread):
     def result(self) -> str:
         self.join()
         return self.value
+
+
+class StageClock:
+    """Wall and CPU seconds of each stage of a run, and the process's peak RSS when it ended.
+
+    ``with clock("fit"): ...`` tells ``step`` (the progress display) the stage's name and records
+    it; the peak is the high-water mark so far (it only grows: the stage that raised it is the one
+    whose figure jumps).
+    """
+
+    def __init__(self, step: Callable[[str], Any] | None = None):
+        self.step = step or (lambda name: None)
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        self.step(name)
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
+            self.peak_mb[name] = peak_rss_mb()
+
+    def resources(self) -> dict[str, dict[str, float]]:
+        """``manifest["resources"]``: CPU seconds and peak RSS (MB) per stage."""
+        return {
+            "cpu_s": {k: round(v, 3) for k, v in self.cpu.items()},
+            "peak_rss_mb": {k: round(v, 1) for k, v in self.peak_mb.items()},
+        }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MB (``ru_maxrss`` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
@@ -169,12 +209,14 @@ def write_model(
     models_dir: str | os.PathLike,
     version: str | None,
     timings: dict[str, float],
+    resources: dict[str, Any] | None = None,
     similarity: Any = None,
     prior: np.ndarray | None = None,
 ) -> tuple[Path, Artifact]:
     """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``.
 
-    ``similarity`` and ``prior`` are the blend's item-kNN and popularity parts (None for plain ALS).
+    ``similarity`` and ``prior`` are the blend's item-kNN and popularity parts (None for plain ALS);
+    ``resources`` (CPU seconds and peak RSS per stage, :class:`StageClock`) goes to the manifest.
     """
     artifact = Artifact(
         item_ids=[str(x) for x in item_ids],
@@ -196,6 +238,8 @@ def write_model(
     )
     # Stage timings up to here (writing itself is not in them: the manifest is written last).
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    if resources is not None:
+        manifest["resources"] = resources
     return write_artifact(artifact, models_dir, version=version), artifact
 
 
@@ -266,8 +310,8 @@ def train_model(
     echo : callable, optional
         Receives progress lines (the CLI passes ``click.echo`` to stderr).
     stages : Progress, optional
-        Told each stage as it starts (load, tune, evaluate, matrix, fit, extras, bundles, write);
-        its total is set here.
+        Told each stage as it starts (load, tune, exclusion, evaluate, matrix, fit, extras, bundles,
+        write); its total is set here.
 
     Returns
     -------
@@ -280,14 +324,13 @@ def train_model(
     ValueError
         Bad parameters, or nothing to train on.
     """
-    timings: dict[str, float] = {}
     started = time.perf_counter()
     say = echo or (lambda line: log.info(line))
     if show_progress is None:
         show_progress = True  # recsvc.core.progress decides: a bar on a terminal, else log lines
-    step = stages.step if stages is not None else (lambda name: None)
+    clock = StageClock(stages.step if stages is not None else None)
     if stages is not None:
-        stages.total = 6 + int(tune) + int(evaluate)
+        stages.total = 7 + int(tune) + int(evaluate)
     params = params or TrainParams()
     paths = (
         [Path(event_paths)] if isinstance(event_paths, str | os.PathLike) else [Path(p) for p in event_paths]
@@ -296,147 +339,136 @@ def train_model(
     fingerprint = _Fingerprint(inputs)
     fingerprint.start()
 
-    t0 = time.perf_counter()
-    step("load")
-    events, report = load_events(paths, max_bad_fraction=max_bad_fraction)
-    catalog, catalog_report = (None, None)
-    if catalog_path is not None:
-        catalog, catalog_report = load_catalog(catalog_path, max_bad_fraction=max_bad_fraction)
-    timings["load"] = time.perf_counter() - t0
+    with clock("load"):
+        events, report = load_events(paths, max_bad_fraction=max_bad_fraction)
+        catalog, catalog_report = (None, None)
+        if catalog_path is not None:
+            catalog, catalog_report = load_catalog(catalog_path, max_bad_fraction=max_bad_fraction)
     say(report.format())
     if catalog_report is not None:
         say("catalog: " + catalog_report.format())
 
     tuning = None
     if tune:
-        t0 = time.perf_counter()
-        step("tune")
-        # Tuning looks only at data before the evaluation's future, so the evaluation stays honest.
-        tune_events = split_events(events, SplitSpec.parse(split)).train if evaluate else events
-        result = tune_params(
-            tune_events,
-            catalog,
-            params,
-            seed=seed,
-            threads=threads,
-            device=device,
-            time_budget_s=tune_time_budget_s,
-            progress=say,
-        )
+        with clock("tune"):
+            # Tuning looks only at data before the evaluation's future, so the evaluation stays honest.
+            tune_events = split_events(events, SplitSpec.parse(split)).train if evaluate else events
+            result = tune_params(
+                tune_events,
+                catalog,
+                params,
+                seed=seed,
+                threads=threads,
+                device=device,
+                time_budget_s=tune_time_budget_s,
+                progress=say,
+            )
+            del tune_events
         params, tuning = result.best, result.to_dict()
-        timings["tune"] = time.perf_counter() - t0
         say(f"tuning: {result.reason}")
 
-    # What the model leaves out of a user's list is measured on this shop's data (a count).
-    exclusion = (
-        exclusion_rule(events) if params.model.exclude == "auto" else {"exclude": params.model.exclude}
-    )
+    with clock("exclusion"):
+        # What the model leaves out of a user's list is measured on this shop's data (a count).
+        exclusion = (
+            exclusion_rule(events) if params.model.exclude == "auto" else {"exclude": params.model.exclude}
+        )
     params = params.replace(model=replace(params.model, exclude=exclusion["exclude"]))
 
     metrics: dict[str, Any] = {}
     if evaluate:
-        t0 = time.perf_counter()
-        step("evaluate")
-        try:
-            metrics = evaluate_split(
-                events,
-                catalog,
-                params,
-                split=split,
-                seed=seed,
-                threads=threads,
-                device=device,
-                max_test_users=max_test_users,
-                compare=compare,
-                progress=say,
-            )
-        except ValueError as e:
-            # A log too short to split still trains; the manifest says why it has no metrics.
-            metrics = {"note": f"not evaluated: {e}"}
+        with clock("evaluate"):
+            try:
+                metrics = evaluate_split(
+                    events,
+                    catalog,
+                    params,
+                    split=split,
+                    seed=seed,
+                    threads=threads,
+                    device=device,
+                    max_test_users=max_test_users,
+                    compare=compare,
+                    progress=say,
+                )
+            except ValueError as e:
+                # A log too short to split still trains; the manifest says why it has no metrics.
+                metrics = {"note": f"not evaluated: {e}"}
         for warning in metrics.get("warnings", [metrics.get("note")] if metrics.get("note") else []):
             say(f"warning: {warning}")
-        timings["evaluate"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    step("matrix")
-    weighting = params.weighting()
-    trained_until = int(events.timestamp.max())
-    user_ids, item_ids = id_maps(events, weighting, None if catalog is None else catalog.item_id)
-    if len(user_ids) == 0:
-        raise ValueError("no user has an event with a positive weight: nothing to train on")
-    timings["matrix"] = time.perf_counter() - t0
+    with clock("matrix"):
+        weighting = params.weighting()
+        trained_until = int(events.timestamp.max())
+        user_ids, item_ids = id_maps(events, weighting, None if catalog is None else catalog.item_id)
+        if len(user_ids) == 0:
+            raise ValueError("no user has an event with a positive weight: nothing to train on")
 
-    t0 = time.perf_counter()
-    step("fit")
-    fitted = fit_model(
-        events,
-        user_ids,
-        item_ids,
-        params,
-        now=trained_until,
-        seed=seed,
-        threads=threads,
-        device=device,
-        show_progress=show_progress,
-    )
-    timings["fit"] = time.perf_counter() - t0
+    with clock("fit"):
+        fitted = fit_model(
+            events,
+            user_ids,
+            item_ids,
+            params,
+            now=trained_until,
+            seed=seed,
+            threads=threads,
+            device=device,
+            show_progress=show_progress,
+        )
 
-    t0 = time.perf_counter()
-    step("extras")
-    meta = item_metadata(item_ids, catalog)
-    popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
-    timings["extras"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    step("bundles")
-    bundles, bundle_report = bundle_candidates(
-        events, item_ids, fitted.item_factors, meta["category"], threads
-    )
-    timings["bundles"] = time.perf_counter() - t0
+    with clock("extras"):
+        meta = item_metadata(item_ids, catalog)
+        popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
+    with clock("bundles"):
+        bundles, bundle_report = bundle_candidates(
+            events, item_ids, fitted.item_factors, meta["category"], threads
+        )
 
-    t0 = time.perf_counter()
-    step("write")
-    fp = fingerprint.result()
-    manifest = base_manifest(
-        fingerprint=fp,
-        params=fitted.manifest_params(seed),
-        trained_until=trained_until,
-        metrics=metrics,
-        report=report,
-        catalog=catalog,
-        catalog_report=catalog_report,
-        inputs={
-            "events": [str(p) for p in paths],
-            "catalog": None if catalog_path is None else str(catalog_path),
-        },
-        training={"engine": "local", "threads": int(threads), "device": device, "bundles": bundle_report},
-        n_items=len(item_ids),
+    with clock("write"):
+        fp = fingerprint.result()
+        manifest = base_manifest(
+            fingerprint=fp,
+            params=fitted.manifest_params(seed),
+            trained_until=trained_until,
+            metrics=metrics,
+            report=report,
+            catalog=catalog,
+            catalog_report=catalog_report,
+            inputs={
+                "events": [str(p) for p in paths],
+                "catalog": None if catalog_path is None else str(catalog_path),
+            },
+            training={"engine": "local", "threads": int(threads), "device": device, "bundles": bundle_report},
+            n_items=len(item_ids),
+        )
+        manifest.update(model=fitted.spec.to_dict(), exclusion=exclusion, params_source=params_source)
+        if tuning is not None:
+            manifest["tuning"] = tuning
+        path, artifact = write_model(
+            manifest,
+            user_ids=user_ids,
+            item_ids=item_ids,
+            user_factors=fitted.user_factors,
+            item_factors=fitted.item_factors,
+            meta=meta,
+            popularity=popularity,
+            confidence=fitted.confidence,
+            purchases=fitted.purchases,
+            bundles=bundles,
+            models_dir=models_dir,
+            version=version,
+            timings=clock.wall,
+            resources=clock.resources(),
+            similarity=fitted.similarity,
+            prior=fitted.prior,
+        )
+        if tuning is not None:
+            # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.
+            save_choice(models_dir, tuning, fingerprint=fp)
+    say(
+        f"wrote {path} in {time.perf_counter() - started:.1f}s (fit {clock.wall['fit']:.1f}s, "
+        f"peak memory {peak_rss_mb():.0f} MB)"
     )
-    manifest.update(model=fitted.spec.to_dict(), exclusion=exclusion, params_source=params_source)
-    if tuning is not None:
-        manifest["tuning"] = tuning
-    path, artifact = write_model(
-        manifest,
-        user_ids=user_ids,
-        item_ids=item_ids,
-        user_factors=fitted.user_factors,
-        item_factors=fitted.item_factors,
-        meta=meta,
-        popularity=popularity,
-        confidence=fitted.confidence,
-        purchases=fitted.purchases,
-        bundles=bundles,
-        models_dir=models_dir,
-        version=version,
-        timings=timings,
-        similarity=fitted.similarity,
-        prior=fitted.prior,
-    )
-    if tuning is not None:
-        # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.
-        save_choice(models_dir, tuning, fingerprint=fp)
-    timings["write"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - started
-    say(f"wrote {path} in {timings['total']:.1f}s (fit {timings['fit']:.1f}s)")
     return TrainResult(
         path=path, manifest=artifact.manifest, report=report, metrics=metrics, catalog_report=catalog_report
     )
