@@ -5,11 +5,10 @@
 pyarrow CSV read -> dictionary-encode the ids -> CSR with weights view 1 / cart 4 / purchase 10
 (summed; other event types 0) -> implicit ALS (64 factors, 15 iterations, BLAS on one thread as implicit asks) ->
 ``np.save`` the factors. Prints one JSON line: its stages' wall and CPU seconds and the peak RSS
-after each (no validation, no evaluation, no id maps on disk: the floor of the job).
+(Linux VmHWM) after each (no validation, no evaluation, no id maps on disk: the floor of the job).
 """
 
 import json
-import resource
 import sys
 import time
 
@@ -27,14 +26,17 @@ last = [time.perf_counter(), time.process_time()]
 
 def done(stage: str) -> None:
     wall, cpu = time.perf_counter(), time.process_time()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss: that counts the parent's RSS at fork
+        peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     stages[stage] = [round(wall - last[0], 3), round(cpu - last[1], 3), round(peak, 1)]
     last[:] = [wall, cpu]
 
 
 done("start")  # interpreter start-up and imports are measured by the parent
 path, out, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 0
-table = csv.read_csv(path, convert_options=csv.ConvertOptions(include_columns=["user_id", "item_id", "event"]))
+table = csv.read_csv(
+    path, convert_options=csv.ConvertOptions(include_columns=["user_id", "item_id", "event"])
+)
 users = pc.dictionary_encode(table["user_id"]).combine_chunks()
 items = pc.dictionary_encode(table["item_id"]).combine_chunks()
 weight = np.array([1.0, 4.0, 10.0, 0.0], np.float32)[  # any other event type: weight 0

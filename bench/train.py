@@ -18,8 +18,8 @@ reading, fitting, writing and exit all count), alternating in a rotating order, 
 With ``--before REV`` the two train sides also run on the code of git revision ``REV``
 (exported with ``git archive`` under var/bench/; the worktree is untouched) in the same rounds.
 
-Each process's wall time is measured here; its CPU time (user + system) and peak RSS come from
-``os.wait4``. Medians over the runs are printed with the ratios to the script (targets: ``no-eval``
+Each process's wall time is measured here, its CPU time (user + system) by ``os.wait4``, its peak
+RSS (Linux ``VmHWM``) by the process itself at its end. Medians over the runs are printed with the ratios to the script (targets: ``no-eval``
 <= 1.3x the script's wall, CPU and peak memory, the default ``train`` <= 3x), then per stage:
 train's stages from the manifest (``timings_s``; CPU and the peak RSS reached by the end of each
 stage from ``resources`` where the code records them), ``start`` (interpreter and imports) and
@@ -61,7 +61,8 @@ SCRIPT = Path(__file__).resolve().parent / "als_script.py"
 SETS = ("synthetic", "grocery", "online-retail-uci-baskets", "online-retail-uci", "instacart")
 TARGETS = {"no-eval": 1.3, "train": 3.0}
 # Runs ``recsvc.cli.main`` from a code tree as the ``recsvc`` console script would, and reports how
-# long the imports and the command took inside the process (the parent times the whole process).
+# long the imports and the command took inside the process (the parent times the whole process)
+# and the process's peak RSS (VmHWM: ``wait4``'s ru_maxrss would count this parent's RSS at fork).
 BOOTSTRAP = """
 import json, sys, time
 t0 = time.perf_counter()
@@ -73,8 +74,10 @@ try:
     main(sys.argv[1:], prog_name="recsvc", standalone_mode=False)
 finally:
     t2 = time.perf_counter()
+    with open("/proc/self/status") as f:
+        peak = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
     with open(out, "w") as f:
-        json.dump({"imports_s": t1 - t0, "main_s": t2 - t1}, f)
+        json.dump({"imports_s": t1 - t0, "main_s": t2 - t1, "peak_mb": peak}, f)
 """
 
 
@@ -149,7 +152,7 @@ def dataset(name: str, quick: bool, data_dir: Path) -> tuple[Path, Path | None] 
 
 
 def run_process(cmd: list[str], scratch: Path) -> dict[str, Any]:
-    """Run ``cmd`` to its end; wall (measured here), CPU and peak RSS (``wait4``), its stdout."""
+    """Run ``cmd`` to its end; wall (measured here), CPU (``wait4``), its stdout."""
     out_path, err_path = scratch / "stdout", scratch / "stderr"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
         start = time.perf_counter()
@@ -163,7 +166,6 @@ def run_process(cmd: list[str], scratch: Path) -> dict[str, Any]:
     return {
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_mb": usage.ru_maxrss / 1024.0,  # KiB on Linux
         "stdout": out_path.read_text(),
     }
 
@@ -177,7 +179,8 @@ def run_script(events: Path, threads: int, scratch: Path) -> dict[str, Any]:
     # "start" is everything before the script's first line ran: interpreter and imports.
     inner = sum(v[0] for k, v in stages.items() if k != "start")
     stages["start"] = [result["wall_s"] - inner, None, stages["start"][2]]
-    return result | {"stages": stages, "nnz": report["nnz"], "shape": report["shape"]}
+    peak = max(v[2] for v in stages.values())
+    return result | {"stages": stages, "nnz": report["nnz"], "shape": report["shape"], "peak_mb": peak}
 
 
 def run_train(
@@ -205,6 +208,7 @@ def run_train(
     # The artifact's files, checksums, the printed table and the exit: the rest of the process.
     stages["write"] = [times["main_s"] - sum(timings.values()), None, None]
     return result | {
+        "peak_mb": times["peak_mb"],
         "stages": stages,
         "counts": manifest["counts"],
         "rows_read": manifest["load_report"]["rows_read"],
@@ -234,11 +238,11 @@ def measure(
     sides: list[tuple[str, Any]] = [("script", lambda s: run_script(events, threads, s))]
     for code, tree in trees.items():
         suffix = "" if code == "after" else f"@{code}"
-        sides.append(
-            (f"no-eval{suffix}", lambda s, t=tree: run_train(t, events, catalog, threads, False, s))
-        )
+        sides.append((f"no-eval{suffix}", lambda s, t=tree: run_train(t, events, catalog, threads, False, s)))
         if evaluate:
-            sides.append((f"train{suffix}", lambda s, t=tree: run_train(t, events, catalog, threads, True, s)))
+            sides.append(
+                (f"train{suffix}", lambda s, t=tree: run_train(t, events, catalog, threads, True, s))
+            )
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in sides}
     with tempfile.TemporaryDirectory(dir=WORK) as tmp:
         for r in range(repeat):
@@ -275,13 +279,19 @@ def _ratio(a: float | None, b: float | None) -> str:
 def print_totals(label: str, script: dict[str, Any], sides: dict[str, dict[str, Any]]) -> list[str]:
     missed = []
     print(f"\n{label}: {script['nnz']:,} user-item pairs, {script['shape'][0]:,} x {script['shape'][1]:,}")
-    print(f"  {'side':<16}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}{'wall':>9}{'CPU':>8}{'peak':>8}  runs (wall s)")
+    print(
+        f"  {'side':<16}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}{'wall':>9}{'CPU':>8}{'peak':>8}  runs (wall s)"
+    )
     print(
         f"  {'script':<16}{script['wall_s']:>9.2f}{script['cpu_s']:>9.2f}{script['peak_mb']:>9.0f}"
         f"{'':>25}  {script['all_wall_s']}"
     )
     for name, r in sides.items():
-        ratios = [r["wall_s"] / script["wall_s"], r["cpu_s"] / script["cpu_s"], r["peak_mb"] / script["peak_mb"]]
+        ratios = [
+            r["wall_s"] / script["wall_s"],
+            r["cpu_s"] / script["cpu_s"],
+            r["peak_mb"] / script["peak_mb"],
+        ]
         target = TARGETS.get(name)
         flag = ""
         if target is not None and max(ratios) > target:
@@ -303,7 +313,9 @@ def print_totals(label: str, script: dict[str, Any], sides: dict[str, dict[str, 
 def print_stages(script: dict[str, Any], sides: dict[str, dict[str, Any]]) -> None:
     """Per stage: wall, CPU, peak RSS at its end; ratio to the script's counterpart stage."""
     names = list(sides)
-    print(f"  {'stage':<10}{'script wall/CPU/peak':>24}" + "".join(f"{n + ' wall/CPU/peak':>30}" for n in names))
+    print(
+        f"  {'stage':<10}{'script wall/CPU/peak':>24}" + "".join(f"{n + ' wall/CPU/peak':>30}" for n in names)
+    )
     order: list[str] = []
     for r in [script, *sides.values()]:
         order += [s for s in r["stages"] if s not in order]
@@ -321,20 +333,22 @@ def _cell(v: list[float | None] | None) -> str:
     if v is None:
         return "-"
     wall, cpu, peak = v
-    return (
-        f"{wall:.2f}/{'-' if cpu is None else f'{cpu:.2f}'}/{'-' if peak is None else f'{peak:.0f}'}"
-    )
+    return f"{wall:.2f}/{'-' if cpu is None else f'{cpu:.2f}'}/{'-' if peak is None else f'{peak:.0f}'}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smaller synthetic sets, one run each")
     parser.add_argument("--threads", type=int, default=0, help="implicit threads, every side (0 = all cores)")
     parser.add_argument("--repeat", type=int, default=None, help="runs per side (default 3, --quick 1)")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated subset of {', '.join(SETS)}")
     parser.add_argument("--no-eval", action="store_true", help="skip the default train (with evaluation)")
     parser.add_argument("--before", metavar="REV", help="also run train on the code of git revision REV")
-    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="the public data sets [../shared/data]")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DATA_DIR, help="the public data sets [../shared/data]"
+    )
     parser.add_argument("--json-out", type=Path, help="also write the raw measurements here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))

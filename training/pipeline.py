@@ -120,7 +120,18 @@ class StageClock:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set so far, in MB (``ru_maxrss`` is in KiB on Linux)."""
+    """This process's peak resident set so far, in MB.
+
+    Linux's ``VmHWM`` belongs to the address space; ``ru_maxrss`` (the fallback elsewhere) also
+    counts the parent's resident set at the moment it forked this process.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

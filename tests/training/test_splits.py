@@ -117,3 +117,34 @@ def test_seen_share_counts_targets_once():
     )
     split = split_events(events, SplitSpec.parse("days:0.0001"))  # the last 8.6 s: the 3 purchases
     assert seen_share(split) == (0.5, 2)
+
+
+def test_per_user_split_and_exclusion_rule_break_time_ties_by_row():
+    # Many timestamp ties (the lines of an order share one): a user's future is their last 20 %
+    # of events in (time, row) order; the exclusion rule counts on that same split.
+    rng = np.random.default_rng(3)
+    kinds = ["view", "cart", "purchase"]
+    rows = [
+        (
+            f"u{rng.integers(60)}",
+            f"i{rng.integers(40)}",
+            kinds[rng.integers(3)],
+            T0 + int(rng.integers(30)) * 60,
+        )
+        for _ in range(4000)
+    ]
+    expected = []
+    for user in {r[0] for r in rows}:
+        mine = sorted((r[3], k) for k, r in enumerate(rows) if r[0] == user)
+        n_future = max(1, int(len(mine) * 0.2)) if len(mine) >= 3 else 0
+        expected += [rows[k] for _, k in mine[len(mine) - n_future :] if rows[k][2] == "purchase"]
+    events = table(rows)
+    split = split_events(events, SplitSpec.parse("user"))
+    test = split.test
+    got = [
+        (u, i, "purchase", int(t)) for u, i, t in zip(test.user_id, test.item_id, test.timestamp, strict=True)
+    ]
+    assert sorted(got) == sorted(expected)
+    share, targets = seen_share(split)
+    rule = exclusion_rule(events)
+    assert targets > 50 and rule["targets"] == targets and rule["seen_share"] == round(share, 4)
