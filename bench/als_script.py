@@ -3,9 +3,10 @@
     python bench/als_script.py EVENTS.csv OUT_DIR [THREADS]
 
 pyarrow CSV read -> dictionary-encode the ids -> CSR with weights view 1 / cart 4 / purchase 10
-(summed; other event types 0) -> implicit ALS (64 factors, 15 iterations, BLAS on one thread as implicit asks) ->
-``np.save`` the factors. Prints one JSON line: its stages' wall and CPU seconds and the peak RSS
-(Linux VmHWM) after each (no validation, no evaluation, no id maps on disk: the floor of the job).
+(summed; other event types 0) -> implicit ALS (64 factors, 15 iterations, BLAS on one thread as
+implicit asks) -> ``np.save`` the factors. Prints one JSON line: its stages' wall and CPU seconds
+and the peak RSS (Linux VmHWM) after each (no validation, no evaluation, no id maps on disk: the
+floor of the job).
 """
 
 import json

@@ -19,12 +19,12 @@ With ``--before REV`` the two train sides also run on the code of git revision `
 (exported with ``git archive`` under var/bench/; the worktree is untouched) in the same rounds.
 
 Each process's wall time is measured here, its CPU time (user + system) by ``os.wait4``, its peak
-RSS (Linux ``VmHWM``) by the process itself at its end. Medians over the runs are printed with the ratios to the script (targets: ``no-eval``
-<= 1.3x the script's wall, CPU and peak memory, the default ``train`` <= 3x), then per stage:
-train's stages from the manifest (``timings_s``; CPU and the peak RSS reached by the end of each
-stage from ``resources`` where the code records them), ``start`` (interpreter and imports) and
-``write`` (the artifact, checksums and exit) measured around ``main``, against the script's own
-stages (read, matrix, fit, write) where a stage has a counterpart.
+RSS (Linux ``VmHWM``) by the process itself at its end. Medians over the runs are printed with the
+ratios to the script (targets: ``no-eval`` <= 1.3x the script's wall, CPU and peak memory, the
+default ``train`` <= 3x), then per stage: train's stages from the manifest (``timings_s``; CPU and
+the peak RSS reached by the end of each stage from ``resources``), ``start`` (interpreter and
+imports) and ``write`` (the artifact, checksums and exit) measured around ``main``, against the
+script's own stages (read, matrix, fit, write) where a stage has a counterpart.
 
 Data sets (prepared once under var/bench/, never in the repository):
 
@@ -279,9 +279,8 @@ def _ratio(a: float | None, b: float | None) -> str:
 def print_totals(label: str, script: dict[str, Any], sides: dict[str, dict[str, Any]]) -> list[str]:
     missed = []
     print(f"\n{label}: {script['nnz']:,} user-item pairs, {script['shape'][0]:,} x {script['shape'][1]:,}")
-    print(
-        f"  {'side':<16}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}{'wall':>9}{'CPU':>8}{'peak':>8}  runs (wall s)"
-    )
+    head = f"  {'side':<16}{'wall s':>9}{'CPU s':>9}{'peak MB':>9}{'wall':>9}{'CPU':>8}{'peak':>8}"
+    print(head + "  runs (wall s)")
     print(
         f"  {'script':<16}{script['wall_s']:>9.2f}{script['cpu_s']:>9.2f}{script['peak_mb']:>9.0f}"
         f"{'':>25}  {script['all_wall_s']}"

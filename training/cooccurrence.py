@@ -210,6 +210,47 @@ def _codes(values: np.ndarray) -> np.ndarray:
     return encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
+def _first_seen(codes: np.ndarray) -> np.ndarray:
+    """``codes`` renumbered 0, 1, ... in order of first appearance (as a dictionary encoding of
+    the values they stand for would number them)."""
+    if len(codes) == 0:
+        return np.zeros(0, dtype=np.int64)
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse]
+
+
+def _purchase_columns(
+    events: Any, purchase: np.ndarray, item_index: Mapping[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Of the rows ``purchase``: item positions (-1 unknown), order codes and whether an order id
+    is present, and a function giving user codes of some of those rows (numbered by first
+    appearance among them).
+
+    From the table's dictionary encoding when it has one (ids are looked up once per distinct
+    value), else from the id columns.
+    """
+    index = as_id_map(item_index)
+    if hasattr(events, "codes"):
+        item_codes, item_values = events.codes("item_id")
+        codes = item_codes[purchase]
+        item = index.positions(item_values)[codes] if len(item_values) else codes
+        order_codes, order_values = events.codes("order_id")
+        order = order_codes[purchase].astype(np.int64)
+        has_order = (order_values != "")[order] if len(order) else np.zeros(0, dtype=bool)
+        user_codes = events.codes("user_id")[0]
+        return item, order, has_order, lambda rows: _first_seen(user_codes[purchase[rows]])
+    item = index.positions(np.asarray(events.item_id)[purchase])
+    order_id = np.asarray(events.order_id, dtype=object)[purchase]
+    has_order = order_id != ""
+    order = np.zeros(len(purchase), dtype=np.int64)
+    if has_order.any():
+        order[has_order] = _codes(order_id[has_order])
+    user_id = np.asarray(events.user_id, dtype=object)
+    return item, order, has_order, lambda rows: _codes(user_id[purchase[rows]])
+
+
 def build_baskets(events: Any, item_index: Mapping[str, int], params: MiningParams | None = None) -> Baskets:
     """Group purchase events into baskets.
 
@@ -229,30 +270,26 @@ def build_baskets(events: Any, item_index: Mapping[str, int], params: MiningPara
     params = params or MiningParams()
     n_items = len(item_index)
     purchase = np.flatnonzero(np.asarray(events.event) == PURCHASE)
-    item = (
-        as_id_map(item_index).positions(np.asarray(events.item_id)[purchase])
-        if len(purchase)
-        else np.zeros(0, np.int64)
-    )
-    unknown = int((item < 0).sum())
-    known = item >= 0
-    purchase, item = purchase[known], item[known]
     if len(purchase) == 0:
+        return Baskets(sp.csr_matrix((0, n_items), dtype=np.int32), 0, 0, 0, 0)
+    item, order, has_order, users_of = _purchase_columns(events, purchase, item_index)
+    unknown = int((item < 0).sum())
+    known = np.flatnonzero(item >= 0)
+    if len(known) == 0:
         return Baskets(sp.csr_matrix((0, n_items), dtype=np.int32), 0, 0, 0, unknown)
+    purchase, item, order, has_order = purchase[known], item[known], order[known], has_order[known]
 
-    order_id = np.asarray(events.order_id, dtype=object)[purchase]
     timestamp = np.asarray(events.timestamp, dtype=np.int64)[purchase]
-    has_order = order_id != ""
     basket = np.empty(len(purchase), dtype=np.int64)
     n_orders = 0
     if has_order.any():
-        _, inverse = np.unique(_codes(order_id[has_order]), return_inverse=True)
+        inverse = _first_seen(order[has_order])  # orders numbered by their first purchase
         basket[has_order] = inverse
         n_orders = int(inverse.max()) + 1
     n_sessions = 0
     loose = np.flatnonzero(~has_order)
     if len(loose):
-        user = _codes(np.asarray(events.user_id, dtype=object)[purchase[loose]])
+        user = users_of(known[loose])
         ts = timestamp[loose]
         order = np.lexsort((ts, user))
         user, ts = user[order], ts[order]
@@ -759,13 +796,34 @@ def mine_bundles_report(
         "significant_pairs", "anchors_with_candidates", "candidates", "seconds": {...}}``.
     """
     params = _params(params)
-    n_items = len(item_index)
+    start = time.perf_counter()
+    baskets = build_baskets(events, item_index, params)
+    seconds = {"baskets": round(time.perf_counter() - start, 3)}
+    return mine_baskets_report(baskets, item_factors, category, params, threads=threads, seconds=seconds)
+
+
+def mine_baskets_report(
+    baskets: Baskets,
+    item_factors: np.ndarray,
+    category: np.ndarray,
+    params: MiningParams | Mapping[str, Any] | None = None,
+    *,
+    threads: int = 1,
+    seconds: dict[str, float] | None = None,
+) -> tuple[BundleCandidates, dict[str, Any]]:
+    """:func:`mine_bundles_report` on baskets built already (:func:`build_baskets`).
+
+    Training builds the baskets while it still holds the events and mines them once the events
+    are gone; ``seconds`` holds the timings of the stages before (``baskets``) for the report.
+    """
+    params = _params(params)
+    n_items = int(baskets.matrix.shape[1])
     item_factors = np.asarray(item_factors)
     if item_factors.ndim != 2 or item_factors.shape[0] != n_items:
         raise ValueError(f"item_factors has shape {item_factors.shape}, expected ({n_items}, factors)")
     if np.asarray(category).shape != (n_items,):
         raise ValueError(f"category has shape {np.asarray(category).shape}, expected ({n_items},)")
-    seconds: dict[str, float] = {}
+    seconds = dict(seconds or {})
     clock = time.perf_counter()
 
     def lap(name: str) -> None:
@@ -774,8 +832,6 @@ def mine_bundles_report(
         seconds[name] = round(now - clock, 3)
         clock = now
 
-    baskets = build_baskets(events, item_index, params)
-    lap("baskets")
     candidates, counts = _mine(baskets, item_factors, params, threads, lap)
     report = {
         "params": params.as_dict(),

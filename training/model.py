@@ -73,6 +73,63 @@ def fit_similarity(raw: sp.csr_matrix, neighbours: int, threads: int = 0) -> sp.
     return sp.csr_matrix(model.similarity, dtype=np.float32)
 
 
+@dataclass
+class ModelMatrices:
+    """What the parts of a model are fitted on, built from the events (which can go afterwards)."""
+
+    params: TrainParams  # regularization resolved for this catalogue
+    raw: sp.csr_matrix  # users x items, summed event weights (float32)
+    confidence: sp.csr_matrix  # users x items, scaled as ALS sees it (float32)
+    purchases: sp.csr_matrix  # users x items, purchase counts
+    extra_params: dict[str, Any] = field(default_factory=dict)  # BM25 statistics for fold-in
+
+
+def model_matrices(
+    events: Any, user_ids: np.ndarray, item_ids: np.ndarray, params: TrainParams, *, now: int
+) -> ModelMatrices:
+    """The matrices of :func:`fit_model`, in the given row/column orders (``now``: the decay's
+    reference time)."""
+    params = params.resolved(len(item_ids))
+    weighting: WeightingParams = params.weighting()
+    users, items = IdMap(user_ids), IdMap(item_ids)
+    raw = raw_matrix(events, users, items, weighting, now=now)
+    confidence = to_float32(scale(raw, weighting))
+    extra = bm25_manifest_params(raw, weighting)
+    raw32 = sp.csr_matrix(raw, dtype=np.float32)
+    del raw
+    return ModelMatrices(params, raw32, confidence, purchase_counts(events, users, items), extra)
+
+
+def fit_parts(
+    matrices: ModelMatrices,
+    *,
+    seed: int,
+    threads: int = 0,
+    device: str = "auto",
+    show_progress: bool = False,
+) -> FittedModel:
+    """Fit ALS, item-kNN and the popularity prior on ``matrices`` (:func:`model_matrices`)."""
+    params, confidence = matrices.params, matrices.confidence
+    user_factors, item_factors = fit_als(
+        confidence, params, seed=seed, threads=threads, show_progress=show_progress, device=device
+    )
+    spec = params.model
+    similarity = fit_similarity(matrices.raw, spec.knn_neighbours, threads) if spec.needs_similarity else None
+    buyers = np.diff(matrices.purchases.tocsc().indptr)  # distinct buyers per item
+    interested = np.diff(confidence.tocsc().indptr)
+    return FittedModel(
+        params=params,
+        raw=matrices.raw,
+        confidence=confidence,
+        purchases=matrices.purchases,
+        user_factors=user_factors,
+        item_factors=item_factors,
+        similarity=similarity,
+        prior=popularity_prior(buyers, interested),
+        extra_params=matrices.extra_params,
+    )
+
+
 def fit_model(
     events: Any,
     user_ids: np.ndarray,
@@ -100,32 +157,5 @@ def fit_model(
     seed, threads, device, show_progress
         As for :func:`training.als.fit_als`.
     """
-    params = params.resolved(len(item_ids))
-    weighting: WeightingParams = params.weighting()
-    users, items = IdMap(user_ids), IdMap(item_ids)
-    raw = raw_matrix(events, users, items, weighting, now=now)
-    confidence = to_float32(scale(raw, weighting))
-    extra = bm25_manifest_params(raw, weighting)
-    raw32 = sp.csr_matrix(raw, dtype=np.float32)
-    del raw
-    user_factors, item_factors = fit_als(
-        confidence, params, seed=seed, threads=threads, show_progress=show_progress, device=device
-    )
-    spec = params.model
-    similarity = fit_similarity(raw32, spec.knn_neighbours, threads) if spec.needs_similarity else None
-    purchases = purchase_counts(events, users, items)
-    bought = purchases.copy()
-    bought.data[:] = 1.0
-    buyers = np.asarray(bought.sum(axis=0)).ravel()
-    interested = np.diff(confidence.tocsc().indptr)
-    return FittedModel(
-        params=params,
-        raw=raw32,
-        confidence=confidence,
-        purchases=purchases,
-        user_factors=user_factors,
-        item_factors=item_factors,
-        similarity=similarity,
-        prior=popularity_prior(buyers, interested),
-        extra_params=extra,
-    )
+    matrices = model_matrices(events, user_ids, item_ids, params, now=now)
+    return fit_parts(matrices, seed=seed, threads=threads, device=device, show_progress=show_progress)

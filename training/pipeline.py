@@ -9,6 +9,7 @@ artifact atomically (:func:`recsvc.core.artifact.write_artifact`).
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import hashlib
 import logging
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
@@ -31,10 +33,10 @@ from recsvc.core.ids import IdMap
 from recsvc.core.progress import Progress
 from recsvc.core.weighting import id_maps, index_positions, popularity_scores
 from training.als import TrainParams
-from training.cooccurrence import mine_bundles_report
+from training.cooccurrence import MiningParams, build_baskets, mine_baskets_report, mine_bundles_report
 from training.evaluation import DEFAULT_MAX_TEST_USERS, category_codes
 from training.evaluation import evaluate as evaluate_split
-from training.model import fit_model
+from training.model import fit_parts, model_matrices
 from training.splits import SplitSpec, exclusion_rule, split_events
 from training.tuning import save_choice
 from training.tuning import tune as tune_params
@@ -133,6 +135,17 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def release_unused_memory() -> None:
+    """Hand memory freed by the stages before back to the system, so the next stages' peak does
+    not stack on it: arrow's pool keeps freed pages, and glibc keeps freed heap pages below the
+    last live allocation (numpy's temporaries of a few MB live there) until ``malloc_trim``."""
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
+        pass
 
 
 def item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
@@ -407,33 +420,40 @@ def train_model(
         for warning in metrics.get("warnings", [metrics.get("note")] if metrics.get("note") else []):
             say(f"warning: {warning}")
 
+    # Everything read from the events is built here, then the events are released: the fits and
+    # the pair counts run on matrices a fraction of their size. A part of the model that needs
+    # the events is built in this block too.
     with clock("matrix"):
         weighting = params.weighting()
         trained_until = int(events.timestamp.max())
         user_ids, item_ids = id_maps(events, weighting, None if catalog is None else catalog.item_id)
         if len(user_ids) == 0:
             raise ValueError("no user has an event with a positive weight: nothing to train on")
-
-    with clock("fit"):
-        fitted = fit_model(
-            events,
-            user_ids,
-            item_ids,
-            params,
-            now=trained_until,
-            seed=seed,
-            threads=threads,
-            device=device,
-            show_progress=show_progress,
-        )
-
+        matrices = model_matrices(events, user_ids, item_ids, params, now=trained_until)
     with clock("extras"):
         meta = item_metadata(item_ids, catalog)
         popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
+    with clock("baskets"):
+        mining = MiningParams()
+        baskets = build_baskets(events, IdMap(item_ids), mining)
+    del events
+    release_unused_memory()
+
+    with clock("fit"):
+        fitted = fit_parts(matrices, seed=seed, threads=threads, device=device, show_progress=show_progress)
+    del matrices
+
     with clock("bundles"):
-        bundles, bundle_report = bundle_candidates(
-            events, item_ids, fitted.item_factors, meta["category"], threads
+        # Mining runs after the fit, so it may use the fit's cores (0 = one per core).
+        bundles, bundle_report = mine_baskets_report(
+            baskets,
+            fitted.item_factors,
+            meta["category"],
+            mining,
+            threads=threads or os.cpu_count() or 1,
+            seconds={"baskets": round(clock.wall["baskets"], 3)},
         )
+    del baskets
 
     with clock("write"):
         fp = fingerprint.result()

@@ -391,7 +391,7 @@ def _as_string(arr: pa.Array) -> pa.Array:
         arr = pc.if_else(integral, pc.cast(as_int, pa.string()), pc.cast(arr, pa.string()))
     elif not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = pc.cast(arr, pa.string())
-    return pc.fill_null(arr, "")
+    return pc.fill_null(arr, "") if arr.null_count else arr
 
 
 @dataclass
@@ -468,6 +468,12 @@ def _parse_timestamps(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray
         except pa.ArrowInvalid:
             as_int = None
         if as_int is not None:
+            if (
+                len(as_int)
+                and contract.MIN_TIMESTAMP <= as_int.min()
+                and as_int.max() < contract.MAX_TIMESTAMP
+            ):
+                return as_int.astype(np.int64, copy=False), np.ones(n, dtype=bool), empty  # all seconds
             secs, ok = contract.epoch_seconds(as_int)
             return secs, ok, empty
     todo = ~empty
@@ -533,11 +539,14 @@ def _parse_numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         empty = np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         vals = pc.fill_null(pc.cast(arr, pa.float64()), 0.0).to_numpy(zero_copy_only=False)
         return vals, ~empty, empty
-    strings = pc.utf8_trim_whitespace(_as_string(arr))
-    empty = np.asarray(pc.equal(pc.utf8_length(strings), 0).to_numpy(zero_copy_only=False), dtype=bool)
+    strings = _as_string(arr)
+    if len(strings) and pc.max(pc.binary_length(strings)).as_py() == 0:  # an empty column: no value
+        return np.zeros(len(strings)), np.zeros(len(strings), dtype=bool), np.ones(len(strings), dtype=bool)
+    strings = pc.utf8_trim_whitespace(strings)
+    blank = pc.equal(pc.utf8_length(strings), 0)
+    empty = np.asarray(blank.to_numpy(zero_copy_only=False), dtype=bool)
     try:
         # Fast path: every non-empty value is a plain number.
-        blank = pc.equal(pc.utf8_length(strings), 0)
         vals = pc.cast(pc.if_else(blank, pa.scalar(None, pa.string()), strings), pa.float64())
         out = pc.fill_null(vals, 0.0).to_numpy(zero_copy_only=False)
         return out, ~empty, empty
@@ -721,8 +730,6 @@ def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
 def _event_marks(cols: Mapping[str, Any], n: int) -> tuple[_Rejections, _ParsedEvents]:
     """Every contract check of the event columns: the marks, and every row parsed (none dropped)."""
     rej = _Rejections(n, EVENT_REASON_ORDER)
-    missing_column = np.full(n, None, dtype=object)
-    any_missing = np.zeros(n, dtype=bool)
 
     user = _encode(cols["user_id"])
     item = _encode(cols["item_id"])
@@ -737,11 +744,18 @@ def _event_marks(cols: Mapping[str, Any], n: int) -> tuple[_Rejections, _ParsedE
     timestamp, ts_ok, ts_empty = _parse_timestamps(cols["timestamp"])
 
     # Required fields: the first empty one (in contract order) is the one reported.
-    for name, empty in reversed(
-        (("user_id", user_empty), ("item_id", item_empty), ("event", event_empty), ("timestamp", ts_empty))
-    ):
-        missing_column[empty] = name
-        any_missing |= empty
+    required = (
+        ("user_id", user_empty),
+        ("item_id", item_empty),
+        ("event", event_empty),
+        ("timestamp", ts_empty),
+    )
+    any_missing = user_empty | item_empty | event_empty | ts_empty
+    missing_column: str | np.ndarray = "user_id"  # (no row is marked when none is missing)
+    if any_missing.any():
+        missing_column = np.full(n, None, dtype=object)
+        for name, empty in reversed(required):
+            missing_column[empty] = name
     rej.mark("missing_field", any_missing, missing_column)
     rej.mark("invalid_user_id", user_bad, "user_id")
     rej.mark("invalid_item_id", item_bad, "item_id")
@@ -782,7 +796,7 @@ def _event_marks(cols: Mapping[str, Any], n: int) -> tuple[_Rejections, _ParsedE
 def _parse_events_file(raw: _RawFile, report: LoadReport) -> _ParsedEvents:
     rej, parsed = _event_marks(raw.columns, raw.n_rows)
     good = rej.finish(report, raw)
-    return parsed.take(good)
+    return parsed if good.all() else parsed.take(good)
 
 
 @dataclass
@@ -964,6 +978,9 @@ def load_events(
         "order_id": (order.codes, order.values),
         "rec_id": (rec.codes, rec.values),
     }
+    # The raw columns are gone; arrow's allocator keeps their pages until told (hundreds of MB on
+    # a million rows) and the next stages would pile up on top of them.
+    pa.default_memory_pool().release_unused()
     return table, report
 
 

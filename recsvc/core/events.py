@@ -153,22 +153,19 @@ _HASH_MULTIPLIERS = (
     np.uint64(0x9E3779B97F4A7C15),
     np.uint64(0xC2B2AE3D27D4EB4F),
     np.uint64(0x165667B19E3779F9),
-    np.uint64(0xD6E8FEB86659FD93),
-    np.uint64(0xFF51AFD7ED558CCD),
-    np.uint64(0xC4CEB9FE1A85EC53),
 )
 
 
-_HASHED_KEYS = 3  # buckets are formed on the first keys only; the exact check uses all of them
+_HASHED_KEYS = 3  # the hash covers the first keys only; the exact check uses all of them
 
 
 def duplicate_mask(keys: Sequence[np.ndarray]) -> np.ndarray:
     """True for every row that repeats an earlier row on all ``keys`` (the first stays False).
 
-    Rows are bucketed by a multiplicative hash of the first three keys with ``np.bincount``, in a
-    few rounds with different multipliers; only rows that share a bucket in every round are
-    compared exactly (lexsort over all keys). A file without duplicates therefore costs a few
-    linear passes instead of a sort. Put the most distinguishing keys first.
+    A 64-bit hash of the first three keys is sorted (a vectorised sort of one integer column);
+    only rows whose hash occurs more than once are compared exactly (lexsort over all keys). A
+    file without duplicates therefore costs a hash and one sort of 8-byte values, and memory of a
+    few columns. Put the most distinguishing keys first.
 
     Parameters
     ----------
@@ -184,26 +181,20 @@ def duplicate_mask(keys: Sequence[np.ndarray]) -> np.ndarray:
     dup = np.zeros(n, dtype=bool)
     if n < 2:
         return dup
-    bits = int(min(24, max(8, int(np.ceil(np.log2(2 * n))))))
-    hashed = keys[:_HASHED_KEYS]
-    candidates: np.ndarray | None = None  # None = every row
-    for round_ in range(len(_HASH_MULTIPLIERS) - len(hashed) + 1):
-        with np.errstate(over="ignore"):
-            h = np.zeros(n if candidates is None else len(candidates), dtype=np.uint64)
-            for j, key in enumerate(hashed):
-                col = key if candidates is None else key[candidates]
-                h += col.astype(np.uint64, copy=False) * _HASH_MULTIPLIERS[round_ + j]
-                h ^= h >> np.uint64(31)
-            h *= _HASH_MULTIPLIERS[round_]
-        bucket = (h >> np.uint64(64 - bits)).astype(np.intp)
-        shared = np.bincount(bucket, minlength=1 << bits)[bucket] > 1
-        before = len(h)
-        candidates = np.flatnonzero(shared) if candidates is None else candidates[shared]
-        if len(candidates) == 0:
-            return dup
-        if len(candidates) > 0.9 * before:  # what is left is mostly real duplicates
-            break
-    assert candidates is not None  # the loop above runs at least once
+    with np.errstate(over="ignore"):
+        h = np.zeros(n, dtype=np.uint64)
+        for j, key in enumerate(keys[:_HASHED_KEYS]):
+            h += np.asarray(key).astype(np.uint64, copy=False) * _HASH_MULTIPLIERS[j]
+            h ^= h >> np.uint64(31)
+        h *= _HASH_MULTIPLIERS[0]
+    ordered = np.sort(h)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated) == 0:
+        return dup
+    repeated = repeated[np.r_[True, repeated[1:] != repeated[:-1]]]
+    at = np.minimum(np.searchsorted(repeated, h), len(repeated) - 1)
+    candidates = np.flatnonzero(repeated[at] == h)
+    del h, ordered
     # Exact comparison among the remaining candidates; ties keep original order, so the first wins.
     sub = [np.asarray(key)[candidates] for key in keys]
     order = np.lexsort([candidates, *reversed(sub)])

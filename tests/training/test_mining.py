@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -65,6 +67,39 @@ def test_repeated_item_counts_once_and_basket_size_is_capped():
     capped = build_baskets(events(rows), INDEX, MiningParams(max_basket_items=3))
     # The first three distinct items in event order are kept.
     assert dense(capped).tolist()[0] == [1, 1, 1, 0, 0, 0, 0, 0] and capped.capped == 1
+
+
+def test_baskets_numbered_the_same_from_the_tables_codes_or_from_the_id_columns():
+    # A loaded table brings its dictionary encoding (order ids seen first on a view, a taken
+    # subset with unused values); the baskets must not depend on it: rows numbered by each order's
+    # first purchase, then sessions by user in order of first loose purchase.
+    rng = np.random.default_rng(5)
+    rows = []
+    for _ in range(400):
+        order = f"o{rng.integers(40)}" if rng.random() < 0.7 else ""
+        kind = PURCHASE if rng.random() < 0.8 else VIEW
+        item = ITEMS[rng.integers(len(ITEMS))] if rng.random() < 0.95 else "unknown-item"
+        rows.append((f"u{rng.integers(12)}", item, kind, 1_700_000_000 + int(rng.integers(0, 20_000)), order))
+    table = events(rows)
+    table.codes("order_id"), table.codes("user_id"), table.codes("item_id")
+    table = table.take(np.flatnonzero(np.arange(len(table)) % 7 != 3))  # dictionaries keep unused values
+    plain = SimpleNamespace(
+        user_id=table.user_id, item_id=table.item_id, event=table.event, timestamp=table.timestamp,
+        order_id=table.order_id,
+    )  # fmt: skip
+    coded, by_ids = build_baskets(table, INDEX), build_baskets(plain, INDEX)
+    assert (coded.from_orders, coded.from_sessions, coded.unknown_items) == (
+        by_ids.from_orders, by_ids.from_sessions, by_ids.unknown_items,
+    )  # fmt: skip
+    assert coded.from_orders > 10 and coded.from_sessions > 10 and coded.unknown_items > 0
+    assert (coded.matrix != by_ids.matrix).nnz == 0
+    # The first basket is the order of the first purchase that has one.
+    first = next(r for r in rows_of(table) if r[2] == PURCHASE and r[4] and r[1] in INDEX)
+    assert coded.matrix[0, INDEX[first[1]]] == 1
+
+
+def rows_of(table):
+    return zip(table.user_id, table.item_id, table.event, table.timestamp, table.order_id, strict=True)
 
 
 def test_pair_counts_and_confidence_strength_by_hand():

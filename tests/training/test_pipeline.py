@@ -130,7 +130,7 @@ def test_failure_before_writing_leaves_no_version(shop, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in fit")
 
-    monkeypatch.setattr(pipeline, "fit_model", boom)
+    monkeypatch.setattr(pipeline, "fit_parts", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         train_model(shop[0], shop[1], models_dir=tmp_path, params=FAST, evaluate=False)
     assert list(tmp_path.iterdir()) == []
