@@ -41,6 +41,7 @@ from training.cooccurrence import mine_bundles_report
 from training.evaluation import category_codes
 from training.evaluation import evaluate as evaluate_split
 from training.evaluation import tune as tune_params
+from training.repurchase import fit_repurchase
 
 log = logging.getLogger("recsvc.training")
 
@@ -271,6 +272,11 @@ def train_model(
     t0 = time.perf_counter()
     bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"], threads)
     timings["bundles"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    repurchase, repurchase_report = fit_repurchase(
+        events, user_ids, item_ids, meta["category"], trained_until
+    )
+    timings["repurchase"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     fp = fingerprint.result()
@@ -290,6 +296,7 @@ def train_model(
             "threads": int(threads),
             "device": device,
             "bundles": bundle_report,
+            "repurchase": repurchase_report,
             "popularity": "recency-aware purchase-weighted, half-life 14 days",
         },
         "counts": {
@@ -317,6 +324,7 @@ def train_model(
         purchases=purchases,
         bundles=bundles,
         manifest=manifest,
+        repurchase=repurchase,
     )
     # Stage timings up to here (writing itself is not in them: the manifest is written last).
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
