@@ -28,7 +28,9 @@ from recsvc.core.artifact import Artifact, ArtifactError, BundleCandidates, late
 from recsvc.core.config import Config
 from recsvc.core.errors import NotPublished
 from recsvc.core.ids import IdMap
+from recsvc.core.repurchase import RepurchaseParams, UserHistory
 from recsvc.storage import codec, keys, reads
+from recsvc.storage import repurchase as repurchase_store
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class ServingModel:
         Number of per-user bucket hashes in Redis.
     origin : str
         ``"redis"`` (the published version) or ``"artifact"`` (a local folder, used as fallback).
+    repurchase : RepurchaseParams or None
+        The repurchase model's item parameters (None: the version has no repurchase model).
     """
 
     version: str
@@ -94,6 +98,7 @@ class ServingModel:
     n_users: int
     index_dtype: str = "<i4"  # packed dtype of item indices in per-user records
     origin: str = "redis"
+    repurchase: RepurchaseParams | None = None
     loaded_at: float = field(default_factory=time.time)
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
     # Re-entrant: a memo builder may itself read another memoised value.
@@ -176,6 +181,17 @@ class ServingModel:
             user_id, np.zeros(0, np.int32), vector, row.indices.astype(np.int32), a.item_factors
         )
 
+    def local_history(self, user_id: str) -> UserHistory | None:
+        """A customer's bought items from the local artifact (models with origin ``artifact`` only)."""
+        a, users = self._local_artifact, self._local_users
+        if a is None or users is None or a.repurchase is None:
+            return None
+        u = users.get(user_id)
+        if u is None:
+            return None
+        history = a.repurchase.history.row(u)
+        return history if len(history) else None
+
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_artifact(cls, artifact: Artifact, k: int = 200) -> ServingModel:
@@ -207,6 +223,7 @@ class ServingModel:
             n_users=n_users,
             index_dtype=codec.index_dtype(artifact.n_items),
             origin="artifact",
+            repurchase=artifact.repurchase.params if artifact.repurchase is not None else None,
         )
         model._local_users = artifact.user_index()
         model._local_artifact = artifact
@@ -259,6 +276,7 @@ class ServingModel:
             n_users=int(info["n_users"]),
             index_dtype=info.get("index_dtype", "<i4"),
             origin="redis",
+            repurchase=repurchase_store.params_from_mapping(stored.repurchase),
         )
 
     def training_row(self, client: redis.Redis, user_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -293,6 +311,22 @@ class UserRecord:
         """float32 scores of ``topk_items``, best first."""
         assert self.item_factors is not None  # both constructors pass the model's item factors
         return (self.item_factors[self.topk_items] @ self.vector).astype(np.float32)
+
+
+def fetch_history(
+    client: redis.Redis, model: ServingModel, user_id: str, probe_keys: tuple[str, ...] = ()
+) -> tuple[str | None, UserHistory | None, list[int]]:
+    """:func:`fetch_user` for the customer's bought items (the repurchase record), one round trip.
+
+    ``history`` is None when the customer bought nothing the model knows, or the version has no
+    repurchase model.
+    """
+    live, value, probes = reads.read_user(
+        client, model.user_key(keys.REPURCHASE_PART, user_id), user_id, probe_keys
+    )
+    if value is None:
+        return live, None, probes
+    return live, repurchase_store.unpack_history(value, model.index_dtype), probes
 
 
 def fetch_user(

@@ -11,8 +11,10 @@ Nothing else spells a ``recsvc:*`` key: code asks this module for the name. Layo
     recsvc:v:<V>:items               hash    per-item arrays (ids, titles, categories, factors, ...)
     recsvc:v:<V>:popular             hash    "*" -> item indices by popularity; "c<code>" per category
     recsvc:v:<V>:bundles             hash    the bundle candidates CSR
+    recsvc:v:<V>:repurchase          hash    the repurchase model's item parameters
     recsvc:v:<V>:topk:<b>            hash    user_id -> packed top-K, user factors, purchases
     recsvc:v:<V>:interactions:<b>    hash    user_id -> packed training row (fold-in)
+    recsvc:v:<V>:repurchase:<b>      hash    user_id -> packed bought items (buy again)
     recsvc:events                    stream  accepted events until a dump writes them to a file
     recsvc:recent:<user_id>          list    a user's newest events (fold-in)
     recsvc:events:batch:<fp>:<id>    string  a stored event batch (first id, last id, count): at most once
@@ -43,6 +45,9 @@ PUBLISHING_PREFIX = "recsvc:publishing:"
 VERSION_PREFIX = "recsvc:v:"
 #: SCAN pattern matching the ``info`` hash of every version in Redis.
 VERSION_INFO_PATTERN = f"{VERSION_PREFIX}*:info"
+
+#: Part name of the repurchase model: the version hash and the per-user buckets.
+REPURCHASE_PART = "repurchase"
 
 # --- real-time events ----------------------------------------------------------------------------
 EVENTS_STREAM = "recsvc:events"
@@ -101,7 +106,7 @@ def user_bucket(user_id: str, n_buckets: int) -> int:
 
 
 def bucket(version_name: str, part: str, bucket_number: int) -> str:
-    """Key of one per-user bucket hash: ``part`` is ``topk`` or ``interactions``."""
+    """Key of one per-user bucket hash: ``part`` is ``topk``, ``interactions`` or ``repurchase``."""
     return version(version_name, f"{part}:{bucket_number}")
 
 

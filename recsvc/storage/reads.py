@@ -8,7 +8,7 @@ script, because one command costs the client far less than a pipeline of three.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -48,6 +48,7 @@ class StoredVersion:
     items: dict[bytes, bytes]
     popular: dict[bytes, bytes]
     bundles: dict[bytes, bytes]
+    repurchase: dict[bytes, bytes] = field(default_factory=dict)  # empty: no repurchase model
 
     @property
     def complete(self) -> bool:
@@ -62,13 +63,15 @@ def read_version(client: redis.Redis, version: str) -> StoredVersion:
     pipe.hgetall(keys.version(version, "items"))
     pipe.hgetall(keys.version(version, "popular"))
     pipe.hgetall(keys.version(version, "bundles"))
-    info, manifest, items, popular, bundles = pipe.execute()
+    pipe.hgetall(keys.version(version, keys.REPURCHASE_PART))
+    info, manifest, items, popular, bundles, repurchase = pipe.execute()
     return StoredVersion(
         info={codec.text(k): codec.text(v) for k, v in info.items()},
         manifest=manifest,
         items=items,
         popular=popular,
         bundles=bundles,
+        repurchase=repurchase,
     )
 
 

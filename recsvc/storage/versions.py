@@ -26,6 +26,7 @@ from recsvc.core.config import Config
 from recsvc.core.ids import is_valid_version
 from recsvc.core.topk import topk_for_users
 from recsvc.storage import codec, holders, keys
+from recsvc.storage import repurchase as repurchase_store
 from recsvc.storage.codec import (
     PackedRows,
     array_bytes,
@@ -350,6 +351,7 @@ def _write_version(
             "support": array_bytes(b.support, "<i4"),
         },
     )
+    repurchase_store.write_params(client, artifact)
 
     if n_users == 0:
         return
@@ -401,6 +403,8 @@ def _write_version(
             lease.renew()
             if progress is not None:
                 progress(stop - start)
+        repurchase_store.write(writer.hset, artifact, n_buckets, index_dtype(n_items))
+        writer.flush()
 
 
 class _RawWriter:
@@ -533,6 +537,9 @@ def verify_version(client: redis.Redis, artifact: Artifact, config: Config) -> N
     popular = client.hget(keys.version(version, "popular"), "*")
     if popular is None or len(popular) != 4 * artifact.n_items:
         raise PublishError(f"verify {version}: popularity list missing")
+    problem = repurchase_store.verify(client, artifact, n_buckets, info["index_dtype"])
+    if problem is not None:
+        raise PublishError(f"verify {version}: {problem}")
 
 
 def _flip(client: redis.Redis, version: str) -> None:
