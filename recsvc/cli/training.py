@@ -22,6 +22,8 @@ from training.als import TrainParams
 from training.evaluation import evaluate as run_evaluation
 from training.evaluation import format_table
 from training.pipeline import train_model
+from training.repurchase import evaluate_repurchase
+from training.repurchase import format_report as format_repurchase
 
 EXIT_BAD_INPUT = 2
 
@@ -242,6 +244,19 @@ def train(**kwargs: Any) -> None:
     show_default=True,
     help="Also score bundles (training.cooccurrence.evaluate_bundles).",
 )
+@click.option(
+    "--repurchase/--no-repurchase",
+    default=True,
+    show_default=True,
+    help="Also score the buy-again list against the customers' most frequent and most recent items.",
+)
+@click.option(
+    "--horizon-days",
+    type=click.FloatRange(0, 365, min_open=True),
+    default=7.0,
+    show_default=True,
+    help="Buy again: the window after the split in which a purchase counts.",
+)
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate ALS against baselines on a time split and print a table."""
@@ -295,6 +310,12 @@ def evaluate(**kwargs: Any) -> None:
     except ValueError as e:
         raise BadInput(str(e)) from None
     click.echo(format_table(metrics))
+    if kwargs["repurchase"]:
+        try:
+            metrics["repurchase"] = evaluate_repurchase(events, catalog, horizon_days=kwargs["horizon_days"])
+            click.echo(format_repurchase(metrics["repurchase"]))
+        except ValueError as e:
+            _err(f"buy again not evaluated: {e}")
     _err(f"evaluated in {time.perf_counter() - start:.1f}s")
     if kwargs["json_out"]:
         document = {"metrics": metrics, "params": params.to_manifest(kwargs["seed"]), "events": events_paths}
