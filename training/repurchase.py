@@ -299,7 +299,9 @@ def fit_params(
     repeats = np.bincount(item, weights=k, minlength=n_items)
     trials = np.bincount(item, weights=k + 1.0, minlength=n_items)
     total_trials = float(trials.sum())
-    rate = np.full(n_items, float(repeats.sum() / total_trials) if total_trials else 0.0)
+    # EM starts from "as likely as not": items whose purchases are all too recent to tell stay there
+    # (then their category's and the shop's evidence decides), instead of at the raw zero.
+    rate = np.full(n_items, 0.5)
     params = RepurchaseParams(
         rate=rate.astype(np.float32),
         log_interval=log_interval.astype(np.float32),
