@@ -63,17 +63,25 @@ class RepurchaseSettings:
         Pseudo-pairs of the category (shop) typical interval in an item's (category's) estimate.
     prior_purchases : float
         Pseudo-purchases of the category (shop) rate in an item's (category's) rate.
+    pace : bool
+        Estimate each customer's pace (off: every customer at the items' typical intervals).
+    choose_dispersion : bool
+        Choose the variance factor on held-out history (off: the moment estimates as they are).
     """
 
     strength: float = 2.0
     prior_pairs: float = 3.0
     prior_purchases: float = 10.0
+    pace: bool = True
+    choose_dispersion: bool = True
 
-    def to_manifest(self) -> dict[str, float]:
+    def to_manifest(self) -> dict[str, Any]:
         return {
             "strength": self.strength,
             "prior_pairs": self.prior_pairs,
             "prior_purchases": self.prior_purchases,
+            "pace": self.pace,
+            "choose_dispersion": self.choose_dispersion,
         }
 
 
@@ -291,6 +299,8 @@ def fit_params(
     pace = np.bincount(user, weights=weight * resid, minlength=n_users) / (
         np.bincount(user, weights=weight, minlength=n_users) + pseudo
     )
+    if not settings.pace:
+        pace[:] = 0.0
 
     buyers = np.bincount(item, minlength=n_items)
     repeat_buyers = np.bincount(item[k > 0], minlength=n_items)
@@ -354,6 +364,8 @@ def choose_dispersion(
     (float, dict)
         The factor, and the mean log-likelihood of each factor tried (by its string).
     """
+    if settings is not None and not settings.choose_dispersion:
+        return 1.0, {}
     split = until - int(round(horizon_days * SECONDS_PER_DAY))
     early = timestamp < split
     stats = pair_stats(user[early], item[early], timestamp[early], order[early])

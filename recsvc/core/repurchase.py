@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 from scipy.special import ndtr, ndtri
@@ -107,9 +108,9 @@ class UserHistory:
     than other customers they rebuy items in general.
     """
 
-    items: np.ndarray  # int32 item indices
-    last: np.ndarray  # int64 unix seconds of the newest occasion
-    count: np.ndarray  # int32 occasions
+    items: np.ndarray  # int item indices (int32; the packed dtype when read from Redis)
+    last: np.ndarray  # int unix seconds of the newest occasion
+    count: np.ndarray  # int occasions
     log_interval: np.ndarray  # float32
     pace: float = 0.0
 
@@ -213,25 +214,146 @@ def pair_posterior(
     the item's prior for a customer who buys everything faster (< 0) or slower than most;
     ``dispersion`` multiplies both variances.
     """
-    items = np.asarray(items, dtype=np.int64)
-    k = np.maximum(np.asarray(count, dtype=np.float64) - 1.0, 0.0)
-    own = np.asarray(log_interval, dtype=np.float64)
-    within, between = params.within_var * dispersion, params.between_var * dispersion
-    prior_precision = 1.0 / between
-    data_precision = k / within
-    precision = prior_precision + data_precision
-    prior = params.log_interval[items].astype(np.float64) + pace
-    mu = (prior * prior_precision + own * data_precision) / precision
-    sd = np.sqrt(within + 1.0 / precision)
-    q = (params.strength * params.rate[items].astype(np.float64) + k) / (params.strength + k)
+    # Intervals (= repeats) seen; count >= 1 everywhere, the maximum only guards hand-made input.
+    k = np.maximum(np.subtract(count, 1.0), 0.0)
+    # Both variances scale by the dispersion, so mu does not depend on it and sd scales by its root.
+    prior_precision = 1.0 / params.between_var
+    data_precision = k * (1.0 / params.within_var)
+    precision = data_precision + prior_precision
+    prior = params.log_interval[items] + pace
+    mu = (prior * prior_precision + np.multiply(log_interval, data_precision)) / precision
+    sd = np.sqrt((1.0 / precision + params.within_var) * dispersion)
+    q = (params.rate[items] * params.strength + k) / (k + params.strength)
     return mu, sd, q
+
+
+#: Days standing in for 0 in logarithms (the survival of a log-normal at 0 is 1 either way).
+_TINY_DAYS = 1e-9
 
 
 def _survival(days: np.ndarray, mu: np.ndarray, sd: np.ndarray) -> np.ndarray:
     """P(T > days) for log-normal T; 1 at ``days <= 0``."""
-    with np.errstate(divide="ignore"):
-        z = (np.log(np.maximum(days, 0.0)) - mu) / sd
-    return ndtr(-z)
+    return ndtr((mu - np.log(np.maximum(days, _TINY_DAYS))) / sd)
+
+
+def _elapsed(last: np.ndarray, now: float) -> np.ndarray:
+    return np.maximum(0.0, (float(now) - np.asarray(last, dtype=np.float64)) / SECONDS_PER_DAY)
+
+
+@dataclass(frozen=True)
+class RankedDue:
+    """The most due of one customer's pairs, best first (see :func:`rank_history`)."""
+
+    order: np.ndarray  # positions in the history, best first
+    probability: np.ndarray
+    due_in_days: np.ndarray
+    interval_days: np.ndarray
+    elapsed_days: np.ndarray
+
+
+def _probability(
+    q: np.ndarray, mu: np.ndarray, sd: np.ndarray, elapsed: np.ndarray, horizon_days: float
+) -> np.ndarray:
+    s_now = _survival(elapsed, mu, sd)
+    s_later = _survival(elapsed + float(horizon_days), mu, sd)
+    # 1 - q + q * s_now is 0 only when q = 1 and s_now = 0, where the numerator is 0 too.
+    return q * (s_now - s_later) / np.maximum(1.0 - q + q * s_now, 1e-300)
+
+
+def _median_next(mu: np.ndarray, sd: np.ndarray, elapsed: np.ndarray) -> np.ndarray:
+    """Days to the next purchase: the median given none by ``elapsed``, ``S(t) = S(elapsed) / 2``."""
+    half = np.maximum(_survival(elapsed, mu, sd), _MIN_SURVIVAL) / 2.0
+    return np.maximum(np.exp(mu + sd * ndtri(1.0 - half)) - elapsed, 0.0)
+
+
+#: Histories up to this many items are ranked with Python floats: for a handful of items numpy's
+#: per-call overhead (~30 calls of ~1 us) costs more than the arithmetic. Both paths compute the
+#: same formulas (tests/core/test_repurchase.py compares them).
+SMALL_HISTORY = 24
+_NORMAL = NormalDist()
+_SQRT_HALF = math.sqrt(0.5)
+
+
+def rank_history(
+    params: RepurchaseParams,
+    history: UserHistory,
+    now: float,
+    horizon_days: float,
+    n: int,
+    allowed: np.ndarray | None = None,
+    min_probability: float = 0.0,
+) -> RankedDue:
+    """The ``n`` most due ``allowed`` items of one customer, with dates for those only.
+
+    :func:`due` for the request path: every item is ranked by its probability, and only the
+    ``n`` shown get the median of their next purchase (the due dates use the variances as
+    estimated, the probability the dispersion factor: sd scales by its square root).
+    """
+    if len(history) <= SMALL_HISTORY:
+        return _rank_small(params, history, now, horizon_days, n, allowed, min_probability)
+    elapsed = _elapsed(history.last, now)
+    mu, sd, q = pair_posterior(params, history.items, history.count, history.log_interval, history.pace)
+    probability = _probability(q, mu, sd * math.sqrt(params.dispersion), elapsed, horizon_days)
+    if min_probability > 0:
+        passing = probability >= min_probability
+        allowed = passing if allowed is None else allowed & passing
+    order = rank_due(probability, allowed)[:n]
+    mu, sd, elapsed = mu[order], sd[order], elapsed[order]
+    return RankedDue(order, probability[order], _median_next(mu, sd, elapsed), np.exp(mu), elapsed)
+
+
+def _normal_sf(z: float) -> float:
+    return 0.5 * math.erfc(z * _SQRT_HALF)
+
+
+def _rank_small(
+    params: RepurchaseParams,
+    history: UserHistory,
+    now: float,
+    horizon_days: float,
+    n: int,
+    allowed: np.ndarray | None,
+    min_probability: float,
+) -> RankedDue:
+    """:func:`rank_history` with Python floats (the formulas of :func:`pair_posterior`,
+    :func:`_probability` and :func:`_median_next`, one pair at a time)."""
+    within, between, strength = params.within_var, params.between_var, params.strength
+    widen = math.sqrt(params.dispersion)
+    items = history.items.tolist()
+    prior = params.log_interval[history.items].tolist()
+    rate = params.rate[history.items].tolist()
+    ok = [True] * len(items) if allowed is None else np.asarray(allowed, dtype=bool).tolist()
+    rows = []
+    for j, (last, count, own) in enumerate(
+        zip(history.last.tolist(), history.count.tolist(), history.log_interval.tolist(), strict=True)
+    ):
+        if not ok[j]:
+            continue
+        k = max(count - 1.0, 0.0)
+        precision = 1.0 / between + k / within
+        mu = ((prior[j] + history.pace) / between + own * k / within) / precision
+        sd = math.sqrt(within + 1.0 / precision)
+        q = (strength * rate[j] + k) / (strength + k)
+        elapsed = max((now - last) / SECONDS_PER_DAY, 0.0)
+        s_now = _normal_sf((math.log(max(elapsed, _TINY_DAYS)) - mu) / (sd * widen))
+        s_later = _normal_sf((math.log(max(elapsed + horizon_days, _TINY_DAYS)) - mu) / (sd * widen))
+        probability = q * (s_now - s_later) / max(1.0 - q + q * s_now, 1e-300)
+        if probability >= min_probability:
+            rows.append((-probability, j, mu, sd, elapsed))
+    rows.sort()  # by probability, then position: the order of rank_due
+    rows = rows[:n]
+    due_in, interval = [], []
+    for _, _, mu, sd, elapsed in rows:
+        half = max(_normal_sf((math.log(max(elapsed, _TINY_DAYS)) - mu) / sd), _MIN_SURVIVAL) / 2.0
+        due_in.append(max(math.exp(mu + sd * _NORMAL.inv_cdf(1.0 - half)) - elapsed, 0.0))
+        interval.append(math.exp(mu))
+    return RankedDue(
+        order=np.asarray([r[1] for r in rows], dtype=np.int64),
+        probability=np.asarray([-r[0] for r in rows], dtype=np.float64),
+        due_in_days=np.asarray(due_in, dtype=np.float64),
+        interval_days=np.asarray(interval, dtype=np.float64),
+        elapsed_days=np.asarray([r[4] for r in rows], dtype=np.float64),
+    )
 
 
 def due(
@@ -263,22 +385,10 @@ def due(
     -------
     DueEstimate
     """
-    elapsed = np.maximum(0.0, (float(now) - np.asarray(last, dtype=np.float64)) / SECONDS_PER_DAY)
-    mu, sd, q = pair_posterior(params, items, count, log_interval, pace, params.dispersion)
-    s_now = _survival(elapsed, mu, sd)
-    s_later = _survival(elapsed + float(horizon_days), mu, sd)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        probability = q * (s_now - s_later) / (1.0 - q + q * s_now)
-    probability = np.nan_to_num(np.clip(probability, 0.0, 1.0))
-    # Median of the next purchase time given none so far, S(t) = S(elapsed) / 2, under the
-    # variances as estimated (a widened distribution moves the median of an overdue item far out).
-    if params.dispersion != 1.0:
-        mu, sd, _ = pair_posterior(params, items, count, log_interval, pace)
-        s_now = _survival(elapsed, mu, sd)
-    half = np.maximum(s_now, _MIN_SURVIVAL) / 2.0
-    next_days = np.exp(mu + sd * ndtri(1.0 - half))
-    due_in = np.maximum(next_days - elapsed, 0.0)
-    interval = np.exp(mu)
+    elapsed = _elapsed(last, now)
+    mu, sd, q = pair_posterior(params, items, count, log_interval, pace)
+    probability = _probability(q, mu, sd * math.sqrt(params.dispersion), elapsed, horizon_days)
+    due_in, interval = _median_next(mu, sd, elapsed), np.exp(mu)
     return DueEstimate(
         probability=probability,
         due_in_days=due_in,
@@ -373,9 +483,10 @@ def newest(history: UserHistory, limit: int) -> UserHistory:
     )
 
 
-def rank_due(estimate: DueEstimate, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Positions of the pairs by decreasing probability (ties: sooner due, then position)."""
-    order = np.lexsort((np.arange(len(estimate.probability)), estimate.due_in_days, -estimate.probability))
+def rank_due(probability: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """Positions of the pairs by decreasing probability (ties: lower position first), only the
+    ``allowed`` ones when a mask is given."""
+    order = np.argsort(-np.asarray(probability), kind="stable")
     if allowed is not None:
         order = order[np.asarray(allowed, dtype=bool)[order]]
     return order

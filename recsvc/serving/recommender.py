@@ -18,7 +18,6 @@ Nothing here knows Flask: the web layer parses the request, calls one method and
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import time
@@ -664,39 +663,33 @@ class Recommender:
         """The ``n`` most due candidate items of ``history``: indices, probabilities, their fields."""
         assert model.repurchase is not None  # callers check
         params = model.repurchase
-        estimate = rebuy.due(
-            params,
-            history.items,
-            history.last,
-            history.count,
-            history.log_interval,
-            now,
-            horizon,
-            history.pace,
-        )
-        candidate = ranking.allowed(model, wanted.for_model(model, ()), history.items)
-        candidate &= estimate.probability >= min_probability
-        order = rebuy.rank_due(estimate, candidate)[:n]
+        if wanted is NO_FILTERS:  # the common request: in stock is the only filter
+            allowed = model.available[history.items]
+        else:
+            allowed = ranking.allowed(model, wanted.for_model(model, ()), history.items)
+        ranked = rebuy.rank_history(params, history, now, horizon, n, allowed, min_probability)
+        order = ranked.order
+        shown = history.items[order]
         extra: dict[int, dict[str, Any]] = {}
-        for j in order.tolist():
-            item = int(history.items[j])
-            elapsed = max(0.0, (now - float(history.last[j])) / rebuy.SECONDS_PER_DAY)
+        for item, count, last, due_in, interval, elapsed, rate in zip(
+            shown.tolist(),
+            history.count[order].tolist(),
+            history.last[order].tolist(),
+            ranked.due_in_days.tolist(),
+            ranked.interval_days.tolist(),
+            ranked.elapsed_days.tolist(),
+            params.rate[shown].tolist(),
+            strict=True,
+        ):
             extra[item] = {
-                "last_bought": _iso(int(history.last[j])),
-                "expected_next": _iso(int(estimate.expected_next[j])),
-                "due_in_days": round(float(estimate.due_in_days[j]), 1),
-                "times_bought": int(history.count[j]),
-                "typical_interval_days": round(float(estimate.interval_days[j]), 1),
-                "reason": rebuy.reason(
-                    int(history.count[j]),
-                    float(estimate.interval_days[j]),
-                    elapsed,
-                    float(estimate.due_in_days[j]),
-                    float(params.rate[item]),
-                ),
+                "last_bought": _iso(last),
+                "expected_next": _iso(int(now + due_in * rebuy.SECONDS_PER_DAY)),
+                "due_in_days": round(due_in, 1),
+                "times_bought": count,
+                "typical_interval_days": round(interval, 1),
+                "reason": rebuy.reason(count, interval, elapsed, due_in, rate),
             }
-        items = history.items[order].astype(np.int32)
-        return items, estimate.probability[order].astype(np.float32), extra
+        return shown.astype(np.int32), ranked.probability.astype(np.float32), extra
 
     def _repeat_popular(
         self,
@@ -773,7 +766,7 @@ class Recommender:
 
 
 def _iso(seconds: int) -> str:
-    return _dt.datetime.fromtimestamp(seconds, _dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _with_recent_purchases(

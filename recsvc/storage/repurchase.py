@@ -94,16 +94,13 @@ def unpack_history(value: bytes, index_dtype: str) -> UserHistory:
     n, rest = divmod(len(value) - 4, _entry_bytes(index_dtype))
     if len(value) < 4 or rest:
         raise ValueError(f"repurchase record of {len(value)} bytes does not fit the layout")
-    buf = memoryview(value)
-    pace = float(np.frombuffer(buf[:4], dtype="<f4")[0])
-    at = 4
-    items = np.frombuffer(buf[at : at + n * width], dtype=index_dtype).astype(np.int32)
-    at += n * width
-    last = np.frombuffer(buf[at : at + 4 * n], dtype="<u4").astype(np.int64)
-    at += 4 * n
-    count = np.frombuffer(buf[at : at + 2 * n], dtype="<u2").astype(np.int32)
-    at += 2 * n
-    log_interval = np.frombuffer(buf[at : at + 4 * n], dtype="<f4")
+    # Views into the reply, no copies (read-only, like every per-request array).
+    pace = float(np.frombuffer(value, dtype="<f4", count=1)[0])
+    items = np.frombuffer(value, dtype=index_dtype, count=n, offset=4)
+    at = 4 + n * width
+    last = np.frombuffer(value, dtype="<u4", count=n, offset=at)
+    count = np.frombuffer(value, dtype="<u2", count=n, offset=at + 4 * n)
+    log_interval = np.frombuffer(value, dtype="<f4", count=n, offset=at + 6 * n)
     return UserHistory(items, last, count, log_interval, pace)
 
 

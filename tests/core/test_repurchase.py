@@ -51,7 +51,7 @@ def test_due_probability_matches_the_formula(model):
         )
         assert est.probability[j] == pytest.approx(want, rel=1e-5)
     # Item 3 (bought 5 times every 10 days, last 9 days ago) is the most due.
-    assert int(rebuy.rank_due(est)[0]) == 0
+    assert int(rebuy.rank_due(est.probability)[0]) == 0
     assert est.probability[0] == pytest.approx(0.770, abs=0.002)
 
 
@@ -206,3 +206,29 @@ def test_every_already_bought_rule_uses_the_exemption_mask():
     assert already_bought(bought, artifact.category, (), artifact.repurchasable(0.4, ["shoes"])).tolist() == [
         22
     ]
+
+
+@pytest.mark.parametrize("size", [1, 5, rebuy.SMALL_HISTORY, rebuy.SMALL_HISTORY + 1, 200])
+def test_ranking_a_history_agrees_with_the_batch_formulas(model, size):
+    from dataclasses import replace
+
+    rng = np.random.default_rng(size)
+    history = rebuy.UserHistory(
+        rng.choice(50, size, replace=size > 50).astype(np.int32),
+        (REPURCHASE_NOW - rng.uniform(0, 90, size) * DAY).astype(np.int64),
+        rng.integers(1, 9, size).astype(np.int32),
+        np.log(rng.uniform(3, 40, size)).astype(np.float32),
+        pace=0.2,
+    )
+    params = replace(model.params, dispersion=2.0)
+    allowed = rng.random(size) < 0.8
+    ranked = rebuy.rank_history(params, history, REPURCHASE_NOW, 7.0, 10, allowed, min_probability=0.05)
+    batch = rebuy.due(
+        params, history.items, history.last, history.count, history.log_interval, REPURCHASE_NOW, 7.0, 0.2
+    )
+    keep = allowed & (batch.probability >= 0.05)
+    want = rebuy.rank_due(batch.probability, keep)[:10]
+    assert ranked.order.tolist() == want.tolist()
+    assert ranked.probability == pytest.approx(batch.probability[want], rel=1e-6, abs=1e-12)
+    assert ranked.due_in_days == pytest.approx(batch.due_in_days[want], rel=1e-5, abs=1e-6)
+    assert ranked.interval_days == pytest.approx(batch.interval_days[want], rel=1e-6)
