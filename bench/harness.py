@@ -491,5 +491,5 @@ def train(shop: Shop, env: dict[str, str], catalog: Path, timeout_s: float = 300
 
 def redis_live_version(client: redis.Redis) -> str | None:
     """The live pointer, read as an operator would with redis-cli (key name from docs/serving.md)."""
-    raw = client.get("recsvc:model:current")
+    raw = client.get("{recsvc}:model:current")
     return raw.decode() if raw else None

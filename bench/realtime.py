@@ -128,7 +128,7 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
     from recsvc.core.ranking import Filters
     from recsvc.serving import realtime
     from recsvc.serving.model import ServingModel
-    from recsvc.storage import versions
+    from recsvc.storage import keys, versions
     from recsvc.storage.stream import append_events
 
     model = ServingModel.from_artifact(artifact)
@@ -224,7 +224,9 @@ def in_process(artifact, redis_url: str, runs: int) -> list[tuple[str, float, fl
     for name, fn in (cases[0], ("realtime, known user (30 + 50 events) + rank", known)):
         p50, p99 = percentiles(timed(fn, runs))
         results.append((name + " [BLAS default threads]", p50, p99))
-    client.delete("recsvc:recent:u00007", "bench:events")
+    client.delete(keys.recent("u00007"))
+    for shard in keys.stream_shards("bench:events"):
+        client.delete(shard)
     client.close()
     return results
 

@@ -5,6 +5,7 @@ Run from the repository root::
     .venv/bin/python bench/serve.py            # ~2 minutes
     .venv/bin/python bench/serve.py --quick    # ~40 seconds
     .venv/bin/python bench/serve.py --floor    # also two partial apps that show the floor
+    .venv/bin/python bench/serve.py --observability   # metrics + request log on vs off
 
 What it does, all on 127.0.0.1 with a throw-away redis-server:
 
@@ -17,7 +18,10 @@ What it does, all on 127.0.0.1 with a throw-away redis-server:
    ``GET /v1/users/<id>/recommendations?n=20`` for random known users. Target: recsvc >= 0.8 x bare.
 3. Latency at half load: recsvc is paced at half its measured max throughput (wrk's Lua ``delay()``
    per connection) and p50/p99 are reported. Target: p99 <= 10 ms.
-4. With ``--floor``, two partial apps in the same gunicorn set-up (``floor_app``): recsvc's Redis
+4. With ``--observability``, a second recsvc with metrics and the per-request log line switched
+   off (``RECSVC_METRICS_ENABLED=0 RECSVC_REQUEST_LOG=0``) joins the alternating rounds; the ratio
+   of recsvc (both on, its log written to a file) to it is the cost of observing. Target: >= 0.95.
+5. With ``--floor``, two partial apps in the same gunicorn set-up (``floor_app``): recsvc's Redis
    round trip alone, and that plus the least work a personalised answer needs. Their ratios to
    the bare app bound what any implementation of recsvc's answer could reach here.
 
@@ -251,7 +255,10 @@ def parse_wrk(out: str) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, short load runs (~40 s)")
-    from recsvc.cli.serving import DEFAULT_THREADS, DEFAULT_WORKERS
+    from recsvc.cli.serving import DEFAULT_THREADS, auto_workers
+    from recsvc.core.config import Config
+
+    DEFAULT_WORKERS = auto_workers(Config.from_env())
 
     parser.add_argument(
         "--workers",
@@ -275,11 +282,16 @@ def main(argv: list[str] | None = None) -> int:
         "default one in the same rounds (paired)",
     )
     parser.add_argument("--seconds", type=int, default=None, help="seconds per load run")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 2 quick, 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, --quick 2)")
     parser.add_argument(
         "--floor",
         action="store_true",
         help="also load two partial apps (Redis round trip only; minimal answer) to show the floor",
+    )
+    parser.add_argument(
+        "--observability",
+        action="store_true",
+        help="also load recsvc with metrics and the request log off: the cost of observing it",
     )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -388,6 +400,18 @@ def main(argv: list[str] | None = None) -> int:
             procs.append(subprocess.Popen(other_cmd, env=env, stdout=log, stderr=log, cwd=workdir))
             other_base = f"http://127.0.0.1:{other_port}"
             wait_http(f"{other_base}/health/ready", timeout=120.0)
+        quiet_base = ""
+        if args.observability:
+            quiet_port = free_port()
+            quiet_cmd = recsvc_cmd[:]
+            quiet_cmd[quiet_cmd.index("--port") + 1] = str(quiet_port)
+            quiet_env = {**env, "RECSVC_METRICS_ENABLED": "0", "RECSVC_REQUEST_LOG": "0"}
+            quiet_log = open(workdir / "quiet.log", "w")  # noqa: SIM115 - closed with the process
+            procs.append(
+                subprocess.Popen(quiet_cmd, env=quiet_env, stdout=quiet_log, stderr=quiet_log, cwd=workdir)
+            )
+            quiet_base = f"http://127.0.0.1:{quiet_port}"
+            wait_http(f"{quiet_base}/health/ready")
         floor_base = ""
         if args.floor:
             floor_port = free_port()
@@ -413,13 +437,19 @@ def main(argv: list[str] | None = None) -> int:
         if other_base:
             targets["other"] = (other_base, rec_paths)
             run_wrk(other_base, rec_paths, 2, args.connections, 0, workdir)
+        if quiet_base:
+            targets["quiet"] = (quiet_base, rec_paths)
+            run_wrk(quiet_base, rec_paths, 2, args.connections, 0, workdir)
         if floor_base:
             for part in ("fetch", "minimal"):
                 targets[part] = (floor_base, [f"/{part}/{u}" for u in sample_users])
                 run_wrk(floor_base, targets[part][1], 1, args.connections, 0, workdir)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
-        for _ in range(rounds):  # alternate, so background load hits all alike
-            for name, (base, paths) in targets.items():
+        for round_no in range(rounds):  # alternate, so background load hits all alike
+            order = list(targets.items())
+            if round_no % 2:  # A B C, C B A, ...: a steady drift of the host's load cancels out
+                order.reverse()
+            for name, (base, paths) in order:
                 results[name].append(run_wrk(base, paths, seconds, args.connections, 0, workdir))
         best = {name: max(runs, key=lambda r: r["rps"]) for name, runs in results.items()}
         half_rate = best["recsvc"]["rps"] / 2
@@ -476,6 +506,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}"
                     f"   {median_ratio(name):.2f} x bare"
                 )
+        if quiet_base:
+            pairs = list(zip(results["recsvc"], results["quiet"], strict=True))
+            observed = float(np.median([r["rps"] / q["rps"] for r, q in pairs]))
+            rounds_text = ", ".join(f"{r['rps'] / q['rps']:.3f}" for r, q in pairs)
+            r = best["quiet"]
+            print(
+                f"{'recsvc, metrics and request log off':<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}"
+                f"{r['p99']:>9.2f}{r['errors']:>8}"
+            )
+            print(
+                f"\nratio recsvc (metrics + request log on) / off, req/s: {observed:.3f} "
+                f"(per round: {rounds_text})   target >= 0.95: {'PASS' if observed >= 0.95 else 'MISS'}"
+            )
         per_round = ", ".join(
             f"{r['rps'] / b['rps']:.2f}" for r, b in zip(results["recsvc"], results["bare"], strict=True)
         )

@@ -1,4 +1,9 @@
-"""Fixtures shared by every test area: a real Redis server, the one config factory, small artifacts."""
+"""Fixtures shared by every test area: a real Redis server, the one config factory, small artifacts.
+
+Redis is a single server by default. A test module marked ``pytest.mark.redis_backends("single",
+"cluster")`` runs each of its tests twice: once more against a real 3-master Redis Cluster started
+for the session (those variants carry the ``cluster`` marker: ``pytest -m cluster`` runs them alone).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,8 @@ import redis
 from recsvc.core.artifact import Artifact, write_artifact
 from recsvc.core.config import Config
 from recsvc.storage import versions
-from recsvc.storage.embedded import RedisServer
+from recsvc.storage.connection import connect_admin
+from recsvc.storage.embedded import RedisClusterServer, RedisServer
 from tests.factories import API_KEY, make_artifact
 
 
@@ -23,16 +29,46 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """One real 3-master Redis Cluster for the session, on free ports (started on first use)."""
+    cluster = RedisClusterServer(tmp_path_factory.mktemp("redis-cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
+def pytest_generate_tests(metafunc):
+    if "redis_backend" not in metafunc.fixturenames:
+        return
+    marker = metafunc.definition.get_closest_marker("redis_backends")
+    backends = marker.args if marker else ("single",)
+    params = [pytest.param(b, marks=[pytest.mark.cluster] if b == "cluster" else [], id=b) for b in backends]
+    metafunc.parametrize("redis_backend", params, indirect=True)
+
+
 @pytest.fixture
-def redis_url(redis_server) -> str:
-    """URL of the session server, emptied before each test."""
-    redis.Redis.from_url(redis_server.url).flushall()
-    return redis_server.url
+def redis_backend(request) -> str:
+    """``single`` or ``cluster`` (see the module docstring)."""
+    return request.param
+
+
+@pytest.fixture
+def redis_url(redis_backend, request) -> str:
+    """URL of the session server (or cluster), emptied before each test."""
+    if redis_backend == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        url = request.getfixturevalue("redis_server").url
+    client = connect_admin(url)
+    client.flushall()  # every master of a cluster
+    client.close()
+    return url
 
 
 @pytest.fixture
 def redis_client(redis_url) -> redis.Redis:
-    client = redis.Redis.from_url(redis_url)
+    """A client of the test's Redis: a cluster client for the cluster variant."""
+    client = connect_admin(redis_url)
     yield client
     client.close()
 

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from recsvc.core.progress import Progress
 from recsvc.core.weighting import (
     DEFAULT_ALPHA,
     DEFAULT_BM25_B,
@@ -102,7 +103,15 @@ class TrainParams:
             Naming ``source`` and the offending key.
         """
         known = {f.name for f in fields(cls)}
-        ignored = {"seed", "bm25_n_users", "bm25_avg_length"}  # present in manifests
+        # Present in manifests: set by the training run (engine, collection statistics), not chosen.
+        ignored = {
+            "seed",
+            "bm25_n_users",
+            "bm25_avg_length",
+            "regularization_scaling",
+            "regularization_per_entry",
+            "confidence_floor",
+        }
         unknown = sorted(set(values) - known - ignored)
         if unknown:
             raise ValueError(
@@ -220,7 +229,7 @@ def fit_als(
     threads : int, default 0
         implicit's threads; 0 means one per core.
     show_progress : bool, default False
-        tqdm progress bar (meant for a terminal).
+        Report the iterations through :mod:`recsvc.core.progress` (stage ``fit``).
     device : {"auto", "cpu", "gpu"}
         ``auto`` uses the GPU when implicit has CUDA, else the CPU.
 
@@ -269,7 +278,8 @@ def fit_als(
                 num_threads=threads,
                 random_state=seed,
             )
-        model.fit(matrix, show_progress=show_progress)
+        with Progress("fit", total=params.iterations, unit="iterations", enabled=show_progress) as bar:
+            model.fit(matrix, show_progress=False, callback=lambda *_: bar.update(1))
         if use_gpu:
             model = model.to_cpu()
     user_factors = np.ascontiguousarray(model.user_factors, dtype=np.float32)

@@ -35,6 +35,7 @@ import scipy.sparse as sp
 
 from recsvc.core.contract import PURCHASE
 from recsvc.core.ids import IdMap
+from recsvc.core.progress import Progress
 from recsvc.core.weighting import (
     SECONDS_PER_DAY,
     confidence_matrix,
@@ -62,7 +63,12 @@ def auto_split_days(events: Any) -> float:
     """Default test window: 10% of the log's time span, at least 1 and at most 14 days."""
     if len(events.timestamp) == 0:
         return 1.0
-    span_days = (int(events.timestamp.max()) - int(events.timestamp.min())) / SECONDS_PER_DAY
+    return split_days_for_span(int(events.timestamp.min()), int(events.timestamp.max()))
+
+
+def split_days_for_span(oldest: int, newest: int) -> float:
+    """:func:`auto_split_days` of a log whose events span ``oldest`` .. ``newest`` (Unix seconds)."""
+    span_days = (newest - oldest) / SECONDS_PER_DAY
     return float(min(14, max(1, math.ceil(span_days * 0.1))))
 
 
@@ -70,9 +76,14 @@ def split_cutoff(events: Any, split_days: float | None) -> int:
     """Unix second where the test period starts: newest event minus ``split_days`` days."""
     if split_days is None:
         split_days = auto_split_days(events)
+    return cutoff_before(int(events.timestamp.max()), split_days)
+
+
+def cutoff_before(newest: int, split_days: float) -> int:
+    """:func:`split_cutoff` given the newest event's time."""
     if not split_days > 0:
         raise ValueError(f"split_days must be > 0, got {split_days!r}")
-    return int(events.timestamp.max()) - int(round(split_days * SECONDS_PER_DAY)) + 1
+    return newest - int(round(split_days * SECONDS_PER_DAY)) + 1
 
 
 def time_split(events: Any, split_days: float | None) -> tuple[Any, Any]:
@@ -262,12 +273,41 @@ def _prepare(
 ) -> _Prepared:
     weighting = params.weighting()
     user_ids, item_ids = id_maps(train, weighting, catalog_item_ids)
-    n_users, n_items = len(user_ids), len(item_ids)
     confidence = confidence_matrix(train, user_ids, item_ids, weighting, now=cutoff - 1)
     purchased = purchase_counts(train, user_ids, item_ids)
+    prep = prepare_split(
+        user_ids,
+        item_ids,
+        confidence,
+        purchased,
+        np.asarray(test.user_id, dtype=object),
+        np.asarray(test.item_id, dtype=object),
+        cutoff,
+        exclude_purchased,
+        train_events=len(train),
+    )
+    prep.train, prep.test = train, test
+    return prep
 
-    rows = index_positions(test.user_id, user_ids)
-    cols = index_positions(test.item_id, item_ids)
+
+def prepare_split(
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    confidence: sp.csr_matrix,
+    purchased: sp.csr_matrix,
+    test_user_ids: np.ndarray,
+    test_item_ids: np.ndarray,
+    cutoff: int,
+    exclude_purchased: bool,
+    train_events: int,
+) -> _Prepared:
+    """A split from the training period's matrices and the test period's purchases (user, item ids).
+
+    The engine that built the matrices does not matter (the Spark engine builds them distributed).
+    """
+    n_users, n_items = len(user_ids), len(item_ids)
+    rows = index_positions(test_user_ids, user_ids)
+    cols = index_positions(test_item_ids, item_ids)
     known = rows >= 0
     cols = np.where(cols >= 0, cols, n_items)  # an item the model never saw: relevant, unreachable
     rel = sp.csr_matrix(
@@ -282,12 +322,12 @@ def _prepare(
         rel = (rel - rel.multiply(bought)).tocsr()
         rel.eliminate_zeros()
     test_users = np.flatnonzero(np.diff(rel.indptr) > 0)
-    cold_users = len(np.unique(np.asarray(test.user_id, dtype=object)[~known])) if len(test) else 0
+    cold_users = len(np.unique(np.asarray(test_user_ids, dtype=object)[~known])) if len(test_user_ids) else 0
     info = {
         "cutoff": int(cutoff),
         "cutoff_utc": _dt.datetime.fromtimestamp(cutoff, _dt.UTC).isoformat(timespec="seconds"),
-        "train_events": len(train),
-        "test_purchases": len(test),
+        "train_events": int(train_events),
+        "test_purchases": len(test_user_ids),
         "test_users": int(len(test_users)),
         "cold_test_users": int(cold_users),
         "users": n_users,
@@ -295,7 +335,7 @@ def _prepare(
         "exclude_purchased": bool(exclude_purchased),
     }
     return _Prepared(
-        train, test, cutoff, user_ids, item_ids, confidence, purchased, test_users, rel[test_users], info
+        None, None, cutoff, user_ids, item_ids, confidence, purchased, test_users, rel[test_users], info
     )
 
 
@@ -312,7 +352,7 @@ def _ranked(prep: _Prepared, score_block: Any, k: int, exclude_purchased: bool) 
     return out
 
 
-def _popularity_vector(prep: _Prepared) -> np.ndarray:
+def popularity_baseline(prep: _Prepared) -> np.ndarray:
     """Distinct buyers per item, ties broken by total confidence (so view-only items still rank)."""
     bought = prep.purchased.copy()
     bought.data[:] = 1.0
@@ -334,8 +374,30 @@ def _evaluate_als(
     user_factors, item_factors = fit_als(
         prep.confidence, params, seed=seed, threads=threads, show_progress=show_progress, device=device
     )
+    return factor_metrics(prep, user_factors, item_factors, ks, exclude_purchased), item_factors
+
+
+def factor_metrics(
+    prep: _Prepared,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    ks: Sequence[int],
+    exclude_purchased: bool,
+) -> dict[str, float]:
+    """Ranking metrics of a factor model (any engine's) on a prepared split."""
     recs = _ranked(prep, lambda users: user_factors[users] @ item_factors.T, max(ks), exclude_purchased)
-    return ranking_metrics(recs, prep.relevant, len(prep.item_ids), ks), item_factors
+    return ranking_metrics(recs, prep.relevant, len(prep.item_ids), ks)
+
+
+def popularity_metrics(
+    prep: _Prepared, scores: np.ndarray, ks: Sequence[int], exclude_purchased: bool
+) -> dict[str, float]:
+    """Ranking metrics of one global item order (a popularity baseline) on a prepared split."""
+    n_items = len(prep.item_ids)
+    recs = _ranked(
+        prep, lambda users: np.broadcast_to(scores, (len(users), n_items)), max(ks), exclude_purchased
+    )
+    return ranking_metrics(recs, prep.relevant, n_items, ks)
 
 
 def evaluate(
@@ -404,41 +466,30 @@ def evaluate(
     if len(prep.test_users) == 0:
         metrics["note"] = "no test user: nobody known before the cutoff purchased a new item after it"
         return metrics
-    n_items = len(prep.item_ids)
-    depth = max(ks)
     timings: dict[str, float] = {}
     item_factors = None
-    for method in METHODS:
-        if method not in methods:
-            continue
-        start = time.perf_counter()
-        if method == "als":
-            metrics["als"], item_factors = _evaluate_als(
-                prep, params, ks, seed, threads, exclude_purchased, show_progress, device
-            )
-        elif method == "popularity":
-            pop = _popularity_vector(prep)
-            recs = _ranked(
-                prep,
-                lambda users, pop=pop: np.broadcast_to(pop, (len(users), n_items)),
-                depth,
-                exclude_purchased,
-            )
-            metrics["popularity"] = ranking_metrics(recs, prep.relevant, n_items, ks)
-        elif method == "recent_popularity":
-            pop = popularity_scores(train, prep.item_ids, params.weighting(), now=cutoff - 1).astype(
-                np.float64
-            )
-            recs = _ranked(
-                prep,
-                lambda users, pop=pop: np.broadcast_to(pop, (len(users), n_items)),
-                depth,
-                exclude_purchased,
-            )
-            metrics["recent_popularity"] = ranking_metrics(recs, prep.relevant, n_items, ks)
-        elif method == "item_knn":
-            metrics["item_knn"] = _evaluate_knn(prep, ks, knn_neighbours, threads, exclude_purchased)
-        timings[method] = round(time.perf_counter() - start, 3)
+    chosen = [m for m in METHODS if m in methods]
+    # One line every few seconds while a method runs (ALS and item-kNN fits take the longest).
+    with Progress("evaluate", total=len(chosen), unit="methods") as progress:
+        for method in chosen:
+            progress.step(method)
+            start = time.perf_counter()
+            if method == "als":
+                metrics["als"], item_factors = _evaluate_als(
+                    prep, params, ks, seed, threads, exclude_purchased, show_progress, device
+                )
+            elif method == "popularity":
+                metrics["popularity"] = popularity_metrics(
+                    prep, popularity_baseline(prep), ks, exclude_purchased
+                )
+            elif method == "recent_popularity":
+                pop = popularity_scores(train, prep.item_ids, params.weighting(), now=cutoff - 1)
+                metrics["recent_popularity"] = popularity_metrics(
+                    prep, pop.astype(np.float64), ks, exclude_purchased
+                )
+            elif method == "item_knn":
+                metrics["item_knn"] = _evaluate_knn(prep, ks, knn_neighbours, threads, exclude_purchased)
+            timings[method] = round(time.perf_counter() - start, 3)
     metrics["split"]["seconds"] = timings
     if bundles and item_factors is not None:
         start = time.perf_counter()
@@ -459,7 +510,7 @@ def _evaluate_knn(
         model = BM25Recommender(K=neighbours, num_threads=threads)
         model.fit(prep.confidence, show_progress=False)
     similarity = model.similarity.tocsr()
-    pop = _popularity_vector(prep)
+    pop = popularity_baseline(prep)
     # Items no neighbour points to score below every similar item, in popularity order.
     padding = -1.0 + pop / (pop.max() + 1.0)
 
@@ -661,36 +712,40 @@ def tune(
     results: list[tuple[float, TrainParams, dict[str, Any]]] = []
     split_info: dict[str, Any] = {}
     seen: set[str] = set()
-    for trial in range(trials):
-        if trial and time.perf_counter() - start > time_budget_s:
-            break
-        params = base if trial == 0 else _sample_params(rng, base)
-        key = repr(params.to_manifest(seed))
-        if key in seen:
-            continue
-        seen.add(key)
-        t0 = time.perf_counter()
-        prep = _prepare(fit_part, validation, cutoff, catalog_ids, params, exclude_purchased)
-        split_info = prep.info
-        if len(prep.test_users) == 0:
-            raise ValueError(
-                "the validation split has no test user: use a longer history or a different split_days"
-            )
-        values, _ = _evaluate_als(prep, params, (k,), seed, threads, exclude_purchased, device=device)
-        score = float(values.get(metric, 0.0))
-        record = {
-            "trial": trial,
-            "score": score,
-            "seconds": round(time.perf_counter() - t0, 2),
-            "params": params.to_manifest(seed),
-        }
-        results.append((score, params, record))
-        if log is not None:
-            log(
-                f"trial {trial}: {metric}={score:.4f} factors={params.factors} reg={params.regularization} "
-                f"alpha={params.alpha} it={params.iterations} scaling={params.scaling} "
-                f"half_life={params.half_life_days} weights={params.event_weights}"
-            )
+    # Trials stop at the time budget: the total is an upper bound.
+    with Progress("tune", total=trials, unit="trials") as progress:
+        for trial in range(trials):
+            if trial and time.perf_counter() - start > time_budget_s:
+                break
+            params = base if trial == 0 else _sample_params(rng, base)
+            key = repr(params.to_manifest(seed))
+            if key in seen:
+                continue
+            seen.add(key)
+            t0 = time.perf_counter()
+            prep = _prepare(fit_part, validation, cutoff, catalog_ids, params, exclude_purchased)
+            split_info = prep.info
+            if len(prep.test_users) == 0:
+                raise ValueError(
+                    "the validation split has no test user: use a longer history or a different split_days"
+                )
+            values, _ = _evaluate_als(prep, params, (k,), seed, threads, exclude_purchased, device=device)
+            score = float(values.get(metric, 0.0))
+            record = {
+                "trial": trial,
+                "score": score,
+                "seconds": round(time.perf_counter() - t0, 2),
+                "params": params.to_manifest(seed),
+            }
+            results.append((score, params, record))
+            progress.update(1)
+            if log is not None:
+                log(
+                    f"trial {trial}: {metric}={score:.4f} factors={params.factors} "
+                    f"reg={params.regularization} alpha={params.alpha} it={params.iterations} "
+                    f"scaling={params.scaling} "
+                    f"half_life={params.half_life_days} weights={params.event_weights}"
+                )
     results.sort(key=lambda r: -r[0])
     best_score, best, _ = results[0]
     return TuneResult(best, best_score, metric, [r[2] for r in results], split_info)

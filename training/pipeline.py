@@ -12,7 +12,6 @@ import datetime as _dt
 import hashlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -26,6 +25,8 @@ from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
 from recsvc.core.events import Catalog, EventTable
 from recsvc.core.ids import IdMap
+from recsvc.core.progress import Progress
+from recsvc.core.repurchase import RepurchaseModel
 from recsvc.core.weighting import (
     bm25_manifest_params,
     id_maps,
@@ -90,7 +91,7 @@ class _Fingerprint(threading.Thread):
         return self.value
 
 
-def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
+def item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
     """price (NaN unknown), available (True unknown), category codes (-1 unknown), titles."""
     n = len(item_ids)
     price = np.full(n, np.nan, dtype=np.float32)
@@ -113,7 +114,7 @@ def _item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, A
     }
 
 
-def _bundles(
+def bundle_candidates(
     events: EventTable, item_ids: np.ndarray, item_factors: np.ndarray, category: np.ndarray, threads: int
 ) -> tuple[BundleCandidates, dict[str, Any]]:
     """Bundle candidates mined from the training orders, and the mining report for the manifest.
@@ -124,6 +125,80 @@ def _bundles(
     item_index = IdMap(item_ids)
     threads = threads or os.cpu_count() or 1
     return mine_bundles_report(events, item_index, item_factors, category, threads=threads)
+
+
+def base_manifest(
+    *,
+    fingerprint: str,
+    params: dict[str, Any],
+    trained_until: int,
+    metrics: dict[str, Any],
+    report: LoadReport,
+    catalog: Catalog | None,
+    catalog_report: LoadReport | None,
+    inputs: dict[str, Any],
+    training: dict[str, Any],
+    n_items: int,
+) -> dict[str, Any]:
+    """The manifest every training engine writes (an engine adds its own details)."""
+    return {
+        "data_fingerprint": fingerprint,
+        "params": params,
+        "trained_until": trained_until,
+        "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(timespec="seconds"),
+        "metrics": metrics,
+        "load_report": report.to_dict(),
+        "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
+        "inputs": inputs,
+        "training": training | {"popularity": "recency-aware purchase-weighted, half-life 14 days"},
+        "counts": {
+            "events": report.rows_loaded,
+            "events_rejected": report.rows_rejected,
+            "duplicates_dropped": report.duplicates_dropped,
+            "catalog_items": 0 if catalog is None else len(catalog),
+            "items_without_catalog_entry": 0 if catalog is None else int(n_items - len(catalog)),
+        },
+    }
+
+
+def write_model(
+    manifest: dict[str, Any],
+    *,
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    user_factors: np.ndarray,
+    item_factors: np.ndarray,
+    meta: dict[str, Any],
+    popularity: np.ndarray,
+    confidence: Any,
+    purchases: Any,
+    bundles: BundleCandidates,
+    models_dir: str | os.PathLike,
+    version: str | None,
+    timings: dict[str, float],
+    repurchase: RepurchaseModel | None = None,
+) -> tuple[Path, Artifact]:
+    """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``."""
+    artifact = Artifact(
+        item_ids=[str(x) for x in item_ids],
+        user_ids=[str(x) for x in user_ids],
+        item_factors=item_factors,
+        user_factors=user_factors,
+        price=meta["price"],
+        available=meta["available"],
+        category=meta["category"],
+        categories=meta["categories"],
+        titles=meta["titles"],
+        popularity=popularity,
+        interactions=confidence,
+        purchases=purchases,
+        bundles=bundles,
+        manifest=manifest,
+        repurchase=repurchase,
+    )
+    # Stage timings up to here (writing itself is not in them: the manifest is written last).
+    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    return write_artifact(artifact, models_dir, version=version), artifact
 
 
 def train_model(
@@ -144,6 +219,7 @@ def train_model(
     device: str = "auto",
     version: str | None = None,
     echo: Any = None,
+    stages: Progress | None = None,
 ) -> TrainResult:
     """Train a model from event files and write it as ``<models_dir>/<version>/``.
 
@@ -179,6 +255,10 @@ def train_model(
         Version folder name (default: UTC timestamp + fingerprint prefix).
     echo : callable, optional
         Receives progress lines (the CLI passes ``click.echo`` to stderr).
+    stages : Progress, optional
+        Told each stage as it starts (load, tune, evaluate, matrix, fit, extras, bundles, repurchase,
+        write);
+        its total is set here.
 
     Returns
     -------
@@ -195,7 +275,10 @@ def train_model(
     started = time.perf_counter()
     say = echo or (lambda line: log.info(line))
     if show_progress is None:
-        show_progress = sys.stderr.isatty()
+        show_progress = True  # recsvc.core.progress decides: a bar on a terminal, else log lines
+    step = stages.step if stages is not None else (lambda name: None)
+    if stages is not None:
+        stages.total = 7 + int(tune) + int(evaluate)
     params = params or TrainParams()
     paths = (
         [Path(event_paths)] if isinstance(event_paths, str | os.PathLike) else [Path(p) for p in event_paths]
@@ -205,6 +288,7 @@ def train_model(
     fingerprint.start()
 
     t0 = time.perf_counter()
+    step("load")
     events, report = load_events(paths, max_bad_fraction=max_bad_fraction)
     catalog, catalog_report = (None, None)
     if catalog_path is not None:
@@ -217,6 +301,7 @@ def train_model(
     tuning = None
     if tune:
         t0 = time.perf_counter()
+        step("tune")
         result = tune_params(
             events,
             catalog,
@@ -236,6 +321,7 @@ def train_model(
     metrics: dict[str, Any] = {}
     if evaluate:
         t0 = time.perf_counter()
+        step("evaluate")
         try:
             metrics = evaluate_split(
                 events, catalog, params, split_days=split_days, seed=seed, threads=threads, device=device
@@ -247,6 +333,7 @@ def train_model(
         timings["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    step("matrix")
     weighting = params.weighting()
     trained_until = int(events.timestamp.max())
     user_ids, item_ids = id_maps(events, weighting, None if catalog is None else catalog.item_id)
@@ -259,76 +346,70 @@ def train_model(
     timings["matrix"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    step("fit")
     user_factors, item_factors = fit_als(
         confidence, params, seed=seed, threads=threads, show_progress=show_progress, device=device
     )
     timings["fit"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    meta = _item_metadata(item_ids, catalog)
+    step("extras")
+    meta = item_metadata(item_ids, catalog)
     popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
     purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    bundles, bundle_report = _bundles(events, item_ids, item_factors, meta["category"], threads)
+    step("bundles")
+    bundles, bundle_report = bundle_candidates(events, item_ids, item_factors, meta["category"], threads)
     timings["bundles"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    step("repurchase")
     repurchase, repurchase_report = fit_repurchase(
         events, user_ids, item_ids, meta["category"], trained_until
     )
     timings["repurchase"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    fp = fingerprint.result()
-    manifest: dict[str, Any] = {
-        "data_fingerprint": fp,
-        "params": params.to_manifest(seed) | extra_params,
-        "trained_until": trained_until,
-        "trained_until_utc": _dt.datetime.fromtimestamp(trained_until, _dt.UTC).isoformat(timespec="seconds"),
-        "metrics": metrics,
-        "load_report": report.to_dict(),
-        "catalog_load_report": None if catalog_report is None else catalog_report.to_dict(),
-        "inputs": {
+    step("write")
+    manifest = base_manifest(
+        fingerprint=fingerprint.result(),
+        params=params.to_manifest(seed) | extra_params,
+        trained_until=trained_until,
+        metrics=metrics,
+        report=report,
+        catalog=catalog,
+        catalog_report=catalog_report,
+        inputs={
             "events": [str(p) for p in paths],
             "catalog": None if catalog_path is None else str(catalog_path),
         },
-        "training": {
+        training={
+            "engine": "local",
             "threads": int(threads),
             "device": device,
             "bundles": bundle_report,
             "repurchase": repurchase_report,
-            "popularity": "recency-aware purchase-weighted, half-life 14 days",
         },
-        "counts": {
-            "events": len(events),
-            "events_rejected": report.rows_rejected,
-            "duplicates_dropped": report.duplicates_dropped,
-            "catalog_items": 0 if catalog is None else len(catalog),
-            "items_without_catalog_entry": 0 if catalog is None else int(len(item_ids) - len(catalog)),
-        },
-    }
+        n_items=len(item_ids),
+    )
     if tuning is not None:
         manifest["tuning"] = tuning
-    artifact = Artifact(
-        item_ids=[str(x) for x in item_ids],
-        user_ids=[str(x) for x in user_ids],
-        item_factors=item_factors,
+    path, artifact = write_model(
+        manifest,
+        user_ids=user_ids,
+        item_ids=item_ids,
         user_factors=user_factors,
-        price=meta["price"],
-        available=meta["available"],
-        category=meta["category"],
-        categories=meta["categories"],
-        titles=meta["titles"],
+        item_factors=item_factors,
+        meta=meta,
         popularity=popularity,
-        interactions=confidence,
+        confidence=confidence,
         purchases=purchases,
         bundles=bundles,
-        manifest=manifest,
+        models_dir=models_dir,
+        version=version,
+        timings=timings,
         repurchase=repurchase,
     )
-    # Stage timings up to here (writing itself is not in them: the manifest is written last).
-    manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    path = write_artifact(artifact, models_dir, version=version)
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     say(f"wrote {path} in {timings['total']:.1f}s (fit {timings['fit']:.1f}s)")

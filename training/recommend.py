@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-from tqdm import tqdm
 
+from recsvc.core.progress import Progress
 from recsvc.core.ranking import mask_positions
 from training.als import recommender_from_factors
 
@@ -41,7 +41,7 @@ def write_recommendations(
     include_unavailable : bool
         Keep out-of-stock items (excluded by default).
     threads, batch_size, show_progress
-        implicit threads, users per recommend call, tqdm bar.
+        implicit threads, users per recommend call, progress (:mod:`recsvc.core.progress`).
     """
     model = recommender_from_factors(artifact.user_factors, artifact.item_factors, threads=threads)
     user_ids = np.asarray(artifact.user_ids, dtype=object)
@@ -58,8 +58,11 @@ def write_recommendations(
     written = 0
     n_users = artifact.n_users
     try:
-        with pa_csv.CSVWriter(tmp, schema) as writer:
-            for lo in tqdm(range(0, n_users, batch_size), disable=not show_progress, unit="batch"):
+        with (
+            Progress("recommend", total=n_users, unit="users", enabled=show_progress) as bar,
+            pa_csv.CSVWriter(tmp, schema) as writer,
+        ):
+            for lo in range(0, n_users, batch_size):
                 users = np.arange(lo, min(lo + batch_size, n_users))
                 ids, scores = model.recommend(
                     users,
@@ -84,6 +87,7 @@ def write_recommendations(
                     )
                 )
                 written += len(rows)
+                bar.update(len(users))
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -42,7 +42,8 @@ from recsvc.core.artifact import ArtifactError, prune, read_manifest, update_man
 from recsvc.core.config import Config
 from recsvc.core.errors import ExitCode
 from recsvc.core.eventfiles import BadInputError
-from recsvc.storage import versions
+from recsvc.core.progress import Progress
+from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.dump import DumpLocked, dump_events
 from recsvc.storage.embedded import ensure_redis
@@ -53,7 +54,7 @@ from training.segments import expand_event_paths
 
 log = logging.getLogger("recsvc.retrain")
 
-LOCK_KEY = "recsvc:lock:retrain"
+LOCK_KEY = keys.RETRAIN_LOCK
 STEPS: tuple[str, ...] = ("lock", "dump", "train", "gate", "publish", "prune")
 CRASH_ENV = "RECSVC_RETRAIN_CRASH_AFTER"
 GATE_METRIC = "ndcg@10"
@@ -268,12 +269,17 @@ def _crash_point(step: str, crash_after: str | None) -> None:
 
 
 class _Step:
-    def __init__(self, summary: RetrainSummary, name: str, crash_after: str | None):
+    def __init__(
+        self, summary: RetrainSummary, name: str, crash_after: str | None, progress: Progress | None = None
+    ):
         self.summary, self.name, self.crash_after = summary, name, crash_after
+        self.progress = progress
 
     def __enter__(self) -> _Step:
         self.start = time.perf_counter()
         log.info("step %s: start", self.name)
+        if self.progress is not None:
+            self.progress.step(self.name)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -361,6 +367,8 @@ def run_retrain(
     keep = max(config.serving.keep_versions, 3) if keep is None else keep
     lock: RetrainLock | None = None
     own_client = client is None
+    # One line every few seconds (stage retrain, the current step) while a step runs long.
+    progress = Progress("retrain", total=5 if dump_stream else 4, unit="steps").__enter__()
 
     try:
         if not 0 <= tolerance <= MAX_TOLERANCE:
@@ -382,7 +390,7 @@ def run_retrain(
         paths = expand_event_paths(event_paths)
 
         if dump_stream:
-            with _Step(summary, "dump", config.training.retrain_crash_after):
+            with _Step(summary, "dump", config.training.retrain_crash_after, progress):
                 dump_path, dumped = _dump_stream(client, config)
                 summary.dumped_events = dumped
                 if dumped and dump_path not in paths:  # --events may already name the dump folder
@@ -393,7 +401,7 @@ def run_retrain(
             raise _BadInput(f"no events file in {', '.join(str(p) for p in event_paths)}")
         summary.event_files = [str(p) for p in paths]
 
-        with _Step(summary, "train", config.training.retrain_crash_after):
+        with _Step(summary, "train", config.training.retrain_crash_after, progress):
             live_manifest = _live_manifest(config, summary.live_before)
             params, summary.params_source = _choose_params(params, live_manifest)
             try:
@@ -403,7 +411,7 @@ def run_retrain(
                     models_dir=config.models_dir,
                     params=params,
                     evaluate=True,
-                    show_progress=False,
+                    show_progress=True,
                     echo=lambda line: log.info("train: %s", line),
                 )
             except ValueError as e:  # documented: bad parameters or nothing to train on
@@ -415,7 +423,7 @@ def run_retrain(
             )
             log.info("trained %s: %s", summary.version, json.dumps(summary.metrics))
 
-        with _Step(summary, "gate", config.training.retrain_crash_after):
+        with _Step(summary, "gate", config.training.retrain_crash_after, progress):
             new_metrics = result.manifest.get("metrics") or getattr(result, "metrics", None)
             live_metrics = None if live_manifest is None else live_manifest.get("metrics")
             decision = gate_decision(new_metrics, live_metrics, tolerance, summary.live_before)
@@ -437,7 +445,7 @@ def run_retrain(
             summary.live_after = summary.live_before
             return summary
 
-        with _Step(summary, "publish", config.training.retrain_crash_after):
+        with _Step(summary, "publish", config.training.retrain_crash_after, progress):
             if not lock.still_held():
                 summary.status, summary.exit_code = "locked", int(ExitCode.LOCKED)
                 summary.error = "lost the retrain lock before publishing; nothing published"
@@ -448,7 +456,7 @@ def run_retrain(
             summary.live_after = published
             log.info("published %s (was %s)", published, summary.live_before)
 
-        with _Step(summary, "prune", config.training.retrain_crash_after):
+        with _Step(summary, "prune", config.training.retrain_crash_after, progress):
             protect = {v for v in (summary.live_before, summary.live_after) if v}
             protect |= _published_versions(client)
             summary.pruned = prune(config.models_dir, keep, protect=protect)
@@ -475,6 +483,7 @@ def run_retrain(
         log.error("internal error; %s\n%s", outcome, traceback.format_exc())
         return summary
     finally:
+        progress.close(failed=summary.status not in ("published", "refused"))
         if lock is not None:
             lock.release()
         if own_client and client is not None:

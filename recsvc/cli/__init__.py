@@ -10,7 +10,8 @@ import importlib
 
 import click
 
-from recsvc.core.config import unknown_variables
+from recsvc.core import logs, progress
+from recsvc.core.config import Config, unknown_variables
 
 # name -> "module:attribute" of a click command
 COMMANDS: dict[str, str] = {
@@ -28,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "segments": "recsvc.cli.segments:segments",
     "report": "recsvc.cli.report:report",
     "datasets": "recsvc.cli.data:datasets",
+    "redis": "recsvc.cli.redisctl:redis_group",
 }
 
 HELP: dict[str, str] = {
@@ -45,6 +47,7 @@ HELP: dict[str, str] = {
     "segments": "Print customer segment sizes.",
     "report": "A/B experiment attribution report.",
     "datasets": "Convert the public data sets in ../shared/data to the events contract.",
+    "redis": "The embedded Redis: status, stop (nothing is managed when REDIS_URL is set).",
 }
 
 
@@ -71,3 +74,9 @@ def main() -> None:
     """recsvc: train, publish and serve product recommendations."""
     for warning in unknown_variables():
         click.echo(f"warning: {warning}", err=True)
+    try:
+        ops = Config.from_env().ops
+        logs.configure(ops.log_level, ops.log_format)
+        progress.configure(interval_s=ops.progress_interval_s)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None

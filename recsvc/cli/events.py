@@ -17,6 +17,8 @@ from pathlib import Path
 import click
 
 from recsvc.core.config import Config
+from recsvc.core.progress import Progress, mode_for
+from recsvc.core.progress import configure as configure_progress
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.dump import DumpError, DumpLocked, dump_events, stream_status
 from recsvc.storage.embedded import ensure_redis
@@ -64,7 +66,9 @@ def events() -> None:
     help="Stop after about this many events; the rest stays for the next dump.",
 )
 @click.option(
-    "--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal)."
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar; without either, a bar on a terminal and a log line every few seconds otherwise.",
 )
 def dump(
     out_path: Path, fmt: str | None, batch_size: int, max_events: int | None, progress: bool | None
@@ -75,13 +79,11 @@ def dump(
     renamed into place. Prints one JSON line: count, path, first_id, last_id, recovered, remaining.
     """
     import redis
-    from tqdm import tqdm
 
-    if progress is None:
-        progress = sys.stderr.isatty()
+    configure_progress(mode_for(progress))
     try:
         config, client = _client()
-        with tqdm(unit="event", disable=not progress, file=sys.stderr) as bar:
+        with Progress("events dump", unit="events") as bar:
             result = dump_events(
                 client,
                 out_path,

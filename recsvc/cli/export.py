@@ -13,6 +13,8 @@ from recsvc.core.artifact import ArtifactError, read_artifact
 from recsvc.core.config import Config
 from recsvc.core.errors import ExitCode
 from recsvc.core.eventfiles import BadInputError
+from recsvc.core.progress import configure as configure_progress
+from recsvc.core.progress import mode_for
 from training.export import (
     FORMATS,
     MAX_CAP_LAST,
@@ -119,7 +121,9 @@ def _format_for(out: Path, fmt: str | None) -> str:
 )
 @threshold_options
 @click.option(
-    "--progress/--no-progress", default=None, help="Progress bar on stderr [default: on a terminal]."
+    "--progress/--no-progress",
+    default=None,
+    help="Progress bar; without either, a bar on a terminal and a log line every few seconds otherwise.",
 )
 def export(
     segment,
@@ -148,6 +152,7 @@ def export(
     again. Prints one JSON summary line on stdout. Exit codes: 0 written, 2 bad input, 4 another
     export is running, 1 internal error.
     """
+    configure_progress(mode_for(progress))
 
     config = Config.from_env()
     out_path = Path(out)

@@ -7,6 +7,7 @@ is nothing to roll back to; 2 bad usage (click); 3 Redis is unreachable.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import os
 import shlex
 import sys
@@ -16,26 +17,48 @@ from typing import Any, cast
 import click
 import redis
 
+from recsvc.core import logs
 from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
+from recsvc.core.cpus import available_cpus, default_workers
+from recsvc.core.progress import Progress
 from recsvc.serving.model import ServingModel
 from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
 from recsvc.web.app import create_app
 from recsvc.web.auth import configured_keys_problem
+from recsvc.web.metrics import fold_dead_worker, prepare_dir
 from recsvc.web.server import WORKER_CLASSES
 
 EXIT_FAILED = 1
 EXIT_REDIS = 3
 
-# A request is ~0.1 ms of Redis wait and ~0.3 ms of Python: processes, not threads, add throughput
-# (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded workers per core.
-DEFAULT_WORKERS = max(2, 2 * (os.cpu_count() or 1))
 DEFAULT_THREADS = 1
 # buffered: gthread whose threads only see whole requests -- a slow or idle client costs a buffer, not
 # a thread -- at gthread's cost per request (docs/operations.md, slow clients, for the designs measured).
 DEFAULT_WORKER_CLASS = "buffered"
+# A unix socket path longer than this does not fit sockaddr_un (108 bytes with the NUL).
+_MAX_SOCKET_PATH = 100
+
+
+def auto_workers(config: Config) -> int:
+    """Workers when ``--workers`` is not given: ``RECSVC_WORKERS``, else 2 per CPU of the quota.
+
+    A request is ~0.1 ms of Redis wait and ~0.3 ms of Python: processes, not threads, add
+    throughput (threads contend for the GIL and raised p99 in bench/serve.py), so 2 single-threaded
+    workers per CPU that the container's quota and the affinity mask allow, capped at
+    ``RECSVC_MAX_WORKERS`` (each worker holds its own copy of the live model's item side).
+    """
+    if config.ops.workers > 0:
+        return config.ops.workers
+    return default_workers(available_cpus(), config.ops.max_workers)
+
+
+def instance_dir(config: Config, host: str, port: int) -> Path:
+    """This server instance's folder: its metrics files and gunicorn control socket."""
+    safe_host = "".join(c if c.isalnum() or c in ".-" else "_" for c in host)
+    return (Path(config.var_dir) / "run" / f"{safe_host}-{port}").resolve()
 
 
 class _Failed(click.ClickException):
@@ -83,8 +106,6 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
     RECSVC_KEEP_VERSIONS (3) are deleted from Redis. A version the retrain quality gate refused is
     not published unless --force is given.
     """
-    from tqdm import tqdm
-
     config = _config(models_dir)
     try:
         artifact = read_artifact(resolve(config.models_dir, ref))
@@ -102,12 +123,7 @@ def publish(ref: str, models_dir: str | None, force: bool) -> None:
         )
     client = _admin_client(config)
     stats: list[versions.PublishStats] = []
-    with tqdm(
-        total=artifact.n_users,
-        unit="users",
-        desc=f"publish {artifact.version}",
-        disable=not sys.stderr.isatty(),
-    ) as bar:
+    with Progress(f"publish {artifact.version}", total=artifact.n_users, unit="users") as bar:
         try:
             previous = versions.current_version(client)
             version = versions.publish(client, artifact, config, progress=bar.update, stats=stats)
@@ -202,8 +218,8 @@ class _GunicornApp:
                     self.cfg.set(key, value)
 
             def load(self):
-
-                return create_app()
+                # The command line has already warned about unknown variables once.
+                return create_app(warn_unknown=False)
 
         self.options = options
         self.app = App()
@@ -217,10 +233,10 @@ class _GunicornApp:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="Port.")
 @click.option(
     "--workers",
-    default=DEFAULT_WORKERS,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="gunicorn worker processes (default: 2 per CPU core).",
+    default=None,
+    type=click.IntRange(1, 1024),
+    help="gunicorn worker processes [default: RECSVC_WORKERS, else 2 per CPU of the container's "
+    "quota, at most RECSVC_MAX_WORKERS (16)].",
 )
 @click.option(
     "--worker-class",
@@ -250,7 +266,7 @@ class _GunicornApp:
 def serve(
     host: str,
     port: int,
-    workers: int,
+    workers: int | None,
     worker_class: str,
     threads: int,
     timeout: int,
@@ -261,7 +277,8 @@ def serve(
     """Serve the HTTP API: gunicorn in production (request-buffering threaded workers), --dev for Flask's.
 
     Without REDIS_URL the embedded Redis under var/redis is started once here and its URL handed to
-    every worker through the environment.
+    every worker through the environment. Each instance keeps its metrics files and its gunicorn
+    control socket under RECSVC_VAR_DIR/run/<host>-<port>/.
     """
 
     # Scoring one user is a small matrix-vector product: BLAS threads only contend with the other
@@ -269,9 +286,10 @@ def serve(
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     config = _config()
-    problem = configured_keys_problem(config.api_keys)
+    problem = configured_keys_problem(config)
     if problem:
         raise click.UsageError(problem)
+    workers = workers or auto_workers(config)
     try:
         url = ensure_redis(config)
     except (RuntimeError, OSError) as e:
@@ -296,7 +314,9 @@ def serve(
     if dev:
         create_app().run(host=host, port=port, threaded=True, use_reloader=False)
         return
-    options = {
+    run_dir = instance_dir(config, host, port)
+    _claim(run_dir, base)
+    options: dict[str, Any] = {
         "bind": f"{host}:{port}",
         "workers": workers,
         "worker_class": WORKER_CLASSES[worker_class],
@@ -310,11 +330,62 @@ def serve(
         # line limit: 0 lets gunicorn read up to its own 1 MB bound; the app answers 414 beyond 64 KiB.
         "limit_request_line": 0,
         "errorlog": "-",
-        "loglevel": "info",
-        "proc_name": "recsvc",
+        "loglevel": config.ops.log_level.lower(),
+        "proc_name": f"recsvc-{port}",
+        **_control_socket(run_dir),
     }
-    click.echo(
-        "gunicorn " + " ".join(shlex.quote(f"--{k}={v}") for k, v in options.items() if v is not None),
-        err=True,
+    shown = " ".join(shlex.quote(f"--{k}={v}") for k, v in options.items() if v is not None)
+    click.echo(f"gunicorn {shown}", err=True)
+    options["logconfig_dict"] = logs.dict_config(
+        config.ops.log_level, config.ops.log_format, config.ops.log_flush_s
     )
+    if config.ops.metrics_enabled:
+        options.update(_metrics_hooks(run_dir / "metrics"))
     _GunicornApp(options).run()
+
+
+_claimed: list[int] = []  # the instance lock's descriptor, held until the process exits
+
+
+def _claim(run_dir: Path, base: str) -> None:
+    """Hold this instance's folder for the life of the process: a second `recsvc serve` on the same
+    address must not empty the first one's metrics folder before failing to bind."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / "instance.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise _Failed(
+            f"another recsvc serve already serves {base} (it holds {run_dir}/instance.lock)"
+        ) from None
+    _claimed.append(fd)
+
+
+def _control_socket(run_dir: Path) -> dict[str, Any]:
+    """gunicorn's control socket in this instance's folder (never the per-user default path that
+    every instance on the host would share)."""
+    path = run_dir / "gunicorn.ctl"
+    if len(str(path)) > _MAX_SOCKET_PATH:
+        click.echo(f"warning: {path} is too long for a unix socket; no control socket", err=True)
+        return {"control_socket_disable": True}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return {"control_socket": str(path), "control_socket_mode": 0o600}
+
+
+def _metrics_hooks(metrics_dir: Path) -> dict[str, Any]:
+    """An empty multiprocess folder for this instance, handed to every worker, and the master's
+    hook that folds an exited worker's counts into the archive files."""
+    prepare_dir(metrics_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)  # workers read it (Config and the client)
+
+    def worker_exit(server: Any, worker: Any) -> None:
+        # In the exiting worker: write the counts it still holds before its file is folded.
+        services = getattr(worker.wsgi, "extensions", {}).get("recsvc")
+        if services is not None and services.metrics is not None:
+            services.metrics.flush()
+
+    def child_exit(server: Any, worker: Any) -> None:
+        fold_dead_worker(metrics_dir, worker.pid)
+
+    return {"worker_exit": worker_exit, "child_exit": child_exit}

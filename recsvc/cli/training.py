@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,8 @@ import click
 from recsvc.core.artifact import ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
 from recsvc.core.eventfiles import BadInputError, load_catalog, load_events
+from recsvc.core.progress import Progress, mode_for
+from recsvc.core.progress import configure as configure_progress
 from training.als import TrainParams
 from training.evaluation import evaluate as run_evaluation
 from training.evaluation import format_table
@@ -103,7 +104,9 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _show_progress(flag: bool | None) -> bool:
-    return sys.stderr.isatty() if flag is None else flag
+    """Set the progress mode from ``--progress/--no-progress``; True unless switched off."""
+    configure_progress(mode_for(flag))
+    return flag is not False
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,10 +120,39 @@ def _show_progress(flag: bool | None) -> bool:
     "events",
     multiple=True,
     required=True,
-    type=click.Path(dir_okay=False),
-    help="Events file (CSV or Parquet); repeat for several.",
+    help="Events file (CSV or Parquet); repeat for several. With --engine spark: any URI Spark reads "
+    "(a file or a folder of part files; s3a://, hdfs://).",
 )
-@click.option("--catalog", type=click.Path(dir_okay=False), help="Catalog file (CSV or Parquet).")
+@click.option("--catalog", help="Catalog file (CSV or Parquet); with --engine spark any URI.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "spark"]),
+    default="local",
+    show_default=True,
+    help="local: implicit in this process. spark: Apache Spark (the recsvc[spark] extra, Java 17), "
+    "for data beyond one machine; see docs/scaling.md.",
+)
+@click.option(
+    "--spark-master", help="Spark master (local[2], spark://host:7077, yarn) [default: spark-submit's]."
+)
+@click.option(
+    "--spark-conf",
+    "spark_conf",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Spark setting, repeatable (spark.driver.memory=4g, spark.hadoop.fs.s3a.endpoint=...).",
+)
+@click.option(
+    "--spark-work-dir",
+    help="URI for intermediate Parquet that the executors and this driver reach [default: a local temp dir].",
+)
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "csv", "parquet"]),
+    default="auto",
+    show_default=True,
+    help="Format of --events/--catalog URIs for --engine spark (auto: from the suffix).",
+)
 @click.option(
     "--models-dir",
     type=click.Path(file_okay=False),
@@ -168,33 +200,69 @@ def train(**kwargs: Any) -> None:
     """
 
     params = _params(kwargs.pop("config"), _overrides(kwargs))
-    models_dir = kwargs["models_dir"] or Config.from_env().models_dir
+    config = Config.from_env()
+    models_dir = kwargs["models_dir"] or config.models_dir
+    show_progress = _show_progress(kwargs["progress"])
+    common: dict[str, Any] = dict(
+        models_dir=models_dir,
+        params=params,
+        evaluate=kwargs["evaluate"],
+        max_bad_fraction=kwargs["max_bad_fraction"],
+        seed=kwargs["seed"],
+        threads=kwargs["threads"],
+        split_days=kwargs["split_days"],
+        echo=_err,
+    )
     try:
-        result = train_model(
-            list(kwargs["events"]),
-            kwargs["catalog"],
-            models_dir=models_dir,
-            params=params,
-            evaluate=kwargs["evaluate"],
-            max_bad_fraction=kwargs["max_bad_fraction"],
-            seed=kwargs["seed"],
-            tune=kwargs["tune"],
-            show_progress=_show_progress(kwargs["progress"]),
-            threads=kwargs["threads"],
-            split_days=kwargs["split_days"],
-            tune_trials=kwargs["tune_trials"],
-            tune_time_budget_s=kwargs["tune_budget_s"],
-            device=kwargs["device"],
-            echo=_err,
-        )
-    except BadInputError as e:
-        raise BadInput(str(e)) from None
-    except ValueError as e:
+        if kwargs["engine"] == "spark":
+            result = _train_spark(kwargs, common, config)
+        else:
+            with Progress("train", unit="stages", enabled=show_progress) as stages:
+                result = train_model(
+                    list(kwargs["events"]),
+                    kwargs["catalog"],
+                    tune=kwargs["tune"],
+                    show_progress=show_progress,
+                    tune_trials=kwargs["tune_trials"],
+                    tune_time_budget_s=kwargs["tune_budget_s"],
+                    device=kwargs["device"],
+                    stages=stages,
+                    **common,
+                )
+    except (BadInputError, ValueError) as e:
         raise BadInput(str(e)) from None
 
     click.echo(str(result.path))
     if result.metrics:
         click.echo(format_table(result.metrics))
+
+
+def _train_spark(kwargs: dict[str, Any], common: dict[str, Any], config: Config) -> Any:
+    """``recsvc train --engine spark``: the same artifact, trained by Apache Spark."""
+    if kwargs["tune"]:
+        raise BadInput("--tune runs with the local engine only (tune on a sample, then train with Spark)")
+    if kwargs["device"] == "gpu":
+        raise BadInput("--device gpu is for the local engine; Spark trains on its executors' CPUs")
+    # Loaded only for this engine, as batch recommend and the converters are for theirs.
+    from training.spark_engine import SparkOptions, SparkUnavailable, train_model_spark
+
+    conf = []
+    for item in kwargs["spark_conf"]:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--spark-conf: expected KEY=VALUE, got {item!r}")
+        conf.append((key.strip(), value.strip()))
+    options = SparkOptions(
+        master=kwargs["spark_master"],
+        conf=tuple(conf),
+        work_dir=kwargs["spark_work_dir"],
+        python=config.training.spark_python,
+        input_format=kwargs["input_format"],
+    )
+    try:
+        return train_model_spark(list(kwargs["events"]), kwargs["catalog"], options=options, **common)
+    except SparkUnavailable as e:
+        raise click.ClickException(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +372,7 @@ def evaluate(**kwargs: Any) -> None:
             exclude_purchased=not kwargs["include_purchased"],
             device=kwargs["device"],
             bundles=kwargs["bundles"],
+            show_progress=True,
         )
     except BadInputError as e:
         raise BadInput(str(e)) from None

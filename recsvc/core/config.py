@@ -83,7 +83,9 @@ class EventSettings:
     stream_maxlen: int = _env("RECSVC_EVENTS_STREAM_MAXLEN", 10_000_000)  # `recsvc events dump` drains it
     max_batch: int = _env("RECSVC_MAX_EVENTS_BATCH", 1000)
     history_length: int = _env("RECSVC_HISTORY_LENGTH", 200)  # recent events kept per user for fold-in
-    rate_limit_per_min: int = _env("RECSVC_EVENTS_RATE_LIMIT_PER_MIN", 600)  # per API key; 429 beyond
+    # Requests per minute per API key; 429 beyond. A storefront posts with one key for all its
+    # visitors: size it as peak page views/s x event requests per view x 60 x 2 (docs/realtime.md).
+    rate_limit_per_min: int = _env("RECSVC_EVENTS_RATE_LIMIT_PER_MIN", 60_000)
     # A visitor's recent list expires this long after their newest event.
     history_ttl_s: int = _env("RECSVC_HISTORY_TTL_S", 30 * 86_400)
     # How long a stored batch's id is remembered: a retry of the same batch (the client's
@@ -119,6 +121,34 @@ class TrainingSettings:
 
     # Fault injection for the crash tests of `recsvc retrain`: exit right after this step.
     retrain_crash_after: str | None = _env("RECSVC_RETRAIN_CRASH_AFTER", None)
+    # Python the Spark engine's executors run (handed to pyspark as PYSPARK_PYTHON); unset: this
+    # interpreter for a local master, Spark's own setting otherwise.
+    spark_python: str | None = _env("RECSVC_SPARK_PYTHON", None)
+
+
+@dataclass(frozen=True)
+class OpsSettings:
+    """Running it: logs, metrics, progress lines of long jobs, server processes."""
+
+    log_level: str = _env("RECSVC_LOG_LEVEL", "INFO")
+    # "json": one JSON object per line; "text": for people; "auto": text on a terminal, else json.
+    log_format: str = _env("RECSVC_LOG_FORMAT", "auto")
+    # Server processes write log lines in batches at most this often (0: each line at once);
+    # commands always write each line at once.
+    log_flush_s: float = _env("RECSVC_LOG_FLUSH_S", 0.5)
+    request_log: bool = _env("RECSVC_REQUEST_LOG", True)  # one log line per HTTP request
+    metrics_enabled: bool = _env("RECSVC_METRICS_ENABLED", True)
+    # Read-only keys that may scrape GET /metrics (besides RECSVC_API_KEYS); none: only those.
+    metrics_keys: tuple[str, ...] = _env("RECSVC_METRICS_KEYS", ())
+    # Workers write their counts to the shared metric files this often (a scrape sees the other
+    # workers' counts at most this old).
+    metrics_flush_s: float = _env("RECSVC_METRICS_FLUSH_S", 1.0)
+    # prometheus-client's own variable: where the worker processes of one server keep their
+    # metric files (`recsvc serve` sets it per instance; unset: metrics of this process only).
+    metrics_dir: Path | None = _env("PROMETHEUS_MULTIPROC_DIR", None)
+    progress_interval_s: float = _env("RECSVC_PROGRESS_INTERVAL_S", 5.0)  # a progress line this often
+    workers: int = _env("RECSVC_WORKERS", 0)  # gunicorn workers; 0: 2 per CPU of the quota, capped
+    max_workers: int = _env("RECSVC_MAX_WORKERS", 16)  # the cap of the automatic worker count
 
 
 SECTIONS: dict[str, type] = {
@@ -128,6 +158,7 @@ SECTIONS: dict[str, type] = {
     "bundles": BundleSettings,
     "experiments": ExperimentSettings,
     "training": TrainingSettings,
+    "ops": OpsSettings,
 }
 
 
@@ -145,6 +176,7 @@ class Config:
     bundles: BundleSettings = field(default_factory=BundleSettings)
     experiments: ExperimentSettings = field(default_factory=ExperimentSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
 
     @classmethod
     def create(cls, **overrides: Any) -> Config:

@@ -22,7 +22,7 @@ import csv
 import gzip
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,9 +189,12 @@ class _RawFile:
     malformed_count: int
     is_parquet: bool
     _lines: tuple[np.ndarray, np.ndarray] | None = None  # lazily: (data row lines, malformed row lines)
+    lines_known: bool = True  # False: rows read by another engine, whose lines we cannot know
 
     def line_of(self, rows: np.ndarray) -> list[int | None]:
         """Physical line numbers (CSV, header = 1) or 1-based row numbers (Parquet) of data rows."""
+        if not self.lines_known:
+            return [None for _ in rows]
         if self.is_parquet:
             return [int(r) + 1 for r in rows]
         data_lines, _ = self._line_map()
@@ -201,6 +204,8 @@ class _RawFile:
 
     def malformed_lines(self) -> list[int | None]:
         """Physical line numbers of the malformed rows, in file order (None when unknown)."""
+        if not self.lines_known:
+            return [None for _ in self.malformed]
         data_lines, bad_lines = self._line_map()
         if len(bad_lines) != self.malformed_count or len(data_lines) != self.n_rows:
             return [None for _ in self.malformed]
@@ -231,6 +236,40 @@ def _csv_header(path: Path) -> list[str]:
     return [name.strip() for name in next(csv.reader(io.StringIO(first)))]
 
 
+def check_header(
+    name: str, header: Sequence[str], known: Sequence[str], required: Sequence[str], report: LoadReport
+) -> list[str]:
+    """The ``known`` columns a file has; refuse a repeated or missing required column.
+
+    Columns that are not ``known`` are ignored and listed in ``report.ignored_columns``.
+
+    Raises
+    ------
+    BadInputError
+        Naming the file, line 1 and the column.
+    """
+    duplicated = sorted({c for c in header if list(header).count(c) > 1})
+    if duplicated:
+        raise BadInputError(
+            f"{name}:1 column {duplicated[0]}: the header names this column twice",
+            file=name,
+            line=1,
+            column=duplicated[0],
+        )
+    for col in required:
+        if col not in header:
+            raise BadInputError(
+                f"{name}:1 column {col}: required column is missing (header is: {', '.join(header)[:200]})",
+                file=name,
+                line=1,
+                column=col,
+            )
+    ignored = [c for c in header if c not in known]
+    if ignored:
+        report.ignored_columns[name] = ignored
+    return [c for c in known if c in header]
+
+
 def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report: LoadReport) -> _RawFile:
     """Read ``known`` columns of one CSV/Parquet file as arrow arrays (strings for CSV)."""
     name = str(path)
@@ -247,26 +286,7 @@ def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report
         raise
     except (OSError, pa.ArrowException, UnicodeError, csv.Error) as e:
         raise BadInputError(f"{name}: cannot read the header ({e})", file=name, line=1) from None
-    duplicated = sorted({c for c in header if header.count(c) > 1})
-    if duplicated:
-        raise BadInputError(
-            f"{name}:1 column {duplicated[0]}: the header names this column twice",
-            file=name,
-            line=1,
-            column=duplicated[0],
-        )
-    for col in required:
-        if col not in header:
-            raise BadInputError(
-                f"{name}:1 column {col}: required column is missing (header is: {', '.join(header)[:200]})",
-                file=name,
-                line=1,
-                column=col,
-            )
-    present = [c for c in known if c in header]
-    ignored = [c for c in header if c not in known]
-    if ignored:
-        report.ignored_columns[name] = ignored
+    present = check_header(name, header, known, required, report)
 
     if _is_parquet(path):
         try:
@@ -535,7 +555,7 @@ def _parse_numbers(arr: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return values[enc.codes], parsed[enc.codes] & ~empty, empty
 
 
-def _price_column(cols: dict[str, Any], n: int, rej: _Rejections) -> np.ndarray:
+def _price_column(cols: Mapping[str, Any], n: int, rej: _Rejections) -> np.ndarray:
     """float32 prices (NaN where empty or rejected); bad values are marked ``invalid_price``."""
     if "price" not in cols:
         return np.full(n, np.nan, np.float32)
@@ -566,13 +586,11 @@ def _parse_bool(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Rejections:
-    """Per-row reason codes for one file; the first reason in ``order`` that applies wins."""
+    """Per-row reason codes for ``n_rows`` rows; the first reason in ``order`` that applies wins."""
 
-    def __init__(self, raw: _RawFile, order: Sequence[str]):
-        self.raw, self.order = raw, order
+    def __init__(self, n_rows: int, order: Sequence[str]):
+        self.n_rows, self.order = n_rows, order
         self.code = {reason: i + 1 for i, reason in enumerate(order)}
-        self.reason = np.zeros(raw.n_rows, dtype=np.int8)
-        self.column: dict[str, np.ndarray] = {}  # reason -> per-row column name index (for missing_field)
         self._marks: list[tuple[str, np.ndarray, str | np.ndarray]] = []
 
     def mark(self, reason: str, mask: np.ndarray, column: str | np.ndarray) -> None:
@@ -581,38 +599,44 @@ class _Rejections:
 
     def marked(self) -> np.ndarray:
         """Rows flagged with any reason so far."""
-        out = np.zeros(self.raw.n_rows, dtype=bool)
+        out = np.zeros(self.n_rows, dtype=bool)
         for _, mask, _ in self._marks:
             out |= mask
         return out
 
-    def finish(self, report: LoadReport) -> np.ndarray:
-        """Apply marks by priority, record counts and examples; return the mask of good rows."""
-        columns = np.empty(self.raw.n_rows, dtype=object)
-        for reason, mask, column in sorted(self._marks, key=lambda m: -self.code[m[0]]):
-            self.reason[mask] = self.code[reason]
+    def resolve(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(reason code per row (int8, 0 = good), offending column per row)`` by priority."""
+        reason = np.zeros(self.n_rows, dtype=np.int8)
+        columns = np.empty(self.n_rows, dtype=object)
+        for name, mask, column in sorted(self._marks, key=lambda m: -self.code[m[0]]):
+            reason[mask] = self.code[name]
             columns[mask] = column[mask] if isinstance(column, np.ndarray) else column
-        if self.raw.malformed_count:
-            lines = self.raw.malformed_lines()
+        return reason, columns
+
+    def finish(self, report: LoadReport, raw: _RawFile) -> np.ndarray:
+        """Apply marks by priority, record counts and examples; return the mask of good rows."""
+        reason, columns = self.resolve()
+        if raw.malformed_count:
+            lines = raw.malformed_lines()
             examples = [
-                RejectedRow(self.raw.name, line, None, "malformed_row", _quote(text))
-                for text, line in zip(self.raw.malformed[:EXAMPLES_PER_REASON], lines, strict=False)
+                RejectedRow(raw.name, line, None, "malformed_row", _quote(text))
+                for text, line in zip(raw.malformed[:EXAMPLES_PER_REASON], lines, strict=False)
             ]
-            report._reject("malformed_row", self.raw.malformed_count, examples)
-        counts = np.bincount(self.reason, minlength=len(self.order) + 1)
-        for reason in self.order:
-            code = self.code[reason]
-            if reason == "malformed_row" or not counts[code]:
+            report._reject("malformed_row", raw.malformed_count, examples)
+        counts = np.bincount(reason, minlength=len(self.order) + 1)
+        for name in self.order:
+            code = self.code[name]
+            if name == "malformed_row" or not counts[code]:
                 continue
-            rows = np.flatnonzero(self.reason == code)[:EXAMPLES_PER_REASON]
-            lines = self.raw.line_of(rows)
+            rows = np.flatnonzero(reason == code)[:EXAMPLES_PER_REASON]
+            lines = raw.line_of(rows)
             examples = []
             for row, line in zip(rows, lines, strict=True):
                 col = columns[row]
-                value = self.raw.columns[col][int(row)].as_py() if col in self.raw.columns else None
-                examples.append(RejectedRow(self.raw.name, line, col, reason, _quote(value)))
-            report._reject(reason, int(counts[code]), examples)
-        return self.reason == 0
+                value = raw.columns[col][int(row)].as_py() if col in raw.columns else None
+                examples.append(RejectedRow(raw.name, line, col, name, _quote(value)))
+            report._reject(name, int(counts[code]), examples)
+        return reason == 0
 
 
 def _quote(value: Any) -> str:
@@ -622,7 +646,8 @@ def _quote(value: Any) -> str:
     return repr(text)
 
 
-def _check_bad_fraction(report: LoadReport, max_bad_fraction: float, what: str) -> None:
+def check_bad_fraction(report: LoadReport, max_bad_fraction: float, what: str) -> None:
+    """Raise :class:`BadInputError` when no row is valid or more than ``max_bad_fraction`` are bad."""
     if report.rows_read and report.rows_loaded == 0:
         raise BadInputError(
             _bad_summary(report, f"{', '.join(report.files)}: no valid {what} rows"),
@@ -671,6 +696,18 @@ class _ParsedEvents:
     quantity: np.ndarray
     price: np.ndarray
 
+    def take(self, rows: np.ndarray) -> _ParsedEvents:
+        return _ParsedEvents(
+            user=_Encoded(self.user.codes[rows], self.user.values),
+            item=_Encoded(self.item.codes[rows], self.item.values),
+            order=_Encoded(self.order.codes[rows], self.order.values),
+            rec=_Encoded(self.rec.codes[rows], self.rec.values),
+            event=self.event[rows],
+            timestamp=self.timestamp[rows],
+            quantity=self.quantity[rows],
+            price=self.price[rows],
+        )
+
 
 def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     if isinstance(paths, str | os.PathLike):
@@ -681,10 +718,9 @@ def _as_paths(paths: PathLike | Iterable[PathLike]) -> list[Path]:
     return out
 
 
-def _parse_events_file(raw: _RawFile, report: LoadReport) -> _ParsedEvents:
-    n = raw.n_rows
-    rej = _Rejections(raw, EVENT_REASON_ORDER)
-    cols = raw.columns
+def _event_marks(cols: Mapping[str, Any], n: int) -> tuple[_Rejections, _ParsedEvents]:
+    """Every contract check of the event columns: the marks, and every row parsed (none dropped)."""
+    rej = _Rejections(n, EVENT_REASON_ORDER)
     missing_column = np.full(n, None, dtype=object)
     any_missing = np.zeros(n, dtype=bool)
 
@@ -730,17 +766,92 @@ def _parse_events_file(raw: _RawFile, report: LoadReport) -> _ParsedEvents:
     else:
         quantity = np.ones(n, np.float32)
     price = _price_column(cols, n, rej)
+    result = _ParsedEvents(
+        user=user,
+        item=item,
+        order=optional_ids["order_id"],
+        rec=optional_ids["rec_id"],
+        event=event,
+        timestamp=timestamp,
+        quantity=quantity,
+        price=price,
+    )
+    return rej, result
 
-    good = rej.finish(report)
-    return _ParsedEvents(
-        user=_Encoded(user.codes[good], user.values),
-        item=_Encoded(item.codes[good], item.values),
-        order=_Encoded(optional_ids["order_id"].codes[good], optional_ids["order_id"].values),
-        rec=_Encoded(optional_ids["rec_id"].codes[good], optional_ids["rec_id"].values),
-        event=event[good],
-        timestamp=timestamp[good],
-        quantity=quantity[good],
-        price=price[good],
+
+def _parse_events_file(raw: _RawFile, report: LoadReport) -> _ParsedEvents:
+    rej, parsed = _event_marks(raw.columns, raw.n_rows)
+    good = rej.finish(report, raw)
+    return parsed.take(good)
+
+
+@dataclass
+class EventBatch:
+    """A batch of event rows after the contract checks, every row kept (see :func:`validate_event_columns`).
+
+    ``reason`` is 0 for a good row, else ``k`` for ``EVENT_REASON_ORDER[k - 1]``; ``column`` names the
+    offending column and ``value`` quotes its raw value (as the load report does) for bad rows. The
+    other arrays are the parsed fields, meaningful for good rows.
+    """
+
+    reason: np.ndarray  # int8
+    column: np.ndarray  # object: str or None
+    value: np.ndarray  # object: str or None
+    user_id: np.ndarray
+    item_id: np.ndarray
+    event: np.ndarray
+    timestamp: np.ndarray
+    order_id: np.ndarray
+    quantity: np.ndarray
+    price: np.ndarray
+    rec_id: np.ndarray
+
+
+def validate_event_columns(
+    columns: Mapping[str, Any], n_rows: int, malformed: np.ndarray | None = None
+) -> EventBatch:
+    """Apply the events contract to one batch of columns, as :func:`load_events` does to a file.
+
+    For engines that read the files themselves and validate in parallel (the Spark engine runs this
+    on every partition): the same checks, reasons and priorities as the file loader, so rejection
+    counts agree. Counting, examples and exact-duplicate removal are left to the caller.
+
+    Parameters
+    ----------
+    columns : mapping of name to arrow array
+        ``user_id, item_id, event, timestamp`` and any of ``order_id, quantity, price, rec_id``, raw
+        (strings from CSV, or typed from Parquet).
+    n_rows : int
+    malformed : numpy.ndarray, optional
+        Rows the reader could not split into the header's columns (reason ``malformed_row``; their
+        raw text is expected in ``columns["_corrupt_record"]`` for the example).
+
+    Returns
+    -------
+    EventBatch
+    """
+    rej, parsed = _event_marks(columns, n_rows)
+    if malformed is not None:
+        rej.mark("malformed_row", np.asarray(malformed, dtype=bool), "_corrupt_record")
+    reason, column = rej.resolve()
+    value = np.full(n_rows, None, dtype=object)
+    for row in np.flatnonzero(reason):
+        name = column[row]
+        raw = columns[name][int(row)].as_py() if name in columns else None
+        value[row] = _quote(raw)
+    column[reason == 0] = None
+    return EventBatch(
+        reason=reason,
+        column=column,
+        value=value,
+        user_id=parsed.user.values[parsed.user.codes],
+        item_id=parsed.item.values[parsed.item.codes],
+        event=parsed.event,
+        timestamp=parsed.timestamp,
+        order_id=parsed.order.values[parsed.order.codes],
+        quantity=parsed.quantity,
+        price=parsed.price,
+        rec_id=parsed.rec.values[parsed.rec.codes],
     )
 
 
@@ -806,7 +917,7 @@ def load_events(
         raise BadInputError(
             f"{', '.join(report.files)}: no event rows after the header", file=report.files[0], line=2
         )
-    _check_bad_fraction(report, max_bad_fraction, "event")
+    check_bad_fraction(report, max_bad_fraction, "event")
 
     user = _compact(_merge_encoded([p.user for p in parsed]))
     item = _compact(_merge_encoded([p.item for p in parsed]))
@@ -885,11 +996,53 @@ def load_catalog(path: PathLike, *, max_bad_fraction: float = 0.01) -> tuple[Cat
     """
     report = LoadReport()
     raw = _read_file(Path(path), _CATALOG_COLUMNS, contract.CATALOG_REQUIRED, report)
+    return _validate_catalog(raw, report, max_bad_fraction)
+
+
+def catalog_from_table(
+    table: pa.Table, name: str, *, malformed: Sequence[str] = (), max_bad_fraction: float = 0.01
+) -> tuple[Catalog, LoadReport]:
+    """Validate a catalog another engine has read (rows in file order), as :func:`load_catalog` does.
+
+    Parameters
+    ----------
+    table : pyarrow.Table
+        The catalog's columns (``item_id`` required), raw: strings from CSV or typed from Parquet.
+    name : str
+        Where it came from (a URI), for the report.
+    malformed : sequence of str
+        Raw text of rows the reader could not split into the header's columns (already dropped
+        from ``table``).
+    max_bad_fraction : float, default 0.01
+
+    Raises
+    ------
+    BadInputError
+        As for :func:`load_catalog`; examples name the source and column (lines are unknown).
+    """
+    report = LoadReport()
+    present = check_header(name, table.column_names, _CATALOG_COLUMNS, contract.CATALOG_REQUIRED, report)
+    raw = _RawFile(
+        path=Path(name),
+        name=name,
+        columns={c: table.column(c) for c in present},
+        n_rows=table.num_rows,
+        malformed=list(malformed[:EXAMPLES_PER_REASON]),
+        malformed_count=len(malformed),
+        is_parquet=False,
+        lines_known=False,
+    )
+    return _validate_catalog(raw, report, max_bad_fraction)
+
+
+def _validate_catalog(
+    raw: _RawFile, report: LoadReport, max_bad_fraction: float
+) -> tuple[Catalog, LoadReport]:
     report.files.append(raw.name)
     report.rows_read = raw.n_rows + raw.malformed_count
     n = raw.n_rows
     cols = raw.columns
-    rej = _Rejections(raw, CATALOG_REASON_ORDER)
+    rej = _Rejections(n, CATALOG_REASON_ORDER)
 
     item = _encode(cols["item_id"])
     item_empty, item_bad = _id_checks(item)
@@ -922,9 +1075,9 @@ def load_catalog(path: PathLike, *, max_bad_fraction: float = 0.01) -> tuple[Cat
     repeated = candidate & (first_seen[item.codes] != np.arange(n))
     rej.mark("duplicate_item_id", repeated, "item_id")
 
-    good = rej.finish(report)
+    good = rej.finish(report, raw)
     report.rows_loaded = int(good.sum())
-    _check_bad_fraction(report, max_bad_fraction, "catalog")
+    check_bad_fraction(report, max_bad_fraction, "catalog")
     catalog = Catalog(
         item_id=item.values[item.codes[good]],
         title=title[good],

@@ -40,6 +40,8 @@ from recsvc.core.contract import EVENT_CODE, EVENT_TYPES, PURCHASE
 from recsvc.core.ids import as_id_map
 
 SCALINGS = ("linear", "log", "bm25")
+#: How a model's ALS regularization grows with a row (see :class:`RowRecipe`).
+REGULARIZATION_SCALINGS = ("constant", "count")
 SECONDS_PER_DAY = 86_400
 
 #: Default weight per event type. Impressions only say "we showed it"; they are dropped.
@@ -297,7 +299,7 @@ def scale(raw: sp.csr_matrix, params: WeightingParams, stats: Bm25Stats | None =
     if params.scaling == "linear":
         return out
     if params.scaling == "log":
-        out.data = np.log1p(out.data)
+        out.data = scale_values(out.data, params)
         return out
     stats = stats or bm25_stats(raw)
     lengths = np.asarray(raw.sum(axis=1)).ravel()
@@ -305,10 +307,34 @@ def scale(raw: sp.csr_matrix, params: WeightingParams, stats: Bm25Stats | None =
     if stats.document_frequency is None:
         raise ValueError("bm25 scaling needs the training document frequencies (with_document_frequency)")
     idf = bm25_idf(stats.document_frequency, stats.n_users)
-    out.data = _bm25_values(
-        out.data, lengths[row_of], idf[out.indices], params.bm25_k1, params.bm25_b, stats.avg_length
+    out.data = scale_values(
+        out.data, params, row_lengths=lengths[row_of], idf=idf[out.indices], avg_length=stats.avg_length
     )
     return out
+
+
+def scale_values(
+    raw: np.ndarray,
+    params: WeightingParams,
+    *,
+    row_lengths: np.ndarray | None = None,
+    idf: np.ndarray | None = None,
+    avg_length: float | None = None,
+) -> np.ndarray:
+    """The scaling step (3) on a flat array of raw entries (float64), wherever they are stored.
+
+    BM25 needs, per entry, the row length of its user (``row_lengths``) and the idf of its item
+    (``idf``), plus ``avg_length``; a distributed engine computes those and calls this on each
+    partition, so every engine scales with this one formula.
+    """
+    values = np.asarray(raw, dtype=np.float64)
+    if params.scaling == "linear":
+        return values.copy()
+    if params.scaling == "log":
+        return np.log1p(values)
+    if row_lengths is None or idf is None or avg_length is None:
+        raise ValueError("bm25 scaling needs row_lengths, idf and avg_length")
+    return _bm25_values(values, row_lengths, idf, params.bm25_k1, params.bm25_b, avg_length)
 
 
 def confidence_matrix(
@@ -384,12 +410,19 @@ def popularity_scores(
         cols = index_positions(values, item_index)[codes]
     else:
         cols = index_positions(events.item_id, item_index)
-    purchase_weight = params.event_weights["purchase"] or max(params.event_weights.values())
-    table = params.weight_table() / purchase_weight
-    age_days = np.maximum(0.0, (float(now) - events.timestamp.astype(np.float64)) / SECONDS_PER_DAY)
-    contribution = table[events.event.astype(np.intp)] * np.exp2(-age_days / half_life_days)
+    contribution = popularity_contributions(events.event, events.timestamp, params, now, half_life_days)
     keep = cols >= 0
     return np.bincount(cols[keep], weights=contribution[keep], minlength=n_items).astype(np.float32)
+
+
+def popularity_contributions(
+    event: np.ndarray, timestamp: np.ndarray, params: WeightingParams, now: int | float, half_life_days: float
+) -> np.ndarray:
+    """What each event adds to its item's popularity (float64; see :func:`popularity_scores`)."""
+    purchase_weight = params.event_weights["purchase"] or max(params.event_weights.values())
+    table = params.weight_table() / purchase_weight
+    age_days = np.maximum(0.0, (float(now) - np.asarray(timestamp).astype(np.float64)) / SECONDS_PER_DAY)
+    return table[np.asarray(event).astype(np.intp)] * np.exp2(-age_days / half_life_days)
 
 
 def purchase_counts(
@@ -463,6 +496,13 @@ class RowRecipe:
     weighting: WeightingParams
     regularization: float
     bm25: Bm25Stats | None = None
+    #: ``constant`` (implicit: every row gets ``regularization``) or ``count`` (Spark ML: a row with
+    #: ``n`` entries gets ``regularization_per_entry * n``).
+    regularization_scaling: str = "constant"
+    regularization_per_entry: float = 0.0
+    #: Lowest effective confidence ``alpha * c`` of an entry (Spark ML's ``1 + alpha * r`` with
+    #: ``r >= 0`` never goes below 1); 0 = none.
+    confidence_floor: float = 0.0
 
     @property
     def alpha(self) -> float:
@@ -485,6 +525,16 @@ class RowRecipe:
         regularization = _finite(
             params.get("regularization", DEFAULT_REGULARIZATION), "params.regularization", minimum=0.0
         )
+        scaling = str(params.get("regularization_scaling") or "constant")
+        if scaling not in REGULARIZATION_SCALINGS:
+            raise ValueError(
+                f"params.regularization_scaling must be one of {', '.join(REGULARIZATION_SCALINGS)}, "
+                f"got {scaling!r}"
+            )
+        per_entry = _finite(
+            params.get("regularization_per_entry", 0.0), "params.regularization_per_entry", minimum=0.0
+        )
+        floor = _finite(params.get("confidence_floor", 0.0), "params.confidence_floor", minimum=0.0)
         stats = None
         if weighting.scaling == "bm25":
             n_users, avg_length = params.get("bm25_n_users"), params.get("bm25_avg_length")
@@ -495,7 +545,21 @@ class RowRecipe:
                 avg_length=_finite(avg_length, "params.bm25_avg_length", above=0.0),
                 document_frequency=None,
             )
-        return cls(weighting, regularization, stats)
+        return cls(weighting, regularization, stats, scaling, per_entry, floor)
+
+    def solve_terms(self, confidence: np.ndarray) -> tuple[np.ndarray, float]:
+        """The confidences (before alpha) and the regularization of one row's fold-in solve.
+
+        They are what the engine that trained the model used for a row like this one, so a
+        folded-in user lands where a training sweep would have put them: implicit's constant
+        regularization, or Spark ML's regularization per entry of the row and its confidence floor.
+        """
+        conf = np.asarray(confidence, dtype=np.float32)
+        if self.confidence_floor > 0:
+            conf = np.maximum(conf, np.float32(self.confidence_floor / self.alpha))
+        if self.regularization_scaling == "count":
+            return conf, self.regularization_per_entry * int(np.count_nonzero(conf > 0))
+        return conf, self.regularization
 
     def with_document_frequency(self, document_frequency: np.ndarray) -> RowRecipe:
         """A copy carrying BM25's document frequency per item (training users per item)."""

@@ -17,7 +17,7 @@ from recsvc.core.config import Config
 from recsvc.core.contract import validate_batch
 from recsvc.core.errors import OutcomeUnknown, RateLimited, Unavailable
 from recsvc.serving.health import RedisHealth
-from recsvc.storage import keys, ratelimit, stream
+from recsvc.storage import ratelimit, stream
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class EventIngest:
         settings = self.config.events
         attempt = os.urandom(8).hex()
         batch_id = batch_id or attempt
-        batch_key = keys.event_batch(client_id, batch_id)
+        batch_key = stream.record_key(events, client_id, batch_id)
         try:
             return stream.store_batch(
                 self.client,

@@ -164,8 +164,8 @@ class ServingModel:
     # ---- keys of per-user data in Redis ------------------------------------------------------------
     def user_key(self, part: str, user_id: str) -> str:
         """Bucket hash holding ``user_id``'s ``topk`` (with purchases) or ``interactions`` field."""
-        prefix = self.memo(("key_prefix", part), lambda: keys.bucket(self.version, part, 0)[:-1])
-        return prefix + str(keys.user_bucket(user_id, self.n_buckets))
+        name = self.memo(("bucket_namer", part), lambda: keys.bucket_namer(self.version, part))
+        return name(keys.user_bucket(user_id, self.n_buckets))
 
     def local_user(self, user_id: str) -> UserRecord | None:
         """A user's data from the local artifact (models with origin ``artifact`` only)."""

@@ -105,7 +105,7 @@ def realtime_vector(
     model : ServingModel
         The live model: ``item_factors``, ``item_index``, ``manifest`` (params, trained_until).
     recent : RecentEvents
-        The user's recent events (``recsvc:recent:<user_id>``).
+        The user's recent events (``recent:<user_id>``, :func:`recsvc.storage.keys.recent`).
     train_indices, train_confidence : numpy.ndarray
         The user's training row (``interactions``, before alpha); empty for an unknown user.
     known_user : bool
@@ -144,12 +144,12 @@ def realtime_vector(
         indices, raw = add_raw_rows(train_indices, train_raw, new_indices, new_raw)
     else:
         indices, raw = new_indices, new_raw
-    confidence = scale_row(indices, raw, state.params)
+    confidence, regularization = state.params.solve_terms(scale_row(indices, raw, state.params))
     vector = fold_in(
         model.item_factors,
         indices,
         confidence,
-        state.params.regularization,
+        regularization,
         state.params.alpha,
         yty=state.yty,
     )
@@ -190,7 +190,7 @@ def user_vector_for(
     history_length : int
         Most recent events read (``Config.history_length``).
     recent_entries : sequence, optional
-        The raw ``LRANGE recsvc:recent:<user_id> 0 history_length-1`` reply, when already read.
+        The raw ``LRANGE`` reply of the user's recent list (``0 .. history_length-1``), when already read.
     """
     key = recent_key(user_id)
     empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))

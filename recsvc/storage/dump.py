@@ -1,8 +1,10 @@
 """Move accepted events from the Redis stream into an events file, exactly once.
 
-The dump reads through a consumer group, writes a temporary file, records a commit (file name and
-sha256) in Redis, renames the file into place and only then acknowledges and deletes the entries,
-so an interrupted dump is finished or redone by the next one without losing or duplicating events.
+The dump reads every shard of the stream (one per user group, :func:`recsvc.storage.keys.stream_shards`)
+through a consumer group, writes one temporary file, records a commit (file name, sha256 and the last
+entry id of each shard) in Redis, renames the file into place and only then acknowledges and deletes
+the entries shard by shard, so an interrupted dump is finished or redone by the next one without
+losing or duplicating events: exactly once per shard, and so for the whole stream.
 """
 
 from __future__ import annotations
@@ -76,18 +78,24 @@ class DumpResult:
 
 
 def stream_status(client: redis.Redis, stream: str) -> dict[str, Any]:
-    """Length of the stream, entries a crashed dump left pending, and the dump lock's remaining life."""
-    length = int(client.xlen(stream))
+    """Length of the stream (all shards), entries a crashed dump left pending, the dump lock's life."""
+    shards = keys.stream_shards(stream)
+    pipe = client.pipeline(transaction=False)
+    for shard in shards:
+        pipe.xlen(shard)
+    lengths = [int(n) for n in pipe.execute()]
     pending = 0
-    if length:
-        try:
-            pending = int(client.xpending(stream, keys.DUMP_GROUP)["pending"])
-        except redis.ResponseError:  # no group yet: nothing was ever dumped
-            pending = 0
+    for shard, length in zip(shards, lengths, strict=True):
+        if length:
+            try:
+                pending += int(client.xpending(shard, keys.DUMP_GROUP)["pending"])
+            except redis.ResponseError:  # no group yet: nothing was ever dumped from this shard
+                pass
     lock_ms = int(client.pttl(keys.EVENTS_DUMP_LOCK))  # -2: no lock; -1: a lock without expiry (set by hand)
     return {
         "stream": stream,
-        "length": length,
+        "shards": len(shards),
+        "length": sum(lengths),
         "pending_from_interrupted_dump": pending,
         # Held by a running dump, or by one that died: it expires after its timeout.
         "dump_lock_ttl_s": None if lock_ms == -1 else max(0.0, lock_ms / 1000.0),
@@ -100,27 +108,27 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _ensure_group(client: redis.Redis, stream: str) -> None:
+def _ensure_group(client: redis.Redis, shard: str) -> None:
     try:
-        client.xgroup_create(stream, keys.DUMP_GROUP, id="0", mkstream=True)
+        client.xgroup_create(shard, keys.DUMP_GROUP, id="0", mkstream=True)
     except redis.ResponseError as e:
         if "BUSYGROUP" not in str(e):
             raise
 
 
-def _acknowledge_through(client: redis.Redis, stream: str, last_id: str, chunk: int = 1000) -> int:
-    """XACK + XDEL every entry pending for the dump consumer with id <= ``last_id``."""
+def _acknowledge_through(client: redis.Redis, shard: str, last_id: str, chunk: int = 1000) -> int:
+    """XACK + XDEL every entry of ``shard`` pending for the dump consumer with id <= ``last_id``."""
     done = 0
     while True:
         pending = client.xpending_range(
-            stream, keys.DUMP_GROUP, "-", last_id, chunk, consumername=keys.DUMP_CONSUMER
+            shard, keys.DUMP_GROUP, "-", last_id, chunk, consumername=keys.DUMP_CONSUMER
         )
         ids = [codec.text(cast("bytes | str", p["message_id"])) for p in pending]
         if not ids:
             return done
-        pipe = client.pipeline(transaction=True)
-        pipe.xack(stream, keys.DUMP_GROUP, *ids)
-        pipe.xdel(stream, *ids)
+        pipe = client.pipeline(transaction=True)  # one key
+        pipe.xack(shard, keys.DUMP_GROUP, *ids)
+        pipe.xdel(shard, *ids)
         pipe.execute()
         done += len(ids)
 
@@ -128,9 +136,10 @@ def _acknowledge_through(client: redis.Redis, stream: str, last_id: str, chunk: 
 def _recover(client: redis.Redis, stream: str) -> int:
     """Finish a dump that crashed after its commit record was written; return entries acknowledged.
 
-    The record names the file and its sha256. If that file is in place, the rename happened and its
-    entries only await acknowledgement: acknowledge and delete them. If not, the crash came before
-    the rename: the entries are still pending and this run writes them again.
+    The record names the file, its sha256 and the last entry id written from each shard. If that
+    file is in place, the rename happened and its entries only await acknowledgement: acknowledge
+    and delete them, shard by shard. If not, the crash came before the rename: the entries are
+    still pending and this run writes them again.
     """
     raw = client.get(dump_commit_key(stream))
     if raw is None:
@@ -139,7 +148,8 @@ def _recover(client: redis.Redis, stream: str) -> int:
     path = Path(record["path"])
     done = 0
     if path.is_file() and sha256_file(path) == record["sha256"]:
-        done = _acknowledge_through(client, stream, record["last_id"])
+        for shard, last_id in record["last_ids"].items():
+            done += _acknowledge_through(client, shard, last_id)
         log.warning("recovered interrupted dump %s: acknowledged %d entries", path, done)
     client.delete(dump_commit_key(stream))
     return done
@@ -250,8 +260,9 @@ def dump_events(
 ) -> DumpResult:
     """Move accepted events from the stream into an events file that ``recsvc train`` reads.
 
-    Exactly once: entries are read through a consumer group, written to a temporary file in the
-    target folder, flushed and fsynced; a commit record (file name + sha256) is stored in Redis;
+    Exactly once: entries of every shard are read through a consumer group, written to one
+    temporary file in the target folder, flushed and fsynced; a commit record (file name + sha256 +
+    the last entry id of each shard) is stored in Redis;
     the file is renamed into place (never over an existing file) and the folder fsynced; only then
     are the entries acknowledged (``XACK``) and deleted (``XDEL``). A crash before the rename leaves
     the entries pending, and the next dump writes them (the temporary file is removed). A crash
@@ -266,7 +277,7 @@ def dump_events(
         The file to create (``.csv``, or ``.parquet``); must not exist. An existing folder gets
         ``events-<UTC stamp>.csv`` inside it.
     stream : str
-        Stream key (``Config.events_stream``).
+        Stream name (``Config.events.stream``); every shard of it is dumped.
     batch_size : int
         Entries read and written per round trip.
     max_events : int, optional
@@ -315,13 +326,14 @@ def dump_events(
             )
     try:
         recovered = _recover(client, stream)
-        _ensure_group(client, stream)
+        for shard in keys.stream_shards(stream):
+            _ensure_group(client, shard)
         # Leftovers of crashed dumps in this folder: we hold the lock, so no writer owns them.
         for stale in out.parent.glob(f"{_TMP_PREFIX}*{_TMP_SUFFIX}"):
             stale.unlink(missing_ok=True)
         result = _dump_locked(client, out, stream, batch_size, max_events, fmt, lock, on_batch)
         result.recovered = recovered
-        result.remaining = int(client.xlen(stream))
+        result.remaining = sum(int(client.xlen(shard)) for shard in keys.stream_shards(stream))
         return result
     finally:
         with contextlib.suppress(redis.exceptions.LockError):
@@ -338,61 +350,37 @@ def _dump_locked(
     lock: Any,
     on_batch: Callable[[int], None] | None,
 ) -> DumpResult:
-    # Entry ids are never None here (redis-py's StreamEntry allows it for deleted entries).
-    newest = cast("list[tuple[bytes | str, Any]]", client.xrevrange(stream, count=1))
-    end_key = _id_key(codec.text(newest[0][0])) if newest else (0, 0)
     tmp = out.parent / f"{_TMP_PREFIX}{uuid.uuid4().hex}{_TMP_SUFFIX}"
     writer = _Writer(tmp, fmt)
     count = 0
-    first_id: str | None = None
-    last_id: str | None = None
+    read: dict[str, tuple[str, str]] = {}  # shard -> (first, last) entry id read
     try:
-        # First what an interrupted dump read but never acknowledged ("0" = our pending entries,
-        # from the start), then new entries (">"), up to the newest entry when we started so a
-        # busy storefront cannot keep the dump running forever.
-        for phase in ("pending", "new"):
-            cursor = "0" if phase == "pending" else ">"
-            while max_events is None or count < max_events:
-                want = batch_size if max_events is None else min(batch_size, max_events - count)
-                # RESP2 reply: [[stream, [(id, fields), ...]]] (redis-py's type also covers RESP3's dict).
-                reply: Any = client.xreadgroup(
-                    keys.DUMP_GROUP, keys.DUMP_CONSUMER, {stream: cursor}, count=want
-                )
-                entries = reply[0][1] if reply else []
-                if not entries:
-                    break
-                rows = []
-                for raw_id, fields in entries:
-                    entry_id = codec.text(raw_id)
-                    if fields:  # None/empty: deleted from the stream after it was read; skip
-                        rows.append(_entry_fields(fields))
-                    first_id = first_id or entry_id
-                    last_id = entry_id
-                writer.write(rows)
-                count += len(rows)
-                if on_batch is not None:
-                    on_batch(len(rows))
-                lock.extend(lock.timeout, replace_ttl=True)
-                assert last_id is not None  # entries is not empty
-                if phase == "pending":
-                    cursor = last_id
-                elif _id_key(last_id) >= end_key:
-                    break
-        if last_id is None:
+        for shard in keys.stream_shards(stream):
+            if max_events is not None and count >= max_events:
+                break
+            left = None if max_events is None else max_events - count
+            shard_count, first_last = _read_shard(client, shard, writer, batch_size, left, lock, on_batch)
+            count += shard_count
+            if first_last is not None:
+                read[shard] = first_last
+        if not read:
             writer.abort()
             tmp.unlink(missing_ok=True)
             return DumpResult(count=0, path=None)
+        first_id = min((ids[0] for ids in read.values()), key=_id_key)
+        last_id = max((ids[1] for ids in read.values()), key=_id_key)
         if count == 0:
             # Only deleted entries were pending: acknowledge them, write nothing.
             writer.abort()
             tmp.unlink(missing_ok=True)
-            _acknowledge_through(client, stream, last_id)
+            for shard, (_, last) in read.items():
+                _acknowledge_through(client, shard, last)
             return DumpResult(count=0, path=None, first_id=first_id, last_id=last_id)
         writer.close()
         record = {
             "path": str(out.resolve()),
             "sha256": sha256_file(tmp),
-            "last_id": last_id,
+            "last_ids": {shard: last for shard, (_, last) in read.items()},
             "stream": stream,
         }
         client.set(dump_commit_key(stream), json.dumps(record))
@@ -406,6 +394,57 @@ def _dump_locked(
             if not out.exists():
                 client.delete(dump_commit_key(stream))
         raise
-    _acknowledge_through(client, stream, last_id)
+    for shard, (_, last) in read.items():
+        _acknowledge_through(client, shard, last)
     client.delete(dump_commit_key(stream))
     return DumpResult(count=count, path=out, first_id=first_id, last_id=last_id)
+
+
+def _read_shard(
+    client: redis.Redis,
+    shard: str,
+    writer: _Writer,
+    batch_size: int,
+    max_events: int | None,
+    lock: Any,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[int, tuple[str, str] | None]:
+    """Write one shard's entries: ``(events written, (first, last) entry id read or None)``."""
+    # Entry ids are never None here (redis-py's StreamEntry allows it for deleted entries).
+    newest = cast("list[tuple[bytes | str, Any]]", client.xrevrange(shard, count=1))
+    end_key = _id_key(codec.text(newest[0][0])) if newest else (0, 0)
+    count = 0
+    first_id: str | None = None
+    last_id: str | None = None
+    # First what an interrupted dump read but never acknowledged ("0" = our pending entries, from
+    # the start), then new entries (">"), up to the newest entry when we started so a busy
+    # storefront cannot keep the dump running forever.
+    for phase in ("pending", "new"):
+        cursor = "0" if phase == "pending" else ">"
+        while max_events is None or count < max_events:
+            want = batch_size if max_events is None else min(batch_size, max_events - count)
+            # RESP2 reply: [[stream, [(id, fields), ...]]] (redis-py's type also covers RESP3's dict).
+            reply: Any = client.xreadgroup(keys.DUMP_GROUP, keys.DUMP_CONSUMER, {shard: cursor}, count=want)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                break
+            rows = []
+            for raw_id, fields in entries:
+                entry_id = codec.text(raw_id)
+                if fields:  # None/empty: deleted from the stream after it was read; skip
+                    rows.append(_entry_fields(fields))
+                first_id = first_id or entry_id
+                last_id = entry_id
+            writer.write(rows)
+            count += len(rows)
+            if on_batch is not None:
+                on_batch(len(rows))
+            lock.extend(lock.timeout, replace_ttl=True)
+            assert last_id is not None  # entries is not empty
+            if phase == "pending":
+                cursor = last_id
+            elif _id_key(last_id) >= end_key:
+                break
+    if first_id is None or last_id is None:
+        return count, None
+    return count, (first_id, last_id)

@@ -2,7 +2,9 @@
 
 One request reads, in one round trip, the live pointer, the user's record under the version the
 process holds and ``EXISTS`` of optional probe keys (e.g. the user's recent-events list): a Lua
-script, because one command costs the client far less than a pipeline of three.
+script, because one command costs the client far less than a pipeline of three. The pointer it reads
+is the copy in the user's group (:func:`recsvc.storage.keys.live_pointer`), which shares the slot of
+the user's bucket and recent list, so the script runs on one node of a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ def read_user(
 ) -> tuple[str | None, bytes | None, list[int]]:
     """The live version, ``user_id``'s packed record in ``record_key`` and ``EXISTS`` of each probe.
 
-    ``probe_keys`` must be built from validated ids (:mod:`recsvc.storage.keys`).
+    ``record_key`` is the user's bucket and ``probe_keys`` are keys of the same user (built from
+    validated ids by :mod:`recsvc.storage.keys`): all of them share the user's hash slot.
     """
-    request_keys = (keys.CURRENT, record_key, *probe_keys)
+    request_keys = (keys.live_pointer(user_id), record_key, *probe_keys)
     try:
         replies = client.evalsha(_FETCH_SHA, len(request_keys), *request_keys, user_id)
     except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache

@@ -1,13 +1,18 @@
 """Model versions in Redis: publish, verify, the live pointer, rollback and retention.
 
 A publish writes the whole version (key layout: :mod:`recsvc.storage.keys`), reads it back to verify
-it, marks it ``complete`` and only then flips the live pointer in one Lua script (atomic: a reader
-sees the old or the new version). Versions beyond ``keep_versions`` (never the live one) are deleted
-with SCAN + UNLINK.
+it, marks it ``complete`` and only then flips the live pointer in one Lua script on the control
+slot. The pointer is then copied into every user group (one slot each on a Redis Cluster), each copy
+guarded by the flip's epoch so a late copy of an older flip never overwrites a newer one. A request
+reads its group's copy together with the user's record in one script, so it sees the old or the new
+version, never a mix; for the few milliseconds of the copy, users of different groups may be on
+different versions. Versions beyond ``keep_versions`` are deleted, never the live one nor one a
+pointer copy still names.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +41,7 @@ from recsvc.storage.codec import (
     popular_lists,
     unpack_user,
 )
+from recsvc.storage.connection import masters, node_clients_for
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -48,8 +54,26 @@ PUBLISH_LEASE_S = 120
 # Users compared byte-for-byte after writing, besides the per-bucket field counts.
 VERIFY_SAMPLE_USERS = 256
 
-# Flip the pointer only if the version is complete; remember the old live version for rollback.
-_FLIP_SCRIPT = """
+# The next flip epoch: the server's clock in milliseconds, or one more than the last epoch when the
+# clock has not moved past it. Clock-based so that a control slot that lost its epoch key (a
+# failover) still orders new flips after the copies' old epochs.
+_NEXT_EPOCH = """
+local function next_epoch(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = tonumber(redis.call('GET', key) or '0')
+  local epoch = now
+  if epoch <= last then epoch = last + 1 end
+  redis.call('SET', key, string.format('%d', epoch))
+  return epoch
+end
+"""
+
+# Flip the pointer only if the version is complete; remember the old live version for rollback;
+# take a new epoch for the pointer copies. Returns {old version or false, epoch}.
+_FLIP_SCRIPT = (
+    _NEXT_EPOCH
+    + """
 if redis.call('HGET', KEYS[4], 'status') ~= 'complete' then
   return redis.error_reply('version ' .. ARGV[1] .. ' is not completely published')
 end
@@ -61,21 +85,37 @@ end
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-return old
+return {old, next_epoch(KEYS[5])}
 """
+)
 
-# Pop previous versions until one that is still published; make it live.
-_ROLLBACK_SCRIPT = """
+# Pop previous versions until one that is still published; make it live. Returns {version, epoch}.
+_ROLLBACK_SCRIPT = (
+    _NEXT_EPOCH
+    + """
 local current = redis.call('GET', KEYS[1])
 while true do
   local v = redis.call('LPOP', KEYS[2])
   if not v then return false end
   if v ~= current and redis.call('ZSCORE', KEYS[3], v) then
     redis.call('SET', KEYS[1], v)
-    return v
+    return {v, next_epoch(KEYS[4])}
   end
 end
 """
+)
+
+# One group's copy of the pointer: written only by a flip newer than the one it holds.
+_COPY_SCRIPT = """
+local held = tonumber(redis.call('GET', KEYS[2]) or '-1')
+if held < tonumber(ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+_COPY_SHA = hashlib.sha1(_COPY_SCRIPT.encode()).hexdigest()
 
 
 class PublishError(RuntimeError):
@@ -119,6 +159,19 @@ def list_published(client: redis.Redis) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def pointer_copies(client: redis.Redis) -> list[str | None]:
+    """The live pointer as each user group sees it (index = group)."""
+    pipe = client.pipeline(transaction=False)
+    for group in range(keys.GROUPS):
+        pipe.get(keys.current_copy(group))
+    return [codec.text(v) for v in pipe.execute()]
+
+
+def named_versions(client: redis.Redis) -> set[str]:
+    """Versions some request may be reading: the live one and every pointer copy's."""
+    return {v for v in [current_version(client), *pointer_copies(client)] if v is not None}
 
 
 def read_info(client: redis.Redis, version: str) -> dict[str, str]:
@@ -191,7 +244,7 @@ def publish(
     config : Config
         ``topk_cached`` (K per user) and ``keep_versions`` (retention) are used.
     progress : callable, optional
-        Called with the number of users written after each chunk (e.g. ``tqdm.update``).
+        Called with the number of users written after each chunk (e.g. ``Progress.update``).
     stats : list, optional
         A :class:`PublishStats` is appended to it.
 
@@ -408,23 +461,29 @@ def _write_version(
 
 
 class _RawWriter:
-    """Bulk ``HSET`` for publish: commands encoded straight to RESP, sent by a background thread.
+    """Bulk ``HSET`` for publish: commands encoded straight to RESP, sent by background threads.
 
     redis-py's generic command packing costs several microseconds per argument, which made it the
     bottleneck at ~100k users x 2 fields; the payload here is plain ``bytes`` (user ids and packed
-    numpy rows), so encoding it directly is simple. One batch is in flight while the caller scores
-    the next chunk. Each HSET's reply (the number of new fields) is checked against the fields sent:
-    every field must be new, because the version was empty before the write.
+    numpy rows), so encoding it directly is simple. Commands are batched per node -- one batch on a
+    single Redis, one per master owning the keys' slots on a cluster -- and the batches of one
+    flush are sent in parallel, one thread per node, while the caller scores the next chunk. Each
+    HSET's reply (the number of new fields) is checked against the fields sent: every field must be
+    new, because the version was empty before the write. A redirection (a slot moved while
+    publishing) fails the publish, which then removes what it wrote.
     """
 
     def __init__(self, client: redis.Redis):
         from concurrent.futures import ThreadPoolExecutor
 
         self.client = client
-        self.parts: list[bytes] = []
-        self.expected: list[int] = []
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recsvc-publish")
-        self._inflight: Future[None] | None = None
+        self._nodes: list[redis.Redis] = []  # distinct node clients, in first-use order
+        self._node_of_key: dict[bytes, int] = {}
+        self.parts: dict[int, list[bytes]] = {}
+        self.expected: dict[int, list[int]] = {}
+        workers = max(1, len(masters(client)))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="recsvc-publish")
+        self._inflight: list[Future[None]] = []
 
     def __enter__(self) -> _RawWriter:
         return self
@@ -434,34 +493,52 @@ class _RawWriter:
             if exc_type is None:
                 self.flush()
                 self._wait()
-            elif self._inflight is not None:
-                self._inflight.exception()  # let it finish; the caller's error wins
+            else:
+                for inflight in self._inflight:
+                    inflight.exception()  # let it finish; the caller's error wins
         finally:
             self._pool.shutdown(wait=True)
 
+    def _node(self, key: bytes) -> int:
+        node = self._node_of_key.get(key)
+        if node is None:
+            client = node_clients_for(self.client, [key])[0]
+            node = next((i for i, known in enumerate(self._nodes) if known is client), len(self._nodes))
+            if node == len(self._nodes):
+                self._nodes.append(client)
+            self._node_of_key[key] = node
+        return node
+
     def hset(self, key: bytes, names: list[bytes], values: list[bytes]) -> None:
-        parts = self.parts
+        node = self._node(key)
+        parts = self.parts.setdefault(node, [])
         parts.append(b"*%d\r\n$4\r\nHSET\r\n$%d\r\n%s\r\n" % (2 + 2 * len(names), len(key), key))
         for name, value in zip(names, values, strict=True):
             parts.append(b"$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(name), name, len(value), value))
-        self.expected.append(len(names))
+        self.expected.setdefault(node, []).append(len(names))
 
     def flush(self) -> None:
-        """Hand the queued commands to the sender (after the previous batch was acknowledged)."""
+        """Hand the queued commands to the senders (after the previous batches were acknowledged)."""
         if not self.expected:
             return
-        payload, expected = b"".join(self.parts), self.expected
-        self.parts, self.expected = [], []
+        batches = [(node, b"".join(self.parts[node]), expected) for node, expected in self.expected.items()]
+        self.parts, self.expected = {}, {}
         self._wait()
-        self._inflight = self._pool.submit(self._send, payload, expected)
+        self._inflight = [
+            self._pool.submit(self._send, self._nodes[node], payload, expected)
+            for node, payload, expected in batches
+        ]
 
     def _wait(self) -> None:
-        if self._inflight is not None:
-            inflight, self._inflight = self._inflight, None
-            inflight.result()
+        inflight, self._inflight = self._inflight, []
+        errors = [f.exception() for f in inflight]
+        for error in errors:
+            if error is not None:
+                raise error
 
-    def _send(self, payload: bytes, expected: list[int]) -> None:
-        pool = self.client.connection_pool
+    @staticmethod
+    def _send(node: redis.Redis, payload: bytes, expected: list[int]) -> None:
+        pool = node.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_packed_command([payload])
@@ -544,18 +621,59 @@ def verify_version(client: redis.Redis, artifact: Artifact, config: Config) -> N
 
 def _flip(client: redis.Redis, version: str) -> None:
     try:
-        client.eval(
+        reply = client.eval(
             _FLIP_SCRIPT,
-            4,
+            5,
             keys.CURRENT,
             keys.PREVIOUS,
             keys.VERSIONS,
             keys.version(version, "info"),
+            keys.EPOCH,
             version,
             time.time(),
         )
     except redis.ResponseError as e:
         raise PublishError(str(e)) from e
+    _copy_pointer(client, version, int(reply[1]))
+
+
+def _copy_pointer(client: redis.Redis, version: str, epoch: int) -> None:
+    """Write ``version`` into every group's pointer copy, unless a newer flip got there first.
+
+    One pipeline per node (a cluster client does not pipeline scripts): one round trip on a single
+    Redis, one per master on a cluster.
+    """
+    copies = [keys.current_copy(group) for group in range(keys.GROUPS)]
+    by_node: dict[int, tuple[redis.Redis, list[int]]] = {}
+    for group, node in enumerate(node_clients_for(client, copies)):
+        by_node.setdefault(id(node), (node, []))[1].append(group)
+    for node, groups in by_node.values():
+        for attempt in range(2):
+            pipe = node.pipeline(transaction=False)
+            for group in groups:
+                pipe.evalsha(_COPY_SHA, 2, copies[group], keys.epoch_copy(group), version, epoch)
+            try:
+                pipe.execute()
+                break
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                node.script_load(_COPY_SCRIPT)
+
+
+def sync_pointer_copies(client: redis.Redis) -> str | None:
+    """Bring every group's pointer copy to the live version (after a flip that died half-way).
+
+    Returns the live version (None when nothing is published).
+    """
+    pipe = client.pipeline(transaction=True)  # both keys are in the control slot
+    pipe.get(keys.CURRENT)
+    pipe.get(keys.EPOCH)
+    live, epoch = pipe.execute()
+    if live is None:
+        return None
+    _copy_pointer(client, codec.text(live), int(epoch or 0))
+    return codec.text(live)
 
 
 def activate(client: redis.Redis, version: str) -> str:
@@ -577,10 +695,11 @@ def rollback(client: redis.Redis, config: Config) -> str:
         No earlier version is still published (only one version was ever live, or the older ones
         were deleted by retention).
     """
-    previous = client.eval(_ROLLBACK_SCRIPT, 3, keys.CURRENT, keys.PREVIOUS, keys.VERSIONS)
-    if not previous:
+    reply = client.eval(_ROLLBACK_SCRIPT, 4, keys.CURRENT, keys.PREVIOUS, keys.VERSIONS, keys.EPOCH)
+    if not reply:
         raise RollbackError("no previous published version to roll back to")
-    version = codec.text(previous)
+    version = codec.text(reply[0])
+    _copy_pointer(client, version, int(reply[1]))
     log.info("rolled back to %s", version)
     return version
 
@@ -591,25 +710,30 @@ def rollback(client: redis.Redis, config: Config) -> str:
 
 
 def _delete_version_keys(client: redis.Redis, version: str, batch: int = 500) -> int:
-    """UNLINK every key of ``version`` (SCAN in batches; UNLINK frees memory off the main thread)."""
+    """UNLINK every key of ``version`` (UNLINK frees memory off the main thread).
+
+    The keys are known from the version's ``info`` (its bucket count); without it (a publish that
+    died before writing it) a SCAN of every master finds them. On a cluster the UNLINKs are split
+    per slot.
+    """
+    info = read_info(client, version)
+    if info.get("n_buckets", "").isdigit():
+        names: list[Any] = keys.version_keys(version, int(info["n_buckets"]))
+        names.remove(keys.version(version, "info"))
+        names.append(keys.version(version, "info"))  # last: a crash half-way can still find the rest
+    else:
+        names = list(client.scan_iter(match=keys.version_pattern(version), count=batch))
     deleted = 0
-    pattern = keys.version_pattern(version)
-    batch_keys: list[bytes] = []
-    for key in client.scan_iter(match=pattern, count=batch):
-        batch_keys.append(key)
-        if len(batch_keys) >= batch:
-            deleted += client.unlink(*batch_keys)
-            batch_keys = []
-    if batch_keys:
-        deleted += client.unlink(*batch_keys)
+    for start in range(0, len(names), batch):
+        deleted += client.unlink(*names[start : start + batch])
     return deleted
 
 
 def delete_version(client: redis.Redis, version: str) -> int:
-    """Remove a version that is not live from Redis; return how many keys were deleted."""
-    if current_version(client) == version:
+    """Remove a version no request reads from Redis; return how many keys were deleted."""
+    if version in named_versions(client):
         raise PublishError(f"version {version} is live; publish or roll back to another first")
-    pipe = client.pipeline(transaction=True)
+    pipe = client.pipeline(transaction=True)  # both in the control slot
     pipe.zrem(keys.VERSIONS, version)
     pipe.lrem(keys.PREVIOUS, 0, version)
     pipe.execute()
@@ -620,10 +744,12 @@ def prune_versions(client: redis.Redis, keep: int) -> list[str]:
     """Delete published versions beyond ``keep``; return their names.
 
     Kept, in this order until ``keep`` are chosen: the live version, the versions rollback would go
-    back to (most recent first), then the most recently published others.
+    back to (most recent first), then the most recently published others. A version a pointer copy
+    still names is never deleted, even beyond ``keep`` (a flip that died half-way).
     """
     keep = max(1, keep)
     live = current_version(client)
+    named = named_versions(client)
     newest_first = [codec.text(v) for v in cast("list[bytes | str]", client.zrevrange(keys.VERSIONS, 0, -1))]
     rollback_chain = [codec.text(v) for v in client.lrange(keys.PREVIOUS, 0, -1)]
     # Keep what rollback reaches first (the live version, then the versions live before it), then
@@ -634,7 +760,7 @@ def prune_versions(client: redis.Redis, keep: int) -> list[str]:
             break
         if v is not None and v in newest_first and v not in kept:
             kept.append(v)
-    doomed = [v for v in newest_first if v not in kept]
+    doomed = [v for v in newest_first if v not in kept and v not in named]
     for v in doomed:
         delete_version(client, v)
     return doomed
@@ -643,6 +769,7 @@ def prune_versions(client: redis.Redis, keep: int) -> list[str]:
 def cleanup_orphans(client: redis.Redis) -> list[str]:
     """Delete versions a crashed publish left half-written (not published, no live lease)."""
     published = {codec.text(v) for v in cast("list[bytes | str]", client.zrange(keys.VERSIONS, 0, -1))}
+    named: set[str] | None = None
     orphans = []
     for key in client.scan_iter(match=keys.VERSION_INFO_PATTERN, count=500):
         version = keys.version_of_info_key(codec.text(key))
@@ -650,7 +777,9 @@ def cleanup_orphans(client: redis.Redis) -> list[str]:
             continue
         if client.exists(keys.publishing(version)):
             continue  # another publish is writing it right now
-        if codec.text(client.hget(key, "status")) == "complete" and version == current_version(client):
+        if named is None:
+            named = named_versions(client)
+        if codec.text(client.hget(key, "status")) == "complete" and version in named:
             continue
         orphans.append(version)
     for version in orphans:
@@ -661,10 +790,15 @@ def cleanup_orphans(client: redis.Redis) -> list[str]:
 
 def version_memory(client: redis.Redis, version: str, sample: int = 50) -> int:
     """Approximate bytes Redis uses for a version (MEMORY USAGE of every key)."""
-    total = 0
-    for key in client.scan_iter(match=keys.version_pattern(version), count=500):
-        total += int(client.memory_usage(key, samples=sample) or 0)
-    return total
+    info = read_info(client, version)
+    if info.get("n_buckets", "").isdigit():
+        names: list[Any] = keys.version_keys(version, int(info["n_buckets"]))
+    else:
+        names = list(client.scan_iter(match=keys.version_pattern(version), count=500))
+    pipe = client.pipeline(transaction=False)
+    for key in names:
+        pipe.memory_usage(key, samples=sample)
+    return sum(int(size or 0) for size in pipe.execute())
 
 
 def resolve_ref(config: Config, ref: str | os.PathLike) -> Path:

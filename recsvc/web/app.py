@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from flask import Flask, Response, g, request
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from recsvc.analytics.registry import ExperimentRegistry, ServedLog
+from recsvc.core import logs
 from recsvc.core.config import Config, unknown_variables
 from recsvc.core.ids import is_valid_id
 from recsvc.serving.health import RedisHealth
@@ -24,17 +26,29 @@ from recsvc.serving.model import ModelCache
 from recsvc.serving.recommender import Recommender
 from recsvc.storage.connection import connect
 from recsvc.storage.embedded import ensure_redis
+from recsvc.web import metrics as request_metrics
+from recsvc.web import observe
 from recsvc.web.auth import configured_keys_problem
 from recsvc.web.body import read_body
 from recsvc.web.declare import REQUEST_ID, by_rule
 from recsvc.web.errors import register_error_handlers
 from recsvc.web.jsonio import OrjsonProvider, dumps, loads
 from recsvc.web.services import Services
-from recsvc.web.views import admin, bundles, docs, events, experiments, health, items, recommendations
+from recsvc.web.views import (
+    admin,
+    bundles,
+    docs,
+    events,
+    experiments,
+    health,
+    items,
+    metrics,
+    recommendations,
+)
 
 log = logging.getLogger(__name__)
 
-BLUEPRINTS = (health, recommendations, items, bundles, admin, docs, events, experiments)
+BLUEPRINTS = (health, recommendations, items, bundles, admin, docs, events, experiments, metrics)
 
 
 def _make_config(config: Config | dict[str, Any] | None) -> Config:
@@ -47,7 +61,7 @@ def _make_config(config: Config | dict[str, Any] | None) -> Config:
     raise TypeError(f"config must be a Config, a dict of overrides or None, not {type(config).__name__}")
 
 
-def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
+def create_app(config: Config | dict[str, Any] | None = None, *, warn_unknown: bool = True) -> Flask:
     """Build the recsvc Flask app.
 
     Parameters
@@ -55,6 +69,9 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
     config : Config or dict or None
         A :class:`~recsvc.core.config.Config`; a dict of setting overrides applied on top of
         ``Config.from_env()``; or None for ``Config.from_env()``.
+    warn_unknown : bool
+        Log a warning per unknown ``RECSVC_*`` variable (``recsvc serve`` has already warned once,
+        so its workers do not repeat it).
 
     Returns
     -------
@@ -67,17 +84,26 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
         ``experiments.file`` is set and unusable: the service does not start.
     """
     config = _make_config(config)
-    for warning in unknown_variables():
-        log.warning("%s", warning)
-    problem = configured_keys_problem(config.api_keys)
+    if not logging.getLogger().handlers:
+        # Run by a bare WSGI server that set up no logging: recsvc's lines must not be lost.
+        logs.configure(config.ops.log_level, config.ops.log_format, config.ops.log_flush_s)
+    if warn_unknown:
+        for warning in unknown_variables():
+            log.warning("%s", warning)
+    problem = configured_keys_problem(config)
     if problem:
         raise ValueError(problem)
     app = Flask("recsvc", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = config.serving.max_body_bytes
     app.json = OrjsonProvider(app)  # compact, fields in insertion order (envelope first, items ranked)
 
+    observed = (
+        request_metrics.Metrics(config.ops.metrics_dir, config.ops.metrics_flush_s)
+        if config.ops.metrics_enabled
+        else None
+    )
     redis_url = ensure_redis(config)
-    client = connect(redis_url, config)
+    client = connect(redis_url, config, observer=observed.observe_redis if observed is not None else None)
     models = ModelCache(
         config,
         check_interval_s=config.serving.model_check_interval_s,
@@ -99,8 +125,10 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
             retry_s=config.redis.down_recheck_s,
         ),
         served_log=ServedLog(client, maxlen=config.experiments.served_maxlen),
+        metrics=observed,
     )
 
+    observe.install(app, observed, config)
     register_error_handlers(app)
     app.before_request(_assign_request_id)
     serving = config.serving
@@ -117,6 +145,7 @@ def create_app(config: Config | dict[str, Any] | None = None) -> Flask:
 
 def _assign_request_id() -> None:
     incoming = request.headers.get("X-Request-ID")
+    g.started = time.perf_counter()
     if incoming is None:
         # 128 random bits as 32 hex digits (the shape of uuid4().hex, at a quarter of its cost).
         g.request_id = os.urandom(16).hex()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import hmac
+import logging
 import re
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,12 +25,16 @@ from typing import Any, TypeVar
 import redis
 from flask import current_app, g, request
 
+from recsvc.core.config import Config
 from recsvc.core.errors import RateLimited
+from recsvc.core.logs import log_fields
 from recsvc.storage import ratelimit
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
 from recsvc.web.errors import ApiError
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+audit_log = logging.getLogger("recsvc.audit")
 
 #: Shortest API key accepted in ``RECSVC_API_KEYS``: a short key is guessed, throttle or not.
 MIN_KEY_LENGTH = 16
@@ -38,14 +43,19 @@ _FAILURE_SCOPE = "auth-failures"
 SECRET_PARAM = re.compile(r"(?i)(api[-_]?key|apikey|^key|token|secret|passw(or)?d|^auth\w*|signature)$")
 
 
-def configured_keys_problem(keys: tuple[str, ...]) -> str | None:
-    """Why the configured keys are unusable (None when they are fine); the service does not start."""
-    short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
-    if short:
-        return (
-            f"RECSVC_API_KEYS: {len(short)} key(s) shorter than {MIN_KEY_LENGTH} characters; "
-            "use long random keys (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
-        )
+def configured_keys_problem(config: Config) -> str | None:
+    """Why the configured keys (``RECSVC_API_KEYS`` and the read-only ``RECSVC_METRICS_KEYS``) are
+    unusable; None when they are fine. The service does not start otherwise."""
+    for variable, keys in (
+        ("RECSVC_API_KEYS", config.api_keys),
+        ("RECSVC_METRICS_KEYS", config.ops.metrics_keys),
+    ):
+        short = [k for k in keys if len(k) < MIN_KEY_LENGTH]
+        if short:
+            return (
+                f"{variable}: {len(short)} key(s) shorter than {MIN_KEY_LENGTH} characters; "
+                "use long random keys (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
     return None
 
 
@@ -72,9 +82,12 @@ def key_fingerprint(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
 
 
-def check_api_key() -> str:
-    """Check the request's key; return it, or raise 403 (disabled) / 401 (missing or wrong)."""
-    configured = current_app.extensions["recsvc"].config.api_keys
+def check_api_key(also: tuple[str, ...] = ()) -> str:
+    """Check the request's key; return it, or raise 403 (disabled) / 401 (missing or wrong).
+
+    ``also``: more keys accepted here besides ``RECSVC_API_KEYS`` (the read-only metrics keys).
+    """
+    configured = current_app.extensions["recsvc"].config.api_keys + also
     if not configured:
         raise ApiError(
             403, "disabled", "this endpoint is disabled: no API key is configured (RECSVC_API_KEYS)"
@@ -139,3 +152,17 @@ def _refuse_if_throttled() -> None:
 
 def _count_failure() -> None:
     _failure_decision(count=True)
+
+
+def audit(action: str, message: str, **fields: Any) -> None:
+    """One audit line (logger ``recsvc.audit``): what an admin key did, named by its fingerprint.
+
+    ``fields`` become keys of the JSON line next to ``audit`` (the action), ``key`` (the sha256
+    prefix of the caller's key, never the key) and ``request_id``.
+    """
+    audit_log.info(
+        message,
+        extra=log_fields(
+            audit=action, key=g.get("api_key_fingerprint"), request_id=g.get("request_id"), **fields
+        ),
+    )

@@ -344,6 +344,7 @@ def endpoints(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
         ("get", "/health/live"): (),
         ("get", "/health/ready"): (),
         ("get", "/openapi.json"): (),
+        ("get", "/metrics"): (),
         ("post", "/v1/admin/publish"): (),
         ("post", "/v1/admin/rollback"): (),
         ("post", "/v1/events"): (IDEMPOTENCY_KEY,),

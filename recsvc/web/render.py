@@ -19,6 +19,7 @@ from recsvc.analytics.registry import Assignment, served_as_defined
 from recsvc.serving.model import ServingModel
 from recsvc.serving.recommender import Answer, Variant
 from recsvc.web import jsonio
+from recsvc.web.observe import note_answer, note_variant
 from recsvc.web.services import services
 
 
@@ -71,9 +72,14 @@ def item_list(
     return out
 
 
-def answer(body: dict[str, Any], status: int = 200) -> Response:
-    """A JSON response; the body gets this request's ``request_id`` when it has none."""
+def answer(body: dict[str, Any], status: int = 200, *, item_answer: bool = False) -> Response:
+    """A JSON response; the body gets this request's ``request_id`` when it has none.
+
+    Its ``model_version``, ``source`` and ``reason`` go to the request's metrics and log line;
+    ``item_answer``: it is a list of items (counted per source and reason).
+    """
     body.setdefault("request_id", request_id())
+    note_answer(body, item_answer=item_answer)
     return current_app.response_class(jsonio.dumps(body), status=status, mimetype="application/json")
 
 
@@ -127,7 +133,7 @@ def render(
         body["reason"] = result.reason.value
     body["items"] = item_list(result.model, result.items, result.scores, result.item_fields)
     tag(body, user_id, strict=strict and result.variant_applied, applied=result.variant_applied)
-    return answer(body, status)
+    return answer(body, status, item_answer=True)
 
 
 def tag(body: dict[str, Any], user_id: str | None, *, strict: bool, applied: bool = True) -> None:
@@ -140,6 +146,8 @@ def tag(body: dict[str, Any], user_id: str | None, *, strict: bool, applied: boo
     if not applied or not served_as_defined(result, body, strict=strict):
         result = result.untagged()
     body.update(result.fields())
+    if result.experiment is not None and result.variant is not None:
+        note_variant(result.experiment, result.variant)
     if result.experiment is not None and user_id is not None:
         items = [item["item_id"] for item in body.get("items", ())]
         services().served_log.record(result, user_id, items, request.endpoint or "")

@@ -18,6 +18,7 @@ from recsvc.serving.ingest import EventIngest
 from recsvc.serving.model import ModelCache
 from recsvc.serving.recommender import Recommender
 from recsvc.storage.connection import connect_admin
+from recsvc.web.metrics import Metrics
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Services:
     ingest: EventIngest
     experiments: ExperimentRegistry
     served_log: ServedLog
+    metrics: Metrics | None = None  # None: RECSVC_METRICS_ENABLED=0
 
     def admin_client(self) -> redis.Redis:
         """A client with generous timeouts for slow admin work (publish)."""

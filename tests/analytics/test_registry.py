@@ -14,6 +14,8 @@ from recsvc.analytics import registry as reg
 from recsvc.storage import keys
 from recsvc.storage.embedded import free_port
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 
 def dead_redis() -> redis.Redis:
     """A client for a port nobody listens on, without retries (they only slow the test down)."""

@@ -15,6 +15,8 @@ from recsvc.analytics.registry import Assignment, ServedLog, store_experiment
 from recsvc.cli import main
 from tests.shops import T, push_to_stream, simulate, write_events_csv
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 DEFINITION = {
     "name": "sim",
     "control": "A",

@@ -22,6 +22,8 @@ from recsvc.storage import versions
 from recsvc.storage.embedded import free_port
 from tests.factories import make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 
 @pytest.fixture
 def env(redis_url, models_dir, tmp_path) -> dict[str, str]:

@@ -18,6 +18,8 @@ from recsvc.storage.embedded import RedisServer
 from recsvc.storage.stream import RecentEvents, append_events
 from tests.factories import make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 T = 1_718_000_000
 ALPHA, REG = 2.0, 0.5
 

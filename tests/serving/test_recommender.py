@@ -18,6 +18,8 @@ from recsvc.serving.recommender import NO_FILTERS, Chain, FilterArgs, Recommende
 from recsvc.storage.stream import append_events
 from tests.factories import make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 T = 1_718_000_000
 
 

@@ -6,28 +6,42 @@ import csv
 import json
 import multiprocessing
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from click.testing import CliRunner
 
 from recsvc.core.contract import EVENT_CODE, BatchError, validate_batch
-from recsvc.storage import dump
+from recsvc.storage import dump, keys
+from recsvc.storage.connection import connect_admin
 from recsvc.storage.dump import DumpError, DumpLocked, dump_commit_key, dump_events, stream_status
 from recsvc.storage.keys import EVENTS_DUMP_LOCK as DUMP_LOCK
 from recsvc.storage.ratelimit import rate_limit
-from recsvc.storage.stream import StreamFull, append_events, parse_recent, recent_events
+from recsvc.storage.stream import (
+    StreamFull,
+    append_events,
+    parse_recent,
+    read_stream_events,
+    recent_events,
+    stream_length,
+)
 
 STREAM = "recsvc:events"
 T = 1_718_000_000
+
+pytestmark = pytest.mark.redis_backends("single", "cluster")
 
 
 def _append(client, events, history_length=200, **kwargs):
     return append_events(
         client, events, stream=STREAM, history_length=history_length, history_ttl_s=3600, **kwargs
     )
+
+
+def _length(client) -> int:
+    return stream_length(client, STREAM)
 
 
 def _events(n: int, users: int = 3, start: int = 0) -> list[dict]:
@@ -116,8 +130,9 @@ def test_append_writes_stream_and_recent_lists(redis_client):
     events = _events(10, users=2)
     ids = _append(redis_client, events, history_length=3)
     assert len(ids) == 10 and len(set(ids)) == 10
-    entries = redis_client.xrange(STREAM)
-    assert [e[0].decode() for e in entries] == ids
+    # The whole batch is in one shard: the one of its first user's group.
+    entries = redis_client.xrange(keys.stream_shard(STREAM, keys.user_group("u0")))
+    assert [e[0].decode() for e in entries] == ids and _length(redis_client) == 10
     first = {k.decode(): v.decode() for k, v in entries[0][1].items()}
     assert first == {
         "user_id": "u0",
@@ -135,16 +150,57 @@ def test_append_writes_stream_and_recent_lists(redis_client):
     assert list(recent.timestamps) == [T + 8, T + 6, T + 4]
     assert list(recent.events) == [EVENT_CODE["click"], EVENT_CODE["cart"], EVENT_CODE["impression"]]
     assert recent.newest == T + 8
-    assert 0 < redis_client.ttl("recsvc:recent:u0") <= 3600
+    assert 0 < redis_client.ttl(keys.recent("u0")) <= 3600
+    assert recent_events(redis_client, "u1", limit=200).item_ids == ["sku-9", "sku-7", "sku-5"]
     assert len(recent_events(redis_client, "u0", limit=2)) == 2
     assert len(recent_events(redis_client, "nobody", limit=10)) == 0
 
 
-def test_append_refuses_when_stream_is_full_and_stores_nothing(redis_client):
-    _append(redis_client, _events(5))
+def test_append_refuses_when_a_shard_is_full_and_stores_nothing(redis_client):
+    maxlen = 2 * keys.GROUPS  # each shard may hold 2
+    _append(redis_client, _events(2, users=1), stream_maxlen=maxlen)
     with pytest.raises(StreamFull):
-        _append(redis_client, _events(1, start=100), stream_maxlen=5)
-    assert redis_client.xlen(STREAM) == 5  # nothing added, nothing trimmed
+        _append(redis_client, _events(1, users=1, start=100), stream_maxlen=maxlen)
+    assert _length(redis_client) == 2  # nothing added, nothing trimmed
+    assert recent_events(redis_client, "u0", limit=10).timestamps.tolist() == [T + 1, T]
+    # Another group's shard has room: the refusal is per shard.
+    other = next(f"v{k}" for k in range(100) if keys.user_group(f"v{k}") != keys.user_group("u0"))
+    event = validate_batch({"user_id": other, "item_id": "sku-1", "event": "view", "timestamp": T}, 1)
+    _append(redis_client, event, stream_maxlen=maxlen)
+    assert _length(redis_client) == 3
+
+
+def test_a_batch_of_several_groups_is_durable_in_one_shard_and_reaches_every_recent_list(redis_client):
+    users = ["u0", *(f"w{k}" for k in range(40))]
+    groups = {keys.user_group(u) for u in users}
+    assert len(groups) > 1
+    events = validate_batch(
+        [
+            {"user_id": u, "item_id": "sku-1", "event": "cart", "timestamp": T + k}
+            for k, u in enumerate(users)
+        ],
+        100,
+    )
+    ids = _append(redis_client, events)
+    lead = keys.stream_shard(STREAM, keys.user_group("u0"))
+    assert [e[0].decode() for e in redis_client.xrange(lead)] == ids
+    for k, user in enumerate(users):
+        assert recent_events(redis_client, user, limit=5).timestamps.tolist() == [T + k]
+
+
+def test_read_stream_merges_shards_newest_first(redis_client):
+    users = [f"w{k}" for k in range(30)]
+    for k, user in enumerate(users):  # one batch per user: the events spread over shards
+        # Entry ids order shards by the millisecond (each shard numbers its own entries).
+        time.sleep(0.002)
+        _append(
+            redis_client,
+            validate_batch({"user_id": user, "item_id": "i", "event": "view", "timestamp": T + k}, 1),
+        )
+    table, skipped = read_stream_events(redis_client, STREAM, limit=10)
+    assert skipped == 0 and list(table.user_id) == users[-10:]  # the newest ten, oldest first
+    table, _ = read_stream_events(redis_client, STREAM)
+    assert list(table.user_id) == users
 
 
 def test_recent_key_rejects_bad_ids(redis_client):
@@ -165,7 +221,7 @@ def test_rate_limit_counts_per_key_and_window(redis_client):
     assert decisions[-1].retry_after_s == 50
     assert rate_limit(redis_client, "secret-key-2", 3, now=now).allowed  # other keys unaffected
     assert rate_limit(redis_client, "secret-key-1", 3, now=now + 60).allowed  # next window
-    keys = [k.decode() for k in redis_client.keys("*")]
+    keys = [k.decode() for k in list(redis_client.scan_iter("*"))]
     assert keys and not any("secret" in k for k in keys)  # the key itself never reaches Redis
     assert all(0 < redis_client.ttl(k) <= 120 for k in keys)
 
@@ -182,7 +238,7 @@ def test_dump_writes_every_event_once_and_drains_the_stream(redis_client, tmp_pa
     assert result.count == 57 and result.path == tmp_path / "d1.csv" and result.remaining == 0
     rows = _read_csv(tmp_path / "d1.csv")
     assert [_key(r) for r in rows] == [_key(e) for e in events]
-    assert redis_client.xlen(STREAM) == 0
+    assert _length(redis_client) == 0
     assert redis_client.get(dump_commit_key(STREAM)) is None and not redis_client.exists(DUMP_LOCK)
     assert list(tmp_path.iterdir()) == [tmp_path / "d1.csv"]  # no temporary file left
 
@@ -267,7 +323,7 @@ def test_dump_refuses_existing_output_and_acknowledges_nothing(redis_client, tmp
     with pytest.raises(DumpError, match="does not exist"):
         dump_events(redis_client, tmp_path / "no" / "x.csv", stream=STREAM)
     assert (tmp_path / "taken.csv").read_text() == "precious\n"
-    assert redis_client.xlen(STREAM) == 4
+    assert _length(redis_client) == 4
 
 
 def test_dump_refuses_to_run_twice_at_once(redis_client, tmp_path):
@@ -275,7 +331,7 @@ def test_dump_refuses_to_run_twice_at_once(redis_client, tmp_path):
     redis_client.set(DUMP_LOCK, "someone-else", px=60_000)
     with pytest.raises(DumpLocked):
         dump_events(redis_client, tmp_path / "x.csv", stream=STREAM)
-    assert redis_client.xlen(STREAM) == 4 and not (tmp_path / "x.csv").exists()
+    assert _length(redis_client) == 4 and not (tmp_path / "x.csv").exists()
 
 
 def _crashing_dump(url: str, out: str, where: str) -> None:
@@ -288,7 +344,7 @@ def _crashing_dump(url: str, out: str, where: str) -> None:
         dump._place = die
     else:
         dump._acknowledge_through = die
-    client = redis.Redis.from_url(url)
+    client = connect_admin(url)
     dump.dump_events(client, out, stream=STREAM, batch_size=7)
     os._exit(0)
 
@@ -318,9 +374,10 @@ def test_crash_before_rename_loses_nothing_and_duplicates_nothing(redis_client, 
     _append(redis_client, more)
     result = dump_events(redis_client, tmp_path / "next.csv", stream=STREAM, batch_size=7)
     assert result.count == 35 and result.recovered == 0
-    assert [_key(r) for r in _read_csv(tmp_path / "next.csv")] == [_key(e) for e in events + more]
+    # Rows come shard by shard: the two batches were written by users of different groups.
+    assert sorted(_key(r) for r in _read_csv(tmp_path / "next.csv")) == sorted(_key(e) for e in events + more)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["next.csv"]  # temp file cleaned up
-    assert redis_client.xlen(STREAM) == 0 and redis_client.get(dump_commit_key(STREAM)) is None
+    assert _length(redis_client) == 0 and redis_client.get(dump_commit_key(STREAM)) is None
 
 
 def test_crash_after_rename_is_finished_by_the_next_dump(redis_client, redis_url, tmp_path):
@@ -328,7 +385,7 @@ def test_crash_after_rename_is_finished_by_the_next_dump(redis_client, redis_url
     _append(redis_client, events)
     _crash(redis_url, tmp_path / "first.csv", "after_rename")
     assert [_key(r) for r in _read_csv(tmp_path / "first.csv")] == [_key(e) for e in events]
-    assert redis_client.xlen(STREAM) == 30  # written but not yet acknowledged
+    assert _length(redis_client) == 30  # written but not yet acknowledged
 
     redis_client.delete(DUMP_LOCK)
     more = _events(4, start=500)
@@ -336,7 +393,7 @@ def test_crash_after_rename_is_finished_by_the_next_dump(redis_client, redis_url
     result = dump_events(redis_client, tmp_path / "second.csv", stream=STREAM)
     assert result.recovered == 30 and result.count == 4
     assert [_key(r) for r in _read_csv(tmp_path / "second.csv")] == [_key(e) for e in more]
-    assert redis_client.xlen(STREAM) == 0 and redis_client.get(dump_commit_key(STREAM)) is None
+    assert _length(redis_client) == 0 and redis_client.get(dump_commit_key(STREAM)) is None
 
 
 def test_events_posted_during_a_dump_are_kept_for_the_next(redis_client, tmp_path):

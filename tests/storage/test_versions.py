@@ -13,9 +13,11 @@ from recsvc.serving.model import ServingModel, fetch_user
 from recsvc.storage import codec, keys, versions
 from tests.factories import make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 
 def _keys(client, version: str) -> list[bytes]:
-    return list(client.scan_iter(match=f"recsvc:v:{version}:*", count=1000))
+    return list(client.scan_iter(match=keys.version_pattern(version), count=1000))
 
 
 def test_topk_for_users_matches_brute_force_across_chunks():
@@ -71,8 +73,10 @@ def test_publish_writes_a_complete_compact_version(redis_client, artifact, confi
 
     # Per-user data sits in bucket hashes with packed binary values (no JSON per item).
     n_buckets = int(info["n_buckets"])
-    assert n_buckets == 1
-    row = redis_client.hget(keys.bucket(version, "topk", 0), "u3")
+    assert n_buckets == keys.GROUPS  # one bucket per group at least (20 users need one)
+    bucket = keys.user_bucket("u3", n_buckets)
+    assert bucket % keys.GROUPS == keys.user_group("u3")
+    row = redis_client.hget(keys.bucket(version, "topk", bucket), "u3")
     assert info["index_dtype"] == "<u2"
     assert len(row) == 2 * 50 + 4 * 8 + 2  # top-K uint16 indices, float32 user factors, one purchase
     idx, vector, bought = codec.unpack_user(row, 50, 8, "<u2")
@@ -80,7 +84,9 @@ def test_publish_writes_a_complete_compact_version(redis_client, artifact, confi
     assert idx.tolist() == np.lexsort((np.arange(50), -full)).tolist()
     np.testing.assert_array_equal(vector, artifact.user_factors[3])
     assert bought.tolist() == [3]
-    items, weights = codec.unpack_weighted(redis_client.hget(keys.bucket(version, "interactions", 0), "u3"))
+    items, weights = codec.unpack_weighted(
+        redis_client.hget(keys.bucket(version, "interactions", bucket), "u3")
+    )
     assert (items.tolist(), weights.tolist()) == ([3], [10.0])
 
     # The in-process model loaded back from Redis equals the artifact.
@@ -104,9 +110,9 @@ def test_many_users_are_spread_over_buckets(redis_client, models_dir, config):
     stats: list[versions.PublishStats] = []
     version = versions.publish(redis_client, a, config.with_overrides(topk_cached=10), stats=stats)
     info = versions.read_info(redis_client, version)
-    assert int(info["n_buckets"]) == 3
-    sizes = [redis_client.hlen(keys.bucket(version, "topk", b)) for b in range(3)]
-    assert sum(sizes) == 2500 and min(sizes) > 600  # crc32 spreads users evenly
+    assert int(info["n_buckets"]) == keys.GROUPS  # 3 buckets' worth, rounded up to the groups
+    sizes = [redis_client.hlen(keys.bucket(version, "topk", b)) for b in range(keys.GROUPS)]
+    assert sum(sizes) == 2500 and min(sizes) > 100  # crc32 spreads users evenly
     # Every user is where the reader will look for it.
     model = ServingModel.load(redis_client, version)
     for u in (0, 1234, 2499):
@@ -218,7 +224,7 @@ def test_bad_artifacts_are_refused_before_anything_is_written(redis_client, mode
     (path / "item_factors.npy").write_bytes(b"corrupt")
     with pytest.raises(ArtifactError, match="checksum"):
         versions.publish(redis_client, path, config)
-    assert list(redis_client.scan_iter(match="recsvc:*")) == []
+    assert list(redis_client.scan_iter(match="*recsvc*")) == []
 
 
 def test_publish_by_name_and_latest(redis_client, models_dir, config):

@@ -53,6 +53,9 @@ class Target:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     """4 single-threaded workers (the shape the holes were reported on), access log on."""
-    t = Target(tmp_path_factory.mktemp("target"), workers=4, access_log=True)
+    # The rate-limit probes spend a key's minute: the limit they were written against.
+    t = Target(
+        tmp_path_factory.mktemp("target"), workers=4, access_log=True, RECSVC_EVENTS_RATE_LIMIT_PER_MIN="600"
+    )
     yield t
     t.stop()

@@ -22,6 +22,7 @@ from recsvc.core.artifact import list_versions, read_manifest, update_manifest
 from recsvc.core.config import Config
 from recsvc.core.errors import ExitCode
 from recsvc.storage import versions
+from recsvc.storage.stream import stream_length
 from training.retrain import LOCK_KEY, RetrainLock, run_retrain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -168,10 +169,10 @@ def run_cli(args: list[str], config: Config, crash_after: str | None = None) -> 
 
 
 def redis_versions(client: redis.Redis) -> set[str]:
-    """Versions that have any key under recsvc:v:<version>:..."""
+    """Versions that have any key (``...:v:<version>:...``, control or per-user) in Redis."""
     found = set()
-    for key in client.scan_iter(match="recsvc:v:*", count=1000):
-        found.add(key.decode().split(":")[2])
+    for key in client.scan_iter(match="*:v:*", count=1000):
+        found.add(key.decode().split(":v:", 1)[1].split(":")[0])
     return found
 
 
@@ -244,7 +245,7 @@ def test_dump_stream_trains_on_the_dumped_events(shop, config, redis_client):
     assert summary.dumped_events == 2 and "dump" in summary.steps_s
     dumped = [p for p in (config.var_dir / "events").iterdir() if p.suffix == ".csv"]
     assert len(dumped) == 1 and str(dumped[0]) in summary.event_files
-    assert redis_client.xlen(config.events.stream) == 0  # moved, not copied
+    assert stream_length(redis_client, config.events.stream) == 0  # moved, not copied
     manifest = read_manifest(config.models_dir / summary.version)
     assert str(dumped[0]) in manifest["inputs"]["events"]
     # Nothing new in the stream: the next run dumps nothing; naming the dump folder in --events

@@ -9,6 +9,8 @@ from recsvc.core.artifact import write_artifact
 from recsvc.storage import versions
 from tests.factories import API_KEY, expected_top, make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 ENVELOPE = {"model_version", "source", "request_id"}
 ITEM_FIELDS = {"item_id", "score", "title", "category", "price"}
 

@@ -7,6 +7,8 @@ import pytest
 from recsvc.core.artifact import Artifact, write_artifact
 from tests.factories import API_KEY, bundle_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 
 @pytest.fixture
 def artifact(models_dir) -> Artifact:

@@ -9,12 +9,15 @@ import pytest
 
 from recsvc.core.artifact import write_artifact
 from recsvc.core.foldin import fold_in
-from recsvc.storage import versions
+from recsvc.storage import keys, versions
 from recsvc.storage.embedded import RedisServer
+from recsvc.storage.stream import stream_length
 from tests.factories import API_KEY, make_artifact
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 T = 1_718_000_000
+
+pytestmark = pytest.mark.redis_backends("single", "cluster")
 STREAM = "recsvc:events"
 
 
@@ -49,8 +52,8 @@ def test_post_one_event_and_a_batch(make_http, redis_client):
         "/v1/events", json=[_event(user="u2"), _event(user="u2", kind="purchase", price=3.5)], headers=AUTH
     )
     assert r.status_code == 202 and r.get_json()["accepted"] == 2
-    assert redis_client.xlen(STREAM) == 6
-    assert redis_client.llen("recsvc:recent:u1") == 4 and redis_client.llen("recsvc:recent:u2") == 2
+    assert stream_length(redis_client, STREAM) == 6
+    assert redis_client.llen(keys.recent("u1")) == 4 and redis_client.llen(keys.recent("u2")) == 2
     assert r.headers["X-Request-ID"] == r.get_json()["request_id"]
 
 
@@ -79,7 +82,9 @@ def test_bad_events_are_400_naming_index_and_field_and_store_nothing(
         reason,
     )
     assert error["message"] and error["request_id"]
-    assert redis_client.xlen(STREAM) == 0 and not redis_client.keys("recsvc:recent:*")
+    assert stream_length(redis_client, STREAM) == 0 and not list(
+        redis_client.scan_iter(keys.recent_pattern())
+    )
 
 
 def test_bad_bodies(make_http, redis_client):
@@ -92,7 +97,7 @@ def test_bad_bodies(make_http, redis_client):
     assert r.status_code == 413 and r.get_json()["error"]
     r = http.post("/v1/events?debug=1", json=_event(), headers=AUTH)
     assert r.status_code == 400 and r.get_json()["field"] == "debug"
-    assert redis_client.xlen(STREAM) == 0
+    assert stream_length(redis_client, STREAM) == 0
 
 
 def test_api_key_required_and_never_logged(make_http, redis_client, caplog):
@@ -104,9 +109,9 @@ def test_api_key_required_and_never_logged(make_http, redis_client, caplog):
     disabled = make_http(api_keys=())
     r = disabled.post("/v1/events", json=_event(), headers=AUTH)
     assert r.status_code == 403 and r.get_json()["error"] == "disabled"
-    assert redis_client.xlen(STREAM) == 1
+    assert stream_length(redis_client, STREAM) == 1
     assert API_KEY not in caplog.text
-    assert not any(API_KEY in k.decode() for k in redis_client.keys("*"))
+    assert not any(API_KEY in k.decode() for k in list(redis_client.scan_iter("*")))
 
 
 def test_rate_limit_per_key(make_http, redis_client):
@@ -115,13 +120,13 @@ def test_rate_limit_per_key(make_http, redis_client):
     r = http.post("/v1/events", json=_event(), headers=AUTH)
     assert r.status_code == 429 and r.get_json()["error"] == "rate_limited"
     assert 1 <= int(r.headers["Retry-After"]) <= 60
-    assert redis_client.xlen(STREAM) == 2  # the refused request stored nothing
+    assert stream_length(redis_client, STREAM) == 2  # the refused request stored nothing
 
 
 def test_history_length_is_bounded(make_http, redis_client):
     http = make_http(history_length=5)
     http.post("/v1/events", json=[_event(item=f"i{k}", ts=T + k) for k in range(12)], headers=AUTH)
-    assert redis_client.lrange("recsvc:recent:u1", 0, -1) == [
+    assert redis_client.lrange(keys.recent("u1"), 0, -1) == [
         f"{T + k}|0|i{k}".encode() for k in range(11, 6, -1)
     ]
 
@@ -131,7 +136,7 @@ def test_stream_full_is_503_and_stores_nothing(make_http, redis_client):
     assert http.post("/v1/events", json=[_event()] * 3, headers=AUTH).status_code == 202
     r = http.post("/v1/events", json=_event(), headers=AUTH)
     assert r.status_code == 503 and r.get_json()["error"] == "stream_full" and r.headers["Retry-After"]
-    assert redis_client.xlen(STREAM) == 3
+    assert stream_length(redis_client, STREAM) == 3
 
 
 def test_redis_down_is_503_not_a_crash(tmp_path, make_http):

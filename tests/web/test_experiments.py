@@ -15,6 +15,8 @@ from recsvc.core.artifact import write_artifact
 from recsvc.storage import keys
 from tests.factories import API_KEY, make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 KEY = API_KEY
 AUTH = {"Authorization": f"Bearer {KEY}"}
 DEFINITION = {

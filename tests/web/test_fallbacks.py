@@ -17,6 +17,8 @@ from recsvc.storage import versions
 from recsvc.storage.embedded import RedisServer
 from tests.factories import make_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 URLS = [
     "/v1/users/u1/recommendations?n=5&category=hats",
     "/v1/users/visitor/recommendations?n=5",

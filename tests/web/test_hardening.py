@@ -7,9 +7,10 @@ import io
 
 import pytest
 import redis
+from redis.crc import key_slot
 
 from recsvc.storage import keys, ratelimit, stream
-from recsvc.web.auth import configured_keys_problem
+from recsvc.web.auth import configured_keys_problem, key_fingerprint
 from tests.factories import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -72,9 +73,13 @@ def test_wrong_keys_are_throttled_per_address_then_the_right_one_waits_too(http)
 
 
 def test_short_keys_are_refused_at_start(make_app, make_config):
-    assert configured_keys_problem(("x" * 15,)) and configured_keys_problem(("x" * 16,)) is None
-    with pytest.raises(ValueError, match="shorter than 16"):
+    assert configured_keys_problem(make_config(api_keys=("x" * 15,)))
+    assert configured_keys_problem(make_config(api_keys=("x" * 16,))) is None
+    with pytest.raises(ValueError, match="RECSVC_API_KEYS: 1 key.* shorter than 16"):
         make_app(make_config(api_keys=("short",)))
+    # The read-only scrape keys open /metrics: they are held to the same length.
+    with pytest.raises(ValueError, match="RECSVC_METRICS_KEYS: 1 key.* shorter than 16"):
+        make_app(make_config(metrics_keys=("short",)))
 
 
 @pytest.mark.parametrize(
@@ -93,6 +98,7 @@ def test_a_list_or_object_event_type_is_400_and_not_charged(http, redis_client):
         assert r.status_code == 400 and r.get_json()["field"] == "event"
 
 
+@pytest.mark.redis_backends("single", "cluster")
 def test_a_batch_retried_with_its_idempotency_key_is_stored_once(http, redis_client):
     client = http()
     headers = {**AUTH, "Idempotency-Key": "batch-0001"}
@@ -101,27 +107,50 @@ def test_a_batch_retried_with_its_idempotency_key_is_stored_once(http, redis_cli
     assert first.status_code == again.status_code == 202
     assert first.get_json()["duplicate"] is False and again.get_json()["duplicate"] is True
     assert again.get_json()["first_id"] == first.get_json()["first_id"] and again.get_json()["accepted"] == 2
-    assert redis_client.xlen("recsvc:events") == 2
+    assert stream.stream_length(redis_client, "recsvc:events") == 2
     bad = client.post("/v1/events", json=EVENT, headers={**AUTH, "Idempotency-Key": "has space"})
     assert bad.status_code == 400 and bad.get_json()["field"] == "Idempotency-Key"
 
 
+@pytest.mark.redis_backends("single", "cluster")
 def test_a_write_that_runs_late_after_its_attempt_was_given_up_stores_nothing(redis_client):
     """The stalled-Redis case: the reply of the first attempt is lost, the service settles it (gives
     it up), and when Redis runs the first copy afterwards it finds the mark and stores nothing."""
-    batch = keys.event_batch("fp", "b1")
     events = [dict(EVENT)]
+    batch = stream.record_key(events, "fp", "b1")
     assert stream.settle_batch(redis_client, batch, "attempt-1", 60) is None  # nothing stored: given up
     with pytest.raises(stream.BatchGivenUp):
         stream.store_batch(redis_client, events, batch_key=batch, attempt="attempt-1", stream="s",
                            history_length=5, history_ttl_s=60, dedup_ttl_s=60)  # fmt: skip
-    assert redis_client.xlen("s") == 0
+    assert stream.stream_length(redis_client, "s") == 0
     # A new attempt of the same batch (the client's retry) is stored, once.
     stored = stream.store_batch(redis_client, events, batch_key=batch, attempt="attempt-2", stream="s",
                                 history_length=5, history_ttl_s=60, dedup_ttl_s=60)  # fmt: skip
     assert stored.count == 1 and not stored.duplicate
     settled = stream.settle_batch(redis_client, batch, "attempt-3", 60)
-    assert settled is not None and settled.first_id == stored.first_id and redis_client.xlen("s") == 1
+    assert settled is not None and settled.first_id == stored.first_id
+    assert stream.stream_length(redis_client, "s") == 1
+
+
+@pytest.mark.redis_backends("single", "cluster")
+def test_a_batch_of_users_in_several_groups_is_stored_once_with_every_recent_list(http, redis_client):
+    """The record lives in the slot of the shard the batch goes to (its first user's group): one
+    script on one node stores it at most once, also on a cluster; the other groups' recent lists
+    follow once, and not again for the retry."""
+    users = ["u1"] + [
+        u for u in (f"v{i}" for i in range(100)) if keys.user_group(u) != keys.user_group("u1")
+    ][:2]
+    batch = [{**EVENT, "user_id": u} for u in users]
+    record = stream.record_key(batch, key_fingerprint(API_KEY), "multi-0001")
+    shard = keys.stream_shard("recsvc:events", keys.user_group("u1"))
+    assert key_slot(record.encode()) == key_slot(shard.encode()) == key_slot(keys.recent("u1").encode())
+    client = http()
+    headers = {**AUTH, "Idempotency-Key": "multi-0001"}
+    for _ in range(2):
+        assert client.post("/v1/events", json=batch, headers=headers).status_code == 202
+    assert redis_client.exists(record) and redis_client.xlen(shard) == 3
+    assert stream.stream_length(redis_client, "recsvc:events") == 3
+    assert [redis_client.llen(keys.recent(u)) for u in users] == [1, 1, 1]
 
 
 def test_redis_gone_mid_write_answers_503_without_claiming_nothing_was_stored(

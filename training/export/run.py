@@ -36,7 +36,6 @@ import logging
 import math
 import os
 import secrets
-import sys
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -49,13 +48,13 @@ from typing import Any, Protocol
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
-from tqdm import tqdm
 
 from recsvc.core.artifact import Artifact, ArtifactError, list_versions, read_artifact, resolve
 from recsvc.core.bundles import BundleCatalog, BundleRules, assemble_bundle
 from recsvc.core.config import Config
 from recsvc.core.contract import PURCHASE
 from recsvc.core.ids import IdMap
+from recsvc.core.progress import Progress
 from recsvc.core.ranking import mask_positions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
@@ -588,7 +587,7 @@ class ExportOptions:
     threads : int, optional
         Chunks ranked in parallel (default: CPU cores, at most 8); ``memory_mb`` is shared by them.
     progress : bool, optional
-        tqdm bar on stderr; ``None`` = only on a terminal.
+        False: no progress; else :mod:`recsvc.core.progress` (a bar on a terminal, log lines otherwise).
     export_id : str, optional
         Default: a new sortable id.
     dry_run : bool
@@ -720,9 +719,10 @@ def run_export(
     writer = RowWriter(out, export_id, fmt, schema)
     ledger_writer = ledger.writer(export_id) if ledger is not None and not options.dry_run else None
     try:
-        # disable=None: tqdm shows the bar only when stderr is a terminal (not under cron).
-        disable = None if options.progress is None else not options.progress
-        bar = tqdm(total=n_users, unit="user", disable=disable, file=sys.stderr)
+        # A bar on a terminal, a log line every few seconds under cron; progress=False: nothing.
+        bar = Progress(
+            f"export {options.segment}", total=n_users, unit="users", enabled=options.progress is not False
+        )
         # Ranking runs on `threads` worker threads, each on its own chunk with a single-threaded
         # BLAS (numpy releases the GIL in matmul, reductions, comparisons and sorts), the way
         # implicit parallelises; chunks are consumed in order. Writing (pyarrow, GIL released)

@@ -7,8 +7,6 @@ arbitrary files. ``POST /v1/admin/rollback`` switches to the previously live ver
 
 from __future__ import annotations
 
-import logging
-
 from flask import Blueprint, g
 
 from recsvc.core.answers import Source
@@ -16,13 +14,11 @@ from recsvc.core.artifact import ArtifactError, resolve_name
 from recsvc.core.ids import is_valid_version
 from recsvc.storage import versions
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
-from recsvc.web.auth import require_api_key
+from recsvc.web.auth import audit, require_api_key
 from recsvc.web.errors import ApiError, bad_request
 from recsvc.web.params import declared, json_body
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("admin", __name__)
 
@@ -64,7 +60,12 @@ def publish():
     finally:
         client.close()
     svc.models.invalidate()
-    log.info("admin publish %s by key %s (previous %s)", version, g.get("api_key_fingerprint"), previous)
+    audit(
+        "publish",
+        f"admin publish {version} by key {g.get('api_key_fingerprint')} (previous {previous})",
+        version=version,
+        previous=previous,
+    )
     s = stats[0]
     return answer(
         {
@@ -95,7 +96,12 @@ def rollback():
     except REDIS_DOWN_ERRORS as e:
         raise _redis_unavailable(e) from None
     svc.models.invalidate()
-    log.info("admin rollback %s -> %s by key %s", previous, version, g.get("api_key_fingerprint"))
+    audit(
+        "rollback",
+        f"admin rollback {previous} -> {version} by key {g.get('api_key_fingerprint')}",
+        version=version,
+        previous=previous,
+    )
     return answer(
         {
             "model_version": version,

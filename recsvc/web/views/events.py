@@ -39,6 +39,8 @@ def post_events():
         if status_of(e) >= 500:
             svc.ingest.refund_request(g.api_key)  # the service failed: not the caller's request
         raise
+    # Counted by recsvc.web.observe; a retried batch stored nothing new, so it adds none.
+    g.events_accepted = 0 if stored.duplicate else stored.count
     model = svc.models.current()
     body = {
         "model_version": model.version if model is not None else None,

@@ -16,7 +16,6 @@ Experiments from ``RECSVC_EXPERIMENTS_FILE`` are read-only here (409): edit the 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,11 @@ from recsvc.analytics.report import combine_events, make_report
 from recsvc.core.eventfiles import BadInputError, load_events
 from recsvc.storage import versions
 from recsvc.storage.stream import read_stream_events
-from recsvc.web.auth import require_api_key
+from recsvc.web.auth import audit, require_api_key
 from recsvc.web.errors import ApiError, bad_request
 from recsvc.web.params import declared, json_body
 from recsvc.web.render import answer, request_id
 from recsvc.web.services import services
-
-log = logging.getLogger(__name__)
 
 bp = Blueprint("experiments", __name__)
 
@@ -147,7 +144,7 @@ def put_experiment(name: str):
     except redis.RedisError as e:
         raise _redis_unavailable(e) from None
     registry.refresh(force=True)
-    log.info("experiment %s %s", name, "created" if created else "replaced")
+    audit("experiment_put", f"experiment {name} {'created' if created else 'replaced'}", experiment=name)
     body = {
         "request_id": request_id(),
         "experiment": _describe(experiment, "redis", registry.clock()),
@@ -176,6 +173,7 @@ def delete_experiment(name: str):
     if not removed:
         raise ApiError(404, "not_found", f"no experiment named {name!r}", field="name")
     registry.refresh(force=True)
+    audit("experiment_delete", f"experiment {name} deleted", experiment=name)
     return answer({"request_id": request_id(), "deleted": name})
 
 
