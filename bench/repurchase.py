@@ -23,7 +23,8 @@ Parts:
     (the manifest's ``timings_s.repurchase``) over the rest of the command's wall time. Target:
     <= 10%.
 ``serve``
-    A trained sample shop published to a throw-away redis-server and ``recsvc serve``; wrk loads
+    A trained model (a sample shop with a few bought items per customer, and Instacart with about
+    90) published to a throw-away redis-server and ``recsvc serve``; wrk loads
     ``/v1/users/<id>/recommendations?n=10`` and ``/v1/users/<id>/buy-again?n=10`` for the same
     random customers, alternating, first at max throughput, then both paced at half of the
     recommendations endpoint's max (the same offered load). Target: buy-again p99 no worse than
@@ -215,25 +216,39 @@ def train_overhead(workdir: Path, quick: bool, data_dir: Path) -> dict[str, Any]
 # ------------------------------------------------------------------------------------------------
 
 
-def serve(workdir: Path, quick: bool, rounds: int, seconds: int, connections: int) -> dict[str, Any]:
-    from recsvc.core.artifact import read_artifact
-    from recsvc.storage.embedded import RedisServer
+def serve_models(workdir: Path, quick: bool, data_dir: Path) -> list[tuple[str, Path, Path | None]]:
+    """``(label, events, catalog)`` of the models the serve part loads: a sample shop (few bought
+    items per customer) and Instacart (about 90)."""
     from training.synth import write_shop
 
     users = 2000 if quick else 20_000
     events, catalog = write_shop(workdir / "serve-shop", n_users=users, n_items=2000, days=90)
-    server = RedisServer(workdir / "redis").start()
-    models = workdir / "serve-models"
+    out: list[tuple[str, Path, Path | None]] = [
+        (f"sample shop, {users:,} users x 2,000 items, 90 days", events, catalog)
+    ]
+    instacart = [(e, c) for n, e, c, _ in datasets(workdir, quick, data_dir) if n == "instacart"]
+    if instacart:
+        out.append(("instacart, 593 users", *instacart[0]))
+    return out
+
+
+def serve(
+    workdir: Path, label: str, events: Path, catalog: Path | None, rounds: int, seconds: int, connections: int
+) -> dict[str, Any]:
+    from recsvc.core.artifact import read_artifact
+    from recsvc.storage.embedded import RedisServer
+
+    slug = "".join(c if c.isalnum() else "-" for c in label)[:40]
+    server = RedisServer(workdir / f"redis-{slug}").start()
+    models = workdir / f"serve-models-{slug}"
     env = dict(os.environ)
     env.update(REDIS_URL=server.url, RECSVC_MODELS_DIR=str(models), RECSVC_VAR_DIR=str(workdir / "var"))
     recsvc = str(Path(sys.executable).parent / "recsvc")
     procs: list[subprocess.Popen] = []
     try:
+        train = [recsvc, "train", "--events", str(events), "--no-evaluate"]
         subprocess.run(
-            [recsvc, "train", "--events", str(events), "--catalog", str(catalog), "--no-evaluate"],
-            check=True,
-            capture_output=True,
-            env=env,
+            train + (["--catalog", str(catalog)] if catalog else []), check=True, capture_output=True, env=env
         )
         subprocess.run([recsvc, "publish", "latest"], check=True, capture_output=True, env=env)
         artifact = read_artifact(next(models.iterdir()), verify=False)
@@ -243,7 +258,7 @@ def serve(workdir: Path, quick: bool, rounds: int, seconds: int, connections: in
         sample = [artifact.user_ids[u] for u in rng.choice(buyers, min(1000, len(buyers)), replace=False)]
         items_per_buyer = float(np.mean(np.diff(artifact.repurchase.history.indptr)[buyers]))
         port = free_port()
-        log = open(workdir / "serve.log", "w")  # noqa: SIM115 - closed with the process
+        log = open(workdir / f"serve-{slug}.log", "w")  # noqa: SIM115 - closed with the process
         procs.append(
             subprocess.Popen(
                 [recsvc, "serve", "--port", str(port)], env=env, stdout=log, stderr=log, cwd=workdir
@@ -251,9 +266,12 @@ def serve(workdir: Path, quick: bool, rounds: int, seconds: int, connections: in
         )
         base = f"http://127.0.0.1:{port}"
         wait_http(f"{base}/health/ready", timeout=120.0)
+        # Due dates at the end of the training data, as a storefront on a fresh model would see them
+        # (both endpoints take the same parameter; recommendations ignore it without include_due).
+        at = int(artifact.manifest["trained_until"])
         paths = {
-            "recommendations": [f"/v1/users/{u}/recommendations?n=10" for u in sample],
-            "buy-again": [f"/v1/users/{u}/buy-again?n=10" for u in sample],
+            "recommendations": [f"/v1/users/{u}/recommendations?n=10&as_of={at}" for u in sample],
+            "buy-again": [f"/v1/users/{u}/buy-again?n=10&as_of={at}" for u in sample],
         }
         with urllib.request.urlopen(base + paths["buy-again"][0]) as r:
             body = json.loads(r.read())
@@ -271,9 +289,9 @@ def serve(workdir: Path, quick: bool, rounds: int, seconds: int, connections: in
             for name in paths:
                 paced[name].append(run_wrk(base, paths[name], 2 * seconds, connections, pace_ms, workdir))
         print(
-            f"\nmodel: {users:,} users x 2,000 items (sample shop, 90 days), {items_per_buyer:.1f} bought "
-            f"items per sampled customer; recsvc serve defaults; wrk {connections} connections, "
-            f"{rounds} alternating rounds of {seconds} s (paced: {2 * seconds} s)"
+            f"\nmodel: {label}, {items_per_buyer:.1f} bought items per sampled customer; recsvc serve "
+            f"defaults; wrk {connections} connections, {rounds} alternating rounds of {seconds} s "
+            f"(paced: {2 * seconds} s)"
         )
         print(f"{'endpoint':<20}{'max req/s':>12}{'paced req/s':>13}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
         for name in paths:
@@ -331,13 +349,18 @@ def main(argv: list[str] | None = None) -> int:
             out["train"] = train_overhead(workdir, args.quick, args.data_dir)
         if "serve" in parts:
             print("\n# serving: buy-again against recommendations, paired")
-            out["serve"] = serve(
-                workdir,
-                args.quick,
-                args.rounds or (2 if args.quick else 4),
-                args.seconds or (3 if args.quick else 6),
-                args.connections,
-            )
+            out["serve"] = {
+                label: serve(
+                    workdir,
+                    label,
+                    events,
+                    catalog,
+                    args.rounds or (2 if args.quick else 6),
+                    args.seconds or (3 if args.quick else 6),
+                    args.connections,
+                )
+                for label, events, catalog in serve_models(workdir, args.quick, args.data_dir)
+            }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json_out:

@@ -116,12 +116,14 @@ def write(
     artifact: Artifact,
     n_buckets: int,
     index_dtype: str,
+    flush: Callable[[], None] | None = None,
     chunk: int = 1000,
 ) -> int:
     """Queue the per-customer records of ``artifact`` through ``hset(key, names, values)``.
 
-    ``hset`` is publish's bulk writer; the version hash is written by :func:`write_params`.
-    Returns the number of records.
+    ``hset`` and ``flush`` are publish's bulk writer (``flush`` after every ``chunk`` customers
+    bounds what is queued); the version hash is written by :func:`write_params`. Returns the
+    number of records.
     """
     model = artifact.repurchase
     if model is None:
@@ -146,6 +148,8 @@ def write(
             members = part[a:b].tolist()
             values = [pack_history(history.row(int(who[m])), index_dtype) for m in members]
             hset(bucket_keys[int(part_buckets[a])], [names[m] for m in members], values)
+        if flush is not None:
+            flush()
     return len(who)
 
 

@@ -456,8 +456,7 @@ def _write_version(
             lease.renew()
             if progress is not None:
                 progress(stop - start)
-        repurchase_store.write(writer.hset, artifact, n_buckets, index_dtype(n_items))
-        writer.flush()
+        repurchase_store.write(writer.hset, artifact, n_buckets, index_dtype(n_items), writer.flush)
 
 
 class _RawWriter:

@@ -12,6 +12,8 @@ from recsvc.storage import keys, versions
 from recsvc.storage import repurchase as store
 from tests.factories import make_artifact, repurchase_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 
 @pytest.mark.parametrize("dtype", ["<u2", "<i4"])
 def test_pack_and_unpack(dtype):

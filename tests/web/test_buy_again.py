@@ -12,6 +12,8 @@ from recsvc.core.artifact import write_artifact
 from recsvc.storage import versions
 from tests.factories import API_KEY, DAY, REPURCHASE_NOW, repurchase_artifact
 
+pytestmark = pytest.mark.redis_backends("single", "cluster")
+
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
