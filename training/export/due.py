@@ -37,8 +37,16 @@ from training.export.files import (
     json_string,
     row_schema,
 )
-from training.export.ledger import LEDGER_KEEP, MAX_CAP_LAST, ExportLedger, now_iso
-from training.export.run import MAX_N, CatalogLike, ExportSummary, current_availability, new_export_id
+from training.export.ledger import LEDGER_KEEP, MAX_CAP_LAST, ExportLedger
+from training.export.run import (
+    MAX_N,
+    CatalogLike,
+    ExportSummary,
+    abort_export,
+    commit_export,
+    current_availability,
+    new_export_id,
+)
 from training.repurchase import pair_stats, purchase_lines
 from training.segments import EventsLike
 
@@ -311,18 +319,9 @@ def run_due_export(
             writer.write(table)
             if ledger_writer is not None:
                 ledger_writer.write(user_ids, item_ids)
-        writer.close()
-        if ledger_writer is not None:
-            meta = {k: v for k, v in summary.__dict__.items() if k not in ("extra", "seconds", "users_per_s")}
-            meta["created_at"] = now_iso()
-            ledger_writer.close(meta)
-            # Record first, then publish the file (see run_export).
-            ledger_writer.commit()
-        writer.commit()
+        commit_export(writer, ledger_writer, summary)
     except BaseException:
-        writer.abort()
-        if ledger_writer is not None:
-            ledger_writer.abort()
+        abort_export(writer, ledger_writer)
         raise
     if ledger is not None and not options.dry_run:
         ledger.prune(max(LEDGER_KEEP, options.cap_last))

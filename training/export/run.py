@@ -520,6 +520,26 @@ def _write_chunk(
             ledger_writer.write(user_ids, item_ids)
 
 
+def commit_export(writer: RowWriter, ledger_writer: LedgerWriter | None, summary: ExportSummary) -> None:
+    """Close the file, record the export in the ledger (when recorded), then publish the file."""
+    writer.close()
+    if ledger_writer is not None:
+        meta = {k: v for k, v in asdict(summary).items() if k not in ("extra", "seconds", "users_per_s")}
+        meta["created_at"] = now_iso()
+        ledger_writer.close(meta)
+        # Record first, then publish the file: a crash in between caps items that were never
+        # sent (harmless) rather than leaving a sent file unrecorded (a user mailed twice).
+        ledger_writer.commit()
+    writer.commit()
+
+
+def abort_export(writer: RowWriter, ledger_writer: LedgerWriter | None) -> None:
+    """Remove what a failed export wrote: its file and its ledger record."""
+    writer.abort()
+    if ledger_writer is not None:
+        ledger_writer.abort()
+
+
 def current_availability(
     artifact: Artifact, catalog: CatalogLike | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -782,19 +802,9 @@ def run_export(
             with_bundles=with_bundles,
             extra={"dry_run": True} if options.dry_run else {},
         )
-        writer.close()
-        if ledger_writer is not None:
-            meta = {k: v for k, v in asdict(summary).items() if k not in ("extra", "seconds", "users_per_s")}
-            meta["created_at"] = now_iso()
-            ledger_writer.close(meta)
-            # Record first, then publish the file: a crash in between caps items that were never
-            # sent (harmless) rather than leaving a sent file unrecorded (a user mailed twice).
-            ledger_writer.commit()
-        writer.commit()
+        commit_export(writer, ledger_writer, summary)
     except BaseException:
-        writer.abort()
-        if ledger_writer is not None:
-            ledger_writer.abort()
+        abort_export(writer, ledger_writer)
         raise
     if ledger is not None and not options.dry_run:
         ledger.prune(max(LEDGER_KEEP, cap_last))
