@@ -91,6 +91,7 @@ def make_config(redis_url, models_dir, tmp_path) -> Callable[..., Config]:
             api_keys=(API_KEY,),
             model_check_interval_s=0.0,
             experiments_refresh_s=0.0,
+            retune_days=0,  # model selection in retrain only where a test asks for it
         ).with_overrides(**overrides)
 
     return build

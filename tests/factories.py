@@ -62,6 +62,40 @@ def expected_top(artifact: Artifact, user: int, n: int, allowed: np.ndarray | No
     return [artifact.item_ids[i] for i in order[:n]]
 
 
+def blend_artifact(
+    n_users: int = 20, n_items: int = 50, seed: int = 0, exclude: str = "purchased"
+) -> Artifact:
+    """:func:`make_artifact` as a blend: each user also viewed 3 items (``u+1..u+3``), an item-kNN
+    similarity (item ``i``'s neighbours: ``i+1`` and ``i+7``), a popularity prior (item 0 first),
+    linear scaling (raw weights = stored interactions) and ``manifest["model"]`` with ``exclude``."""
+    from recsvc.core.scoring import ModelSpec, popularity_prior
+
+    a = make_artifact(n_users=n_users, n_items=n_items, seed=seed)
+    rows = np.repeat(np.arange(n_users), 3)
+    cols = (rows + np.tile([1, 2, 3], n_users)) % n_items
+    views = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_users, n_items))
+    a.interactions = (a.interactions + views).tocsr()
+    anchors = np.repeat(np.arange(n_items), 2)
+    neighbours = (anchors + np.tile([1, 7], n_items)) % n_items
+    weights = np.tile([2.0, 1.0], n_items).astype(np.float32)
+    a.similarity = sp.csr_matrix((weights, (anchors, neighbours)), shape=(n_items, n_items))
+    a.prior = popularity_prior(np.arange(n_items, 0, -1))
+    a.manifest["params"]["scaling"] = "linear"
+    a.manifest["model"] = ModelSpec(exclude=exclude).to_dict()
+    return a
+
+
+def expected_blend_top(artifact: Artifact, user: int, n: int, allowed: np.ndarray | None = None) -> list[str]:
+    """Brute-force reference of a blend: the model's scores minus what the user may not get again."""
+    scores = artifact.scorer().score(artifact.raw_interactions()[[user]], artifact.user_factors[[user]])[0]
+    mask = artifact.available.copy() if allowed is None else allowed.copy()
+    never = artifact.interactions if artifact.spec().excludes_interacted else artifact.purchases
+    mask[never[user].indices] = False
+    candidates = np.flatnonzero(mask)
+    order = candidates[np.lexsort((candidates, -scores[candidates]))]
+    return [artifact.item_ids[i] for i in order[:n]]
+
+
 #: anchor -> [(candidate, support)], best first. Categories cycle shoes/shirts/hats (i % 3);
 #: item i costs i + 1. Anchor 0 (shoes) goes with 1 (shirts), 4 (shirts), 3 (shoes), 2 (hats).
 BUNDLE_ROWS: dict[int, list[tuple[int, int]]] = {

@@ -20,12 +20,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsvc.core.progress import Progress
+from recsvc.core.scoring import ModelSpec
 from recsvc.core.weighting import (
     DEFAULT_ALPHA,
     DEFAULT_BM25_B,
     DEFAULT_BM25_K1,
     DEFAULT_EVENT_WEIGHTS,
-    DEFAULT_REGULARIZATION,
     DEFAULT_SCALING,
     SCALINGS,
     WeightingParams,
@@ -38,16 +38,29 @@ class FitError(RuntimeError):
     """ALS produced unusable factors (NaN/inf or wrong shapes); nothing must be written."""
 
 
+#: ALS regularization per catalogue item: ``regularization = 0.03 * n_items`` unless one is given.
+#: The best absolute value moved by more than 100x between data sets; scaled with the catalogue
+#: (as the ``Y^T Y`` term it balances is) it transfers (docs/quality.md).
+DEFAULT_REGULARIZATION_PER_ITEM = 0.01
+
+
 @dataclass(frozen=True)
 class TrainParams:
-    """Every model parameter recorded in ``manifest["params"]`` (besides the seed).
+    """Every model parameter: ALS and the confidence recipe go to ``manifest["params"]`` (with the
+    seed and the effective regularization), the blend's weights to ``manifest["model"]``.
 
-    Defaults were chosen by ``recsvc evaluate`` on the synthetic shop and the shared datasets
-    (evidence in docs/training.md).
+    Defaults were chosen on evidence across the public data sets and both evaluation protocols
+    (docs/quality.md, ``bench/quality.py``).
+
+    ``regularization`` is absolute when given; ``None`` (the default) means
+    ``regularization_per_item * n_items`` of the catalogue being fitted (:meth:`resolved`). Resolved
+    parameters keep ``regularization_per_item`` when the rule set the number (a retrain on a grown
+    catalogue scales it again) and set it to None when the number was given.
     """
 
     factors: int = 64
-    regularization: float = DEFAULT_REGULARIZATION
+    regularization: float | None = None
+    regularization_per_item: float | None = DEFAULT_REGULARIZATION_PER_ITEM
     iterations: int = 15
     alpha: float = DEFAULT_ALPHA
     event_weights: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
@@ -55,14 +68,22 @@ class TrainParams:
     half_life_days: float | None = None
     bm25_k1: float = DEFAULT_BM25_K1
     bm25_b: float = DEFAULT_BM25_B
+    model: ModelSpec = field(default_factory=ModelSpec)
 
     def __post_init__(self) -> None:
         if not isinstance(self.factors, int) or not 1 <= self.factors <= 1024:
             raise ValueError(f"factors must be an integer in 1..1024, got {self.factors!r}")
         if not isinstance(self.iterations, int) or not 1 <= self.iterations <= 200:
             raise ValueError(f"iterations must be an integer in 1..200, got {self.iterations!r}")
-        if not (math.isfinite(self.regularization) and self.regularization >= 0):
+        if self.regularization is not None and not (
+            math.isfinite(self.regularization) and self.regularization >= 0
+        ):
             raise ValueError(f"regularization must be >= 0, got {self.regularization!r}")
+        per_item = self.regularization_per_item
+        if per_item is not None and not (math.isfinite(per_item) and per_item >= 0):
+            raise ValueError(f"regularization_per_item must be >= 0, got {self.regularization_per_item!r}")
+        if not isinstance(self.model, ModelSpec):
+            raise ValueError("model must be a ModelSpec")
         # Validates and completes the weighting fields (unknown event types, negative weights...).
         weighting = self.weighting()
         object.__setattr__(self, "event_weights", dict(weighting.event_weights))
@@ -78,6 +99,19 @@ class TrainParams:
             bm25_b=self.bm25_b,
         )
 
+    def effective_regularization(self, n_items: int) -> float:
+        """The regularization ALS is fitted with on a catalogue of ``n_items`` items."""
+        if self.regularization is not None:
+            return float(self.regularization)
+        per_item = self.regularization_per_item
+        return float((DEFAULT_REGULARIZATION_PER_ITEM if per_item is None else per_item) * max(1, n_items))
+
+    def resolved(self, n_items: int) -> TrainParams:
+        """These parameters with the regularization fixed for ``n_items`` (what fold-in reads)."""
+        if self.regularization is not None:
+            return replace(self, regularization_per_item=None)
+        return replace(self, regularization=self.effective_regularization(n_items))
+
     def replace(self, **changes: Any) -> TrainParams:
         """A copy with some fields changed (``event_weights`` is merged, not replaced)."""
         if "event_weights" in changes:
@@ -88,9 +122,20 @@ class TrainParams:
         return replace(self, **changes)
 
     def to_manifest(self, seed: int) -> dict[str, Any]:
-        """The ``manifest["params"]`` dict (keys as in docs/ARCHITECTURE.md, "Artifact")."""
+        """The ``manifest["params"]`` dict (keys as in docs/ARCHITECTURE.md, "Artifact").
+
+        Resolve the regularization first (:meth:`resolved`): fold-in needs the number ALS used.
+        ``regularization_per_item`` is kept so that a retrain on a grown catalogue scales it again.
+        """
         out = asdict(self)
+        del out["model"]
         out["seed"] = int(seed)
+        return out
+
+    def to_config(self) -> dict[str, Any]:
+        """Every parameter, the blend's included (``model``): what ``tune`` saves and train reuses."""
+        out = asdict(self)
+        out["model"] = self.model.to_dict()
         return out
 
     @classmethod
@@ -112,6 +157,10 @@ class TrainParams:
             "regularization_per_entry",
             "confidence_floor",
         }
+        values = dict(values)
+        if values.get("regularization_per_item") not in (None, "") and "regularization" in values:
+            # A manifest records both: the rule wins, so a grown catalogue gets a grown penalty.
+            values.pop("regularization")
         unknown = sorted(set(values) - known - ignored)
         if unknown:
             raise ValueError(
@@ -137,11 +186,21 @@ class TrainParams:
                         raise ValueError
                 elif f.name == "half_life_days":
                     value = None if value in (None, "", "none", "null", 0) else float(value)
+                elif f.name in ("regularization", "regularization_per_item"):
+                    value = None if value in (None, "", "auto") else float(value)
+                elif f.name == "model":
+                    if not isinstance(value, Mapping):
+                        raise ValueError
+                    value = ModelSpec.from_mapping(value, source=f"{source}: model")
                 else:
                     if isinstance(value, bool):
                         raise ValueError
                     value = float(value)
-            except (TypeError, ValueError):
+            except ValueError as e:
+                if str(e).startswith(source):
+                    raise
+                raise ValueError(f"{source}: {f.name} has an invalid value {value!r}") from None
+            except TypeError:
                 raise ValueError(f"{source}: {f.name} has an invalid value {value!r}") from None
             kwargs[f.name] = value
         try:
@@ -250,6 +309,7 @@ def fit_als(
     if device not in DEVICES:
         raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     matrix = _check_confidence(confidence)
+    regularization = params.effective_regularization(matrix.shape[1])
     use_gpu = device == "gpu" or (device == "auto" and gpu_available())
     if device == "gpu" and not gpu_available():
         raise ValueError(
@@ -262,7 +322,7 @@ def fit_als(
 
             model = GpuALS(
                 factors=params.factors,
-                regularization=params.regularization,
+                regularization=regularization,
                 alpha=params.alpha,
                 iterations=params.iterations,
                 random_state=seed,
@@ -272,7 +332,7 @@ def fit_als(
 
             model = AlternatingLeastSquares(
                 factors=params.factors,
-                regularization=params.regularization,
+                regularization=regularization,
                 alpha=params.alpha,
                 iterations=params.iterations,
                 num_threads=threads,

@@ -1,9 +1,10 @@
 """``train_model``: events + catalog files -> a validated, evaluated model artifact on disk.
 
-Steps: load and validate the inputs (nothing is written if they are bad) -> optionally tune on a
-validation split -> evaluate ALS against baselines on a time split -> build id maps, confidence
-matrix, ALS factors, popularity, purchase histories, item metadata and bundle candidates from
-*all* events -> write the artifact atomically (:func:`recsvc.core.artifact.write_artifact`).
+Steps: load and validate the inputs (nothing is written if they are bad) -> optionally select the
+model on a validation split -> measure what the model must exclude -> evaluate the model against
+the baselines on a held-out split -> fit every part of the model (ALS, item-kNN, popularity prior)
+and build purchase histories, item metadata and bundle candidates from *all* events -> write the
+artifact atomically (:func:`recsvc.core.artifact.write_artifact`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,22 +28,16 @@ from recsvc.core.events import Catalog, EventTable
 from recsvc.core.ids import IdMap
 from recsvc.core.progress import Progress
 from recsvc.core.repurchase import RepurchaseModel
-from recsvc.core.weighting import (
-    bm25_manifest_params,
-    id_maps,
-    index_positions,
-    popularity_scores,
-    purchase_counts,
-    raw_matrix,
-    scale,
-    to_float32,
-)
-from training.als import TrainParams, fit_als
+from recsvc.core.weighting import id_maps, index_positions, popularity_scores
+from training.als import TrainParams
 from training.cooccurrence import mine_bundles_report
-from training.evaluation import category_codes
+from training.evaluation import DEFAULT_MAX_TEST_USERS, category_codes
 from training.evaluation import evaluate as evaluate_split
-from training.evaluation import tune as tune_params
+from training.model import fit_model
 from training.repurchase import fit_repurchase
+from training.splits import SplitSpec, exclusion_rule, split_events
+from training.tuning import save_choice
+from training.tuning import tune as tune_params
 
 log = logging.getLogger("recsvc.training")
 
@@ -176,9 +171,14 @@ def write_model(
     models_dir: str | os.PathLike,
     version: str | None,
     timings: dict[str, float],
+    similarity: Any = None,
+    prior: np.ndarray | None = None,
     repurchase: RepurchaseModel | None = None,
 ) -> tuple[Path, Artifact]:
-    """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``."""
+    """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``.
+
+    ``similarity`` and ``prior`` are the blend's item-kNN and popularity parts (None for plain ALS).
+    """
     artifact = Artifact(
         item_ids=[str(x) for x in item_ids],
         user_ids=[str(x) for x in user_ids],
@@ -194,6 +194,8 @@ def write_model(
         purchases=purchases,
         bundles=bundles,
         manifest=manifest,
+        similarity=similarity,
+        prior=prior,
         repurchase=repurchase,
     )
     # Stage timings up to here (writing itself is not in them: the manifest is written last).
@@ -213,9 +215,11 @@ def train_model(
     tune: bool = False,
     show_progress: bool | None = None,
     threads: int = 0,
-    split_days: float | None = None,
-    tune_trials: int = 12,
-    tune_time_budget_s: float = 600.0,
+    split: str | None = None,
+    max_test_users: int | None = DEFAULT_MAX_TEST_USERS,
+    tune_time_budget_s: float = 900.0,
+    compare: Mapping[str, TrainParams] | None = None,
+    params_source: str = "given",
     device: str = "auto",
     version: str | None = None,
     echo: Any = None,
@@ -234,21 +238,31 @@ def train_model(
     params : TrainParams, optional
         Model parameters; defaults when None. With ``tune`` they are the search's starting point.
     evaluate : bool, default True
-        Evaluate ALS and baselines on a time split first; metrics go into the manifest.
+        Evaluate the model and the baselines on a held-out split first; metrics go into the
+        manifest.
     max_bad_fraction : float, default 0.01
         Fail (and write nothing) when more rows than this are rejected.
     seed : int
         Seed of the ALS initialisation (and of the tuner).
     tune : bool, default False
-        Run the bounded hyperparameter search (:func:`training.evaluation.tune`) first.
+        Run the bounded model selection (:func:`training.tuning.tune`) first, on data before the
+        evaluation's test part; the choice is saved to ``<models_dir>/tuning.json``.
     show_progress : bool, optional
         Progress bars; default: when stderr is a terminal.
     threads : int, default 0
         implicit threads (0 = one per core); recorded in the manifest.
-    split_days : float, optional
-        Evaluation (and validation) window; default 10% of the span, 1..14 days.
-    tune_trials, tune_time_budget_s
-        Bounds of the search.
+    split : str, optional
+        Evaluation split (:class:`training.splits.SplitSpec`): ``auto`` (default), ``global[:F]``,
+        ``user[:F]`` or ``days:N``.
+    max_test_users : int or None
+        Test users scored by the evaluation (a seeded sample); None scores every one.
+    tune_time_budget_s : float
+        Bound of the search.
+    compare : mapping of name -> TrainParams, optional
+        Other configurations fitted and scored on the evaluation's split next to the model (the
+        retrain gate passes the live version's as ``"live"``); their metrics go into the manifest.
+    params_source : str
+        Where ``params`` came from (``given``, ``tuning.json``, ``defaults``...): recorded.
     device : {"auto", "cpu", "gpu"}
         Where ALS runs.
     version : str, optional
@@ -302,21 +316,27 @@ def train_model(
     if tune:
         t0 = time.perf_counter()
         step("tune")
+        # Tuning looks only at data before the evaluation's future, so the evaluation stays honest.
+        tune_events = split_events(events, SplitSpec.parse(split)).train if evaluate else events
         result = tune_params(
-            events,
+            tune_events,
             catalog,
             params,
-            split_days=split_days,
-            trials=tune_trials,
-            time_budget_s=tune_time_budget_s,
             seed=seed,
             threads=threads,
             device=device,
-            log=say,
+            time_budget_s=tune_time_budget_s,
+            progress=say,
         )
         params, tuning = result.best, result.to_dict()
         timings["tune"] = time.perf_counter() - t0
-        say(f"tuning chose {tuning['chosen']} ({result.metric}={result.best_score:.4f} on validation)")
+        say(f"tuning: {result.reason}")
+
+    # What the model leaves out of a user's list is measured on this shop's data (a count).
+    exclusion = (
+        exclusion_rule(events) if params.model.exclude == "auto" else {"exclude": params.model.exclude}
+    )
+    params = params.replace(model=replace(params.model, exclude=exclusion["exclude"]))
 
     metrics: dict[str, Any] = {}
     if evaluate:
@@ -324,12 +344,22 @@ def train_model(
         step("evaluate")
         try:
             metrics = evaluate_split(
-                events, catalog, params, split_days=split_days, seed=seed, threads=threads, device=device
+                events,
+                catalog,
+                params,
+                split=split,
+                seed=seed,
+                threads=threads,
+                device=device,
+                max_test_users=max_test_users,
+                compare=compare,
+                progress=say,
             )
         except ValueError as e:
             # A log too short to split still trains; the manifest says why it has no metrics.
             metrics = {"note": f"not evaluated: {e}"}
-            say(f"warning: {metrics['note']}")
+        for warning in metrics.get("warnings", [metrics.get("note")] if metrics.get("note") else []):
+            say(f"warning: {warning}")
         timings["evaluate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -339,16 +369,20 @@ def train_model(
     user_ids, item_ids = id_maps(events, weighting, None if catalog is None else catalog.item_id)
     if len(user_ids) == 0:
         raise ValueError("no user has an event with a positive weight: nothing to train on")
-    raw = raw_matrix(events, user_ids, item_ids, weighting, now=trained_until)
-    confidence = to_float32(scale(raw, weighting))
-    extra_params = bm25_manifest_params(raw, weighting)
-    del raw
     timings["matrix"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     step("fit")
-    user_factors, item_factors = fit_als(
-        confidence, params, seed=seed, threads=threads, show_progress=show_progress, device=device
+    fitted = fit_model(
+        events,
+        user_ids,
+        item_ids,
+        params,
+        now=trained_until,
+        seed=seed,
+        threads=threads,
+        device=device,
+        show_progress=show_progress,
     )
     timings["fit"] = time.perf_counter() - t0
 
@@ -356,11 +390,12 @@ def train_model(
     step("extras")
     meta = item_metadata(item_ids, catalog)
     popularity = popularity_scores(events, item_ids, weighting, now=trained_until)
-    purchases = purchase_counts(events, user_ids, item_ids)
     timings["extras"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("bundles")
-    bundles, bundle_report = bundle_candidates(events, item_ids, item_factors, meta["category"], threads)
+    bundles, bundle_report = bundle_candidates(
+        events, item_ids, fitted.item_factors, meta["category"], threads
+    )
     timings["bundles"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     step("repurchase")
@@ -371,9 +406,10 @@ def train_model(
 
     t0 = time.perf_counter()
     step("write")
+    fp = fingerprint.result()
     manifest = base_manifest(
-        fingerprint=fingerprint.result(),
-        params=params.to_manifest(seed) | extra_params,
+        fingerprint=fp,
+        params=fitted.manifest_params(seed),
         trained_until=trained_until,
         metrics=metrics,
         report=report,
@@ -392,24 +428,30 @@ def train_model(
         },
         n_items=len(item_ids),
     )
+    manifest.update(model=fitted.spec.to_dict(), exclusion=exclusion, params_source=params_source)
     if tuning is not None:
         manifest["tuning"] = tuning
     path, artifact = write_model(
         manifest,
         user_ids=user_ids,
         item_ids=item_ids,
-        user_factors=user_factors,
-        item_factors=item_factors,
+        user_factors=fitted.user_factors,
+        item_factors=fitted.item_factors,
         meta=meta,
         popularity=popularity,
-        confidence=confidence,
-        purchases=purchases,
+        confidence=fitted.confidence,
+        purchases=fitted.purchases,
         bundles=bundles,
         models_dir=models_dir,
         version=version,
         timings=timings,
+        similarity=fitted.similarity,
+        prior=fitted.prior,
         repurchase=repurchase,
     )
+    if tuning is not None:
+        # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.
+        save_choice(models_dir, tuning, fingerprint=fp)
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - started
     say(f"wrote {path} in {timings['total']:.1f}s (fit {timings['fit']:.1f}s)")

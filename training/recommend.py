@@ -12,7 +12,7 @@ import pyarrow.csv as pa_csv
 
 from recsvc.core.progress import Progress
 from recsvc.core.ranking import mask_positions
-from training.als import recommender_from_factors
+from recsvc.core.topk import SCORE_CHUNK_ELEMENTS
 
 
 def write_recommendations(
@@ -26,7 +26,7 @@ def write_recommendations(
     batch_size: int = 10_000,
     show_progress: bool = False,
 ) -> int:
-    """Top-``n`` per user with implicit's batched ``recommend``; returns the number of rows written.
+    """Top-``n`` per user, ranked by the model's scorer as publishing ranks; returns rows written.
 
     Parameters
     ----------
@@ -37,19 +37,35 @@ def write_recommendations(
     n : int
         Items per user (fewer when filters leave fewer).
     include_purchased : bool
-        Keep items the user purchased (excluded by default).
+        Keep items the user may not be shown again (purchases, or every item they interacted with
+        when the model's exclusion rule says so); excluded by default.
     include_unavailable : bool
         Keep out-of-stock items (excluded by default).
-    threads, batch_size, show_progress
-        implicit threads, users per recommend call, progress (:mod:`recsvc.core.progress`).
+    threads : int
+        BLAS threads for the scoring products (0: numpy's default).
+    batch_size, show_progress
+        Most users scored per block (bounded so a block holds at most ``SCORE_CHUNK_ELEMENTS``
+        scores), progress (:mod:`recsvc.core.progress`).
     """
-    model = recommender_from_factors(artifact.user_factors, artifact.item_factors, threads=threads)
+    if threads > 0:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(threads, "blas"):
+            return write_recommendations(
+                artifact,
+                out,
+                n=n,
+                include_purchased=include_purchased,
+                include_unavailable=include_unavailable,
+                batch_size=batch_size,
+                show_progress=show_progress,
+            )
+    scorer = artifact.scorer()
+    raw = artifact.raw_interactions()
+    never = (artifact.interactions if scorer.spec.excludes_interacted else artifact.purchases).tocsr()
     user_ids = np.asarray(artifact.user_ids, dtype=object)
     item_ids = np.asarray(artifact.item_ids, dtype=object)
-    unavailable = None if include_unavailable else np.flatnonzero(~artifact.available).astype(np.int32)
-    if unavailable is not None and len(unavailable) == 0:
-        unavailable = None
-    purchases = artifact.purchases.tocsr()
+    unavailable = np.flatnonzero(~artifact.available) if not include_unavailable else np.zeros(0, np.int64)
     schema = pa.schema(
         [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
     )
@@ -57,6 +73,7 @@ def write_recommendations(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     written = 0
     n_users = artifact.n_users
+    batch_size = max(1, min(batch_size, SCORE_CHUNK_ELEMENTS // max(1, artifact.n_items)))
     try:
         with (
             Progress("recommend", total=n_users, unit="users", enabled=show_progress) as bar,
@@ -64,17 +81,9 @@ def write_recommendations(
         ):
             for lo in range(0, n_users, batch_size):
                 users = np.arange(lo, min(lo + batch_size, n_users))
-                ids, scores = model.recommend(
-                    users,
-                    purchases[users],
-                    N=min(n, artifact.n_items),
-                    filter_already_liked_items=not include_purchased,
-                    filter_items=unavailable,
-                )
-                ids = np.atleast_2d(ids)
-                scores = np.atleast_2d(scores)
-                valid = (ids >= 0) & np.isfinite(scores)
-                rows, cols = mask_positions(valid)
+                blocked = None if include_purchased else never[users]
+                ids, scores = scorer.top_k(raw[users], artifact.user_factors[users], n, blocked, unavailable)
+                rows, cols = mask_positions(ids >= 0)
                 writer.write_table(
                     pa.table(
                         {

@@ -10,7 +10,8 @@ stdout (for the scheduler) and logs each step on stderr, and exits with a code f
 * 1 -- internal error (a bug, Redis unreachable...): the live model is untouched, unless the error
   came after publishing (in prune; ``live_after`` in the summary says so);
 * 2 -- bad input (events/catalog file unusable, bad option);
-* 3 -- the quality gate refused the new model; it stays on disk with the reason in its manifest;
+* 3 -- the quality gate refused the new model; it stays on disk with the reason in its manifest
+  (until retention prunes it like any other version);
 * 4 -- another retrain holds the lock (or this run lost it before publishing, or a stream dump is
   running).
 
@@ -43,6 +44,7 @@ from recsvc.core.config import Config
 from recsvc.core.errors import ExitCode
 from recsvc.core.eventfiles import BadInputError
 from recsvc.core.progress import Progress
+from recsvc.core.scoring import PLAIN_ALS
 from recsvc.storage import keys, versions
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.dump import DumpLocked, dump_events
@@ -51,6 +53,7 @@ from recsvc.storage.versions import current_version, publish
 from training.als import TrainParams
 from training.pipeline import train_model
 from training.segments import expand_event_paths
+from training.tuning import TUNING_FILE, choice_age_days, load_choice
 
 log = logging.getLogger("recsvc.retrain")
 
@@ -93,31 +96,29 @@ def _metric(metrics: dict[str, Any] | None, model: str, metric: str) -> float | 
 
 
 def gate_decision(
-    new_metrics: dict[str, Any] | None,
-    live_metrics: dict[str, Any] | None,
+    metrics: dict[str, Any] | None,
     tolerance: float,
     live_version: str | None = None,
     metric: str = GATE_METRIC,
 ) -> GateDecision:
-    """Decide whether the new model may be published.
+    """Decide whether the new model may be published, from one evaluation run.
 
-    The rule: the new model's ``metric`` (``metrics["als"][metric]`` on its evaluation split) must
-    beat the popularity baseline measured on the same split (``metrics["popularity"][metric]``),
-    and must not be worse than the live model's by more than ``tolerance``, *relative*:
-    ``new >= live * (1 - tolerance)``. So 0.02 allows the new model to be at most 2% worse (data
-    drifts; a nightly job must not freeze on noise) while a real regression is stopped.
+    ``metrics`` is the new manifest's: the candidate (``metrics["model"]``), the popularity
+    baseline and -- when a version is live -- the live version's configuration (``metrics["live"]``)
+    were all fitted on the same training part and scored on the same held-out users in the same run.
+    The rule: the candidate must beat popularity, and must not be worse than the live configuration
+    by more than ``tolerance``, *relative*: ``new >= live * (1 - tolerance)``. So 0.02 allows the new
+    model to be at most 2% worse (a nightly job must not freeze on noise) while a real regression
+    (a bad re-tune, a changed configuration) is stopped.
 
     Parameters
     ----------
-    new_metrics : dict
+    metrics : dict
         The new manifest's ``metrics``.
-    live_metrics : dict or None
-        The live version's manifest ``metrics``; None when nothing is live (first publish) or the
-        live version has no metrics (then only the popularity test applies; the reason says so).
     tolerance : float
-        Allowed relative shortfall against the live model, 0..1.
+        Allowed relative shortfall against the live configuration, 0..1.
     live_version : str, optional
-        Recorded in the decision.
+        The live version (None: nothing is published yet).
     metric : str
 
     Returns
@@ -126,9 +127,9 @@ def gate_decision(
     """
     if not 0.0 <= tolerance <= MAX_TOLERANCE:
         raise ValueError(f"tolerance must be in 0..{MAX_TOLERANCE}, got {tolerance}")
-    new = _metric(new_metrics, "als", metric)
-    popularity = _metric(new_metrics, "popularity", metric)
-    live = _metric(live_metrics, "als", metric)
+    new = _metric(metrics, "model", metric)
+    popularity = _metric(metrics, "popularity", metric)
+    live = _metric(metrics, "live", metric)
     floor = None if live is None else live * (1.0 - tolerance)
 
     def decide(passed: bool, reason: str) -> GateDecision:
@@ -145,20 +146,20 @@ def gate_decision(
     if live is None:
         return decide(
             True,
-            f"new {metric} {new:.4f} beats popularity {popularity:.4f}; live version {live_version} "
-            f"has no {metric} to compare with",
+            f"new {metric} {new:.4f} beats popularity {popularity:.4f}; the configuration of live "
+            f"{live_version} is unknown here, so it was not scored",
         )
     assert floor is not None  # live is not None here
     if new < floor:
         return decide(
             False,
-            f"new {metric} {new:.4f} is worse than live {live_version} ({live:.4f}) by more than "
-            f"{tolerance:.1%} (needed >= {floor:.4f})",
+            f"new {metric} {new:.4f} is worse than live {live_version}'s {live:.4f} on the same split "
+            f"by more than {tolerance:.1%} (needed >= {floor:.4f})",
         )
     return decide(
         True,
-        f"new {metric} {new:.4f} >= {floor:.4f} (live {live_version} {live:.4f} - {tolerance:.1%}) "
-        f"and beats popularity {popularity:.4f}",
+        f"new {metric} {new:.4f} >= {floor:.4f} (live {live_version} {live:.4f} on the same split "
+        f"- {tolerance:.1%}) and beats popularity {popularity:.4f}",
     )
 
 
@@ -301,17 +302,45 @@ def _live_manifest(config: Config, live_version: str | None) -> dict[str, Any] |
         return None
 
 
-def _choose_params(given: Any, live_manifest: dict[str, Any] | None) -> tuple[Any, str]:
-    """``--config`` if given, else the live model's parameters, else the defaults."""
+def _live_params(live_manifest: dict[str, Any] | None) -> TrainParams | None:
+    """The configuration the live version was trained with (its blend included), or None."""
+    if not live_manifest or not isinstance(live_manifest.get("params"), dict):
+        return None
+    values = dict(live_manifest["params"])
+    # Versions trained before blends record no "model": they are plain ALS.
+    values["model"] = live_manifest.get("model") or PLAIN_ALS.to_dict()
+    try:
+        return TrainParams.from_mapping(values, source="live manifest params")
+    except ValueError as e:
+        log.warning("cannot read the live model's parameters (%s)", e)
+        return None
 
+
+def _choose_params(
+    given: Any, config: Config, live_params: TrainParams | None
+) -> tuple[TrainParams, str, bool]:
+    """The candidate's parameters, where they came from, and whether to re-run model selection.
+
+    ``--config`` if given; else the choice saved by model selection (``tuning.json``), re-tuned
+    once it is older than ``retune_days`` (or missing); else the live model's; else the defaults.
+    """
     if given is not None:
-        return given, "config"
-    if live_manifest and isinstance(live_manifest.get("params"), dict):
-        try:
-            return TrainParams.from_mapping(live_manifest["params"], source="live manifest params"), "live"
-        except ValueError as e:
-            log.warning("cannot reuse the live model's parameters (%s); using the defaults", e)
-    return TrainParams(), "defaults"
+        return given, "config", False
+    retune_days = config.training.retune_days
+    saved = load_choice(config.models_dir)
+    if saved is not None:
+        params, document = saved
+        age = choice_age_days(document)
+        if retune_days > 0 and age > retune_days:
+            log.info("the saved model choice is %.0f days old (> %g): re-tuning", age, retune_days)
+            return params, TUNING_FILE + " (re-tuned)", True
+        return params, TUNING_FILE, False
+    if retune_days > 0:
+        log.info("no saved model choice: tuning (RECSVC_RETUNE_DAYS=0 turns this off)")
+        return live_params or TrainParams(), "tuned", True
+    if live_params is not None:
+        return live_params, "live", False
+    return TrainParams(), "defaults", False
 
 
 def _published_versions(client: Any) -> set[str]:
@@ -353,8 +382,9 @@ def run_retrain(
     lock_ttl_s : float
         Lock expiry; renewed every third of it while the run is alive.
     params : TrainParams, optional
-        Training parameters. Default: the live version's ``manifest["params"]`` (so a tuned model
-        stays tuned), else the defaults of :class:`training.als.TrainParams`.
+        Training parameters. Default: the choice saved by model selection (``tuning.json``), re-tuned
+        when older than ``config.training.retune_days`` or missing (unless that is 0); else the live
+        version's parameters; else the defaults of :class:`training.als.TrainParams`.
     client : redis.Redis, optional
         Default: ``connect_admin(ensure_redis(config))``.
 
@@ -403,14 +433,20 @@ def run_retrain(
 
         with _Step(summary, "train", config.training.retrain_crash_after, progress):
             live_manifest = _live_manifest(config, summary.live_before)
-            params, summary.params_source = _choose_params(params, live_manifest)
+            live_params = _live_params(live_manifest)
             try:
+                params, summary.params_source, retune = _choose_params(params, config, live_params)
                 result = train_model(
                     [str(p) for p in paths],
                     str(catalog_path) if catalog_path else None,
                     models_dir=config.models_dir,
                     params=params,
                     evaluate=True,
+                    tune=retune,
+                    tune_time_budget_s=config.training.tune_budget_s,
+                    # The live configuration is fitted and scored on the candidate's split.
+                    compare={"live": live_params} if live_params is not None else None,
+                    params_source=summary.params_source,
                     show_progress=True,
                     echo=lambda line: log.info("train: %s", line),
                 )
@@ -425,8 +461,7 @@ def run_retrain(
 
         with _Step(summary, "gate", config.training.retrain_crash_after, progress):
             new_metrics = result.manifest.get("metrics") or getattr(result, "metrics", None)
-            live_metrics = None if live_manifest is None else live_manifest.get("metrics")
-            decision = gate_decision(new_metrics, live_metrics, tolerance, summary.live_before)
+            decision = gate_decision(new_metrics, tolerance, summary.live_before)
             if not decision.passed and force:
                 decision.forced = True
                 log.warning("gate REFUSED (%s) but --force given: publishing anyway", decision.reason)
@@ -441,8 +476,12 @@ def run_retrain(
             update_manifest(new_path, gate={**asdict(decision), "decided_at": _now_iso()})
 
         if not (decision.passed or decision.forced):
-            summary.status, summary.exit_code = "refused", int(ExitCode.GATE_REFUSED)
             summary.live_after = summary.live_before
+            with _Step(summary, "prune", config.training.retrain_crash_after, progress):
+                # A refused version is kept like any other (for a look at why) and pruned like any
+                # other, so refusals night after night do not fill the disk.
+                summary.pruned = _prune(client, config, keep, summary)
+            summary.status, summary.exit_code = "refused", int(ExitCode.GATE_REFUSED)
             return summary
 
         with _Step(summary, "publish", config.training.retrain_crash_after, progress):
@@ -457,11 +496,7 @@ def run_retrain(
             log.info("published %s (was %s)", published, summary.live_before)
 
         with _Step(summary, "prune", config.training.retrain_crash_after, progress):
-            protect = {v for v in (summary.live_before, summary.live_after) if v}
-            protect |= _published_versions(client)
-            summary.pruned = prune(config.models_dir, keep, protect=protect)
-            if summary.pruned:
-                log.info("pruned %s", ", ".join(summary.pruned))
+            summary.pruned = _prune(client, config, keep, summary)
 
         summary.status, summary.exit_code = "published", int(ExitCode.OK)
         return summary
@@ -491,6 +526,17 @@ def run_retrain(
         summary.seconds = round(time.perf_counter() - started, 3)
 
 
+def _prune(client: Any, config: Config, keep: int, summary: RetrainSummary) -> list[str]:
+    """Delete model folders beyond ``keep``; never the live one, the one it replaced, or any
+    version Redis still holds for rollback."""
+    protect = {v for v in (summary.live_before, summary.live_after) if v}
+    protect |= _published_versions(client)
+    pruned = prune(config.models_dir, keep, protect=protect)
+    if pruned:
+        log.info("pruned %s", ", ".join(pruned))
+    return pruned
+
+
 class _BadInput(ValueError):
     pass
 
@@ -513,7 +559,7 @@ def _metric_summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(metrics, dict):
         return None
     out = {}
-    for model in ("als", "popularity"):
+    for model in ("model", "live", "popularity"):
         value = _metric(metrics, model, GATE_METRIC)
         if value is not None:
             out[f"{model}_{GATE_METRIC}"] = round(value, 6)

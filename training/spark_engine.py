@@ -72,6 +72,8 @@ from recsvc.core.eventfiles import (
     validate_event_columns,
 )
 from recsvc.core.events import Catalog, EventTable
+from recsvc.core.ids import IdMap
+from recsvc.core.scoring import PLAIN_ALS
 from recsvc.core.weighting import (
     WeightingParams,
     bm25_idf,
@@ -83,16 +85,16 @@ from recsvc.core.weighting import (
 )
 from training.als import TrainParams, check_factors
 from training.evaluation import (
-    DEFAULT_K,
-    cutoff_before,
-    factor_metrics,
-    popularity_baseline,
-    popularity_metrics,
-    prepare_split,
-    split_days_for_span,
+    DEFAULT_MAX_TEST_USERS,
+    finish_metrics,
+    prepare_matrices,
+    rank_lists,
+    summarise,
 )
+from training.metrics import DEFAULT_K
 from training.pipeline import TrainResult, base_manifest, bundle_candidates, item_metadata, write_model
 from training.repurchase import fit_repurchase
+from training.splits import SPAN_QUANTILE, SplitSpec, days_cutoff, span_cutoff
 
 log = logging.getLogger("recsvc.training.spark")
 
@@ -702,7 +704,7 @@ def fit_spark_als(
     if entries == 0:
         raise ValueError("confidence matrix has no entries: no weighted events to train on")
     n_users, n_items = len(matrix.user_ids), len(matrix.item_ids)
-    per_entry = float(params.regularization) * n_users / entries
+    per_entry = params.effective_regularization(len(matrix.item_ids)) * n_users / entries
     ratings = matrix.entries.select(
         "u",
         "i",
@@ -755,28 +757,48 @@ def evaluate_split(
     catalog_item_ids: np.ndarray | None,
     params: TrainParams,
     *,
-    split_days: float | None,
+    split: str | None,
     seed: int,
     work: _WorkDir,
     blocks: int | None = None,
     ks: Sequence[int] = DEFAULT_K,
+    max_test_users: int | None = DEFAULT_MAX_TEST_USERS,
 ) -> dict[str, Any]:
-    """ALS and the popularity baselines on the local engine's time split (purchases excluded).
+    """The Spark ALS and the popularity baselines on the local engine's global time split.
+
+    The cutoff follows :mod:`training.splits` (the robust span's last 10 %, or ``days:N``); the
+    matrices are collected on the driver and scored by :mod:`training.evaluation`, so the metrics,
+    intervals and warnings are the local engine's. The per-user split needs every user's history
+    in order and is the local engine's (``recsvc evaluate``).
 
     Raises
     ------
     ValueError
-        The split leaves no training events.
+        The split leaves no training events, or names a protocol Spark does not run.
     """
     from pyspark.sql import functions as F
 
-    days = float(split_days) if split_days is not None else split_days_for_span(events.oldest, events.newest)
-    cutoff = cutoff_before(events.newest, days)
+    spec = SplitSpec.parse(split)
+    if spec.protocol == "user":
+        raise ValueError(
+            "--engine spark evaluates the global split (or days:N); run recsvc evaluate for user"
+        )
     frame = events.frame
+    if spec.protocol == "days":
+        assert spec.days is not None  # parse() requires it
+        cutoff = days_cutoff(events.newest, spec.days)
+    else:
+        # Exact and interpolated as numpy's quantile, so both engines cut at the same second.
+        rows = frame.count()
+        if rows > 100:
+            start = frame.agg(F.percentile("timestamp", F.lit(SPAN_QUANTILE))).first()[0]
+        else:
+            start = events.oldest
+        cutoff = span_cutoff(float(start), events.newest, spec.fraction or 0.1)
     train = frame.where(F.col("timestamp") < cutoff)
     n_train = train.count()
     if n_train == 0:
-        raise ValueError("the split leaves no training events: use a shorter split_days")
+        raise ValueError("the split leaves no training events: use a shorter window")
     test = (
         frame.where((F.col("timestamp") >= cutoff) & (F.col("event") == contract.PURCHASE))
         .select("user_id", "item_id")
@@ -784,41 +806,66 @@ def evaluate_split(
     )
     weighting = params.weighting()
     matrix = weighted_matrix(spark, train, weighting, catalog_item_ids, cutoff - 1, work, "eval")
-    prep = prepare_split(
+    confidence = matrix.confidence(work, "eval-confidence")
+    rule = {"exclude": "interacted" if params.model.exclude == "interacted" else "purchased", "given": True}
+    info = {"protocol": spec.protocol, "cutoff": int(cutoff), "train_events": int(n_train)}
+    prep = prepare_matrices(
+        info,
         matrix.user_ids,
         matrix.item_ids,
-        matrix.confidence(work, "eval-confidence"),
         purchase_matrix(matrix, train, work, "eval-purchases"),
-        np.asarray(test.column("user_id").to_numpy(zero_copy_only=False), dtype=object),
-        np.asarray(test.column("item_id").to_numpy(zero_copy_only=False), dtype=object),
-        cutoff,
-        True,
-        train_events=n_train,
+        confidence,
+        _events_per_user(train, matrix.user_ids, work),
+        (
+            np.asarray(test.column("user_id").to_numpy(zero_copy_only=False), dtype=object),
+            np.asarray(test.column("item_id").to_numpy(zero_copy_only=False), dtype=object),
+        ),
+        rule,
+        max_test_users=max_test_users,
+        seed=seed,
     )
     ks = tuple(sorted({int(k) for k in ks}))
-    metrics: dict[str, Any] = {"split": {**prep.info, "split_days": days, "k": list(ks)}}
-    if len(prep.test_users) == 0:
+    metrics: dict[str, Any] = {"split": {**prep.info, "k": list(ks)}}
+    if len(prep.test_rows) == 0:
         metrics["note"] = "no test user: nobody known before the cutoff purchased a new item after it"
+        metrics["warnings"] = [metrics["note"]]
         matrix.entries.unpersist()
         return metrics
+    depth = max(ks)
     timings: dict[str, float] = {}
     started = time.perf_counter()
     user_factors, item_factors, _ = fit_spark_als(
         matrix, params, seed=seed, work=work, blocks=blocks, name="eval-als"
     )
-    metrics["als"] = factor_metrics(prep, user_factors, item_factors, ks, True)
-    timings["als"] = round(time.perf_counter() - started, 3)
-    started = time.perf_counter()
-    metrics["popularity"] = popularity_metrics(prep, popularity_baseline(prep), ks, True)
-    timings["popularity"] = round(time.perf_counter() - started, 3)
-    started = time.perf_counter()
-    recent = popularity_vector(matrix, train, weighting, cutoff - 1)
-    metrics["recent_popularity"] = popularity_metrics(prep, recent.astype(np.float64), ks, True)
-    timings["recent_popularity"] = round(time.perf_counter() - started, 3)
+    metrics["model"] = summarise(
+        prep, rank_lists(prep, lambda rows: user_factors[rows] @ item_factors.T, depth), ks, seed
+    )
+    timings["model"] = round(time.perf_counter() - started, 3)
+    n_items = len(prep.item_ids)
+    metrics["popularity"] = summarise(
+        prep, rank_lists(prep, lambda rows: np.zeros((len(rows), n_items)), depth), ks, seed
+    )
+    recent = popularity_vector(matrix, train, weighting, cutoff - 1).astype(np.float64)
+    metrics["recent_popularity"] = summarise(
+        prep, rank_lists(prep, lambda rows: np.broadcast_to(recent, (len(rows), n_items)), depth), ks, seed
+    )
     metrics["split"]["seconds"] = timings
-    metrics["split"]["not_run"] = "item_knn and bundle evaluation (local engine: recsvc evaluate)"
+    metrics["split"]["not_run"] = (
+        "item_knn, implicit_als and bundle evaluation (local engine: recsvc evaluate)"
+    )
     matrix.entries.unpersist()
-    return metrics
+    return finish_metrics(metrics, prep, ks, seed, [])
+
+
+def _events_per_user(frame: Any, user_ids: np.ndarray, work: _WorkDir) -> np.ndarray:
+    """Events of each user of ``user_ids`` in ``frame`` (the activity buckets of the evaluation)."""
+    counts = work.write(frame.groupBy("user_id").count(), "eval-activity")
+    ids = np.asarray(counts.column("user_id").to_numpy(zero_copy_only=False), dtype=object)
+    positions = IdMap(user_ids).positions(ids)
+    out = np.zeros(len(user_ids), dtype=np.int64)
+    known = positions >= 0
+    out[positions[known]] = counts.column("count").to_numpy()[known]
+    return out
 
 
 def _purchase_lines(events: Any, work: _WorkDir) -> EventTable:
@@ -858,7 +905,7 @@ def train_model_spark(
     evaluate: bool = True,
     max_bad_fraction: float = 0.01,
     seed: int = 42,
-    split_days: float | None = None,
+    split: str | None = None,
     threads: int = 0,
     options: SparkOptions | None = None,
     spark: Any = None,
@@ -873,8 +920,9 @@ def train_model_spark(
         Events files or folders (CSV or Parquet), any URI Spark reads.
     catalog_uri : str, optional
         Catalog file (a local path is read by the local loader).
-    models_dir, params, max_bad_fraction, seed, split_days, version, echo
-        As for :func:`training.pipeline.train_model`.
+    models_dir, params, max_bad_fraction, seed, split, version, echo
+        As for :func:`training.pipeline.train_model` (Spark evaluates the global split only).
+        Spark fits the blend's ALS core: its models serve plain ALS (``manifest["model"]``).
     evaluate : bool, default True
         Evaluate ALS and the popularity baselines on a time split first (a second Spark fit).
     threads : int
@@ -897,7 +945,8 @@ def train_model_spark(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     say = echo or (lambda line: log.info(line))
-    params = params or TrainParams()
+    # The ALS core of the blend (item-kNN and the popularity prior are the local engine's).
+    params = (params or TrainParams()).replace(model=PLAIN_ALS)
     options = options or SparkOptions()
     uris = [event_uris] if isinstance(event_uris, str) else [str(u) for u in event_uris]
     own_session = spark is None and not _session_running()
@@ -924,7 +973,7 @@ def train_model_spark(
             t0 = time.perf_counter()
             try:
                 metrics = evaluate_split(
-                    spark, events, catalog_ids, params, split_days=split_days, seed=seed, work=work,
+                    spark, events, catalog_ids, params, split=split, seed=seed, work=work,
                     blocks=options.als_blocks,
                 )  # fmt: skip
             except ValueError as e:
@@ -968,7 +1017,7 @@ def train_model_spark(
         report = events.report
         manifest = base_manifest(
             fingerprint=events.fingerprint,
-            params=params.to_manifest(seed)
+            params=params.resolved(len(matrix.item_ids)).to_manifest(seed)
             | matrix.extra_params
             | {
                 "regularization_scaling": "count",
@@ -998,6 +1047,7 @@ def train_model_spark(
             n_items=len(matrix.item_ids),
         )
         manifest["counts"]["purchase_lines"] = len(lines)
+        manifest["model"] = params.model.to_dict()  # plain ALS: no item-kNN or prior to serve
         manifest["library_versions"] = library_versions() | {"pyspark": spark.version}
         path, artifact = write_model(
             manifest,

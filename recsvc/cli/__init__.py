@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "sample-data": "recsvc.cli.data:sample_data",
     "train": "recsvc.cli.training:train",
     "evaluate": "recsvc.cli.training:evaluate",
+    "tune": "recsvc.cli.training:tune",
     "recommend": "recsvc.cli.training:recommend",
     "publish": "recsvc.cli.serving:publish",
     "rollback": "recsvc.cli.serving:rollback",
@@ -34,8 +35,9 @@ COMMANDS: dict[str, str] = {
 
 HELP: dict[str, str] = {
     "sample-data": "Generate a seeded synthetic shop (catalog + events) for demos and tests.",
-    "train": "Train an ALS model from event files and write a versioned artifact.",
-    "evaluate": "Evaluate ALS against baselines on a time split and print a table.",
+    "train": "Train a model (ALS + item-kNN + popularity) and write a versioned artifact.",
+    "evaluate": "Evaluate the model against the baselines on a held-out split and print a table.",
+    "tune": "Select the model's parameters on a validation split and save the choice.",
     "recommend": "Write top-N recommendations for every known user to CSV.",
     "publish": "Load a model artifact into Redis and switch serving to it.",
     "rollback": "Switch serving back to the previous published version.",

@@ -47,6 +47,8 @@ import scipy.sparse as sp
 from recsvc.core import tempfiles
 from recsvc.core.ids import VERSION_PATTERN, IdMap, is_valid_id, is_valid_version
 from recsvc.core.repurchase import PurchaseHistory, RepurchaseModel, RepurchaseParams, repurchasable_items
+from recsvc.core.scoring import ModelSpec, Scorer
+from recsvc.core.weighting import RowRecipe, unscale
 
 FORMAT = "recsvc-artifact"
 FORMAT_VERSION = 1
@@ -110,6 +112,10 @@ class Artifact:
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     repurchase: RepurchaseModel | None = None
+    #: The blend's parts besides ALS (absent in plain-ALS models): item-kNN similarity
+    #: (``similarity.npz``) and the popularity prior (``items.npz`` key ``prior``).
+    similarity: sp.csr_matrix | None = None
+    prior: np.ndarray | None = None
 
     @property
     def version(self) -> str:
@@ -138,6 +144,23 @@ class Artifact:
         codes = np.asarray([lookup[c] for c in categories if c in lookup], dtype=np.int32)
         rate = self.repurchase.params.rate if self.repurchase is not None else None
         return repurchasable_items(rate, min_rate, self.category, codes)
+
+    def spec(self) -> ModelSpec:
+        """How this model blends its parts (``manifest["model"]``; plain ALS when absent)."""
+        return ModelSpec.from_mapping(self.manifest.get("model"), source="manifest.json: model")
+
+    def scorer(self) -> Scorer:
+        """The model's :class:`~recsvc.core.scoring.Scorer` (what every list is ranked with)."""
+        return Scorer(self.spec(), self.item_factors, self.similarity, self.prior)
+
+    def raw_interactions(self) -> sp.csr_matrix:
+        """Users' summed event weights before scaling (the blend's item-kNN and history input)."""
+        recipe = RowRecipe.from_manifest(self.manifest.get("params") or {})
+        if recipe.bm25 is not None:
+            recipe = recipe.with_document_frequency(
+                np.bincount(self.interactions.indices, minlength=self.n_items)
+            )
+        return unscale(self.interactions, recipe)
 
     def validate(self) -> None:
         """Raise :class:`ArtifactError` unless every array agrees with every other."""
@@ -182,6 +205,23 @@ class Artifact:
                 mat.shape == (n_users, n_items), name, f"shape {mat.shape}, expected ({n_users}, {n_items})"
             )
             _check(bool(np.isfinite(mat.data).all()), name, "contains NaN or inf")
+        if self.similarity is not None:
+            _check(
+                self.similarity.shape == (n_items, n_items),
+                "similarity.npz",
+                f"shape {self.similarity.shape}, expected ({n_items}, {n_items})",
+            )
+            _check(bool(np.isfinite(self.similarity.data).all()), "similarity.npz", "contains NaN or inf")
+        if self.prior is not None:
+            _check(
+                self.prior.dtype == np.float32 and self.prior.shape == (n_items,),
+                "items.npz",
+                f"prior must be float32 ({n_items},), got {self.prior.dtype} {self.prior.shape}",
+            )
+        try:
+            self.scorer()
+        except ValueError as e:
+            raise ArtifactError(f"manifest.json: model: {e}") from None
         b = self.bundles
         _check(b.n_items == n_items, "bundles.npz", "indptr length differs from item count")
         _check(len(b.indices) == len(b.score) == len(b.support), "bundles.npz", "array lengths differ")
@@ -308,13 +348,17 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
         _write_json(tmp / "user_ids.json", list(artifact.user_ids))
         np.save(tmp / "item_factors.npy", np.ascontiguousarray(artifact.item_factors), allow_pickle=False)
         np.save(tmp / "user_factors.npy", np.ascontiguousarray(artifact.user_factors), allow_pickle=False)
-        np.savez(
-            tmp / "items.npz",
-            price=artifact.price,
-            available=artifact.available,
-            category=artifact.category,
-            popularity=artifact.popularity,
-        )
+        items: dict[str, Any] = {
+            "price": artifact.price,
+            "available": artifact.available,
+            "category": artifact.category,
+            "popularity": artifact.popularity,
+        }
+        if artifact.prior is not None:
+            items["prior"] = artifact.prior
+        np.savez(tmp / "items.npz", **items)
+        if artifact.similarity is not None:
+            _save_csr(tmp / "similarity.npz", artifact.similarity)
         _write_json(
             tmp / "catalog.json", {"categories": list(artifact.categories), "titles": list(artifact.titles)}
         )
@@ -472,6 +516,8 @@ def read_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
         user_factors = np.load(path / "user_factors.npy", allow_pickle=False)
         with np.load(path / "items.npz", allow_pickle=False) as z:
             items = {k: z[k] for k in ("price", "available", "category", "popularity")}
+            prior = z["prior"] if "prior" in z.files else None
+        similarity = _load_csr(path / "similarity.npz") if (path / "similarity.npz").exists() else None
         with np.load(path / "bundles.npz", allow_pickle=False) as z:
             bundles = BundleCandidates(z["indptr"], z["indices"], z["score"], z["support"])
         artifact = Artifact(
@@ -487,6 +533,8 @@ def read_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
             manifest=manifest,
             path=path,
             repurchase=_load_repurchase(path / REPURCHASE_FILE),
+            similarity=similarity,
+            prior=prior,
             **items,
         )
     except (OSError, KeyError, ValueError, IndexError) as e:

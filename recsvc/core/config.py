@@ -124,6 +124,11 @@ class TrainingSettings:
     # Python the Spark engine's executors run (handed to pyspark as PYSPARK_PYTHON); unset: this
     # interpreter for a local master, Spark's own setting otherwise.
     spark_python: str | None = _env("RECSVC_SPARK_PYTHON", None)
+    # `recsvc retrain` re-runs model selection when the saved choice (tuning.json) is older than
+    # this many days, or missing; 0 never tunes there (the choice of `recsvc tune`, or the defaults).
+    retune_days: float = _env("RECSVC_RETUNE_DAYS", 30.0)
+    # Wall-clock bound of one model selection (`recsvc tune`, `train --tune`, a re-tune in retrain).
+    tune_budget_s: float = _env("RECSVC_TUNE_BUDGET_S", 900.0)
 
 
 @dataclass(frozen=True)

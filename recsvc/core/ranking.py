@@ -17,6 +17,7 @@ Ties are broken by the lower item index everywhere, so answers are deterministic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -204,6 +205,7 @@ def recommend_for_vector(
     filters: Filters,
     n: int,
     exclude_items: np.ndarray | None = None,
+    scores: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score every item for ``user_vector``, apply the filters, return the top ``n``.
 
@@ -219,6 +221,9 @@ def recommend_for_vector(
         Items wanted.
     exclude_items : np.ndarray, optional
         More int item indices to leave out (on top of ``filters.exclude``).
+    scores : np.ndarray, optional
+        The user's score of every item when already computed (a blended model); by default
+        ``item_factors @ user_vector``.
 
     Returns
     -------
@@ -227,7 +232,8 @@ def recommend_for_vector(
         pass the filters; then the answer is every item that does.
     """
     filters = filters.with_exclusions(exclude_items)
-    scores = score_items(model.item_factors, user_vector)
+    if scores is None:
+        scores = score_items(model.item_factors, user_vector)
     return top_n_from_scores(scores, allowed_mask(model, filters), n)
 
 
@@ -238,11 +244,14 @@ def recommend_from_cache(
     user_vector: np.ndarray | None,
     filters: Filters,
     n: int,
+    score_all: Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Top ``n`` for a known user from the cached top-K list, falling back to full scoring.
 
     ``cached_items`` is best first. ``cached_scores`` may be None when ``user_vector`` is given: then
-    only the returned items are scored (``item_factors[items] @ user_vector``).
+    only the returned items are scored (``item_factors[items] @ user_vector``, a plain ALS model).
+    ``score_all`` returns the user's score of every item when the cached list runs short (a blended
+    model's :meth:`~recsvc.core.scoring.Scorer.score_one`); without it, ``item_factors @ user_vector``.
 
     Returns
     -------
@@ -264,10 +273,13 @@ def recommend_from_cache(
     if len(items) >= n or len(cached_items) >= model.n_items:
         # Enough survived, or the cache held every item so nothing else can pass the filters.
         return items.astype(np.int32, copy=False), scores.astype(np.float32, copy=False), "cache"
-    if user_vector is not None:
-        full_items, full_scores = top_n_from_scores(
-            score_items(model.item_factors, user_vector), allowed_mask(model, filters, excluded), n
-        )
+    if score_all is not None or user_vector is not None:
+        if score_all is not None:
+            every = score_all()
+        else:
+            assert user_vector is not None  # one of the two, by the condition above
+            every = score_items(model.item_factors, user_vector)
+        full_items, full_scores = top_n_from_scores(every, allowed_mask(model, filters, excluded), n)
         return full_items, full_scores, "full"
     items, scores = fill_from_popularity(model, filters, n, items, scores)
     return items, scores, "popular"

@@ -54,7 +54,7 @@ DEFAULT_EVENT_WEIGHTS: dict[str, float] = {
 }
 
 
-DEFAULT_SCALING = "linear"
+DEFAULT_SCALING = "log"
 DEFAULT_ALPHA = 5.0
 DEFAULT_REGULARIZATION = 1.0
 DEFAULT_BM25_K1 = 1.2
@@ -673,6 +673,20 @@ def unscale_row(indices: np.ndarray, confidence: np.ndarray, recipe: RowRecipe) 
         length = k1 * (1.0 - b) * total / denominator
     norm = k1 * (1.0 - b + b * length / avg)
     return np.maximum(ratio * norm, np.finfo(np.float64).tiny)
+
+
+def unscale(confidence: sp.csr_matrix, recipe: RowRecipe) -> sp.csr_matrix:
+    """:func:`unscale_row` of every row: the summed raw weights behind a confidence matrix (float32)."""
+    out = sp.csr_matrix(confidence, dtype=np.float64, copy=True)
+    scaling = recipe.weighting.scaling
+    if scaling == "log":
+        out.data = np.expm1(out.data)
+    elif scaling == "bm25":
+        for u in range(out.shape[0]):
+            lo, hi = out.indptr[u], out.indptr[u + 1]
+            if hi > lo:
+                out.data[lo:hi] = unscale_row(out.indices[lo:hi], out.data[lo:hi], recipe)
+    return sp.csr_matrix(out, dtype=np.float32)
 
 
 def _bm25_avg(recipe: RowRecipe) -> float:

@@ -23,12 +23,14 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
+import scipy.sparse as sp
 
 from recsvc.core.artifact import Artifact, ArtifactError, BundleCandidates, latest_version, read_artifact
 from recsvc.core.config import Config
 from recsvc.core.errors import NotPublished
 from recsvc.core.ids import IdMap
 from recsvc.core.repurchase import RepurchaseParams, UserHistory
+from recsvc.core.scoring import PLAIN_ALS, ModelSpec, Scorer
 from recsvc.storage import codec, keys, reads
 from recsvc.storage import repurchase as repurchase_store
 
@@ -40,6 +42,15 @@ T = TypeVar("T")
 def _readonly(arr: np.ndarray) -> np.ndarray:
     arr.flags.writeable = False
     return arr
+
+
+def _readonly_csr(matrix: sp.csr_matrix | None) -> sp.csr_matrix | None:
+    if matrix is None:
+        return None
+    matrix = sp.csr_matrix(matrix, dtype=np.float32)
+    for arr in (matrix.data, matrix.indices, matrix.indptr):
+        arr.flags.writeable = False
+    return matrix
 
 
 @dataclass(eq=False)
@@ -68,6 +79,15 @@ class ServingModel:
         int32 item indices, most popular first; ``popular_by_category[code]`` the same per category.
     bundles : BundleCandidates
         The artifact's bundle candidates per anchor item.
+    spec : ModelSpec
+        How the model blends ALS, item-kNN and popularity (plain ALS for older versions).
+    similarity : scipy.sparse.csr_matrix or None
+        Item-kNN neighbours per item (the blend's kNN part), read-only.
+    prior : numpy.ndarray or None
+        The blend's popularity prior per item.
+    stored_scores : bool
+        Whether per-user records carry their top-K scores (blends) or scores are recomputed from the
+        user vector (plain ALS).
     k : int
         Length of each user's cached top-K list in Redis.
     n_buckets : int
@@ -97,6 +117,10 @@ class ServingModel:
     n_buckets: int
     n_users: int
     index_dtype: str = "<i4"  # packed dtype of item indices in per-user records
+    spec: ModelSpec = PLAIN_ALS
+    similarity: sp.csr_matrix | None = None
+    prior: np.ndarray | None = None
+    stored_scores: bool = False
     origin: str = "redis"
     repurchase: RepurchaseParams | None = None
     loaded_at: float = field(default_factory=time.time)
@@ -140,6 +164,11 @@ class ServingModel:
 
         return self.memo("unit_item_factors", build)
 
+    @property
+    def scorer(self) -> Scorer:
+        """The version's :class:`~recsvc.core.scoring.Scorer` (built once, shared by threads)."""
+        return self.memo("scorer", lambda: Scorer(self.spec, self.item_factors, self.similarity, self.prior))
+
     def memo(self, name: Hashable, build: Callable[[], T]) -> T:
         """Per-version derived data (e.g. fold-in's YtY), built once and shared by threads."""
         try:
@@ -176,7 +205,7 @@ class ServingModel:
             return None
         a = self._local_artifact
         vector = a.user_factors[u]
-        row = a.purchases[u]
+        row = (a.interactions if self.spec.excludes_interacted else a.purchases)[u]
         return UserRecord(
             user_id, np.zeros(0, np.int32), vector, row.indices.astype(np.int32), a.item_factors
         )
@@ -222,6 +251,10 @@ class ServingModel:
             n_buckets=keys.bucket_count(n_users),
             n_users=n_users,
             index_dtype=codec.index_dtype(artifact.n_items),
+            spec=artifact.spec(),
+            similarity=_readonly_csr(artifact.similarity),
+            prior=None if artifact.prior is None else _readonly(np.asarray(artifact.prior, dtype=np.float32)),
+            stored_scores=not artifact.spec().is_plain_als,
             origin="artifact",
             repurchase=artifact.repurchase.params if artifact.repurchase is not None else None,
         )
@@ -250,9 +283,10 @@ class ServingModel:
             name = raw_name.decode()
             if name.startswith("c"):
                 by_category[int(name[1:])] = _readonly(codec.unpack_indices(value))
+        manifest = json.loads(stored.manifest or b"{}")
         return cls(
             version=version,
-            manifest=json.loads(stored.manifest or b"{}"),
+            manifest=manifest,
             item_ids=item_ids,
             item_index=IdMap(item_ids),
             item_factors=_readonly(np.frombuffer(items[b"factors"], dtype="<f4").reshape(n_items, factors)),
@@ -275,6 +309,12 @@ class ServingModel:
             n_buckets=int(info["n_buckets"]),
             n_users=int(info["n_users"]),
             index_dtype=info.get("index_dtype", "<i4"),
+            spec=ModelSpec.from_mapping(manifest.get("model"), source=f"version {version}: model"),
+            similarity=_readonly_csr(codec.csr_from_mapping(stored.similarity))
+            if stored.similarity
+            else None,
+            prior=_readonly(np.frombuffer(items[b"prior"], dtype="<f4")) if b"prior" in items else None,
+            stored_scores=info.get("scores") == "1",
             origin="redis",
             repurchase=repurchase_store.params_from_mapping(stored.repurchase),
         )
@@ -294,10 +334,11 @@ class ServingModel:
 
 @dataclass(frozen=True)
 class UserRecord:
-    """A user's per-request data: cached top-K, user factors, purchased items (all read-only).
+    """A user's per-request data: cached top-K, user factors, excluded items (all read-only).
 
-    ``topk_scores`` is computed on first use (``item_factors[topk_items] @ vector``): the
-    recommendation path scores only the items it returns.
+    ``purchased`` holds the items the user is never shown again: their purchases, or every item they
+    interacted with when the model's exclusion rule says so. ``topk_scores`` are the stored scores
+    (blends) or, for plain ALS, computed on first use (``item_factors[topk_items] @ vector``).
     """
 
     user_id: str
@@ -305,10 +346,13 @@ class UserRecord:
     vector: np.ndarray  # float32 (factors,)
     purchased: np.ndarray  # int32 item indices
     item_factors: np.ndarray | None = field(default=None, repr=False)  # the model's, for topk_scores
+    stored_scores: np.ndarray | None = field(default=None, repr=False)
 
     @functools.cached_property
     def topk_scores(self) -> np.ndarray:
         """float32 scores of ``topk_items``, best first."""
+        if self.stored_scores is not None:
+            return self.stored_scores
         assert self.item_factors is not None  # both constructors pass the model's item factors
         return (self.item_factors[self.topk_items] @ self.vector).astype(np.float32)
 
@@ -340,8 +384,10 @@ def fetch_user(
     live, value, probes = reads.read_user(client, model.user_key("topk", user_id), user_id, probe_keys)
     if value is None:
         return live, None, probes
-    items, vector, purchased = codec.unpack_user(value, model.k, model.factors, model.index_dtype)
-    return live, UserRecord(user_id, items, vector, purchased, model.item_factors), probes
+    items, scores, vector, purchased = codec.unpack_user(
+        value, model.k, model.factors, model.index_dtype, model.stored_scores
+    )
+    return live, UserRecord(user_id, items, vector, purchased, model.item_factors, scores), probes
 
 
 class ModelCache:

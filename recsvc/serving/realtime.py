@@ -19,6 +19,7 @@ import redis
 from recsvc.core import ranking
 from recsvc.core.contract import PURCHASE
 from recsvc.core.foldin import fold_in, gramian
+from recsvc.core.scoring import PLAIN_ALS
 from recsvc.core.weighting import RowRecipe, add_raw_rows, raw_user_row, scale_row, unscale_row
 from recsvc.storage import codec
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
@@ -83,12 +84,17 @@ class RealtimeVector:
         ``trained_until`` for a known one (events on unknown items and zero-weight events included).
     known_user : bool
         The model has the user: their training row was part of the solve.
+    indices, raw : numpy.ndarray
+        The row solved for: item indices (training row plus new events) and their raw summed
+        weights, which a blended model's item-kNN and history parts score from.
     """
 
     vector: np.ndarray
     purchased: np.ndarray
     events_used: int
     known_user: bool
+    indices: np.ndarray
+    raw: np.ndarray
 
 
 def realtime_vector(
@@ -159,6 +165,8 @@ def realtime_vector(
         purchased=np.unique(bought).astype(np.int32),
         events_used=len(recent),
         known_user=known_user,
+        indices=indices.astype(np.int32),
+        raw=raw.astype(np.float32),
     )
 
 
@@ -272,9 +280,27 @@ def rank_folded(model: Any, folded: RealtimeVector, filters: Any, n: int) -> tup
     """Score every item for a folded-in vector and keep the top ``n`` under ``filters`` (pure numpy).
 
     The user's new purchases join ``filters.purchased``, so "already bought" (and its repurchase
-    exemption by category) covers them like purchases the model was trained on.
+    exemption by category) covers them like purchases the model was trained on; for a model that
+    excludes everything a user interacted with, the new events' items join it too. A blended model
+    scores with its :class:`~recsvc.core.scoring.Scorer` over the folded row.
     """
-    if len(folded.purchased):
-        purchased = np.concatenate((np.asarray(filters.purchased, dtype=np.int32), folded.purchased))
+    spec = getattr(model, "spec", PLAIN_ALS)
+    gone = folded.indices if spec.excludes_interacted else folded.purchased
+    if len(gone):
+        purchased = np.concatenate((np.asarray(filters.purchased, dtype=np.int32), gone))
         filters = dataclasses.replace(filters, purchased=purchased)
-    return ranking.recommend_for_vector(model, folded.vector, filters, n)
+    scores = None
+    if not spec.is_plain_als:
+        scores = model.scorer.score_one(folded.indices, folded.raw, folded.vector)
+    return ranking.recommend_for_vector(model, folded.vector, filters, n, scores=scores)
+
+
+def raw_training_row(model: Any, indices: np.ndarray, confidence: np.ndarray) -> np.ndarray:
+    """The raw summed weights behind a stored training row (what a blended model scores from).
+
+    A version fold-in cannot use (:class:`FoldInState` without parameters) keeps the stored values.
+    """
+    params = foldin_state(model).params
+    if params is None or len(indices) == 0:
+        return np.asarray(confidence, dtype=np.float32)
+    return unscale_row(indices, confidence, params).astype(np.float32)

@@ -404,10 +404,23 @@ class Recommender:
         record = ctx.record
         if record is None:
             return None
-        # Scores only for the items returned (the cached list is in score order).
-        items, scores, _how = ranking.recommend_from_cache(
-            ctx.model, record.topk_items, None, record.vector, ctx.filters, ctx.n
-        )
+        model = ctx.model
+        if model.stored_scores:
+            # A blend: the list carries its scores; when it runs short every item is scored from
+            # the user's training row (one more read, only then).
+            def score_all() -> np.ndarray:
+                indices, confidence = model.training_row(self.client, record.user_id)
+                raw = realtime.raw_training_row(model, indices, confidence)
+                return model.scorer.score_one(indices, raw, record.vector)
+
+            items, scores, _how = ranking.recommend_from_cache(
+                model, record.topk_items, record.topk_scores, record.vector, ctx.filters, ctx.n, score_all
+            )
+        else:
+            # Scores only for the items returned (the cached list is in score order).
+            items, scores, _how = ranking.recommend_from_cache(
+                model, record.topk_items, None, record.vector, ctx.filters, ctx.n
+            )
         return items, scores, Source.PERSONALIZED, None
 
     def _popular(self, ctx: _Context) -> tuple[Any, ...]:

@@ -10,43 +10,64 @@ import json
 from typing import overload
 
 import numpy as np
+import scipy.sparse as sp
 
 from recsvc.core.artifact import Artifact
 
 
 def index_dtype(n_items: int) -> str:
-    """Packed dtype of item indices: 2 bytes while the catalog fits, else 4 (little-endian)."""
-    return "<u2" if n_items <= 65_536 else "<i4"
+    """Packed dtype of item indices: 2 bytes while the catalog fits (the top value pads), else 4."""
+    return "<u2" if n_items <= 0xFFFF else "<i4"
 
 
-def pack_user_rows(indices: np.ndarray, vectors: np.ndarray, dtype: str) -> np.ndarray:
-    """One row of bytes per user: the top-K item indices (``dtype``) then the float32 user factors.
+def pad_index(dtype: str) -> int:
+    """The index that pads a cached list shorter than K (never a real item of the version)."""
+    return 0xFFFF if np.dtype(dtype).itemsize == 2 else np.iinfo(np.int32).max
 
-    The stored value of a user is this row followed by the indices of the items they bought
-    (variable length, same ``dtype``), so one ``HGET`` returns everything a request needs. Scores are
-    not stored: ``item_factors[indices] @ vector`` recomputes them exactly at request time, which
-    keeps a user at ~0.7 KB instead of ~1.9 KB for K = 200.
+
+def pack_user_rows(
+    indices: np.ndarray, scores: np.ndarray | None, vectors: np.ndarray, dtype: str
+) -> np.ndarray:
+    """One row of bytes per user: top-K item indices (``dtype``), their float32 scores (when given),
+    then the float32 user factors.
+
+    The stored value of a user is this row followed by the indices of the items they may not be
+    shown again (variable length, same ``dtype``), so one ``HGET`` returns everything a request
+    needs. ``-1`` in ``indices`` (fewer than K candidates) is stored as :func:`pad_index`. A plain
+    ALS model stores no scores: ``item_factors[indices] @ vector`` gives them back exactly, which
+    keeps a user at ~0.7 KB instead of ~1.5 KB for K = 200.
     """
-    parts = [
-        np.ascontiguousarray(indices, dtype=dtype).view(np.uint8),
-        np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8),
-    ]
+    idx = np.where(np.asarray(indices) < 0, pad_index(dtype), indices)
+    parts = [np.ascontiguousarray(idx, dtype=dtype).view(np.uint8)]
+    if scores is not None:
+        parts.append(np.ascontiguousarray(scores, dtype="<f4").view(np.uint8))
+    parts.append(np.ascontiguousarray(vectors, dtype="<f4").view(np.uint8))
     return np.concatenate([p.reshape(len(indices), -1) for p in parts], axis=1)
 
 
 def unpack_user(
-    value: bytes, k: int, factors: int, dtype: str = "<i4"
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Inverse of the per-user value: ``(top-K item indices, user vector, purchased item indices)``.
+    value: bytes, k: int, factors: int, dtype: str = "<i4", with_scores: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray]:
+    """Inverse of the per-user value: ``(top-K items, their scores or None, user vector, excluded)``.
 
-    Indices come back as int32 whatever their packed ``dtype``.
+    Indices come back as int32 whatever their packed ``dtype``; padding is dropped.
     """
     width = np.dtype(dtype).itemsize
     # copy=False: with 4-byte indices these stay read-only views of ``value`` (no copy per request).
     indices = np.frombuffer(value, dtype=dtype, count=k).astype(np.int32, copy=False)
-    vector = np.frombuffer(value, dtype="<f4", count=factors, offset=width * k)
-    purchased = np.frombuffer(value, dtype=dtype, offset=width * k + 4 * factors).astype(np.int32, copy=False)
-    return indices, vector, purchased
+    offset = width * k
+    scores = None
+    if with_scores:
+        scores = np.frombuffer(value, dtype="<f4", count=k, offset=offset)
+        offset += 4 * k
+    vector = np.frombuffer(value, dtype="<f4", count=factors, offset=offset)
+    excluded = np.frombuffer(value, dtype=dtype, offset=offset + 4 * factors).astype(np.int32, copy=False)
+    pad = pad_index(dtype)
+    if k and indices[-1] == pad:
+        real = int(np.argmax(indices == pad))
+        indices = indices[:real]
+        scores = None if scores is None else scores[:real]
+    return indices, scores, vector, excluded
 
 
 def unpack_indices(value: bytes | None) -> np.ndarray:
@@ -107,8 +128,36 @@ class PackedRows:
         return self.indices[self.width * lo : self.width * hi] + self.data[4 * lo : 4 * hi]
 
 
-def items_mapping(artifact: Artifact) -> dict[str, bytes | str]:
+def csr_mapping(matrix: sp.csr_matrix) -> dict[str, bytes]:
+    """A CSR matrix as hash fields: ``shape`` (2 x int64), ``indptr`` (int64), ``indices`` (int32),
+    ``data`` (float32)."""
+    m = sp.csr_matrix(matrix)
     return {
+        "shape": array_bytes(np.asarray(m.shape), "<i8"),
+        "indptr": array_bytes(m.indptr, "<i8"),
+        "indices": array_bytes(m.indices, "<i4"),
+        "data": array_bytes(m.data, "<f4"),
+    }
+
+
+def csr_from_mapping(fields: dict[bytes, bytes]) -> sp.csr_matrix:
+    """Inverse of :func:`csr_mapping` (arrays are read-only views of the reply)."""
+    shape = np.frombuffer(fields[b"shape"], dtype="<i8")
+    return sp.csr_matrix(
+        (
+            np.frombuffer(fields[b"data"], dtype="<f4"),
+            np.frombuffer(fields[b"indices"], dtype="<i4"),
+            np.frombuffer(fields[b"indptr"], dtype="<i8"),
+        ),
+        shape=(int(shape[0]), int(shape[1])),
+        copy=False,
+    )
+
+
+def items_mapping(artifact: Artifact) -> dict[str, bytes | str]:
+    prior = {} if artifact.prior is None else {"prior": array_bytes(artifact.prior, "<f4")}
+    return {
+        **prior,
         "ids": json.dumps(list(artifact.item_ids), separators=(",", ":")),
         "titles": json.dumps(list(artifact.titles), ensure_ascii=False, separators=(",", ":")),
         "categories": json.dumps(list(artifact.categories), ensure_ascii=False, separators=(",", ":")),

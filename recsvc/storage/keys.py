@@ -18,6 +18,7 @@ the tags are just part of the names. Layout::
     {recsvc}:v:<V>:popular             hash    "*" -> item indices by popularity; "c<code>" per category
     {recsvc}:v:<V>:bundles             hash    the bundle candidates CSR
     {recsvc}:v:<V>:repurchase          hash    the repurchase model's item parameters (buy again)
+    {recsvc}:v:<V>:similarity          hash    the item-kNN similarity CSR (blended models only)
     {recsvc}:lock:events-dump, {recsvc}:events:dump:commit:<stream>   the dump's lock and commit record
     {recsvc}:lock:retrain              string  the nightly retrain's lock
     {recsvc}:experiments               hash    experiment name -> JSON definition
@@ -26,7 +27,8 @@ the tags are just part of the names. Layout::
     per-user keys, tag {<group tag>} of the user's group g = crc32(user_id) mod GROUPS
     {G}:model:current, {G}:model:epoch the live pointer copied per group, and the flip epoch it
                                        was copied at (the request script reads it with the user)
-    {G}:v:<V>:topk:<b>                 hash    user_id -> packed top-K, user factors, purchases
+    {G}:v:<V>:topk:<b>                 hash    user_id -> packed top-K (+ scores), user factors,
+                                               the items never shown again
     {G}:v:<V>:interactions:<b>         hash    user_id -> packed training row (fold-in)
     {G}:v:<V>:repurchase:<b>           hash    user_id -> packed bought items (buy again)
     {G}:recent:<user_id>               list    a user's newest events (fold-in)
@@ -96,7 +98,7 @@ VERSION_INFO_PATTERN = f"{VERSION_PREFIX}*:info"
 #: Parts of a version stored once under the control tag (the rest is per-user buckets).
 #: Part name of the repurchase model: a version-wide hash, and per-user buckets.
 REPURCHASE_PART = "repurchase"
-VERSION_PARTS = ("info", "manifest", "items", "popular", "bundles", REPURCHASE_PART)
+VERSION_PARTS = ("info", "manifest", "items", "popular", "bundles", "similarity", REPURCHASE_PART)
 #: Parts stored per user bucket.
 BUCKET_PARTS = ("topk", "interactions", REPURCHASE_PART)
 

@@ -51,6 +51,7 @@ class StoredVersion:
     items: dict[bytes, bytes]
     popular: dict[bytes, bytes]
     bundles: dict[bytes, bytes]
+    similarity: dict[bytes, bytes]  # empty for models without an item-kNN part
     repurchase: dict[bytes, bytes] = field(default_factory=dict)  # empty: no repurchase model
 
     @property
@@ -66,14 +67,16 @@ def read_version(client: redis.Redis, version: str) -> StoredVersion:
     pipe.hgetall(keys.version(version, "items"))
     pipe.hgetall(keys.version(version, "popular"))
     pipe.hgetall(keys.version(version, "bundles"))
+    pipe.hgetall(keys.version(version, "similarity"))
     pipe.hgetall(keys.version(version, keys.REPURCHASE_PART))
-    info, manifest, items, popular, bundles, repurchase = pipe.execute()
+    info, manifest, items, popular, bundles, similarity, repurchase = pipe.execute()
     return StoredVersion(
         info={codec.text(k): codec.text(v) for k, v in info.items()},
         manifest=manifest,
         items=items,
         popular=popular,
         bundles=bundles,
+        similarity=similarity,
         repurchase=repurchase,
     )
 

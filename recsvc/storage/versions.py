@@ -24,17 +24,19 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import redis
+import scipy.sparse as sp
 from redis.typing import EncodableT, FieldT
 
 from recsvc.core.artifact import Artifact, ArtifactError, read_artifact, resolve
 from recsvc.core.config import Config
 from recsvc.core.ids import is_valid_version
-from recsvc.core.topk import topk_for_users
+from recsvc.core.topk import SCORE_CHUNK_ELEMENTS
 from recsvc.storage import codec, holders, keys
 from recsvc.storage import repurchase as repurchase_store
 from recsvc.storage.codec import (
     PackedRows,
     array_bytes,
+    csr_mapping,
     index_dtype,
     items_mapping,
     pack_user_rows,
@@ -372,6 +374,9 @@ def _write_version(
     k = min(config.serving.topk_cached, n_items)
     n_buckets = keys.bucket_count(n_users)
     manifest = artifact.manifest
+    scorer = artifact.scorer()
+    store_scores = not scorer.spec.is_plain_als
+    dtype = index_dtype(n_items)
     info: dict[FieldT, EncodableT] = {
         "status": "writing",
         "version": version,
@@ -379,7 +384,8 @@ def _write_version(
         "n_items": n_items,
         "factors": factors,
         "k": k,
-        "index_dtype": index_dtype(n_items),
+        "index_dtype": dtype,
+        "scores": int(store_scores),
         "n_buckets": n_buckets,
         "n_categories": len(artifact.categories),
         "created_at": str(manifest.get("created_at", "")),
@@ -404,6 +410,11 @@ def _write_version(
             "support": array_bytes(b.support, "<i4"),
         },
     )
+    if artifact.similarity is not None:
+        client.hset(
+            keys.version(version, "similarity"),
+            mapping=cast("Mapping[FieldT, EncodableT]", csr_mapping(artifact.similarity)),
+        )
     repurchase_store.write_params(client, artifact)
 
     if n_users == 0:
@@ -416,24 +427,28 @@ def _write_version(
     # (chunk, bucket) carries many users.
     order = np.argsort(buckets, kind="stable")
     user_factors = np.ascontiguousarray(artifact.user_factors[order])
-    item_factors = np.ascontiguousarray(artifact.item_factors)
-    bought = PackedRows(artifact.purchases, index_dtype(n_items), weighted=False)
+    raw = artifact.raw_interactions()[order]
+    never = _never_again(artifact)
+    # Items bought again (the learned rate, the operator's categories) stay in the lists: serving
+    # exempts them from "already bought" by the same rule (core.repurchase.repurchasable_items).
+    exempt = artifact.repurchasable(config.serving.repurchase_min_rate, config.serving.repurchase_categories)
+    excluded = PackedRows(never, dtype, weighted=False)
+    blocked = never[order]
+    blocked.data = (~exempt[blocked.indices]).astype(np.float32)
+    blocked.eliminate_zeros()
     weighted = PackedRows(artifact.interactions, "<i4", weighted=True)
     topk_keys = [keys.bucket(version, "topk", b).encode() for b in range(n_buckets)]
     inter_keys = [keys.bucket(version, "interactions", b).encode() for b in range(n_buckets)]
+    chunk_rows = max(1, SCORE_CHUNK_ELEMENTS // max(1, n_items))
 
     # Scoring (numpy, GIL released) of the next chunk overlaps with sending this one to Redis.
     with _RawWriter(client) as writer:
-        chunks = topk_for_users(user_factors, item_factors, k)
-        while True:
+        for start in range(0, n_users, chunk_rows):
             t0 = time.perf_counter()
-            try:
-                start, idx, _scores = next(chunks)
-            except StopIteration:
-                break
+            stop = min(n_users, start + chunk_rows)
+            idx, top_scores = scorer.top_k(raw[start:stop], user_factors[start:stop], k, blocked[start:stop])
             timing["score_seconds"] += time.perf_counter() - t0
-            stop = start + len(idx)
-            rows = pack_user_rows(idx, user_factors[start:stop], index_dtype(n_items))
+            rows = pack_user_rows(idx, top_scores if store_scores else None, user_factors[start:stop], dtype)
             row_len, packed = rows.shape[1], rows.tobytes()
             chunk_users = order[start:stop]
             chunk_buckets = buckets[chunk_users]
@@ -444,7 +459,7 @@ def _write_version(
                 members = chunk_users[lo:hi].tolist()
                 names = [user_names[u] for u in members]
                 values = [
-                    packed[row_len * j : row_len * (j + 1)] + bought.row(u)
+                    packed[row_len * j : row_len * (j + 1)] + excluded.row(u)
                     for j, u in enumerate(members, start=lo)
                 ]
                 writer.hset(topk_keys[bucket], names, values)
@@ -457,6 +472,13 @@ def _write_version(
             if progress is not None:
                 progress(stop - start)
         repurchase_store.write(writer.hset, artifact, n_buckets, index_dtype(n_items), writer.flush)
+
+
+def _never_again(artifact: Artifact) -> sp.csr_matrix:
+    """Per user, the items their list never holds: their purchases, or every item they interacted
+    with when the model's exclusion rule says so (``manifest["exclusion"]``)."""
+    spec = artifact.spec()
+    return (artifact.interactions if spec.excludes_interacted else artifact.purchases).tocsr()
 
 
 class _RawWriter:
@@ -590,18 +612,19 @@ def verify_version(client: redis.Redis, artifact: Artifact, config: Config) -> N
         for user in users:
             pipe.hget(keys.bucket(version, "topk", keys.user_bucket(user, n_buckets)), user)
         values = pipe.execute()
-        purchases = artifact.purchases.tocsr()
+        never = _never_again(artifact)
         dtype = info["index_dtype"]
-        width = np.dtype(dtype).itemsize
+        with_scores = info.get("scores") == "1"
+        fixed = np.dtype(dtype).itemsize * k + (4 * k if with_scores else 0) + 4 * factors
         for u, user, value in zip(sample, users, values, strict=True):
-            bought = purchases.indices[purchases.indptr[u] : purchases.indptr[u + 1]]
-            if value is None or len(value) != width * (k + len(bought)) + 4 * factors:
+            excluded = never.indices[never.indptr[u] : never.indptr[u + 1]]
+            if value is None or len(value) != fixed + np.dtype(dtype).itemsize * len(excluded):
                 raise PublishError(f"verify {version}: record of user {user!r} missing or truncated")
-            _, vector, stored_bought = unpack_user(value, k, factors, dtype)
+            _, _, vector, stored_excluded = unpack_user(value, k, factors, dtype, with_scores)
             if not np.array_equal(vector, artifact.user_factors[u]):
                 raise PublishError(f"verify {version}: user factors of {user!r} differ from the artifact")
-            if not np.array_equal(stored_bought, bought):
-                raise PublishError(f"verify {version}: purchases of {user!r} differ from the artifact")
+            if not np.array_equal(stored_excluded, excluded):
+                raise PublishError(f"verify {version}: excluded items of {user!r} differ from the artifact")
         pipe = client.pipeline(transaction=False)
         for b in range(n_buckets):
             pipe.hlen(keys.bucket(version, "interactions", b))

@@ -52,7 +52,7 @@ def test_train_prints_version_folder_and_metrics_table(trained):
     (version,) = list_versions(models)
     lines = result.stdout.splitlines()
     assert lines[0] == str(version)
-    assert any(line.startswith("als ") for line in lines) and any(
+    assert any(line.startswith("model ") for line in lines) and any(
         line.startswith("popularity ") for line in lines
     )
     assert "loaded" in result.stderr  # the load report goes to stderr
@@ -73,7 +73,9 @@ def test_recommend_writes_top_n_without_purchased_items(trained, tmp_path):
     users = {r["user_id"] for r in rows}
     assert users == set(artifact.user_ids)
     item_index, user_index = artifact.item_index(), artifact.user_index()
-    bought = artifact.purchases.tocsr()
+    spec = artifact.spec()
+    # What a list never holds: purchases, or everything touched when the shop's rule says so.
+    bought = (artifact.interactions if spec.excludes_interacted else artifact.purchases).tocsr()
     unavailable = {artifact.item_ids[i] for i in np.flatnonzero(~artifact.available)}
     per_user: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
@@ -85,9 +87,9 @@ def test_recommend_writes_top_n_without_purchased_items(trained, tmp_path):
         assert [rank for rank, _ in ranked] == list(range(1, len(ranked) + 1)) and len(ranked) == 5
         scores = [score for _, score in ranked]
         assert scores == sorted(scores, reverse=True)
-    # The first user's list equals a direct numpy ranking of the factors.
+    # The first user's list equals the model's own scoring, as publishing ranks.
     u = user_index[rows[0]["user_id"]]
-    scores = artifact.user_factors[u] @ artifact.item_factors.T
+    scores = artifact.scorer().score(artifact.raw_interactions()[[u]], artifact.user_factors[[u]])[0]
     scores[bought[u].indices] = -np.inf
     scores[~artifact.available] = -np.inf
     expected = [artifact.item_ids[i] for i in np.argsort(-scores)[:5]]
@@ -166,10 +168,17 @@ def test_evaluate_prints_table_and_writes_json(sample, tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    assert "(4.0 days)" in result.stdout and "item_knn" in result.stdout
+    assert result.stdout.startswith("split days at ") and "item_knn" in result.stdout
     document = json.loads(out.read_text())
     assert document["params"]["scaling"] == "log"
-    assert document["metrics"]["als"]["ndcg@10"] >= 0
+    assert document["metrics"]["model"]["ndcg@10"] >= 0
+    # Four days leave fewer than 50 test users: a warning, and --strict makes it a failure.
+    assert "degenerate split: only" in result.stdout
+    strict = CliRunner().invoke(
+        main,
+        ["evaluate", "--events", str(sample / "events.csv"), "--split", "days:4", "--strict", *FAST],
+    )
+    assert strict.exit_code == 1 and "--strict: " in strict.output
 
 
 def test_evaluate_dataset_needs_its_files(tmp_path):

@@ -38,6 +38,7 @@ def shop(tmp_path_factory):
     user_ids, item_ids = id_maps(train, weighting)
     raw = raw_matrix(train, user_ids, item_ids, weighting, now=trained_until)
     confidence = to_float32(scale(raw, weighting))
+    params = params.resolved(len(item_ids))  # the regularization fold-in must use
     user_factors, item_factors = fit_als(confidence, params, seed=1, threads=1)
     return {
         "events": events,

@@ -42,12 +42,25 @@ def test_topk_for_users_matches_brute_force_across_chunks():
 
 
 def test_large_catalogs_pack_indices_as_int32():
-    assert codec.index_dtype(65_536) == "<u2" and codec.index_dtype(65_537) == "<i4"
+    # 2 bytes while every index and the pad (0xFFFF) fit.
+    assert codec.index_dtype(65_535) == "<u2" and codec.index_dtype(65_536) == "<i4"
     idx = np.array([[70_000, 3]], dtype=np.int32)
     vec = np.array([[0.5, -1]], dtype=np.float32)
-    value = codec.pack_user_rows(idx, vec, "<i4")[0].tobytes() + np.array([9], "<i4").tobytes()
-    items, vector, bought = codec.unpack_user(value, 2, 2, "<i4")
+    value = codec.pack_user_rows(idx, None, vec, "<i4")[0].tobytes() + np.array([9], "<i4").tobytes()
+    items, scores, vector, bought = codec.unpack_user(value, 2, 2, "<i4")
     assert (items.tolist(), vector.tolist(), bought.tolist()) == ([70_000, 3], [0.5, -1], [9])
+    assert scores is None
+
+
+def test_records_with_scores_and_short_lists_round_trip():
+    idx = np.array([[4, 2, -1]], dtype=np.int32)  # two candidates for K = 3
+    scores = np.array([[2.5, 1.0, -np.inf]], dtype=np.float32)
+    vec = np.array([[1, 2]], dtype=np.float32)
+    value = codec.pack_user_rows(idx, scores, vec, "<u2")[0].tobytes() + np.array([7, 8], "<u2").tobytes()
+    assert len(value) == 2 * 3 + 4 * 3 + 4 * 2 + 2 * 2
+    items, got, vector, excluded = codec.unpack_user(value, 3, 2, "<u2", with_scores=True)
+    assert items.tolist() == [4, 2] and got.tolist() == [2.5, 1.0]  # the pad is dropped
+    assert vector.tolist() == [1, 2] and excluded.tolist() == [7, 8]
 
 
 def test_topk_with_k_beyond_catalog_keeps_every_item():
@@ -79,9 +92,11 @@ def test_publish_writes_a_complete_compact_version(redis_client, artifact, confi
     row = redis_client.hget(keys.bucket(version, "topk", bucket), "u3")
     assert info["index_dtype"] == "<u2"
     assert len(row) == 2 * 50 + 4 * 8 + 2  # top-K uint16 indices, float32 user factors, one purchase
-    idx, vector, bought = codec.unpack_user(row, 50, 8, "<u2")
+    assert info["scores"] == "0"  # plain ALS: scores come back from the factors
+    idx, _, vector, bought = codec.unpack_user(row, 50, 8, "<u2")
     full = artifact.item_factors @ artifact.user_factors[3]
-    assert idx.tolist() == np.lexsort((np.arange(50), -full)).tolist()
+    # Every item but the one bought (left out at publish; the list is padded to K).
+    assert idx.tolist() == [i for i in np.lexsort((np.arange(50), -full)).tolist() if i != 3]
     np.testing.assert_array_equal(vector, artifact.user_factors[3])
     assert bought.tolist() == [3]
     items, weights = codec.unpack_weighted(

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from recsvc.core.topk import block_cells, top_k_rows
 from training.export.picks import (
-    block_cells,
     item_fresh_since,
     merge_ranked,
     popularity_keys,
-    top_k_rows,
     winback_picks,
 )
 from training.export.run import chunk_rows

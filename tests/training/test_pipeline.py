@@ -59,7 +59,13 @@ def test_artifact_written_by_train_model_reads_back(shop, tmp_path):
     digest = hashlib.sha256(Path(events_path).read_bytes() + Path(catalog_path).read_bytes()).hexdigest()
     assert manifest["data_fingerprint"] == digest
     assert result.path.name.endswith(digest[:8])
-    assert manifest["metrics"]["als"]["ndcg@10"] > 0 and "popularity" in manifest["metrics"]
+    assert manifest["metrics"]["model"]["ndcg@10"] > 0 and "popularity" in manifest["metrics"]
+    # The blend and what it excludes are recorded; its parts are in the artifact.
+    assert manifest["model"]["knn"] > 0 and manifest["exclusion"]["exclude"] == "purchased"
+    assert manifest["model"]["exclude"] == "purchased" and 0 <= manifest["exclusion"]["seen_share"] <= 1
+    assert artifact.similarity is not None and artifact.similarity.shape == (artifact.n_items,) * 2
+    assert artifact.prior is not None and artifact.prior.shape == (artifact.n_items,)
+    assert params["regularization"] == pytest.approx(params["regularization_per_item"] * artifact.n_items)
     assert manifest["load_report"]["rows_rejected"] == 0
     assert manifest["trained_until"] == max(
         int(line.split(",")[3]) for line in Path(events_path).read_text().splitlines()[1:]
@@ -134,7 +140,7 @@ def test_failure_before_writing_leaves_no_version(shop, tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("simulated crash in fit")
 
-    monkeypatch.setattr(pipeline, "fit_als", boom)
+    monkeypatch.setattr(pipeline, "fit_model", boom)
     with pytest.raises(RuntimeError, match="simulated"):
         train_model(shop[0], shop[1], models_dir=tmp_path, params=FAST, evaluate=False)
     assert list(tmp_path.iterdir()) == []
@@ -175,12 +181,15 @@ def test_killed_while_writing_leaves_no_readable_half_artifact(shop, tmp_path):
     assert list_versions(models) == [result.path]
 
 
-def test_tune_records_the_search(shop, tmp_path):
-    result = train_model(shop[0], shop[1], models_dir=tmp_path, params=FAST, tune=True, tune_trials=2)
+def test_tune_records_the_search_and_saves_the_choice(shop, tmp_path):
+    from training.tuning import load_choice
+
+    result = train_model(shop[0], shop[1], models_dir=tmp_path, params=FAST, tune=True)
     tuning = result.manifest["tuning"]
-    assert 1 <= len(tuning["trials"]) <= 2 and tuning["metric"] == "ndcg@10"
-    chosen = {k: v for k, v in result.manifest["params"].items() if k != "seed"}
-    assert chosen == tuning["chosen"]
+    assert tuning["metric"] == "ndcg@10" and tuning["reason"]
+    chosen = TrainParams.from_mapping(tuning["chosen"])
+    assert chosen.model.to_dict() == result.manifest["model"] | {"exclude": chosen.model.exclude}
+    assert load_choice(tmp_path)[0] == chosen  # `recsvc train` and retrain reuse it
     json.dumps(result.manifest)  # everything recorded is plain JSON
 
 
@@ -198,5 +207,5 @@ def test_a_log_too_short_to_split_still_trains(tmp_path):
         "u1,i1,view,1600000000\nu1,i2,purchase,1600000100\nu2,i1,purchase,1600000200\n"
     )
     result = train_model(events, models_dir=tmp_path / "models", params=FAST)
-    assert "not evaluated" in result.manifest["metrics"]["note"]
+    assert "no test user" in result.manifest["metrics"]["note"]
     assert read_artifact(result.path).n_users == 2

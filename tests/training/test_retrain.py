@@ -18,7 +18,7 @@ import redis
 from click.testing import CliRunner
 
 from recsvc.cli.retrain import retrain
-from recsvc.core.artifact import list_versions, read_manifest, update_manifest
+from recsvc.core.artifact import list_versions, read_manifest
 from recsvc.core.config import Config
 from recsvc.core.errors import ExitCode
 from recsvc.storage import versions
@@ -52,7 +52,7 @@ def retrain_once(config, shop, **kwargs):
 
 @pytest.fixture
 def config(make_config):
-    return make_config(keep_versions=3)
+    return make_config(keep_versions=3, retune_days=0)
 
 
 def live(client) -> str | None:
@@ -67,34 +67,81 @@ def test_first_run_publishes_and_records_the_gate(shop, config, redis_client):
     gate = read_manifest(config.models_dir / summary.version)["gate"]
     assert gate["passed"] and not gate["forced"] and "nothing live yet" in gate["reason"]
     assert gate["new"] > gate["popularity"]
-    assert summary.params_source == "defaults"
+    assert summary.params_source == "defaults"  # RECSVC_RETUNE_DAYS=0 in the tests' config
     assert set(summary.steps_s) == {"train", "gate", "publish", "prune"}
     assert redis_client.get(LOCK_KEY) is None  # released
 
 
-def test_regression_is_refused_then_forced(shop, config, redis_client):
+def test_the_live_configuration_is_scored_on_the_same_split_and_a_regression_refused(
+    shop, make_config, redis_client
+):
+    from recsvc.core.scoring import PLAIN_ALS
+    from training.als import TrainParams
+
+    config = make_config(keep_versions=3, retune_days=0)
     first = retrain_once(config, shop)
     assert first.exit_code == ExitCode.OK
-    # Make the live model look much better than anything today's data can give.
-    live_path = config.models_dir / first.version
-    metrics = read_manifest(live_path)["metrics"]
-    metrics["als"]["ndcg@10"] = 0.99
-    update_manifest(live_path, metrics=metrics)
 
-    refused = retrain_once(config, shop, tolerance=0.02, params=None)
+    # A worse configuration (still above popularity): the live one, refitted on the candidate's
+    # split, wins.
+    worse = TrainParams(factors=4, iterations=3, model=PLAIN_ALS)
+    refused = retrain_once(config, shop, tolerance=0.02, params=worse)
     assert refused.exit_code == ExitCode.GATE_REFUSED and refused.status == "refused"
     assert live(redis_client) == first.version == refused.live_after
-    gate = read_manifest(config.models_dir / refused.version)["gate"]
-    assert (
-        not gate["passed"] and "worse than live" in gate["reason"] and gate["floor"] == pytest.approx(0.9702)
-    )
-    assert refused.params_source == "live"  # the live model's parameters are reused
+    manifest = read_manifest(config.models_dir / refused.version)
+    gate, scored = manifest["gate"], manifest["metrics"]
+    assert scored["live"]["ndcg@10"] == gate["live"] > gate["new"] == scored["model"]["ndcg@10"]
+    assert scored["live"]["ndcg@10_ci"] and "same_as" not in scored["live"]
+    assert not gate["passed"] and f"worse than live {first.version}'s {gate['live']:.4f}" in gate["reason"]
+    assert f"new ndcg@10 {gate['new']:.4f}" in gate["reason"]
+    assert gate["floor"] == pytest.approx(gate["live"] * 0.98)
+    assert "prune" in refused.steps_s  # a refusal is pruned like any other version
 
-    forced = retrain_once(config, shop, tolerance=0.02, force=True)
+    # Nothing changed: the same configuration scores the same on the same split and passes.
+    again = retrain_once(config, shop, tolerance=0.0)
+    assert again.exit_code == ExitCode.OK, again.gate
+    scored = read_manifest(config.models_dir / again.version)["metrics"]
+    assert scored["live"]["same_as"] == "model" and again.gate["new"] == again.gate["live"]
+
+    forced = retrain_once(config, shop, tolerance=0.02, force=True, params=worse)
     assert forced.exit_code == ExitCode.OK and forced.forced
     assert live(redis_client) == forced.version
     gate = read_manifest(config.models_dir / forced.version)["gate"]
     assert gate["forced"] and not gate["passed"]
+
+
+def test_refused_versions_are_pruned_like_any_other(shop, make_config, redis_client):
+    from recsvc.core.scoring import PLAIN_ALS
+    from training.als import TrainParams
+
+    config = make_config(keep_versions=1, retune_days=0)
+    first = retrain_once(config, shop)
+    worse = TrainParams(factors=4, iterations=3, model=PLAIN_ALS)
+    refusals = [retrain_once(config, shop, params=worse, keep=1) for _ in range(3)]
+    assert all(r.exit_code == ExitCode.GATE_REFUSED for r in refusals)
+    on_disk = {p.name for p in list_versions(config.models_dir)}
+    # The live version stays; of the refused ones only the newest fits in keep=1.
+    assert on_disk == {first.version, refusals[-1].version}
+    assert refusals[-1].pruned == [refusals[-2].version]
+
+
+def test_model_selection_is_saved_reused_and_redone_when_stale(shop, make_config, redis_client):
+    config = make_config(keep_versions=3, retune_days=30)
+    tuned = retrain_once(config, shop, params=None)
+    assert tuned.exit_code == ExitCode.OK and tuned.params_source == "tuned"
+    choice = config.models_dir / "tuning.json"
+    document = json.loads(choice.read_text())
+    assert read_manifest(config.models_dir / tuned.version)["tuning"]["chosen"] == document["chosen"]
+
+    reused = retrain_once(config, shop, params=None)
+    assert reused.params_source == "tuning.json"
+    assert "tuning" not in read_manifest(config.models_dir / reused.version)
+
+    document["created_at"] = "2020-01-01T00:00:00+00:00"  # older than 30 days
+    choice.write_text(json.dumps(document))
+    stale = retrain_once(config, shop, params=None)
+    assert stale.params_source == "tuning.json (re-tuned)"
+    assert json.loads(choice.read_text())["created_at"] > "2020"
 
 
 def test_second_run_while_locked_exits_4(shop, config, redis_client):

@@ -10,50 +10,52 @@ import pytest
 from training.retrain import LOCK_KEY, RetrainLock, gate_decision
 
 
-def metrics(als=None, popularity=None):
+def metrics(model=None, popularity=None, live=None):
+    """A new manifest's metrics: the candidate, popularity and the live configuration, one split."""
     out = {"split": {"test_users": 10}}
-    if als is not None:
-        out["als"] = {"ndcg@10": als}
-    if popularity is not None:
-        out["popularity"] = {"ndcg@10": popularity}
+    for name, value in (("model", model), ("popularity", popularity), ("live", live)):
+        if value is not None:
+            out[name] = {"ndcg@10": value}
     return out
 
 
 def test_gate_passes_within_relative_tolerance():
-    d = gate_decision(metrics(0.196, 0.05), metrics(0.2, 0.05), 0.02, "v1")
+    d = gate_decision(metrics(0.196, 0.05, live=0.2), 0.02, "v1")
     assert d.passed and d.floor == pytest.approx(0.196)  # 0.2 * (1 - 0.02)
     assert "v1" in d.reason and d.new == 0.196 and d.live == 0.2 and d.popularity == 0.05
+    assert "same split" in d.reason
 
 
-def test_gate_refuses_a_regression_beyond_tolerance():
-    d = gate_decision(metrics(0.195, 0.05), metrics(0.2, 0.05), 0.02, "v1")
-    assert not d.passed and "worse than live v1" in d.reason and "0.1960" in d.reason
+def test_gate_refuses_a_regression_beyond_tolerance_naming_both_figures():
+    d = gate_decision(metrics(0.195, 0.05, live=0.2), 0.02, "v1")
+    assert not d.passed and "worse than live v1's 0.2000 on the same split" in d.reason
+    assert "new ndcg@10 0.1950" in d.reason and "0.1960" in d.reason
 
 
 def test_gate_refuses_when_popularity_is_not_beaten():
-    d = gate_decision(metrics(0.05, 0.05), metrics(0.01, 0.01), 0.02, "v1")
+    d = gate_decision(metrics(0.05, 0.05, live=0.01), 0.02, "v1")
     assert not d.passed and "does not beat popularity" in d.reason
-    assert not gate_decision(metrics(0.04, 0.05), None, 0.5).passed
+    assert not gate_decision(metrics(0.04, 0.05), 0.5).passed
 
 
-def test_gate_first_publish_and_live_without_metrics():
-    d = gate_decision(metrics(0.1, 0.05), None, 0.02, None)
+def test_gate_first_publish_and_live_configuration_unknown():
+    d = gate_decision(metrics(0.1, 0.05), 0.02, None)
     assert d.passed and "nothing live yet" in d.reason and d.floor is None
-    d = gate_decision(metrics(0.1, 0.05), {"note": "no test user"}, 0.02, "v0")
-    assert d.passed and "has no ndcg@10" in d.reason
+    d = gate_decision(metrics(0.1, 0.05), 0.02, "v0")
+    assert d.passed and "configuration of live v0 is unknown" in d.reason
 
 
 def test_gate_refuses_without_metrics():
-    assert "evaluation did not run" in gate_decision({"note": "no test user"}, None, 0.02).reason
-    assert not gate_decision(None, None, 0.02).passed
-    assert "no popularity" in gate_decision(metrics(0.1), None, 0.02).reason
-    assert not gate_decision(metrics(float("nan"), 0.01), None, 0.02).passed
+    assert "evaluation did not run" in gate_decision({"note": "no test user"}, 0.02).reason
+    assert not gate_decision(None, 0.02).passed
+    assert "no popularity" in gate_decision(metrics(0.1), 0.02).reason
+    assert not gate_decision(metrics(float("nan"), 0.01), 0.02).passed
 
 
 def test_gate_tolerance_bounds():
-    assert gate_decision(metrics(0.0001, 0.0), metrics(0.2, 0.1), 1.0, "v").passed
+    assert gate_decision(metrics(0.0001, 0.0, live=0.2), 1.0, "v").passed
     with pytest.raises(ValueError):
-        gate_decision(metrics(0.1, 0.0), None, -0.1)
+        gate_decision(metrics(0.1, 0.0), -0.1)
 
 
 def test_lock_is_exclusive_and_names_its_holder(redis_client):

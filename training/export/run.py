@@ -7,8 +7,8 @@ model_version, export_id`` (plus ``bundle_item_ids, bundle_price`` with ``--with
 
 How picks are made (see docs/batch.md for the full story):
 
-* users known to the model (not ``new``): ``user_factors @ item_factors.T`` scored in chunks of
-  users, filtered, top-N (reason ``personalized``);
+* users known to the model (not ``new``): scored in chunks of users by the model's scorer (the
+  blend publishing ranks with, :mod:`recsvc.core.scoring`), filtered, top-N (reason ``personalized``);
 * ``dormant`` users: items in their categories that are new or back in stock since their last visit
   are ranked first (reasons ``winback_new`` / ``winback_back_in_stock``), at most ``winback_slots``
   of them, then the personalized picks;
@@ -38,7 +38,7 @@ import os
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -56,6 +56,7 @@ from recsvc.core.contract import PURCHASE
 from recsvc.core.ids import IdMap
 from recsvc.core.progress import Progress
 from recsvc.core.ranking import mask_positions
+from recsvc.core.topk import block_cells
 from recsvc.storage.connection import connect_admin
 from recsvc.storage.embedded import ensure_redis
 from recsvc.storage.versions import current_version
@@ -79,7 +80,6 @@ from training.export.picks import (
     REASONS,
     WINBACK_BACK_IN_STOCK,
     WINBACK_NEW,
-    block_cells,
     item_fresh_since,
     merge_ranked,
     popularity_keys,
@@ -279,7 +279,8 @@ def _prepare(
     cols = [event_item[bought]]
     warm = np.flatnonzero(model_row >= 0)
     if len(warm):
-        model_purchases = artifact.purchases[model_row[warm]].tocoo()
+        never = artifact.interactions if artifact.spec().excludes_interacted else artifact.purchases
+        model_purchases = never[model_row[warm]].tocoo()
         rows.append(warm[model_purchases.row])
         cols.append(model_purchases.col.astype(np.int64))
     rows_all, items_all = np.concatenate(rows), np.concatenate(cols)
@@ -362,8 +363,18 @@ def chunk_rows(n_columns: int, memory_mb: int) -> int:
     return int(max(16, min(65_536, budget // max(1, n_columns * BYTES_PER_CELL))))
 
 
+def _user_scoring(artifact: Artifact, columns: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Scores of the rankable ``columns`` for model users (rows of the artifact), as served."""
+    scorer = artifact.scorer()
+    if scorer.spec.is_plain_als:
+        item_factors = np.ascontiguousarray(artifact.item_factors[columns])
+        return lambda rows: artifact.user_factors[rows] @ item_factors.T
+    raw = artifact.raw_interactions()
+    return lambda rows: scorer.score(raw[rows], artifact.user_factors[rows])[:, columns]
+
+
 def _rank_chunk(
-    plan: _Plan, item_factors: np.ndarray, user_factors: np.ndarray, lo: int, hi: int, n: int, slots: int
+    plan: _Plan, score_users: Callable[[np.ndarray], np.ndarray], lo: int, hi: int, n: int, slots: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Picks for export users ``lo:hi`` (all warm or all cold): columns, scores, reason codes."""
     warm = lo < plan.n_warm
@@ -377,7 +388,7 @@ def _rank_chunk(
     categories = plan.user_categories[lo:hi].toarray() if need_categories else None
     in_category = None
     if warm:
-        scores = user_factors[plan.model_row[lo:hi]] @ item_factors.T
+        scores = score_users(plan.model_row[lo:hi])
     else:
         assert categories is not None  # need_categories is true for cold users
         scores, in_category = popularity_keys(categories, plan.item_category, plan.popularity_score)
@@ -715,7 +726,7 @@ def run_export(
     plan = _prepare(artifact, events, table, segment, available, history, sent, config)
     bundles = AnchorBundles(artifact, available, price, titles, config) if with_bundles else None
 
-    item_factors = np.ascontiguousarray(artifact.item_factors[plan.columns])
+    score_users = _user_scoring(artifact, plan.columns)
     strings = {
         "user_ids": pa.array(plan.user_ids, type=pa.string()),
         "item_ids": pa.array(artifact.item_ids, type=pa.string()),
@@ -729,7 +740,8 @@ def run_export(
     # A chunk holds a score row per user plus a dense row of category flags (onboarding, win-back);
     # `threads` chunks are ranked at once, so each gets its share of the budget.
     threads = default_threads() if options.threads is None else options.threads
-    step = chunk_rows(len(plan.columns) + plan.user_categories.shape[1], max(1, memory_mb // threads))
+    # (a blend scores every item of the catalogue before keeping the rankable columns)
+    step = chunk_rows(artifact.n_items + plan.user_categories.shape[1], max(1, memory_mb // threads))
     n_users = len(plan.user_ids)
     reasons = np.zeros(len(REASONS), dtype=np.int64)
     rows_written = 0
@@ -754,7 +766,7 @@ def run_export(
         ]
 
         def rank(lo: int, hi: int) -> tuple[int, int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-            return lo, hi, _rank_chunk(plan, item_factors, artifact.user_factors, lo, hi, n, slots)
+            return lo, hi, _rank_chunk(plan, score_users, lo, hi, n, slots)
 
         pending: deque[Future] = deque()
         ranking: deque[Future] = deque()
