@@ -85,19 +85,6 @@ class RepurchaseParams:
     def n_items(self) -> int:
         return len(self.rate)
 
-    @classmethod
-    def empty(cls, n_items: int) -> RepurchaseParams:
-        """Nothing learned: no item is repurchasable (a model trained without purchases)."""
-        return cls(
-            rate=np.zeros(n_items, np.float32),
-            log_interval=np.full(n_items, math.log(30.0), np.float32),
-            buyers=np.zeros(n_items, np.int32),
-            repeat_buyers=np.zeros(n_items, np.int32),
-            within_var=0.5,
-            between_var=0.5,
-            strength=2.0,
-        )
-
 
 @dataclass(frozen=True)
 class UserHistory:
@@ -147,22 +134,6 @@ class PurchaseHistory:
             self.count[lo:hi],
             self.log_interval[lo:hi],
             float(self.pace[user]),
-        )
-
-    def users(self) -> np.ndarray:
-        """The user index of every entry."""
-        return np.repeat(np.arange(self.n_users, dtype=np.int64), np.diff(self.indptr))
-
-    @classmethod
-    def empty(cls, n_users: int) -> PurchaseHistory:
-        e = UserHistory.empty()
-        return cls(
-            np.zeros(n_users + 1, np.int64),
-            e.items,
-            e.last,
-            e.count,
-            e.log_interval,
-            np.zeros(n_users, np.float32),
         )
 
 
