@@ -25,6 +25,8 @@ from training.als import TrainParams
 from training.evaluation import DEFAULT_MAX_TEST_USERS, format_table
 from training.evaluation import evaluate as run_evaluation
 from training.pipeline import data_fingerprint, train_model
+from training.repurchase import evaluate_repurchase
+from training.repurchase import format_report as format_repurchase
 from training.splits import SplitSpec
 from training.tuning import TUNING_FILE, load_choice, save_choice
 from training.tuning import tune as run_tune
@@ -377,6 +379,19 @@ def _train_spark(kwargs: dict[str, Any], common: dict[str, Any], config: Config)
     show_default=True,
     help="Also score bundles (training.cooccurrence.evaluate_bundles).",
 )
+@click.option(
+    "--repurchase/--no-repurchase",
+    default=True,
+    show_default=True,
+    help="Also score the buy-again list against the customers' most frequent and most recent items.",
+)
+@click.option(
+    "--horizon-days",
+    type=click.FloatRange(0, 365, min_open=True),
+    default=7.0,
+    show_default=True,
+    help="Buy again: the window after the split in which a purchase counts.",
+)
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate the model against the baselines on a held-out split and print a table."""
@@ -431,6 +446,12 @@ def evaluate(**kwargs: Any) -> None:
     except ValueError as e:
         raise BadInput(str(e)) from None
     click.echo(format_table(metrics))
+    if kwargs["repurchase"]:
+        try:
+            metrics["repurchase"] = evaluate_repurchase(events, catalog, horizon_days=kwargs["horizon_days"])
+            click.echo(format_repurchase(metrics["repurchase"]))
+        except ValueError as e:
+            _err(f"buy again not evaluated: {e}")
     _err(f"evaluated in {time.perf_counter() - start:.1f}s")
     if kwargs["json_out"]:
         document = {"metrics": metrics, "params": params.to_manifest(kwargs["seed"]), "events": events_paths}
