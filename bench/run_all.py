@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-ORDER = ["train", "quality", "bundles", "export", "realtime", "serve", "experiments", "scale"]
+ORDER = ["train", "quality", "bundles", "repurchase", "export", "realtime", "serve", "experiments", "scale"]
 
 
 def main(argv: list[str]) -> int:

@@ -130,10 +130,13 @@ def floor_app():
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0):
+def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0, blend: bool = True):
+    """A random model of the given size: the default blend (an item-kNN similarity of 100 neighbours
+    per item and a popularity prior, scores stored per user), or plain ALS with ``blend=False``."""
     import scipy.sparse as sp
 
     from recsvc.core.artifact import Artifact, BundleCandidates
+    from recsvc.core.scoring import PLAIN_ALS, ModelSpec, popularity_prior
 
     rng = np.random.default_rng(seed)
     per_user = 10
@@ -147,6 +150,17 @@ def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0):
     )
     purchases.sum_duplicates()
     categories = [f"cat{c}" for c in range(20)]
+    similarity = prior = None
+    if blend:
+        neighbours = min(100, n_items)
+        anchors = np.repeat(np.arange(n_items), neighbours)
+        similarity = sp.csr_matrix(
+            (rng.random(len(anchors)).astype(np.float32), (anchors, rng.integers(0, n_items, len(anchors)))),
+            shape=(n_items, n_items),
+        )
+        similarity.sum_duplicates()
+        prior = popularity_prior(rng.pareto(1.5, n_items))
+    spec = ModelSpec(exclude="purchased") if blend else PLAIN_ALS
     return Artifact(
         item_ids=[f"sku{i:06d}" for i in range(n_items)],
         user_ids=[f"user{u:07d}" for u in range(n_users)],
@@ -161,7 +175,13 @@ def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0):
         interactions=interactions,
         purchases=purchases,
         bundles=BundleCandidates.empty(n_items),
-        manifest={"data_fingerprint": f"bench{seed}", "params": {"factors": factors}},
+        manifest={
+            "data_fingerprint": f"bench{seed}",
+            "params": {"factors": factors, "scaling": "linear"},
+            "model": spec.to_dict(),
+        },
+        similarity=similarity,
+        prior=prior,
     )
 
 
@@ -282,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "default one in the same rounds (paired)",
     )
     parser.add_argument("--seconds", type=int, default=None, help="seconds per load run")
+    parser.add_argument(
+        "--model",
+        choices=("blend", "als"),
+        default="blend",
+        help="the served model: the default blend (scores stored per user) or plain ALS",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, --quick 2)")
     parser.add_argument(
         "--floor",
@@ -326,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             f"# publish: {publish_users:,} users x {publish_items:,} items x {factors} factors, K=200",
             flush=True,
         )
-        big = synthetic_artifact(publish_users, publish_items, factors, seed=1)
+        big = synthetic_artifact(publish_users, publish_items, factors, seed=1, blend=args.model == "blend")
         write_artifact(big, models)
         stats: list[versions.PublishStats] = []
         versions.publish(client, big, config, stats=stats)
@@ -347,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             f"# serving: model of {serve_users:,} users x {serve_items:,} items x {factors} factors",
             flush=True,
         )
-        artifact = synthetic_artifact(serve_users, serve_items, factors, seed=2)
+        artifact = synthetic_artifact(serve_users, serve_items, factors, seed=2, blend=args.model == "blend")
         write_artifact(artifact, models)
         versions.publish(client, artifact, config)
         rng = np.random.default_rng(3)

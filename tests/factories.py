@@ -6,6 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recsvc.core.artifact import Artifact, BundleCandidates
+from recsvc.core.repurchase import PurchaseHistory, RepurchaseModel, RepurchaseParams
 
 #: The API key every test app accepts (see tests/conftest.py).
 API_KEY = "test-key-0123456789"
@@ -127,4 +128,58 @@ def bundle_artifact() -> Artifact:
     a = make_artifact(n_users=20, n_items=50, seed=2)
     a.bundles = bundle_candidates(a.n_items)
     a.available[5] = False
+    return a
+
+
+#: "Now" of :func:`repurchase_model`'s histories: 2024-06-30T00:00:00Z.
+REPURCHASE_NOW = 1_719_705_600
+DAY = 86_400
+
+#: Hand-made histories: user index -> [(item, occasions, days since the last one, own mean
+#: interval in days)]. Items 0-9 are bought again (rate 0.8), the others rarely (0.05); every item's
+#: typical interval is 10 days.
+REPURCHASE_HISTORIES: dict[int, list[tuple[int, int, float, float]]] = {
+    1: [(3, 5, 9.0, 10.0), (6, 1, 2.0, 0.0), (20, 1, 10.0, 0.0), (12, 3, 40.0, 10.0)],
+    2: [(7, 2, 3.0, 10.0)],
+    3: [(3, 4, 9.0, 10.0)],
+    4: [(11, 6, 1.0, 2.0), (2, 1, 9.0, 0.0)],
+}
+
+
+def repurchase_model(n_users: int, n_items: int) -> RepurchaseModel:
+    """A repurchase model with :data:`REPURCHASE_HISTORIES` (variances 0.1, strength 2)."""
+    rate = np.full(n_items, 0.05, np.float32)
+    rate[:10] = 0.8
+    params = RepurchaseParams(
+        rate=rate,
+        log_interval=np.full(n_items, np.log(10.0), np.float32),
+        buyers=np.full(n_items, 10, np.int32),
+        repeat_buyers=np.where(np.arange(n_items) < 10, 8, 1).astype(np.int32),
+        within_var=0.1,
+        between_var=0.1,
+        strength=2.0,
+    )
+    indptr, items, last, count, log_interval = [0], [], [], [], []
+    for user in range(n_users):
+        for item, occasions, ago, own in REPURCHASE_HISTORIES.get(user, []):
+            items.append(item)
+            count.append(occasions)
+            last.append(REPURCHASE_NOW - int(ago * DAY))
+            log_interval.append(np.log(own) if occasions > 1 else 0.0)
+        indptr.append(len(items))
+    history = PurchaseHistory(
+        indptr=np.asarray(indptr, np.int64),
+        items=np.asarray(items, np.int32),
+        last=np.asarray(last, np.int64),
+        count=np.asarray(count, np.int32),
+        log_interval=np.asarray(log_interval, np.float32),
+        pace=np.zeros(n_users, np.float32),
+    )
+    return RepurchaseModel(params, history)
+
+
+def repurchase_artifact(seed: int = 1) -> Artifact:
+    """:func:`make_artifact` (20 users, 50 items) with :func:`repurchase_model`."""
+    a = make_artifact(n_users=20, n_items=50, seed=seed)
+    a.repurchase = repurchase_model(a.n_users, a.n_items)
     return a

@@ -217,3 +217,46 @@ def orders(baskets: dict[str, str], start: int = 1_700_000_000) -> list[tuple[st
         for item in items:
             rows.append((f"user{order}", item, PURCHASE, start + n, order))
     return rows
+
+
+#: Replenishment shop: items 0-19 are consumables with these cycles (days, by item % 5), items
+#: 20-39 durables bought once.
+CYCLES = (7.0, 10.0, 14.0, 21.0, 30.0)
+
+
+def replenishment_shop(
+    seed: int = 0, n_users: int = 400, days: int = 150
+) -> tuple[EventTable, dict[str, str]]:
+    """Purchases of a shop whose consumables are bought again on their cycle, and its categories.
+
+    Every customer replenishes 3-6 consumables on the item's cycle times their own pace
+    (log-normal, sd 0.2) with a jitter per purchase (sd 0.15), stopping after each purchase with
+    probability 0.1; and buys 2-5 durables once. The log ends ``days`` after it starts at ``T``.
+    """
+    rng = np.random.default_rng(seed)
+    end = T + days * DAY
+    users, items, stamps = [], [], []
+    for u in range(n_users):
+        pace = rng.lognormal(0.0, 0.2)
+        for item in rng.choice(20, rng.integers(3, 7), replace=False).tolist():
+            t = T + rng.uniform(0, 40) * DAY
+            while t < end:
+                users.append(f"c{u}")
+                items.append(f"p{item}")
+                stamps.append(int(t))
+                if rng.random() < 0.1:
+                    break
+                t += CYCLES[item % 5] * pace * rng.lognormal(0.0, 0.15) * DAY
+        for item in rng.choice(np.arange(20, 40), rng.integers(2, 6), replace=False).tolist():
+            users.append(f"c{u}")
+            items.append(f"p{item}")
+            stamps.append(int(T + rng.uniform(0, days) * DAY))
+    n = len(users)
+    table = EventTable(
+        user_id=np.asarray(users, dtype=object),
+        item_id=np.asarray(items, dtype=object),
+        event=np.full(n, PURCHASE, np.int8),
+        timestamp=np.asarray(stamps, np.int64),
+    )
+    categories = {f"p{i}": ("consumables" if i < 20 else "durables") for i in range(40)}
+    return table, categories

@@ -31,12 +31,14 @@ from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
 from recsvc.core.events import Catalog, EventTable
 from recsvc.core.ids import IdMap
 from recsvc.core.progress import Progress
+from recsvc.core.repurchase import RepurchaseModel
 from recsvc.core.weighting import id_maps, index_positions, popularity_scores
 from training.als import TrainParams
 from training.cooccurrence import MiningParams, build_baskets, mine_baskets_report, mine_bundles_report
 from training.evaluation import DEFAULT_MAX_TEST_USERS, category_codes
 from training.evaluation import evaluate as evaluate_split
 from training.model import fit_parts, model_matrices
+from training.repurchase import fit_repurchase
 from training.splits import SplitSpec, exclusion_rule, split_events
 from training.tuning import save_choice
 from training.tuning import tune as tune_params
@@ -236,6 +238,7 @@ def write_model(
     resources: dict[str, Any] | None = None,
     similarity: Any = None,
     prior: np.ndarray | None = None,
+    repurchase: RepurchaseModel | None = None,
 ) -> tuple[Path, Artifact]:
     """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``.
 
@@ -259,6 +262,7 @@ def write_model(
         manifest=manifest,
         similarity=similarity,
         prior=prior,
+        repurchase=repurchase,
     )
     # Stage timings up to here (writing itself is not in them: the manifest is written last).
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
@@ -334,8 +338,8 @@ def train_model(
     echo : callable, optional
         Receives progress lines (the CLI passes ``click.echo`` to stderr).
     stages : Progress, optional
-        Told each stage as it starts (load, tune, exclusion, evaluate, matrix, fit, extras, bundles,
-        write); its total is set here.
+        Told each stage as it starts (load, tune, exclusion, evaluate, matrix, extras, baskets,
+        repurchase, fit, bundles, write); its total is set here.
 
     Returns
     -------
@@ -354,7 +358,7 @@ def train_model(
         show_progress = True  # recsvc.core.progress decides: a bar on a terminal, else log lines
     clock = StageClock(stages.step if stages is not None else None)
     if stages is not None:
-        stages.total = 7 + int(tune) + int(evaluate)
+        stages.total = 9 + int(tune) + int(evaluate)
     params = params or TrainParams()
     paths = (
         [Path(event_paths)] if isinstance(event_paths, str | os.PathLike) else [Path(p) for p in event_paths]
@@ -436,6 +440,10 @@ def train_model(
     with clock("baskets"):
         mining = MiningParams()
         baskets = build_baskets(events, IdMap(item_ids), mining)
+    with clock("repurchase"):
+        repurchase, repurchase_report = fit_repurchase(
+            events, user_ids, item_ids, meta["category"], trained_until
+        )
     del events
     release_unused_memory()
 
@@ -469,7 +477,13 @@ def train_model(
                 "events": [str(p) for p in paths],
                 "catalog": None if catalog_path is None else str(catalog_path),
             },
-            training={"engine": "local", "threads": int(threads), "device": device, "bundles": bundle_report},
+            training={
+                "engine": "local",
+                "threads": int(threads),
+                "device": device,
+                "bundles": bundle_report,
+                "repurchase": repurchase_report,
+            },
             n_items=len(item_ids),
         )
         manifest.update(model=fitted.spec.to_dict(), exclusion=exclusion, params_source=params_source)
@@ -492,6 +506,7 @@ def train_model(
             resources=clock.resources(),
             similarity=fitted.similarity,
             prior=fitted.prior,
+            repurchase=repurchase,
         )
         if tuning is not None:
             # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.

@@ -13,7 +13,8 @@ part files) and:
 3. **fits Spark ML's implicit ALS** with the confidences mapped to recsvc's (below);
 4. **evaluates** ALS and the two popularity baselines on the local engine's time split;
 5. assembles the artifact on the driver -- factors and matrices arrive through Parquet read by
-   pyarrow -- mines **bundles** there from the purchase lines only, and writes it with
+   pyarrow -- mines **bundles** and fits the **repurchase model** there from the purchase lines
+   only, and writes it with
    :func:`recsvc.core.artifact.write_artifact`. ``recsvc publish`` and everything after it cannot
    tell the engines apart; ``manifest["training"]["engine"]`` can.
 
@@ -92,6 +93,7 @@ from training.evaluation import (
 )
 from training.metrics import DEFAULT_K
 from training.pipeline import TrainResult, base_manifest, bundle_candidates, item_metadata, write_model
+from training.repurchase import fit_repurchase
 from training.splits import SPAN_QUANTILE, SplitSpec, days_cutoff, span_cutoff
 
 log = logging.getLogger("recsvc.training.spark")
@@ -1005,6 +1007,11 @@ def train_model_spark(
             lines, matrix.item_ids, item_factors, meta["category"], threads
         )
         timings["bundles"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        repurchase, repurchase_report = fit_repurchase(
+            lines, matrix.user_ids, matrix.item_ids, meta["category"], trained_until
+        )
+        timings["repurchase"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         report = events.report
@@ -1035,6 +1042,7 @@ def train_model_spark(
                 "threads": int(threads),
                 "device": "cpu",
                 "bundles": bundle_report | {"where": "driver, from the purchase lines"},
+                "repurchase": repurchase_report | {"where": "driver, from the purchase lines"},
             },
             n_items=len(matrix.item_ids),
         )
@@ -1055,6 +1063,7 @@ def train_model_spark(
             models_dir=models_dir,
             version=version,
             timings=timings,
+            repurchase=repurchase,
         )
         timings["write"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - started

@@ -15,7 +15,11 @@ What makes it realistic enough for collaborative filtering to matter:
 * **Orders**: purchases of one session share an ``order_id`` (multi-item orders); an item of a
   category with a complement (phones -> cases, coffee machines -> beans...) brings one of its
   three fixed accessories along with probability ``complement_rate`` (bundle mining signal).
-* **Repeat purchases**: consumable categories are bought again 10-40 days later.
+* **Repeat purchases**: consumable categories have a replenishment cycle (coffee beans every two
+  weeks, pet food every four, skincare every five...). After buying one, a customer buys it again
+  with probability ``repeat_rate``, after their own version of the cycle (a personal pace, log-normal
+  around the category's, times a log-normal jitter per purchase), and again, until they stop or the
+  log ends: chains of repeats with real intervals to learn from.
 
 ``generate_shop`` is vectorised (numpy), so millions of events take seconds, and deterministic
 for a given seed and sizes.
@@ -53,6 +57,18 @@ CATEGORIES: tuple[tuple[str, float, bool, str], ...] = (
     ("skincare", 26.0, True, ""),
     ("kitchen", 38.0, False, ""),
 )
+#: Replenishment cycle in days of each consumable category (the others are not bought again).
+CYCLE_DAYS: dict[str, float] = {
+    "memory-cards": 45.0,
+    "coffee-beans": 14.0,
+    "sports-socks": 40.0,
+    "pet-food": 28.0,
+    "skincare": 35.0,
+}
+#: Spread (log-normal sigma) of a customer's pace around the category cycle, and of one interval
+#: around the customer's pace.
+_PACE_SIGMA = 0.25
+_JITTER_SIGMA = 0.15
 ADJECTIVES = ("Classic", "Pro", "Eco", "Urban", "Compact", "Deluxe", "Smart", "Nordic", "Vivid", "Essential")
 END_OF_LOG = _dt.datetime(2024, 6, 30, tzinfo=_dt.UTC)
 
@@ -85,7 +101,8 @@ def generate_shop(
     complement_rate : float
         Probability that a purchase of an item with accessories also buys one of them.
     repeat_rate : float
-        Probability that a consumable purchase is repeated 10-40 days later.
+        Probability that a consumable purchase is followed by another one a cycle later
+        (:data:`CYCLE_DAYS`; each repeat may be followed by another with the same probability).
 
     Returns
     -------
@@ -335,14 +352,33 @@ def _make_events(
         times.append(acc_time + offset)
         orders.append(acc_session if kind == PURCHASE else np.full(len(acc_item), -1))
 
-    # Repeat purchases of consumables, 10-40 days later, as their own small orders.
+    # Repeat purchases of consumables: chains of replenishments a customer's cycle apart, each
+    # continued with probability repeat_rate, as their own small orders.
     all_user = np.concatenate([view_user[bought], acc_user])
     all_item = np.concatenate([b_item, acc_item])
     all_time = np.concatenate([times[2], acc_time + 90.0])
-    repeat = cat.consumable[all_item] & (rng.random(len(all_item)) < repeat_rate)
-    r_time = all_time[repeat] + rng.uniform(10, 40, int(repeat.sum())) * 86_400
-    in_log = r_time < end
-    r_user, r_item, r_time = all_user[repeat][in_log], all_item[repeat][in_log], r_time[in_log]
+    names = [c[0] for c in CATEGORIES]
+    cycle = np.array([CYCLE_DAYS.get(name, 0.0) for name in names])[cat.category]
+    pace = rng.lognormal(0.0, _PACE_SIGMA, len(users.sessions))
+    r_users, r_items, r_times = [], [], []
+    # A customer has one replenishment habit per item: it starts at their first purchase of it.
+    first = np.lexsort((all_time, all_item, all_user))
+    starts = np.ones(len(first), dtype=bool)
+    starts[1:] = (all_user[first][1:] != all_user[first][:-1]) | (all_item[first][1:] != all_item[first][:-1])
+    chain = first[starts & cat.consumable[all_item[first]]]
+    c_user, c_item, c_time = all_user[chain], all_item[chain], all_time[chain]
+    while len(c_user):
+        go = rng.random(len(c_user)) < repeat_rate
+        gap = cycle[c_item[go]] * pace[c_user[go]] * rng.lognormal(0.0, _JITTER_SIGMA, int(go.sum()))
+        c_user, c_item, c_time = c_user[go], c_item[go], c_time[go] + gap * 86_400
+        in_log = c_time < end
+        c_user, c_item, c_time = c_user[in_log], c_item[in_log], c_time[in_log]
+        r_users.append(c_user)
+        r_items.append(c_item)
+        r_times.append(c_time)
+    r_user = np.concatenate(r_users) if r_users else np.zeros(0, np.int64)
+    r_item = np.concatenate(r_items) if r_items else np.zeros(0, np.int64)
+    r_time = np.concatenate(r_times) if r_times else np.zeros(0)
     r_order = n_sessions + np.arange(len(r_user))
     for kind, offset in ((VIEW, -120.0), (CART, -60.0), (PURCHASE, 0.0)):
         users_col.append(r_user)

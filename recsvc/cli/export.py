@@ -30,6 +30,8 @@ from training.export import (
     resolve_model,
     run_export,
 )
+from training.export.due import SEGMENT as DUE_SEGMENT
+from training.export.due import DueExportOptions, run_due_export
 from training.segments import (
     SEGMENT_CHOICES,
     SegmentThresholds,
@@ -45,7 +47,12 @@ def _format_for(out: Path, fmt: str | None) -> str:
 
 
 @click.command("export")
-@click.option("--segment", required=True, type=click.Choice(SEGMENT_CHOICES), help="Who to export.")
+@click.option(
+    "--segment",
+    required=True,
+    type=click.Choice((*SEGMENT_CHOICES, DUE_SEGMENT)),
+    help=f"Who to export ({DUE_SEGMENT}: customers with an item due within --horizon-days).",
+)
 @click.option(
     "--events",
     "event_paths",
@@ -101,6 +108,17 @@ def _format_for(out: Path, fmt: str | None) -> str:
     default=None,
     help="Chunks ranked in parallel [default: CPU cores, at most 8].",
 )
+@click.option(
+    "--horizon-days",
+    type=click.FloatRange(0, 3650, min_open=True),
+    default=None,
+    help=f"{DUE_SEGMENT}: items due within this many days [default: RECSVC_REPURCHASE_HORIZON_DAYS].",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Write the file but do not record it in the cap ledger (later exports may send the same items).",
+)
 @threshold_options
 @click.option(
     "--progress/--no-progress",
@@ -120,6 +138,8 @@ def export(
     winback_slots,
     memory_mb,
     threads,
+    horizon_days,
+    dry_run,
     as_of,
     new_days,
     dormant_days,
@@ -128,8 +148,9 @@ def export(
 ) -> None:
     """Export top-N picks per user of a segment, ready for an email template.
 
-    Prints one JSON summary line on stdout. Exit codes: 0 written, 2 bad input, 4 another export
-    is running, 1 internal error.
+    ``--segment due_for_reorder``: replenishment reminders, the items each customer is due to buy
+    again. Prints one JSON summary line on stdout. Exit codes: 0 written, 2 bad input, 4 another
+    export is running, 1 internal error.
     """
     configure_progress(mode_for(progress))
 
@@ -146,31 +167,50 @@ def export(
             model_path = resolve_model(config, model_ref)
             artifact = read_artifact(model_path)
             table, _report, catalog_obj = load_inputs(event_paths, catalog)
-            summary = run_export(
-                artifact,
-                table,
-                out_path,
-                ExportOptions(
-                    segment=segment,
-                    n=n,
-                    fmt=fmt,
-                    with_bundles=with_bundles,
-                    thresholds=thresholds,
-                    as_of=as_of_ts,
-                    cap_last=cap_last,
-                    memory_mb=memory_mb,
-                    winback_slots=winback_slots,
-                    progress=progress,
-                    threads=threads,
-                ),
-                catalog=catalog_obj,
-                previous=previous_artifacts(
-                    Path(config.models_dir), model_path, config.serving.keep_versions
-                ),
-                ledger=ledger,
-                config=config,
-                catalog_prices=catalog_price_map(catalog_obj),
-            )
+            if segment == DUE_SEGMENT:
+                summary = run_due_export(
+                    artifact,
+                    table,
+                    out_path,
+                    DueExportOptions(
+                        n=n,
+                        fmt=fmt,
+                        as_of=as_of_ts,
+                        horizon_days=horizon_days,
+                        cap_last=cap_last,
+                        dry_run=dry_run,
+                    ),
+                    catalog=catalog_obj,
+                    ledger=ledger,
+                    config=config,
+                )
+            else:
+                summary = run_export(
+                    artifact,
+                    table,
+                    out_path,
+                    ExportOptions(
+                        segment=segment,
+                        n=n,
+                        fmt=fmt,
+                        with_bundles=with_bundles,
+                        thresholds=thresholds,
+                        as_of=as_of_ts,
+                        cap_last=cap_last,
+                        memory_mb=memory_mb,
+                        winback_slots=winback_slots,
+                        progress=progress,
+                        threads=threads,
+                        dry_run=dry_run,
+                    ),
+                    catalog=catalog_obj,
+                    previous=previous_artifacts(
+                        Path(config.models_dir), model_path, config.serving.keep_versions
+                    ),
+                    ledger=ledger,
+                    config=config,
+                    catalog_prices=catalog_price_map(catalog_obj),
+                )
     except ExportLocked as e:
         click.echo(f"error: {e}", err=True)
         click.echo(json.dumps({"status": "locked", "error": str(e)}))

@@ -25,6 +25,8 @@ from training.als import TrainParams
 from training.evaluation import DEFAULT_MAX_TEST_USERS, format_table
 from training.evaluation import evaluate as run_evaluation
 from training.pipeline import data_fingerprint, train_model
+from training.repurchase import evaluate_repurchase
+from training.repurchase import format_report as format_repurchase
 from training.splits import SplitSpec
 from training.tuning import TUNING_FILE, load_choice, save_choice
 from training.tuning import tune as run_tune
@@ -377,6 +379,19 @@ def _train_spark(kwargs: dict[str, Any], common: dict[str, Any], config: Config)
     show_default=True,
     help="Also score bundles (training.cooccurrence.evaluate_bundles).",
 )
+@click.option(
+    "--repurchase/--no-repurchase",
+    default=True,
+    show_default=True,
+    help="Also score the buy-again list against the customers' most frequent and most recent items.",
+)
+@click.option(
+    "--horizon-days",
+    type=click.FloatRange(0, 365, min_open=True),
+    default=7.0,
+    show_default=True,
+    help="Buy again: the window after the split in which a purchase counts.",
+)
 @_param_options
 def evaluate(**kwargs: Any) -> None:
     """Evaluate the model against the baselines on a held-out split and print a table."""
@@ -386,7 +401,6 @@ def evaluate(**kwargs: Any) -> None:
         params = params.replace(model=replace(params.model, exclude=kwargs["exclude"]))
     events_paths = list(kwargs["events"])
     catalog_path = kwargs["catalog"]
-    split_days = kwargs["split_days"]
     if kwargs["dataset"]:
         if events_paths:
             raise BadInput("give either --events or --dataset, not both")
@@ -404,7 +418,6 @@ def evaluate(**kwargs: Any) -> None:
             raise BadInput(str(e)) from None
         _err(f"converted {kwargs['dataset']}: {converted.notes}")
         events_paths, catalog_path = [converted.events], converted.catalog
-        split_days = split_days or converted.split_days
     if not events_paths:
         raise BadInput("give --events PATH (or --dataset NAME)")
     try:
@@ -415,7 +428,6 @@ def evaluate(**kwargs: Any) -> None:
             catalog, catalog_report = load_catalog(catalog_path, max_bad_fraction=kwargs["max_bad_fraction"])
             _err("catalog: " + catalog_report.format())
         start = time.perf_counter()
-        kwargs["split_days"] = split_days
         metrics = run_evaluation(
             events,
             catalog,
@@ -434,6 +446,12 @@ def evaluate(**kwargs: Any) -> None:
     except ValueError as e:
         raise BadInput(str(e)) from None
     click.echo(format_table(metrics))
+    if kwargs["repurchase"]:
+        try:
+            metrics["repurchase"] = evaluate_repurchase(events, catalog, horizon_days=kwargs["horizon_days"])
+            click.echo(format_repurchase(metrics["repurchase"]))
+        except ValueError as e:
+            _err(f"buy again not evaluated: {e}")
     _err(f"evaluated in {time.perf_counter() - start:.1f}s")
     if kwargs["json_out"]:
         document = {"metrics": metrics, "params": params.to_manifest(kwargs["seed"]), "events": events_paths}

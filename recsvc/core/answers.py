@@ -25,6 +25,7 @@ class Reason(StrEnum):
     REDIS_UNAVAILABLE = "redis_unavailable"
     NOT_PUBLISHED = "not_published"
     EXPERIMENT = "experiment"  # the user's A/B variant serves popular items
+    NO_REPURCHASES = "no_repurchases"  # buy again: no purchase of the user to rank
 
 
 #: Degraded answers: no variant of an experiment defines them.

@@ -16,6 +16,11 @@ A version is a folder ``<models_dir>/<version>/``::
     purchases.npz       CSR (n_users, n_items) float32: purchase counts, for "already bought"
     bundles.npz         CSR (n_items, n_items): bundle candidates per anchor item, best first,
                         with float32 ``score`` and int32 ``support`` (orders containing both)
+    repurchase.npz      optional (versions trained without it have none): the repurchase model
+                        (:mod:`recsvc.core.repurchase`) -- per item ``rate``, ``log_interval``,
+                        ``buyers``, ``repeat_buyers``; ``hyper`` = within_var, between_var, strength,
+                        dispersion; per user ``pace``; and every customer's bought items as CSR
+                        rows (``indptr``, ``items``, ``last``, ``count``, ``pair_log_interval``)
 
 Everything numeric is ``.npy``/``.npz`` read with ``allow_pickle=False``; strings are JSON. A version
 is written into a temporary sibling folder and renamed into place, so a crash never leaves a half
@@ -27,9 +32,11 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,7 @@ import scipy.sparse as sp
 
 from recsvc.core import tempfiles
 from recsvc.core.ids import VERSION_PATTERN, IdMap, is_valid_id, is_valid_version
+from recsvc.core.repurchase import PurchaseHistory, RepurchaseModel, RepurchaseParams, repurchasable_items
 from recsvc.core.scoring import ModelSpec, Scorer
 from recsvc.core.weighting import RowRecipe, unscale
 
@@ -103,6 +111,7 @@ class Artifact:
     bundles: BundleCandidates
     manifest: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    repurchase: RepurchaseModel | None = None
     #: The blend's parts besides ALS (absent in plain-ALS models): item-kNN similarity
     #: (``similarity.npz``) and the popularity prior (``items.npz`` key ``prior``).
     similarity: sp.csr_matrix | None = None
@@ -125,6 +134,16 @@ class Artifact:
 
     def user_index(self) -> IdMap:
         return IdMap(self.user_ids)
+
+    def repurchasable(self, min_rate: float, categories: Sequence[str] = ()) -> np.ndarray:
+        """Bool mask over items exempt from "already bought" (learned rate, or one of ``categories``).
+
+        :func:`recsvc.core.repurchase.repurchasable_items` for this version.
+        """
+        lookup = {name: code for code, name in enumerate(self.categories)}
+        codes = np.asarray([lookup[c] for c in categories if c in lookup], dtype=np.int32)
+        rate = self.repurchase.params.rate if self.repurchase is not None else None
+        return repurchasable_items(rate, min_rate, self.category, codes)
 
     def spec(self) -> ModelSpec:
         """How this model blends its parts (``manifest["model"]``; plain ALS when absent)."""
@@ -214,6 +233,34 @@ class Artifact:
                 "bundles.npz",
                 "index out of range",
             )
+        if self.repurchase is not None:
+            _validate_repurchase(self.repurchase, n_users, n_items)
+
+
+def _validate_repurchase(model: RepurchaseModel, n_users: int, n_items: int) -> None:
+    name = "repurchase.npz"
+    p, h = model.params, model.history
+    for field_name in ("rate", "log_interval", "buyers", "repeat_buyers"):
+        arr = getattr(p, field_name)
+        _check(arr.shape == (n_items,), name, f"{field_name} shape {arr.shape}, expected ({n_items},)")
+        _check(bool(np.isfinite(arr).all()), name, f"{field_name} contains NaN or inf")
+    _check(bool(((p.rate >= 0) & (p.rate <= 1)).all()), name, "rate outside 0..1")
+    for label, value in (("within_var", p.within_var), ("between_var", p.between_var)):
+        _check(math.isfinite(value) and value > 0, name, f"{label} must be > 0")
+    _check(math.isfinite(p.strength) and p.strength > 0, name, "strength must be > 0")
+    _check(math.isfinite(p.dispersion) and p.dispersion > 0, name, "dispersion must be > 0")
+    _check(
+        h.indptr.shape == (n_users + 1,), name, f"indptr shape {h.indptr.shape}, expected ({n_users + 1},)"
+    )
+    _check(h.pace.shape == (n_users,), name, f"pace shape {h.pace.shape}, expected ({n_users},)")
+    nnz = len(h.items)
+    _check(int(h.indptr[0]) == 0 and int(h.indptr[-1]) == nnz, name, "indptr does not span the entries")
+    _check(bool((np.diff(h.indptr) >= 0).all()), name, "indptr is not monotone")
+    _check(len(h.last) == len(h.count) == len(h.log_interval) == nnz, name, "array lengths differ")
+    if nnz:
+        _check(int(h.items.min()) >= 0 and int(h.items.max()) < n_items, name, "item index out of range")
+        _check(int(h.count.min()) >= 1, name, "count below 1")
+    _check(bool(np.isfinite(h.log_interval).all() and np.isfinite(h.pace).all()), name, "contains NaN or inf")
 
 
 def _check(ok: bool, file: str, problem: str) -> None:
@@ -325,6 +372,8 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
             score=b.score.astype(np.float32),
             support=b.support.astype(np.int32),
         )
+        if artifact.repurchase is not None:
+            _save_repurchase(tmp / REPURCHASE_FILE, artifact.repurchase)
         files = {}
         for path in sorted(tmp.iterdir()):
             files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -346,6 +395,8 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
             purchases=int(artifact.purchases.nnz),
             bundle_candidates=len(artifact.bundles.indices),
         )
+        if artifact.repurchase is not None:
+            counts["repurchase_pairs"] = len(artifact.repurchase.history.items)
         manifest["counts"] = counts
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=_json_default)
@@ -361,6 +412,53 @@ def write_artifact(artifact: Artifact, models_dir: str | os.PathLike, version: s
     artifact.manifest = manifest
     artifact.path = models_dir / version
     return models_dir / version
+
+
+REPURCHASE_FILE = "repurchase.npz"
+
+
+def _save_repurchase(path: Path, model: RepurchaseModel) -> None:
+    p, h = model.params, model.history
+    np.savez(
+        path,
+        rate=p.rate.astype(np.float32),
+        log_interval=p.log_interval.astype(np.float32),
+        buyers=p.buyers.astype(np.int32),
+        repeat_buyers=p.repeat_buyers.astype(np.int32),
+        hyper=np.asarray([p.within_var, p.between_var, p.strength, p.dispersion], dtype=np.float64),
+        indptr=h.indptr.astype(np.int64),
+        items=h.items.astype(np.int32),
+        last=h.last.astype(np.int64),
+        count=h.count.astype(np.int32),
+        pair_log_interval=h.log_interval.astype(np.float32),
+        pace=h.pace.astype(np.float32),
+    )
+
+
+def _load_repurchase(path: Path) -> RepurchaseModel | None:
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as z:
+        hyper = [float(x) for x in z["hyper"]]
+        params = RepurchaseParams(
+            rate=z["rate"],
+            log_interval=z["log_interval"],
+            buyers=z["buyers"],
+            repeat_buyers=z["repeat_buyers"],
+            within_var=hyper[0],
+            between_var=hyper[1],
+            strength=hyper[2],
+            dispersion=hyper[3],
+        )
+        history = PurchaseHistory(
+            indptr=z["indptr"],
+            items=z["items"],
+            last=z["last"],
+            count=z["count"],
+            log_interval=z["pair_log_interval"],
+            pace=z["pace"],
+        )
+    return RepurchaseModel(params, history)
 
 
 def _json_default(obj: Any) -> Any:
@@ -434,11 +532,12 @@ def read_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
             bundles=bundles,
             manifest=manifest,
             path=path,
+            repurchase=_load_repurchase(path / REPURCHASE_FILE),
             similarity=similarity,
             prior=prior,
             **items,
         )
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, IndexError) as e:
         if isinstance(e, ArtifactError):
             raise
         raise ArtifactError(f"{path}: unreadable artifact ({type(e).__name__}: {e})") from None

@@ -720,7 +720,10 @@ def _fits_budget(catalog: BundleCatalog, items: Sequence[int], rules: BundleRule
 
 
 def already_bought(
-    purchased: Iterable[int] | np.ndarray, category: np.ndarray, repurchase_categories: Iterable[int] = ()
+    purchased: Iterable[int] | np.ndarray,
+    category: np.ndarray,
+    repurchase_categories: Iterable[int] = (),
+    repurchasable: np.ndarray | None = None,
 ) -> np.ndarray:
     """Item indices a user must not be offered again: purchases outside repurchase categories.
 
@@ -732,11 +735,16 @@ def already_bought(
         Category code per item.
     repurchase_categories : iterable of int
         Category codes whose items are bought again (coffee, pet food).
+    repurchasable : numpy.ndarray, optional
+        Bool mask over items exempt from "already bought"
+        (:func:`recsvc.core.repurchase.repurchasable_items`).
     """
     items = np.unique(
         np.asarray(list(purchased) if not isinstance(purchased, np.ndarray) else purchased, np.int64)
     )
     items = items[(items >= 0) & (items < len(category))]
+    if repurchasable is not None:
+        items = items[~repurchasable[items]]
     repeat = np.asarray(sorted(set(int(c) for c in repurchase_categories)), dtype=np.int64)
     if len(repeat) == 0 or len(items) == 0:
         return items

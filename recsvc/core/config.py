@@ -51,7 +51,18 @@ class ServingSettings:
     max_body_bytes: int = _env("RECSVC_MAX_BODY_BYTES", 1 << 20)
     max_exclude: int = _env("RECSVC_MAX_EXCLUDE", 200)  # ids in ?exclude= / cart bodies
     max_categories: int = _env("RECSVC_MAX_CATEGORIES", 20)
+    # Categories always exempt from "already bought" (an override: the learned repurchase rate
+    # already exempts items bought again often enough, see repurchase_min_rate).
     repurchase_categories: tuple[str, ...] = _env("RECSVC_REPURCHASE_CATEGORIES", ())
+    # Learned share of purchases followed by another at which an item counts as bought again:
+    # it stays recommendable after a purchase and may appear in "buy again" (above 1: none does).
+    repurchase_min_rate: float = _env("RECSVC_REPURCHASE_MIN_RATE", 0.4)
+    # Default horizon of "buy again" and of the due_for_reorder export, and its upper bound.
+    repurchase_horizon_days: float = _env("RECSVC_REPURCHASE_HORIZON_DAYS", 7.0)
+    repurchase_max_horizon_days: float = _env("RECSVC_REPURCHASE_MAX_HORIZON_DAYS", 365.0)
+    # Probability of a purchase within the horizon from which an item is "due" (mixed into
+    # recommendations with include_due, sent by the due_for_reorder export).
+    repurchase_due_probability: float = _env("RECSVC_REPURCHASE_DUE_PROBABILITY", 0.3)
     # How long item answers trust the model in memory before reading the live pointer again.
     model_check_interval_s: float = _env("RECSVC_MODEL_CHECK_INTERVAL_S", 1.0)
     # A request body must arrive whole within this time (408 beyond): slow senders are bounded.

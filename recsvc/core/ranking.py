@@ -65,6 +65,10 @@ class Filters:
         Drop ``purchased`` items (default), except those in ``repurchase_categories``.
     repurchase_categories : np.ndarray
         int32 category codes of consumables people buy again (never excluded as "already bought").
+    repurchasable : np.ndarray or None
+        Bool mask over items exempt from "already bought"
+        (:func:`recsvc.core.repurchase.repurchasable_items`: the learned repurchase rate, and the
+        operator's categories); None: only ``repurchase_categories`` are exempt.
     """
 
     in_stock_only: bool = True
@@ -75,6 +79,7 @@ class Filters:
     purchased: np.ndarray = field(default_factory=lambda: EMPTY_ITEMS)
     exclude_purchased: bool = True
     repurchase_categories: np.ndarray = field(default_factory=lambda: EMPTY_ITEMS)
+    repurchasable: np.ndarray | None = None
 
     def with_exclusions(self, items: np.ndarray | None) -> Filters:
         """A copy that also excludes ``items`` (int item indices)."""
@@ -109,6 +114,8 @@ def excluded_items(model: RankingModel, filters: Filters) -> np.ndarray:
     parts = [filters.exclude]
     if filters.exclude_purchased and len(filters.purchased):
         bought = np.asarray(filters.purchased, dtype=np.int32)
+        if filters.repurchasable is not None:
+            bought = bought[~filters.repurchasable[bought]]
         if len(filters.repurchase_categories):
             bought = bought[~np.isin(model.category[bought], filters.repurchase_categories)]
         parts.append(bought)

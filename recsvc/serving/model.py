@@ -29,8 +29,10 @@ from recsvc.core.artifact import Artifact, ArtifactError, BundleCandidates, late
 from recsvc.core.config import Config
 from recsvc.core.errors import NotPublished
 from recsvc.core.ids import IdMap
+from recsvc.core.repurchase import RepurchaseParams, UserHistory
 from recsvc.core.scoring import PLAIN_ALS, ModelSpec, Scorer
 from recsvc.storage import codec, keys, reads
+from recsvc.storage import repurchase as repurchase_store
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class ServingModel:
         Number of per-user bucket hashes in Redis.
     origin : str
         ``"redis"`` (the published version) or ``"artifact"`` (a local folder, used as fallback).
+    repurchase : RepurchaseParams or None
+        The repurchase model's item parameters (None: the version has no repurchase model).
     """
 
     version: str
@@ -118,6 +122,7 @@ class ServingModel:
     prior: np.ndarray | None = None
     stored_scores: bool = False
     origin: str = "redis"
+    repurchase: RepurchaseParams | None = None
     loaded_at: float = field(default_factory=time.time)
     _memo: dict[Hashable, Any] = field(default_factory=dict, repr=False)
     # Re-entrant: a memo builder may itself read another memoised value.
@@ -205,6 +210,17 @@ class ServingModel:
             user_id, np.zeros(0, np.int32), vector, row.indices.astype(np.int32), a.item_factors
         )
 
+    def local_history(self, user_id: str) -> UserHistory | None:
+        """A customer's bought items from the local artifact (models with origin ``artifact`` only)."""
+        a, users = self._local_artifact, self._local_users
+        if a is None or users is None or a.repurchase is None:
+            return None
+        u = users.get(user_id)
+        if u is None:
+            return None
+        history = a.repurchase.history.row(u)
+        return history if len(history) else None
+
     # ---- construction ----------------------------------------------------------------------------
     @classmethod
     def from_artifact(cls, artifact: Artifact, k: int = 200) -> ServingModel:
@@ -240,6 +256,7 @@ class ServingModel:
             prior=None if artifact.prior is None else _readonly(np.asarray(artifact.prior, dtype=np.float32)),
             stored_scores=not artifact.spec().is_plain_als,
             origin="artifact",
+            repurchase=artifact.repurchase.params if artifact.repurchase is not None else None,
         )
         model._local_users = artifact.user_index()
         model._local_artifact = artifact
@@ -299,6 +316,7 @@ class ServingModel:
             prior=_readonly(np.frombuffer(items[b"prior"], dtype="<f4")) if b"prior" in items else None,
             stored_scores=info.get("scores") == "1",
             origin="redis",
+            repurchase=repurchase_store.params_from_mapping(stored.repurchase),
         )
 
     def training_row(self, client: redis.Redis, user_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -337,6 +355,22 @@ class UserRecord:
             return self.stored_scores
         assert self.item_factors is not None  # both constructors pass the model's item factors
         return (self.item_factors[self.topk_items] @ self.vector).astype(np.float32)
+
+
+def fetch_history(
+    client: redis.Redis, model: ServingModel, user_id: str, probe_keys: tuple[str, ...] = ()
+) -> tuple[str | None, UserHistory | None, list[int]]:
+    """:func:`fetch_user` for the customer's bought items (the repurchase record), one round trip.
+
+    ``history`` is None when the customer bought nothing the model knows, or the version has no
+    repurchase model.
+    """
+    live, value, probes = reads.read_user(
+        client, model.user_key(keys.REPURCHASE_PART, user_id), user_id, probe_keys
+    )
+    if value is None:
+        return live, None, probes
+    return live, repurchase_store.unpack_history(value, model.index_dtype), probes
 
 
 def fetch_user(

@@ -19,6 +19,8 @@ Nothing here knows Flask: the web layer parses the request, calls one method and
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,14 +30,15 @@ import redis
 
 from recsvc.core import bundles as bundle_rules
 from recsvc.core import ranking
+from recsvc.core import repurchase as rebuy
 from recsvc.core.answers import Reason, Source, Strategy
-from recsvc.core.config import Config
+from recsvc.core.config import Config, ServingSettings
 from recsvc.core.contract import CART, PURCHASE, VIEW
 from recsvc.core.errors import NotFound, NotPublished
 from recsvc.core.ranking import EMPTY_ITEMS, Filters
 from recsvc.serving import realtime
 from recsvc.serving.health import RedisHealth
-from recsvc.serving.model import ModelCache, ServingModel, UserRecord, fetch_user
+from recsvc.serving.model import ModelCache, ServingModel, UserRecord, fetch_history, fetch_user
 from recsvc.storage import stream
 from recsvc.storage.connection import REDIS_DOWN_ERRORS
 
@@ -62,9 +65,16 @@ class FilterArgs:
     in_stock_only: bool = True
 
     def for_model(
-        self, model: ServingModel, repurchase: tuple[str, ...], purchased: np.ndarray | None = None
+        self,
+        model: ServingModel,
+        repurchase: tuple[str, ...],
+        purchased: np.ndarray | None = None,
+        exempt: np.ndarray | None = None,
     ) -> Filters:
-        """The :class:`~recsvc.core.ranking.Filters` for ``model`` (unknown names/ids match nothing)."""
+        """The :class:`~recsvc.core.ranking.Filters` for ``model`` (unknown names/ids match nothing).
+
+        ``exempt`` (:func:`exempt_items`) marks the bought items that stay recommendable.
+        """
         return Filters(
             in_stock_only=self.in_stock_only,
             categories=None if self.categories is None else model.category_codes(self.categories),
@@ -76,10 +86,30 @@ class FilterArgs:
             repurchase_categories=model.memo(
                 ("repurchase", *repurchase), lambda: model.category_codes(repurchase)
             ),
+            repurchasable=exempt,
         )
 
 
 NO_FILTERS = FilterArgs()
+
+
+def exempt_items(model: ServingModel, serving: ServingSettings) -> np.ndarray:
+    """Bool mask over ``model``'s items: bought items that stay recommendable (built once per version).
+
+    :func:`recsvc.core.repurchase.repurchasable_items` of the version's learned repurchase rates
+    and the operator's ``repurchase_categories``.
+    """
+    categories = tuple(serving.repurchase_categories)
+
+    def build() -> np.ndarray:
+        rate = model.repurchase.rate if model.repurchase is not None else None
+        mask = rebuy.repurchasable_items(
+            rate, serving.repurchase_min_rate, model.category, model.category_codes(categories)
+        )
+        mask.flags.writeable = False
+        return mask
+
+    return model.memo(("exempt", serving.repurchase_min_rate, *categories), build)
 
 
 @dataclass
@@ -98,6 +128,8 @@ class Answer:
     fields: dict[str, Any] = field(default_factory=dict)
     #: False when the user's A/B variant could not be applied (its version is gone, Redis is down).
     variant_applied: bool = True
+    #: More fields of some items, by item index (a "buy again" item's dates and reason).
+    item_fields: dict[int, dict[str, Any]] | None = None
 
     @property
     def model_version(self) -> str | None:
@@ -251,17 +283,28 @@ class Recommender:
             return self._degraded(Reason.NOT_PUBLISHED, model_version)
 
     def _live_state(self, user_id: str, probes: tuple[str, ...], variant_applied: bool = True) -> UserState:
-        model = self.models.current() or self.models.get(self.client, force_check=True)
-        if model is None:
+        found = self._read_live(user_id, probes, fetch_user)
+        if found is None:
             return self._degraded(Reason.NOT_PUBLISHED, None, variant_applied)
-        live, record, (has_recent,) = fetch_user(self.client, model, user_id, probes)
-        if live != model.version:
-            if live is None:
-                return self._degraded(Reason.NOT_PUBLISHED, None, variant_applied)
-            model = self.models.switch(self.client, live)
-            _, record, (has_recent,) = fetch_user(self.client, model, user_id, probes)
+        model, record, (has_recent,) = found
         self.health.mark_up()
         return UserState(model, record, bool(has_recent), variant_applied=variant_applied)
+
+    def _read_live(
+        self, user_id: str, probes: tuple[str, ...], fetch: Callable[..., tuple[Any, Any, list[int]]]
+    ) -> tuple[ServingModel, Any, list[int]] | None:
+        """The live model and ``fetch``'s user data under it (switching versions when the pointer
+        moved); None when nothing is published. Redis errors propagate."""
+        model = self.models.current() or self.models.get(self.client, force_check=True)
+        if model is None:
+            return None
+        live, value, found = fetch(self.client, model, user_id, probes)
+        if live != model.version:
+            if live is None:
+                return None
+            model = self.models.switch(self.client, live)
+            _, value, found = fetch(self.client, model, user_id, probes)
+        return model, value, found
 
     def _degraded(self, reason: Reason, model_version: str | None, variant_applied: bool = True) -> UserState:
         choice = self.fallback(reason)
@@ -270,7 +313,14 @@ class Recommender:
     # -- personalised top-N ------------------------------------------------------------------------
 
     def recommend(
-        self, user_id: str, n: int, wanted: FilterArgs = NO_FILTERS, *, variant: Variant | None = None
+        self,
+        user_id: str,
+        n: int,
+        wanted: FilterArgs = NO_FILTERS,
+        *,
+        variant: Variant | None = None,
+        include_due: bool = False,
+        now: float | None = None,
     ) -> Answer:
         """Top ``n`` items for ``user_id`` under ``wanted``, by the chain of ``variant`` or the default.
 
@@ -284,6 +334,11 @@ class Recommender:
             The request's filters.
         variant : Variant, optional
             The user's A/B variant; None serves :data:`DEFAULT_CHAIN` from the live version.
+        include_due : bool
+            Put the items the user is due to buy again (:meth:`buy_again` with the default horizon,
+            probability at least ``repurchase_due_probability``) first, in at most half the places.
+        now : float, optional
+            The moment due-ness is computed for (default: the clock).
         """
         fields = {"user_id": user_id}
         state = self.user_state(user_id, model_version=variant.model_version if variant else None)
@@ -300,6 +355,7 @@ class Recommender:
                 model,
                 self.config.serving.repurchase_categories,
                 state.record.purchased if state.record is not None else None,
+                self._exempt(model),
             ),
             n=n,
             chain=chain,
@@ -322,9 +378,10 @@ class Recommender:
                 continue
             if found is not None:
                 items, scores, source, reason = found
-                return Answer(
+                answer = Answer(
                     model, items, scores, source, reason, fields, variant_applied=state.variant_applied
                 )
+                return self._mix_due(answer, user_id, wanted, n, now) if include_due else answer
         return Answer(model, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, chain.popular_reason, fields)
 
     def _realtime(self, ctx: _Context) -> tuple[Any, ...] | None:
@@ -455,7 +512,7 @@ class Recommender:
             record = self._record(model, user_id)
             if record is not None:
                 exclude = bundle_rules.already_bought(
-                    record.purchased, catalog.category, self._repurchase(model)
+                    record.purchased, catalog.category, self._repurchase(model), self._exempt(model)
                 )
         bundle = bundle_rules.complete_cart(catalog, cart, rules, add, exclude=exclude)
         if unknown:
@@ -504,7 +561,9 @@ class Recommender:
         for item in catalog.popular_order[: 4 * MAX_USER_BUNDLES * bundle_rules.MAX_BUNDLE_SIZE].tolist():
             origin.setdefault(int(item), Source.FALLBACK)
         bought = np.concatenate(purchased) if purchased else EMPTY_ITEMS
-        exclude = bundle_rules.already_bought(bought, catalog.category, self._repurchase(model))
+        exclude = bundle_rules.already_bought(
+            bought, catalog.category, self._repurchase(model), self._exempt(model)
+        )
         found = bundle_rules.user_bundles(catalog, list(origin), n, rules, exclude=exclude)
         pairs = [
             (
@@ -531,6 +590,214 @@ class Recommender:
 
     def _repurchase(self, model: ServingModel) -> np.ndarray:
         return model.category_codes(tuple(self.config.serving.repurchase_categories))
+
+    def _exempt(self, model: ServingModel) -> np.ndarray:
+        return exempt_items(model, self.config.serving)
+
+    # -- buy again ---------------------------------------------------------------------------------
+
+    def buy_again(
+        self,
+        user_id: str,
+        n: int,
+        wanted: FilterArgs = NO_FILTERS,
+        *,
+        horizon_days: float | None = None,
+        now: float | None = None,
+    ) -> Answer:
+        """Items ``user_id`` bought and is likely to buy again within ``horizon_days``, most due first.
+
+        Candidates are the user's bought items passing ``wanted`` (stock, categories, prices,
+        exclusions); an item people rarely buy again gets a low probability and comes last.
+        Purchases since the model (real-time events) move the dates. Each
+        item carries ``last_bought``, ``expected_next``, ``due_in_days``, ``times_bought``,
+        ``typical_interval_days`` and a ``reason`` in words; its score is the probability of a
+        purchase within the horizon. Without any such item (unknown user, nothing bought, a
+        version without a repurchase model): the most popular of the items bought again,
+        ``source: fallback``, ``reason: no_repurchases``; degraded like every answer when Redis is
+        down or nothing is published.
+        """
+        serving = self.config.serving
+        horizon = float(horizon_days if horizon_days is not None else serving.repurchase_horizon_days)
+        at = time.time() if now is None else float(now)
+        fields: dict[str, Any] = {"user_id": user_id, "horizon_days": horizon}
+        choice, history, source = self._history(user_id)
+        model = choice.model
+        if choice.degraded or model is None:
+            return self._repeat_popular(model, wanted, n, choice.reason, fields)
+        if history is None or model.repurchase is None:
+            return self._repeat_popular(model, wanted, n, Reason.NO_REPURCHASES, fields)
+        items, scores, extra = self._due_list(model, history, wanted, n, horizon, at)
+        if len(items) == 0:
+            return self._repeat_popular(model, wanted, n, Reason.NO_REPURCHASES, fields)
+        return Answer(model, items, scores, source or Source.PERSONALIZED, None, fields, item_fields=extra)
+
+    def _history(self, user_id: str) -> tuple[ModelChoice, rebuy.UserHistory | None, Source | None]:
+        """The model, the user's bought items (with purchases since the model) and their source.
+
+        The source is None for a user the model does not know, ``realtime`` when purchases since
+        the model changed the history.
+        """
+        if self.health.is_down():
+            return self.fallback(Reason.REDIS_UNAVAILABLE), None, None
+        probes = (stream.recent_key(user_id),)
+        try:
+            found = self._read_live(user_id, probes, fetch_history)
+            if found is None:
+                return self.fallback(Reason.NOT_PUBLISHED), None, None
+            model, history, (has_recent,) = found
+            recent = None
+            if has_recent:
+                recent = stream.recent_events(self.client, user_id, self.config.events.history_length)
+            self.health.mark_up()
+        except REDIS_DOWN_ERRORS as e:
+            self.health.mark_down(e)
+            return self.fallback(Reason.REDIS_UNAVAILABLE), None, None
+        except NotPublished:
+            return self.fallback(Reason.NOT_PUBLISHED), None, None
+        choice = ModelChoice(model)
+        source = Source.PERSONALIZED if history is not None else None
+        if recent is not None and len(recent):
+            merged = _with_recent_purchases(model, history, recent)
+            if merged is not history:
+                return choice, merged, Source.REALTIME
+        return choice, history, source
+
+    def _due_list(
+        self,
+        model: ServingModel,
+        history: rebuy.UserHistory,
+        wanted: FilterArgs,
+        n: int,
+        horizon: float,
+        now: float,
+        min_probability: float = 0.0,
+    ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
+        """The ``n`` most due candidate items of ``history``: indices, probabilities, their fields."""
+        assert model.repurchase is not None  # callers check
+        params = model.repurchase
+        if wanted is NO_FILTERS:  # the common request: in stock is the only filter
+            allowed = model.available[history.items]
+        else:
+            allowed = ranking.allowed(model, wanted.for_model(model, ()), history.items)
+        ranked = rebuy.rank_history(params, history, now, horizon, n, allowed, min_probability)
+        order = ranked.order
+        shown = history.items[order]
+        extra: dict[int, dict[str, Any]] = {}
+        for item, count, last, due_in, interval, elapsed, rate in zip(
+            shown.tolist(),
+            history.count[order].tolist(),
+            history.last[order].tolist(),
+            ranked.due_in_days.tolist(),
+            ranked.interval_days.tolist(),
+            ranked.elapsed_days.tolist(),
+            params.rate[shown].tolist(),
+            strict=True,
+        ):
+            extra[item] = {
+                "last_bought": _iso(last),
+                "expected_next": _iso(int(now + due_in * rebuy.SECONDS_PER_DAY)),
+                "due_in_days": round(due_in, 1),
+                "times_bought": count,
+                "typical_interval_days": round(interval, 1),
+                "reason": rebuy.reason(count, interval, elapsed, due_in, rate),
+            }
+        return shown.astype(np.int32), ranked.probability.astype(np.float32), extra
+
+    def _repeat_popular(
+        self,
+        model: ServingModel | None,
+        wanted: FilterArgs,
+        n: int,
+        reason: Reason | None,
+        fields: dict[str, Any],
+    ) -> Answer:
+        """The most popular items of those bought again, under ``wanted`` (plain popularity when the
+        version marks none)."""
+        if model is None:
+            return Answer(None, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, reason, fields)
+        exempt = self._exempt(model)
+        if not exempt.any():
+            return self._popular_answer(model, wanted, n, reason, fields)
+        order = model.memo(
+            (
+                "repeat_popular",
+                self.config.serving.repurchase_min_rate,
+                *self.config.serving.repurchase_categories,
+            ),
+            lambda: model.popular[exempt[model.popular]],
+        )
+        filters = wanted.for_model(model, ())
+        items = order[ranking.allowed(model, filters, order)][:n].astype(np.int32)
+        return Answer(
+            model, items, model.popularity[items].astype(np.float32), Source.FALLBACK, reason, fields
+        )
+
+    def _mix_due(self, answer: Answer, user_id: str, wanted: FilterArgs, n: int, now: float | None) -> Answer:
+        """``answer`` with the user's due items first (at most half of ``n``), the rest after them."""
+        model = answer.model
+        if model is None or model.repurchase is None:
+            return answer
+        try:
+            if model.origin == "redis":
+                history = fetch_history(self.client, model, user_id)[1]
+            else:
+                history = model.local_history(user_id)
+        except REDIS_DOWN_ERRORS as e:
+            self.health.mark_down(e)
+            return answer
+        if history is None:
+            return answer
+        serving = self.config.serving
+        at = time.time() if now is None else float(now)
+        due_items, due_scores, extra = self._due_list(
+            model,
+            history,
+            wanted,
+            math.ceil(n / 2),
+            serving.repurchase_horizon_days,
+            at,
+            serving.repurchase_due_probability,
+        )
+        if len(due_items) == 0:
+            return answer
+        for fields in extra.values():
+            fields["due"] = True
+        rest = ~np.isin(answer.items, due_items)
+        items = np.concatenate((due_items, answer.items[rest]))[:n].astype(np.int32)
+        scores = np.concatenate((due_scores, answer.scores[rest]))[:n].astype(np.float32)
+        return Answer(
+            model,
+            items,
+            scores,
+            answer.source,
+            answer.reason,
+            answer.fields,
+            answer.variant_applied,
+            item_fields=extra,
+        )
+
+
+def _iso(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def _with_recent_purchases(
+    model: ServingModel, history: rebuy.UserHistory | None, recent: stream.RecentEvents
+) -> rebuy.UserHistory | None:
+    """``history`` with the purchases among ``recent`` that are newer than the model (the same
+    object when there are none)."""
+    newer_than = model.trained_until or 0
+    bought = (recent.events == PURCHASE) & (recent.timestamps > newer_than)
+    if not bought.any():
+        return history
+    rows = np.flatnonzero(bought)
+    positions = np.fromiter((model.item_index.get(recent.item_ids[i], -1) for i in rows), np.int64, len(rows))
+    known = positions >= 0
+    if not known.any():
+        return history
+    base = history if history is not None else rebuy.UserHistory.empty()
+    return rebuy.merge_purchases(base, positions[known], recent.timestamps[rows][known])
 
 
 def bundle_catalog(model: ServingModel) -> bundle_rules.BundleCatalog:

@@ -17,6 +17,7 @@ the tags are just part of the names. Layout::
     {recsvc}:v:<V>:items               hash    per-item arrays (ids, titles, categories, factors, ...)
     {recsvc}:v:<V>:popular             hash    "*" -> item indices by popularity; "c<code>" per category
     {recsvc}:v:<V>:bundles             hash    the bundle candidates CSR
+    {recsvc}:v:<V>:repurchase          hash    the repurchase model's item parameters (buy again)
     {recsvc}:v:<V>:similarity          hash    the item-kNN similarity CSR (blended models only)
     {recsvc}:lock:events-dump, {recsvc}:events:dump:commit:<stream>   the dump's lock and commit record
     {recsvc}:lock:retrain              string  the nightly retrain's lock
@@ -29,6 +30,7 @@ the tags are just part of the names. Layout::
     {G}:v:<V>:topk:<b>                 hash    user_id -> packed top-K (+ scores), user factors,
                                                the items never shown again
     {G}:v:<V>:interactions:<b>         hash    user_id -> packed training row (fold-in)
+    {G}:v:<V>:repurchase:<b>           hash    user_id -> packed bought items (buy again)
     {G}:recent:<user_id>               list    a user's newest events (fold-in)
     {G}:<stream>                       stream  accepted events (one shard per group) until a dump
     {G}:events:batch:<fp>:<id>         string  a stored event batch (first id, last id, count): at
@@ -94,9 +96,11 @@ VERSION_PREFIX = f"{CONTROL_TAG}:v:"
 #: SCAN pattern matching the ``info`` hash of every version in Redis.
 VERSION_INFO_PATTERN = f"{VERSION_PREFIX}*:info"
 #: Parts of a version stored once under the control tag (the rest is per-user buckets).
-VERSION_PARTS = ("info", "manifest", "items", "popular", "bundles", "similarity")
+#: Part name of the repurchase model: a version-wide hash, and per-user buckets.
+REPURCHASE_PART = "repurchase"
+VERSION_PARTS = ("info", "manifest", "items", "popular", "bundles", "similarity", REPURCHASE_PART)
 #: Parts stored per user bucket.
-BUCKET_PARTS = ("topk", "interactions")
+BUCKET_PARTS = ("topk", "interactions", REPURCHASE_PART)
 
 # --- real-time events ----------------------------------------------------------------------------
 EVENTS_STREAM = "recsvc:events"
@@ -167,7 +171,7 @@ def user_group(user_id: str) -> int:
 
 
 def bucket(version_name: str, part: str, bucket_number: int) -> str:
-    """Key of one per-user bucket hash: ``part`` is ``topk`` or ``interactions``."""
+    """Key of one per-user bucket hash: ``part`` is one of :data:`BUCKET_PARTS`."""
     if not is_valid_version(version_name):
         raise ValueError(f"invalid model version {version_name!r}")
     return f"{GROUP_TAGS[bucket_number % GROUPS]}:v:{version_name}:{part}:{bucket_number}"

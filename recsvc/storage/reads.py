@@ -10,7 +10,7 @@ the user's bucket and recent list, so the script runs on one node of a Redis Clu
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -52,6 +52,7 @@ class StoredVersion:
     popular: dict[bytes, bytes]
     bundles: dict[bytes, bytes]
     similarity: dict[bytes, bytes]  # empty for models without an item-kNN part
+    repurchase: dict[bytes, bytes] = field(default_factory=dict)  # empty: no repurchase model
 
     @property
     def complete(self) -> bool:
@@ -67,7 +68,8 @@ def read_version(client: redis.Redis, version: str) -> StoredVersion:
     pipe.hgetall(keys.version(version, "popular"))
     pipe.hgetall(keys.version(version, "bundles"))
     pipe.hgetall(keys.version(version, "similarity"))
-    info, manifest, items, popular, bundles, similarity = pipe.execute()
+    pipe.hgetall(keys.version(version, keys.REPURCHASE_PART))
+    info, manifest, items, popular, bundles, similarity, repurchase = pipe.execute()
     return StoredVersion(
         info={codec.text(k): codec.text(v) for k, v in info.items()},
         manifest=manifest,
@@ -75,6 +77,7 @@ def read_version(client: redis.Redis, version: str) -> StoredVersion:
         popular=popular,
         bundles=bundles,
         similarity=similarity,
+        repurchase=repurchase,
     )
 
 

@@ -32,6 +32,7 @@ from recsvc.core.config import Config
 from recsvc.core.ids import is_valid_version
 from recsvc.core.topk import SCORE_CHUNK_ELEMENTS
 from recsvc.storage import codec, holders, keys
+from recsvc.storage import repurchase as repurchase_store
 from recsvc.storage.codec import (
     PackedRows,
     array_bytes,
@@ -414,6 +415,7 @@ def _write_version(
             keys.version(version, "similarity"),
             mapping=cast("Mapping[FieldT, EncodableT]", csr_mapping(artifact.similarity)),
         )
+    repurchase_store.write_params(client, artifact)
 
     if n_users == 0:
         return
@@ -427,9 +429,10 @@ def _write_version(
     user_factors = np.ascontiguousarray(artifact.user_factors[order])
     raw = artifact.raw_interactions()[order]
     never = _never_again(artifact)
-    exempt = np.isin(artifact.category, _category_codes(artifact, config.serving.repurchase_categories))
+    # Items bought again (the learned rate, the operator's categories) stay in the lists: serving
+    # exempts them from "already bought" by the same rule (core.repurchase.repurchasable_items).
+    exempt = artifact.repurchasable(config.serving.repurchase_min_rate, config.serving.repurchase_categories)
     excluded = PackedRows(never, dtype, weighted=False)
-    # Items of repurchase categories stay in the lists: serving exempts them from "already bought" too.
     blocked = never[order]
     blocked.data = (~exempt[blocked.indices]).astype(np.float32)
     blocked.eliminate_zeros()
@@ -468,6 +471,7 @@ def _write_version(
             lease.renew()
             if progress is not None:
                 progress(stop - start)
+        repurchase_store.write(writer.hset, artifact, n_buckets, index_dtype(n_items), writer.flush)
 
 
 def _never_again(artifact: Artifact) -> sp.csr_matrix:
@@ -475,11 +479,6 @@ def _never_again(artifact: Artifact) -> sp.csr_matrix:
     with when the model's exclusion rule says so (``manifest["exclusion"]``)."""
     spec = artifact.spec()
     return (artifact.interactions if spec.excludes_interacted else artifact.purchases).tocsr()
-
-
-def _category_codes(artifact: Artifact, names: tuple[str, ...]) -> np.ndarray:
-    lookup = {name: code for code, name in enumerate(artifact.categories)}
-    return np.asarray([lookup[n] for n in names if n in lookup], dtype=np.int32)
 
 
 class _RawWriter:
@@ -637,6 +636,9 @@ def verify_version(client: redis.Redis, artifact: Artifact, config: Config) -> N
     popular = client.hget(keys.version(version, "popular"), "*")
     if popular is None or len(popular) != 4 * artifact.n_items:
         raise PublishError(f"verify {version}: popularity list missing")
+    problem = repurchase_store.verify(client, artifact, n_buckets, info["index_dtype"])
+    if problem is not None:
+        raise PublishError(f"verify {version}: {problem}")
 
 
 def _flip(client: redis.Redis, version: str) -> None:

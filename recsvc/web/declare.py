@@ -250,6 +250,44 @@ def _filters(config: Config) -> tuple[Param, ...]:
     )
 
 
+def _as_of() -> Integer:
+    return Integer(
+        "as_of",
+        "query",
+        "The moment due dates are computed for, Unix seconds (default: now).",
+        low=MIN_TIMESTAMP,
+        high=MAX_TIMESTAMP - 1,
+    )
+
+
+def _buy_again(config: Config) -> tuple[Param, ...]:
+    serving = config.serving
+    return (
+        Number(
+            "horizon_days",
+            "query",
+            "Items are ranked by the probability of a purchase within this many days.",
+            low=0,
+            low_open=True,
+            high=serving.repurchase_max_horizon_days,
+            default=serving.repurchase_horizon_days,
+        ),
+        _as_of(),
+    )
+
+
+def _include_due() -> tuple[Param, ...]:
+    return (
+        Boolean(
+            "include_due",
+            "query",
+            "Put items the user is due to buy again first (at most half the list; each has `due: true`).",
+            default=False,
+        ),
+        _as_of(),
+    )
+
+
 def _bundle(config: Config, with_n: bool) -> tuple[Param, ...]:
     params: list[Param] = []
     if with_n:
@@ -298,7 +336,8 @@ def endpoints(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
     """(method, OpenAPI path) -> the operation's parameters (the request-id header included)."""
     filters, bundle = _filters(config), _bundle(config, with_n=False)
     table: dict[tuple[str, str], tuple[Param, ...]] = {
-        ("get", "/v1/users/{user_id}/recommendations"): (USER_ID, *filters),
+        ("get", "/v1/users/{user_id}/recommendations"): (USER_ID, *filters, *_include_due()),
+        ("get", "/v1/users/{user_id}/buy-again"): (USER_ID, *filters, *_buy_again(config)),
         ("get", "/v1/items/{item_id}/similar"): (ITEM_ID, *filters),
         ("get", "/v1/popular"): filters,
         ("get", "/v1/model"): (),

@@ -49,8 +49,14 @@ def _item_templates(model: ServingModel) -> list[dict[str, Any]]:
     ]
 
 
-def item_list(model: ServingModel | None, items: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
-    """Items as the API shows them: ``item_id, score, title, category, price``."""
+def item_list(
+    model: ServingModel | None,
+    items: np.ndarray,
+    scores: np.ndarray,
+    item_fields: dict[int, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Items as the API shows them: ``item_id, score, title, category, price`` and, for items in
+    ``item_fields``, their extra fields (a buy-again item's dates and reason)."""
     if model is None or len(items) == 0:
         return []
     templates = model.memo("api_item_templates", lambda: _item_templates(model))
@@ -60,6 +66,8 @@ def item_list(model: ServingModel | None, items: np.ndarray, scores: np.ndarray)
     for i, score in zip(items.tolist(), rounded, strict=True):
         item = templates[i].copy()
         item["score"] = score
+        if item_fields is not None and i in item_fields:
+            item.update(item_fields[i])
         out.append(item)
     return out
 
@@ -123,7 +131,7 @@ def render(
     body.update(result.fields)
     if result.reason is not None:
         body["reason"] = result.reason.value
-    body["items"] = item_list(result.model, result.items, result.scores)
+    body["items"] = item_list(result.model, result.items, result.scores, result.item_fields)
     tag(body, user_id, strict=strict and result.variant_applied, applied=result.variant_applied)
     return answer(body, status, item_answer=True)
 

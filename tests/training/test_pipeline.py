@@ -87,6 +87,16 @@ def test_artifact_written_by_train_model_reads_back(shop, tmp_path):
     assert not math.isnan(float(artifact.price[0])) and artifact.titles[0]
     assert (~artifact.available).any()  # the sample shop has out-of-stock items
     assert result.metrics == manifest["metrics"] and result.report.rows_loaded == manifest["counts"]["events"]
+    # The repurchase model: every purchasing user's bought items, consumables bought again more.
+    rebuy = artifact.repurchase
+    assert rebuy is not None and manifest["training"]["repurchase"]["pairs"] == len(rebuy.history.items) > 0
+    assert "repurchase" in manifest["timings_s"]
+    bought = np.diff(artifact.purchases.tocsr().indptr) > 0
+    assert (np.diff(rebuy.history.indptr) > 0).tolist() == bought.tolist()
+    consumable = np.isin(
+        artifact.category, [artifact.categories.index(c) for c in ("coffee-beans", "pet-food")]
+    )
+    assert np.median(rebuy.params.rate[consumable]) > 1.3 * np.median(rebuy.params.rate[~consumable])
 
 
 def test_same_inputs_and_seed_give_identical_factors(shop, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 
 from recsvc.core.contract import PURCHASE, VIEW
 from recsvc.core.eventfiles import load_catalog, load_events
-from training.synth import CATEGORIES, END_OF_LOG, generate_shop, write_shop
+from training.synth import CATEGORIES, CYCLE_DAYS, END_OF_LOG, generate_shop, write_shop
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +77,29 @@ def test_event_codes_line_up_with_contract():
     assert (VIEW, PURCHASE) == (0, 2)
     with pytest.raises(ValueError):
         generate_shop(n_items=3)
+
+
+def test_consumables_are_replenished_on_their_cycle():
+    events, catalog = generate_shop(seed=4, n_users=1500, n_items=200, days=120, sessions_per_user=2.0)
+    category = dict(zip(catalog["item_id"].to_pylist(), catalog["category"].to_pylist(), strict=True))
+    purchases = events.filter(pc.equal(events["event"], "purchase")).to_pydict()
+    times: dict[tuple[str, str], list[int]] = {}
+    for user, item, ts in zip(
+        purchases["user_id"], purchases["item_id"], purchases["timestamp"], strict=True
+    ):
+        times.setdefault((user, item), []).append(ts)
+    gaps: dict[str, list[float]] = {}
+    for (_, item), stamps in times.items():
+        stamps.sort()
+        gaps.setdefault(category[item], []).extend(np.diff(stamps) / 86_400)
+    for name, cycle in CYCLE_DAYS.items():
+        # Chains of repeats a pace (sd 0.25) times a jitter (0.15) apart (few sessions per user, so
+        # few repeats by chance): the median gap near the cycle.
+        assert np.median(gaps[name]) == pytest.approx(cycle, rel=0.25), name
+    consumable = {name for name, _, bought_again, _ in CATEGORIES if bought_again}
+    repeated = {True: [0, 0], False: [0, 0]}
+    for (_, item), stamps in times.items():
+        repeated[category[item] in consumable][0] += len(stamps) > 1
+        repeated[category[item] in consumable][1] += 1
+    share = {kind: again / pairs for kind, (again, pairs) in repeated.items()}
+    assert share[True] > 3 * share[False]

@@ -25,6 +25,7 @@ URLS = [
     "/v1/items/i4/similar?n=5",
     "/v1/popular?n=5",
     "/v1/model",
+    "/v1/users/u1/buy-again?n=5",
 ]
 
 

@@ -56,6 +56,7 @@ def test_document_is_openapi_3_and_references_resolve(client):
 
 SERVING_GETS = (
     "/v1/users/{user_id}/recommendations",
+    "/v1/users/{user_id}/buy-again",
     "/v1/items/{item_id}/similar",
     "/v1/popular",
     "/v1/model",
@@ -76,7 +77,16 @@ def test_query_parameters_in_the_document_are_the_ones_the_app_accepts(client, p
             if p["in"] == "query":
                 names.append(p["name"])
         url = path.replace("{user_id}", "u1").replace("{item_id}", "i1")
-        sample = {"n": "2", "category": "hats", "min_price": "1", "max_price": "90", "exclude": "i9"}
+        sample = {
+            "n": "2",
+            "category": "hats",
+            "min_price": "1",
+            "max_price": "90",
+            "exclude": "i9",
+            "include_due": "true",
+            "horizon_days": "14",
+            "as_of": "1719000000",
+        }
         query = "&".join(f"{n}={sample.get(n, 'x')}" for n in names)
         r = client.get(f"{url}?{query}" if query else url)
         assert r.status_code in (200, 503), (path, r.get_json())

@@ -15,7 +15,8 @@ How picks are made (see docs/batch.md for the full story):
 * ``new`` users get onboarding picks: the most popular items of the categories they looked at, then
   the most popular items overall (``onboarding_category`` / ``onboarding_popular``); users the model
   does not know (cold) get the same by popularity (``popular_in_category`` / ``popular``);
-* filters: in stock only; never an item the user already bought (except ``repurchase_categories``);
+* filters: in stock only; never an item the user already bought (except items bought again:
+  the learned repurchase rate, ``repurchase_categories``);
   frequency cap -- never an item sent to that user in any of the last ``cap_last`` exports.
 
 The file is written to a hidden temporary name, fsynced, recorded in the export ledger, then renamed
@@ -267,12 +268,11 @@ def _prepare(
     )
 
     # Already bought: purchases in the events (any time: never re-sell what was bought after
-    # as_of either) and in the model's purchase matrix; repurchase categories are exempt.
-
-    repurchasable = np.zeros(n_categories + 1, dtype=bool)
-    for name in config.serving.repurchase_categories:
-        if name in artifact.categories:
-            repurchasable[artifact.categories.index(name)] = True
+    # as_of either) and in the model's purchase matrix; items bought again (the learned rate, the
+    # operator's repurchase categories) are exempt.
+    repurchasable = artifact.repurchasable(
+        config.serving.repurchase_min_rate, config.serving.repurchase_categories
+    )
     event_user_any_time = _user_positions(table, user_ids, events, event_user)
     bought = (event_user_any_time >= 0) & known_item & (np.asarray(events.event) == PURCHASE)
     rows = [event_user_any_time[bought]]
@@ -284,7 +284,7 @@ def _prepare(
         rows.append(warm[model_purchases.row])
         cols.append(model_purchases.col.astype(np.int64))
     rows_all, items_all = np.concatenate(rows), np.concatenate(cols)
-    keep = ~repurchasable[item_category[items_all]]
+    keep = ~repurchasable[items_all]
     rows_all, items_all = rows_all[keep], items_all[keep]
 
     # Frequency cap: what the last K exports sent to these users.
@@ -531,6 +531,26 @@ def _write_chunk(
             ledger_writer.write(user_ids, item_ids)
 
 
+def commit_export(writer: RowWriter, ledger_writer: LedgerWriter | None, summary: ExportSummary) -> None:
+    """Close the file, record the export in the ledger (when recorded), then publish the file."""
+    writer.close()
+    if ledger_writer is not None:
+        meta = {k: v for k, v in asdict(summary).items() if k not in ("extra", "seconds", "users_per_s")}
+        meta["created_at"] = now_iso()
+        ledger_writer.close(meta)
+        # Record first, then publish the file: a crash in between caps items that were never
+        # sent (harmless) rather than leaving a sent file unrecorded (a user mailed twice).
+        ledger_writer.commit()
+    writer.commit()
+
+
+def abort_export(writer: RowWriter, ledger_writer: LedgerWriter | None) -> None:
+    """Remove what a failed export wrote: its file and its ledger record."""
+    writer.abort()
+    if ledger_writer is not None:
+        ledger_writer.abort()
+
+
 def current_availability(
     artifact: Artifact, catalog: CatalogLike | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -601,6 +621,8 @@ class ExportOptions:
         False: no progress; else :mod:`recsvc.core.progress` (a bar on a terminal, log lines otherwise).
     export_id : str, optional
         Default: a new sortable id.
+    dry_run : bool
+        Write the file but record nothing in the ledger (the cap still applies to it).
 
     Raises
     ------
@@ -620,6 +642,7 @@ class ExportOptions:
     threads: int | None = None
     progress: bool | None = None
     export_id: str | None = None
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         if self.segment not in SEGMENT_CHOICES:
@@ -726,7 +749,7 @@ def run_export(
 
     clean_stale_parts(out)  # temp files of exports that died (a running one's are locked)
     writer = RowWriter(out, export_id, fmt, schema)
-    ledger_writer = ledger.writer(export_id) if ledger is not None else None
+    ledger_writer = ledger.writer(export_id) if ledger is not None and not options.dry_run else None
     try:
         # A bar on a terminal, a log line every few seconds under cron; progress=False: nothing.
         bar = Progress(
@@ -789,22 +812,13 @@ def run_export(
             segment_sizes=table.sizes(),
             as_of=table.as_of,
             with_bundles=with_bundles,
+            extra={"dry_run": True} if options.dry_run else {},
         )
-        writer.close()
-        if ledger_writer is not None:
-            meta = {k: v for k, v in asdict(summary).items() if k not in ("extra", "seconds", "users_per_s")}
-            meta["created_at"] = now_iso()
-            ledger_writer.close(meta)
-            # Record first, then publish the file: a crash in between caps items that were never
-            # sent (harmless) rather than leaving a sent file unrecorded (a user mailed twice).
-            ledger_writer.commit()
-        writer.commit()
+        commit_export(writer, ledger_writer, summary)
     except BaseException:
-        writer.abort()
-        if ledger_writer is not None:
-            ledger_writer.abort()
+        abort_export(writer, ledger_writer)
         raise
-    if ledger is not None:
+    if ledger is not None and not options.dry_run:
         ledger.prune(max(LEDGER_KEEP, cap_last))
     summary.seconds = round(time.perf_counter() - started, 3)
     summary.users_per_s = round(n_users / summary.seconds, 1) if summary.seconds > 0 else 0.0

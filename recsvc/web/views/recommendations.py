@@ -1,4 +1,5 @@
-"""``GET /v1/users/<user_id>/recommendations``: personalised top-N with filters and fallbacks."""
+"""``GET /v1/users/<user_id>/recommendations`` (personalised top-N) and ``.../buy-again`` (items the
+user is due to buy again), with filters and fallbacks."""
 
 from __future__ import annotations
 
@@ -20,5 +21,20 @@ def recommendations(user_id: str):
     n = q["n"] or svc.config.serving.default_n
     wanted = filter_args(q)
     variant = variant_of(assignment(user_id))
-    result = svc.recommender.recommend(user_id, n, wanted, variant=variant)
+    result = svc.recommender.recommend(
+        user_id, n, wanted, variant=variant, include_due=bool(q["include_due"]), now=q["as_of"]
+    )
     return render(result, user_id=user_id, strict=True)
+
+
+@bp.get("/v1/users/<user_id>/buy-again")
+def buy_again(user_id: str):
+    """Items the user bought and is likely to buy again within ``horizon_days``, most due first."""
+    user_id = parse_id(user_id, "user_id")
+    q = declared()
+    svc = services()
+    n = q["n"] or svc.config.serving.default_n
+    result = svc.recommender.buy_again(
+        user_id, n, filter_args(q), horizon_days=q["horizon_days"], now=q["as_of"]
+    )
+    return render(result, user_id=user_id)
