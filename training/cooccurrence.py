@@ -1064,8 +1064,8 @@ def _params(params: MiningParams | Mapping[str, Any] | None) -> MiningParams:
 
 
 #: Queries the evaluation scores by default (a seeded sample when there are more): the 95%
-#: interval of a hit rate near 0.5 is then about +-0.7 points, whatever the size of the data.
-EVAL_MAX_QUERIES = 20_000
+#: interval of a hit rate near 0.5 is then about +-1.4 points, whatever the size of the data.
+EVAL_MAX_QUERIES = 5_000
 _BOOTSTRAP_DRAWS = 2000
 
 

@@ -60,6 +60,7 @@ IMPLICIT_DEFAULTS = TrainParams(
 )
 KNN_ONLY = ModelSpec(als=0.0, knn=1.0, popularity=0.0, popularity_boost=0.0, seen=0.0)
 DEFAULT_MAX_TEST_USERS = 5000
+_KNN_BASELINE_K = 100  # neighbours of the item_knn baseline
 PRIMARY = "ndcg@10"
 # Dense score blocks are bounded to this many floats (memory stays flat whatever the catalogue).
 _BLOCK_FLOATS = 1 << 23
@@ -435,16 +436,35 @@ def _baseline(
     if method == "recent_popularity":
         recent = popularity_scores(train, prep.item_ids, params.weighting(), now=cutoff).astype(np.float64)
         return lambda rows: np.broadcast_to(recent, (len(rows), n_items))
-    weighted = raw_matrix(train, IdMap(prep.user_ids), IdMap(prep.item_ids), IMPLICIT_DEFAULTS.weighting())
-    weighted = sp.csr_matrix(weighted, dtype=np.float32)
+    same_raw = fitted is not None and _same_raw_matrix(fitted.params, IMPLICIT_DEFAULTS)
+    if same_raw:
+        weighted = fitted.raw  # the model's matrix on this split is the baselines' matrix
+    else:
+        weighted = raw_matrix(
+            train, IdMap(prep.user_ids), IdMap(prep.item_ids), IMPLICIT_DEFAULTS.weighting()
+        )
+        weighted = sp.csr_matrix(weighted, dtype=np.float32)
     if method == "item_knn":
-        similarity = fit_similarity(weighted, 100, threads)
+        if same_raw and fitted.similarity is not None and fitted.spec.knn_neighbours == _KNN_BASELINE_K:
+            # The model's kNN part is this baseline's model (same matrix, same K): fitted once.
+            similarity = fitted.similarity
+        else:
+            similarity = fit_similarity(weighted, _KNN_BASELINE_K, threads)
         scorer = Scorer(KNN_ONLY, None, similarity, None)
         return lambda rows: scorer.score(weighted[rows], None)
     user_factors, item_factors = fit_als(
         weighted, IMPLICIT_DEFAULTS, seed=seed, threads=threads, device=device
     )
     return lambda rows: user_factors[rows] @ item_factors.T
+
+
+def _same_raw_matrix(a: TrainParams, b: TrainParams) -> bool:
+    """Whether two configurations build the same summed event-weight matrix from one split."""
+    return (
+        dict(a.event_weights) == dict(b.event_weights)
+        and a.half_life_days is None
+        and b.half_life_days is None
+    )
 
 
 def _cold_users(prep: Prepared, ks: Sequence[int], seed: int) -> dict[str, Any] | None:

@@ -83,6 +83,25 @@ def test_seeded_runs_repeat_and_other_configurations_share_the_split(shop, metri
     assert again["split"]["cutoff"] == metrics["split"]["cutoff"]
 
 
+def test_baselines_scored_alone_equal_those_that_reuse_the_models_matrix_and_knn(shop, metrics, monkeypatch):
+    # Next to the model, the baselines take its training matrix and (same matrix, same K) its kNN
+    # part instead of building them again; alone they build their own: the figures must not move.
+    import training.evaluation as evaluation
+
+    events, catalog = shop
+    fits = []
+    real_fit = evaluation.fit_similarity
+    monkeypatch.setattr(evaluation, "fit_similarity", lambda *a, **k: fits.append(1) or real_fit(*a, **k))
+    alone = evaluate(events, catalog, FAST, seed=1, bundles=False, methods=("item_knn", "implicit_als"))
+    assert len(fits) == 1  # alone: the baseline's own fit
+    for method in ("item_knn", "implicit_als"):
+        assert alone[method]["ndcg@10"] == pytest.approx(metrics[method]["ndcg@10"], abs=1e-12)
+        assert alone[method]["recall@20"] == pytest.approx(metrics[method]["recall@20"], abs=1e-12)
+    fits.clear()
+    evaluate(events, catalog, FAST, seed=1, bundles=False, methods=("model", "item_knn"))
+    assert not fits  # the baseline took the kNN part the model fitted (in training.model)
+
+
 def test_a_sample_of_test_users_is_scored_and_said(shop):
     events, catalog = shop
     sampled = evaluate(
