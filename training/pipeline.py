@@ -9,7 +9,6 @@ artifact atomically (:func:`recsvc.core.artifact.write_artifact`).
 
 from __future__ import annotations
 
-import ctypes
 import datetime as _dt
 import hashlib
 import logging
@@ -24,12 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from recsvc.core.artifact import Artifact, BundleCandidates, write_artifact
 from recsvc.core.eventfiles import LoadReport, load_catalog, load_events
 from recsvc.core.events import Catalog, EventTable
 from recsvc.core.ids import IdMap
+from recsvc.core.memory import release_unused_memory, use_system_allocator
 from recsvc.core.progress import Progress
 from recsvc.core.repurchase import RepurchaseModel
 from recsvc.core.weighting import id_maps, index_positions, popularity_scores
@@ -137,17 +136,6 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def release_unused_memory() -> None:
-    """Hand memory freed by the stages before back to the system, so the next stages' peak does
-    not stack on it: arrow's pool keeps freed pages, and glibc keeps freed heap pages below the
-    last live allocation (numpy's temporaries of a few MB live there) until ``malloc_trim``."""
-    pa.default_memory_pool().release_unused()
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator returns memory its own way
-        pass
 
 
 def item_metadata(item_ids: np.ndarray, catalog: Catalog | None) -> dict[str, Any]:
@@ -366,6 +354,7 @@ def train_model(
     inputs = paths + ([Path(catalog_path)] if catalog_path is not None else [])
     fingerprint = _Fingerprint(inputs)
     fingerprint.start()
+    use_system_allocator()  # a training run reads its files once: see recsvc.core.memory
 
     with clock("load"):
         events, report = load_events(paths, max_bad_fraction=max_bad_fraction)

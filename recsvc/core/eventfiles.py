@@ -37,6 +37,7 @@ from recsvc.core import contract
 from recsvc.core.errors import BadInput
 from recsvc.core.events import Catalog, EventTable, duplicate_mask
 from recsvc.core.ids import valid_id_mask
+from recsvc.core.memory import release_unused_memory
 
 PathLike = str | os.PathLike
 
@@ -270,8 +271,19 @@ def check_header(
     return [c for c in known if c in header]
 
 
-def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report: LoadReport) -> _RawFile:
-    """Read ``known`` columns of one CSV/Parquet file as arrow arrays (strings for CSV)."""
+def _read_file(
+    path: Path,
+    known: Sequence[str],
+    required: Sequence[str],
+    report: LoadReport,
+    dictionary: Sequence[str] = (),
+) -> _RawFile:
+    """Read ``known`` columns of one CSV/Parquet file as arrow arrays (strings for CSV).
+
+    CSV columns named in ``dictionary`` are read dictionary-encoded (per block of the file):
+    ids repeat, so a column of millions of rows is held as int32 codes and its distinct strings
+    instead of every row's string -- the largest part of the load's peak memory otherwise.
+    """
     name = str(path)
     if not path.exists():
         raise BadInputError(f"{name}: file not found", file=name)
@@ -315,7 +327,10 @@ def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report
             ),
             parse_options=pa_csv.ParseOptions(invalid_row_handler=on_invalid_row),
             convert_options=pa_csv.ConvertOptions(
-                column_types={c: pa.string() for c in header},
+                column_types={
+                    c: pa.dictionary(pa.int32(), pa.string()) if c in dictionary else pa.string()
+                    for c in header
+                },
                 include_columns=present,
                 strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
@@ -326,6 +341,7 @@ def _read_file(path: Path, known: Sequence[str], required: Sequence[str], report
     # Columns stay chunked: every arrow kernel used below works chunk by chunk, and copying
     # millions of strings into one buffer would only cost time.
     columns = {c: table.column(c) for c in present}
+    release_unused_memory()  # the reader's buffers: parsing would pile up on top of them
     return _RawFile(path, name, columns, table.num_rows, malformed, malformed_count, False)
 
 
@@ -401,12 +417,22 @@ class _Encoded:
 
 
 def _encode(arr: pa.Array | pa.ChunkedArray) -> _Encoded:
-    encoded = pc.dictionary_encode(_as_string(arr))
+    if _string_dictionary(arr) and not arr.null_count:
+        encoded = arr  # read dictionary-encoded: the codes are there already
+    else:
+        encoded = pc.dictionary_encode(_as_string(arr))
     if isinstance(encoded, pa.ChunkedArray):
         encoded = _one_dictionary(encoded)
     codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
     values = np.asarray(encoded.dictionary.to_numpy(zero_copy_only=False), dtype=object)
     return _Encoded(codes, values)
+
+
+def _string_dictionary(arr: pa.Array | pa.ChunkedArray) -> bool:
+    kind = arr.type
+    return pa.types.is_dictionary(kind) and (
+        pa.types.is_string(kind.value_type) or pa.types.is_large_string(kind.value_type)
+    )
 
 
 def _one_dictionary(encoded: pa.ChunkedArray) -> pa.DictionaryArray:
@@ -692,6 +718,7 @@ def _bad_summary(report: LoadReport, head: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 _EVENT_COLUMNS = contract.EVENT_REQUIRED + contract.EVENT_OPTIONAL
+_DICTIONARY_COLUMNS = ("user_id", "item_id", "event", "order_id", "rec_id")  # few distinct values
 
 
 @dataclass
@@ -921,7 +948,7 @@ def load_events(
     report = LoadReport()
     parsed: list[_ParsedEvents] = []
     for path in _as_paths(paths):
-        raw = _read_file(path, _EVENT_COLUMNS, contract.EVENT_REQUIRED, report)
+        raw = _read_file(path, _EVENT_COLUMNS, contract.EVENT_REQUIRED, report, _DICTIONARY_COLUMNS)
         report.files.append(raw.name)
         report.rows_read += raw.n_rows + raw.malformed_count
         parsed.append(_parse_events_file(raw, report))
@@ -978,9 +1005,8 @@ def load_events(
         "order_id": (order.codes, order.values),
         "rec_id": (rec.codes, rec.values),
     }
-    # The raw columns are gone; arrow's allocator keeps their pages until told (hundreds of MB on
-    # a million rows) and the next stages would pile up on top of them.
-    pa.default_memory_pool().release_unused()
+    # The raw columns are gone: their pages go back before the next stages pile up on them.
+    release_unused_memory()
     return table, report
 
 
