@@ -227,6 +227,15 @@ EXPERIMENT = Text(
 )
 
 
+EXPLAIN = Boolean(
+    "explain",
+    "query",
+    "Say why each item is in the list (`explanation`: a reason code, its text, the history items "
+    "behind it); `false` for the lean answer.",
+    default=True,
+)
+
+
 def _filters(config: Config) -> tuple[Param, ...]:
     serving = config.serving
     return (
@@ -298,7 +307,7 @@ def endpoints(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
     """(method, OpenAPI path) -> the operation's parameters (the request-id header included)."""
     filters, bundle = _filters(config), _bundle(config, with_n=False)
     table: dict[tuple[str, str], tuple[Param, ...]] = {
-        ("get", "/v1/users/{user_id}/recommendations"): (USER_ID, *filters),
+        ("get", "/v1/users/{user_id}/recommendations"): (USER_ID, *filters, EXPLAIN),
         ("get", "/v1/items/{item_id}/similar"): (ITEM_ID, *filters),
         ("get", "/v1/popular"): filters,
         ("get", "/v1/model"): (),

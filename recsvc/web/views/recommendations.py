@@ -20,5 +20,6 @@ def recommendations(user_id: str):
     n = q["n"] or svc.config.serving.default_n
     wanted = filter_args(q)
     variant = variant_of(assignment(user_id))
-    result = svc.recommender.recommend(user_id, n, wanted, variant=variant)
+    explain = q["explain"] is not False
+    result = svc.recommender.recommend(user_id, n, wanted, variant=variant, explain=explain)
     return render(result, user_id=user_id, strict=True)
