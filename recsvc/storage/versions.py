@@ -198,6 +198,18 @@ def history(client: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
     return out
 
 
+def read_manifest(client: redis.Redis, version: str) -> dict[str, Any] | None:
+    """The manifest a published version was written with (None when Redis has none)."""
+    raw = client.get(keys.version(version, "manifest"))
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 def pointer_copies(client: redis.Redis) -> list[str | None]:
     """The live pointer as each user group sees it (index = group)."""
     pipe = client.pipeline(transaction=False)
