@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -100,8 +101,6 @@ def rate_interval(successes: int, trials: int, confidence: float = 0.95) -> tupl
     """
     if trials <= 0:
         return None
-    from statistics import NormalDist
-
     z = NormalDist().inv_cdf(0.5 + confidence / 2)
     p = successes / trials
     denominator = 1 + z * z / trials
@@ -121,7 +120,10 @@ def verdict_sentences(report: Any) -> list[str]:
     for c in result.comparisons:
         test = c.conversion
         level = f"{test.confidence:.0%}"
-        interval = f"{100 * test.diff:+.2f} points ({level} interval {100 * test.ci_low:+.2f} to {100 * test.ci_high:+.2f})"
+        interval = (
+            f"{100 * test.diff:+.2f} points ({level} interval "
+            f"{100 * test.ci_low:+.2f} to {100 * test.ci_high:+.2f})"
+        )
         if c.verdict == "better":
             out.append(f"{c.variant} converts better than {c.control}: {interval}, p = {test.p_value:.3g}.")
         elif c.verdict == "worse":

@@ -378,7 +378,7 @@ class Recommender:
             history = user_history(model, basis, record.purchased if record is not None else None)
         return explain_answer(model, found.items, found.source, history, basis.vector if basis else None)
 
-    def _realtime(self, ctx: _Context) -> tuple[Any, ...] | None:
+    def _realtime(self, ctx: _Context) -> _Found | None:
         if not ctx.has_recent:
             return None
         folded = realtime.recommend(

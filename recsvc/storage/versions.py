@@ -79,9 +79,9 @@ local function record(key, action, version, previous, at)
   local entry = cjson.encode({action = action, version = version, previous = previous or cjson.null,
                               at = tonumber(at)})
   redis.call('LPUSH', key, entry)
-  redis.call('LTRIM', key, 0, %d)
+  redis.call('LTRIM', key, 0, {last})
 end
-""" % (HISTORY_LENGTH - 1)
+""".replace("{last}", str(HISTORY_LENGTH - 1))
 
 # Flip the pointer only if the version is complete; remember the old live version for rollback;
 # record the move; take a new epoch for the pointer copies. Returns {old version or false, epoch}.

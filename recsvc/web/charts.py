@@ -74,17 +74,15 @@ def bars(
         assert row.value is not None
         left, right = sorted((x(0), x(row.value)))
         cls = "bar highlight" if row.highlight else "bar"
-        parts.append(
-            f'<rect x="{left:.1f}" y="{top}" width="{max(right - left, 1):.1f}" height="{BAR}" class="{cls}"/>'
-        )
+        width_px = max(right - left, 1)
+        parts.append(f'<rect x="{left:.1f}" y="{top}" width="{width_px:.1f}" height="{BAR}" class="{cls}"/>')
         label = fmt(row.value)
         if row.interval is not None and all(_finite(v) for v in row.interval):
             lo, hi = row.interval
-            parts.append(
-                f'<line x1="{x(lo):.1f}" y1="{mid}" x2="{x(hi):.1f}" y2="{mid}" class="whisker"/>'
-                f'<line x1="{x(lo):.1f}" y1="{top + 4}" x2="{x(lo):.1f}" y2="{top + BAR - 4}" class="whisker"/>'
-                f'<line x1="{x(hi):.1f}" y1="{top + 4}" x2="{x(hi):.1f}" y2="{top + BAR - 4}" class="whisker"/>'
-            )
+            parts.append(f'<line x1="{x(lo):.1f}" y1="{mid}" x2="{x(hi):.1f}" y2="{mid}" class="whisker"/>')
+            for end in (x(lo), x(hi)):
+                y1, y2 = top + 4, top + BAR - 4
+                parts.append(f'<line x1="{end:.1f}" y1="{y1}" x2="{end:.1f}" y2="{y2}" class="whisker"/>')
             label += f" [{fmt(lo)}, {fmt(hi)}]"
         parts.append(
             f'<text x="{LABEL_WIDTH + PLOT_WIDTH + 8}" y="{mid + 4:.1f}" class="value">{escape(label)}</text>'

@@ -159,7 +159,7 @@ def user_page(svc: Services, user_id: str, n: int) -> dict[str, Any]:
             recent = None
         if recent is not None:
             for item_id, event, ts in zip(
-                recent.item_ids, recent.events.tolist(), recent.timestamps.tolist()
+                recent.item_ids, recent.events.tolist(), recent.timestamps.tolist(), strict=True
             ):
                 item = model.item_index.get(item_id)
                 card = item_card(model, item) if item is not None else {"item_id": item_id, "title": item_id}
