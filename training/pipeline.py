@@ -33,6 +33,7 @@ from training.cooccurrence import mine_bundles_report
 from training.evaluation import DEFAULT_MAX_TEST_USERS, category_codes
 from training.evaluation import evaluate as evaluate_split
 from training.model import fit_model
+from training.report import write_documents
 from training.splits import SplitSpec, exclusion_rule, split_events
 from training.tuning import save_choice
 from training.tuning import tune as tune_params
@@ -171,10 +172,13 @@ def write_model(
     timings: dict[str, float],
     similarity: Any = None,
     prior: np.ndarray | None = None,
+    events: Any = None,
 ) -> tuple[Path, Artifact]:
     """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``.
 
     ``similarity`` and ``prior`` are the blend's item-kNN and popularity parts (None for plain ALS).
+    Then the version's documents: customer segments (from ``events``, when given) and the training
+    report (``timings["documents"]`` says how long they took; a failure only logs a warning).
     """
     artifact = Artifact(
         item_ids=[str(x) for x in item_ids],
@@ -196,7 +200,11 @@ def write_model(
     )
     # Stage timings up to here (writing itself is not in them: the manifest is written last).
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    return write_artifact(artifact, models_dir, version=version), artifact
+    path = write_artifact(artifact, models_dir, version=version)
+    t0 = time.perf_counter()
+    write_documents(path, artifact, events)
+    timings["documents"] = time.perf_counter() - t0
+    return path, artifact
 
 
 def train_model(
@@ -430,6 +438,7 @@ def train_model(
         timings=timings,
         similarity=fitted.similarity,
         prior=fitted.prior,
+        events=events,
     )
     if tuning is not None:
         # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.
