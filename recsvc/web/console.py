@@ -280,11 +280,10 @@ def metric_charts(metrics: dict[str, Any]) -> dict[str, Any]:
     charts = [
         bars([bar(m, metrics[m]) for m in methods], title="nDCG@10 on the held-out split (95 % interval)")
     ]
-    buckets: list[str] = []
-    for m in methods:
-        for name in metrics[m].get("buckets") or {}:
-            if name not in buckets:
-                buckets.append(name)
+    names = {name for m in methods for name in metrics[m].get("buckets") or {}}
+    buckets = sorted(
+        names, key=lambda name: (int("".join(c for c in name.split("-")[0] if c.isdigit()) or 0), name)
+    )
     for name in buckets:
         rows = []
         for m in methods:
@@ -293,13 +292,25 @@ def metric_charts(metrics: dict[str, Any]) -> dict[str, Any]:
         users = ((metrics["model"].get("buckets") or {}).get(name) or {}).get("users")
         label = f"activity bucket {name} events" + (f" ({users} users)" if users is not None else "")
         charts.append(bars(rows, title=f"nDCG@10, {label}"))
-    comparison = metrics.get("comparison") or {}
     return {
         "charts": charts,
         "warnings": list(metrics.get("warnings") or []),
-        "summary": comparison,
-        "split": metrics.get("split"),
+        "summary": comparison_text(metrics.get("comparison") or {}),
     }
+
+
+def comparison_text(comparison: dict[str, Any]) -> str | None:
+    """The evaluation's verdict in words: the model against the best baseline, with its interval."""
+    try:
+        ci = comparison.get("ratio_ci") or [None, None]
+        interval = f" [{float(ci[0]):.2f}, {float(ci[1]):.2f}]" if None not in ci else ""
+        return (
+            f"Model {comparison['metric']} {float(comparison['model']):.4f} against the best baseline, "
+            f"{comparison['best_baseline']}, {float(comparison['baseline']):.4f}: "
+            f"{float(comparison['ratio']):.2f}x{interval} (paired 95 % interval)."
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def report_path(svc: Services, version: str) -> Path | None:

@@ -31,7 +31,11 @@ def artifact(models_dir):
         },
         "popularity": {"ndcg@10": 0.12, "ndcg@10_ci": [0.1, 0.14], "buckets": {"3-9": {"ndcg@10": 0.11}}},
         "warnings": ["a warning worth showing"],
-    }
+        "comparison": {
+            "metric": "ndcg@10", "model": 0.31, "baseline": 0.12, "best_baseline": "popularity",
+            "ratio": 2.58, "ratio_ci": [2.1, 3.0],
+        },
+    }  # fmt: skip
     path = write_artifact(a, models_dir)
     write_document(path, "report.html", b"<!doctype html><title>report</title><h1>Training report</h1>")
     return a
@@ -181,6 +185,7 @@ def test_models_page_shows_versions_charts_report_and_history(client, artifact):
     assert version in page and "live" in page
     assert page.count("<svg") == 2  # overall and the one activity bucket
     assert "0.3100 [0.2800, 0.3400]" in page and "a warning worth showing" in page
+    assert "against the best baseline, popularity, 0.1200: 2.58x [2.10, 3.00]" in page
     history = page.split('id="history"')[1]
     assert "publish" in history and version in history
     r = client.get(f"/console/models/{version}/report")
