@@ -401,7 +401,7 @@ class Bundle:
 
     def to_dict(self, catalog: BundleCatalog, rules: BundleRules) -> dict[str, Any]:
         """JSON-ready form: item ids, titles, categories and prices, and the priced offer."""
-        items = []
+        items: list[dict[str, Any]] = []
         for position, item in enumerate(self.items):
             price = float(catalog.price[item])
             cat = int(catalog.category[item])

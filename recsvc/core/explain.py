@@ -30,7 +30,6 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
-import scipy.linalg
 
 from recsvc.core.scoring import Scorer
 
@@ -97,9 +96,40 @@ class Explanation:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def _z(values: np.ndarray) -> tuple[float, float]:
-    mean = float(values.mean()) if len(values) else 0.0
-    std = float(values.std()) if len(values) else 0.0
+@dataclass(frozen=True)
+class FactorStats:
+    """What the ALS row's mean and spread need, per model version: ``Y^T Y`` and the mean item
+    vector. Then ``mean(Y x) = mean_y . x`` and ``mean((Y x)^2) = x^T (Y^T Y / n) x``: a request
+    costs ``O(factors^2)``, not a product with every item."""
+
+    gramian: np.ndarray  # float64 (factors, factors)
+    mean: np.ndarray  # float64 (factors,)
+    n_items: int
+
+    @classmethod
+    def of(cls, item_factors: np.ndarray, gramian: np.ndarray | None = None) -> FactorStats:
+        y = np.asarray(item_factors)
+        if gramian is None:
+            gramian = y.T.astype(np.float64) @ y.astype(np.float64)
+        return cls(np.asarray(gramian, dtype=np.float64), y.mean(axis=0, dtype=np.float64), int(y.shape[0]))
+
+    def row_z(self, vector: np.ndarray) -> tuple[float, float]:
+        """Mean and standard deviation of ``Y x`` over every item (std 1 when 0)."""
+        x = np.asarray(vector, dtype=np.float64)
+        mean = float(self.mean @ x)
+        variance = float(x @ self.gramian @ x) / max(self.n_items, 1) - mean * mean
+        std = float(np.sqrt(variance)) if variance > 1e-12 * max(mean * mean, 1.0) else 0.0
+        return mean, std if std > 0 else 1.0
+
+
+def _z(values: np.ndarray, n: int | None = None) -> tuple[float, float]:
+    """Mean and std of a row of ``n`` items whose values outside ``values`` are 0 (std 1 when 0)."""
+    n = len(values) if n is None else n
+    if n == 0:
+        return 0.0, 1.0
+    mean = float(values.sum()) / n
+    variance = float((values * values).sum()) / n - mean * mean
+    std = float(np.sqrt(variance)) if variance > 1e-12 * max(mean * mean, 1.0) else 0.0
     return mean, std if std > 0 else 1.0
 
 
@@ -112,29 +142,56 @@ def als_attribution(
     """``(len(items), len(history))``: what each history item adds to ``y_i . x_u`` (see module).
 
     ``A = Y^T Y + lambda I + Y_h^T (|E| - I) Y_h`` is the user's fold-in system; a history item
-    with a confidence <= 0 adds nothing (as in the solve's right-hand side).
+    with a confidence <= 0 adds nothing (as in the solve's right-hand side). Only the rows of the
+    history and of ``items`` are read (in float64), never the whole factor matrix.
     """
     if history.effective is None or not len(history):
         return np.zeros((len(items), len(history)))
-    y = np.asarray(item_factors, dtype=np.float64)
-    y_h = y[np.asarray(history.indices, dtype=np.intp)]
+    y_h = np.asarray(item_factors[np.asarray(history.indices, dtype=np.intp)], dtype=np.float64)
     e = np.asarray(history.effective, dtype=np.float64)
-    a = np.asarray(yty, dtype=np.float64) + history.regularization * np.eye(y.shape[1])
+    a = np.asarray(yty, dtype=np.float64) + history.regularization * np.eye(y_h.shape[1])
     a += (y_h.T * (np.abs(e) - 1.0)) @ y_h
     try:
-        z = scipy.linalg.solve(a, y_h.T, assume_a="pos", check_finite=False)
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        z = np.linalg.solve(a, y_h.T)
+    except np.linalg.LinAlgError:
         z = np.linalg.lstsq(a, y_h.T, rcond=None)[0]
-    return (y[np.asarray(items, dtype=np.intp)] @ z) * np.where(e > 0, e, 0.0)[None, :]
+    y_i = np.asarray(item_factors[np.asarray(items, dtype=np.intp)], dtype=np.float64)
+    return (y_i @ z) * np.where(e > 0, e, 0.0)[None, :]
 
 
-def knn_attribution(similarity: Any, history: History, items: np.ndarray) -> np.ndarray:
-    """``(len(items), len(history))``: ``c_uh * S[h, i]``, what each history item adds to ``(c_u S)_i``."""
-    if not len(history):
-        return np.zeros((len(items), 0))
-    rows = similarity[np.asarray(history.indices, dtype=np.intp)]
-    block = rows[:, np.asarray(items, dtype=np.intp)].toarray().astype(np.float64)
-    return (block * np.asarray(history.raw, dtype=np.float64)[:, None]).T
+def _history_rows(similarity: Any, history: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The similarity rows of the history items as flat arrays: ``(owner, column, value)``, where
+    ``owner`` is the position in ``history`` (no sparse matrix is built: a request-path cost)."""
+    indptr = similarity.indptr
+    h = np.asarray(history.indices, dtype=np.intp)
+    starts, lengths = indptr[h], indptr[h + 1] - indptr[h]
+    owner = np.repeat(np.arange(len(h)), lengths)
+    first = np.cumsum(lengths) - lengths
+    positions = np.repeat(starts - first, lengths) + np.arange(int(lengths.sum()))
+    return owner, similarity.indices[positions], similarity.data[positions].astype(np.float64)
+
+
+def knn_attribution(
+    similarity: Any,
+    history: History,
+    items: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> np.ndarray:
+    """``(len(items), len(history))``: ``c_uh * S[h, i]``, what each history item adds to ``(c_u S)_i``.
+
+    ``rows``: the history's similarity rows when already flattened (:func:`_history_rows`).
+    """
+    items = np.asarray(items, dtype=np.intp)
+    out = np.zeros((len(items), len(history)))
+    if not len(history) or not len(items):
+        return out
+    owner, column, value = rows if rows is not None else _history_rows(similarity, history)
+    order = np.argsort(items, kind="stable")
+    at = np.minimum(np.searchsorted(items[order], column), len(items) - 1)
+    keep = items[order][at] == column
+    raw = np.asarray(history.raw, dtype=np.float64)
+    np.add.at(out, (order[at[keep]], owner[keep]), value[keep] * raw[owner[keep]])
+    return out
 
 
 def explain_items(
@@ -142,9 +199,12 @@ def explain_items(
     history: History,
     vector: np.ndarray | None,
     items: np.ndarray,
-    yty: np.ndarray | None = None,
+    stats: FactorStats | None = None,
 ) -> list[Explanation]:
     """One :class:`Explanation` per item of a personalised list (see the module docstring).
+
+    The cost does not grow with the catalogue: the ALS row's mean and spread come from ``stats``,
+    the item-kNN row's from the history's similarity rows; only the list's items are scored.
 
     Parameters
     ----------
@@ -156,8 +216,9 @@ def explain_items(
         The ALS user vector the list was scored with.
     items : numpy.ndarray
         The list's item indices.
-    yty : numpy.ndarray, optional
-        ``Y^T Y`` of the item factors (cached per version); without it ALS is not split by history.
+    stats : FactorStats, optional
+        Of the item factors (cached per version); without it the ALS row is computed whole and
+        ALS is not split by history item.
     """
     items = np.asarray(items, dtype=np.intp)
     spec = scorer.spec
@@ -167,23 +228,34 @@ def explain_items(
     use_als = spec.als > 0 and vector is not None and scorer.item_factors is not None
     if use_als:
         assert scorer.item_factors is not None
-        full = np.asarray(scorer.item_factors, dtype=np.float64) @ np.asarray(vector, dtype=np.float64)
+        x = np.asarray(vector, dtype=np.float64)
         if spec.is_plain_als:  # alone, ALS keeps its own scale
             mean, std, weight = 0.0, 1.0, 1.0
+        elif stats is not None:
+            (mean, std), weight = stats.row_z(x), spec.als
         else:
-            (mean, std), weight = _z(full), spec.als
-        parts["als"] = weight * (full[items] - mean) / std
-        if yty is not None:
-            attribution += weight / std * als_attribution(scorer.item_factors, history, items, yty)
+            (mean, std), weight = _z(scorer.item_factors @ x), spec.als
+        own = np.asarray(scorer.item_factors[items], dtype=np.float64) @ x
+        parts["als"] = weight * (own - mean) / std
+        if stats is not None:
+            attribution += weight / std * als_attribution(scorer.item_factors, history, items, stats.gramian)
     if spec.knn > 0 and scorer.similarity is not None:
-        full = np.zeros(scorer.n_items)
+        # (c_u S) is non-zero only on the history's neighbours: its sums there give the row's
+        # mean and spread over every item.
+        support: np.ndarray = np.zeros(0, np.int64)
+        sums: np.ndarray = np.zeros(0)
+        rows = None
         if n_hist:
-            rows = scorer.similarity[np.asarray(history.indices, dtype=np.intp)]
-            full = np.asarray(rows.T @ np.asarray(history.raw, dtype=np.float64)).ravel()
-        mean, std = _z(full)
-        parts["item_knn"] = spec.knn * (full[items] - mean) / std
+            rows = owner, column, value = _history_rows(scorer.similarity, history)
+            raw = np.asarray(history.raw, dtype=np.float64)
+            support, inverse = np.unique(column, return_inverse=True)
+            sums = np.bincount(inverse, weights=value * raw[owner], minlength=len(support))
+        mean, std = _z(sums, scorer.n_items)
+        at = np.minimum(np.searchsorted(support, items), max(len(support) - 1, 0))
+        own = np.where(support[at] == items, sums[at], 0.0) if len(support) else np.zeros(len(items))
+        parts["item_knn"] = spec.knn * (own - mean) / std
         if n_hist:
-            attribution += spec.knn / std * knn_attribution(scorer.similarity, history, items)
+            attribution += spec.knn / std * knn_attribution(scorer.similarity, history, items, rows)
     if scorer.prior_z is not None and (spec.popularity > 0 or spec.popularity_boost > 0):
         weight = float(scorer.popularity_weight(np.asarray([n_hist]))[0])
         parts["popularity"] = weight * scorer.prior_z[items].astype(np.float64)
@@ -192,41 +264,54 @@ def explain_items(
         logged = np.log1p(np.maximum(np.asarray(history.raw, dtype=np.float64), 0))
         top = logged.max()
         if top > 0:
-            position = {int(h): k for k, h in enumerate(np.asarray(history.indices).tolist())}
-            for row, item in enumerate(items.tolist()):
-                k = position.get(item)
-                if k is not None:
-                    seen[row] = spec.seen * logged[k] / top
+            indices = np.asarray(history.indices)
+            order = np.argsort(indices, kind="stable")
+            found = np.searchsorted(indices[order], items)
+            found = np.minimum(found, len(indices) - 1)
+            hit = indices[order][found] == items
+            seen[hit] = spec.seen * logged[order][found[hit]] / top
         parts["seen"] = seen
-    personal = parts.get("als", np.zeros(len(items))) + parts.get("item_knn", np.zeros(len(items)))
-    popularity = parts.get("popularity", np.zeros(len(items)))
+    zeros = np.zeros(len(items))
+    personal = parts.get("als", zeros) + parts.get("item_knn", zeros)
+    popularity = parts.get("popularity", zeros)
+    anchors = _anchors(attribution, history, items)
+    names = list(parts)
+    table = np.round(np.column_stack([parts[n] for n in names]), 4).tolist() if names else [[]] * len(items)
     out = []
     for row in range(len(items)):
-        shares = {name: round(float(values[row]), 4) for name, values in parts.items()}
+        shares = dict(zip(names, table[row], strict=True))
         if seen[row] > 0 and seen[row] >= max(personal[row], popularity[row]):
             out.append(Explanation(Code.SEEN, (), shares))
             continue
-        anchors = _anchors(attribution[row], history, exclude=int(items[row]))
-        if (popularity[row] > 0 and popularity[row] > personal[row]) or not anchors:
+        if (popularity[row] > 0 and popularity[row] > personal[row]) or not anchors[row]:
             out.append(Explanation(Code.POPULAR, (), shares))
             continue
-        first = anchors[0]
+        first = anchors[row][0]
         code = Code.VIEWED
         if history.recent is not None and history.recent[first]:
             code = Code.JUST_VIEWED
         elif history.bought is not None and history.bought[first]:
             code = Code.BOUGHT
-        out.append(Explanation(code, tuple(int(history.indices[k]) for k in anchors), shares))
+        out.append(Explanation(code, tuple(int(history.indices[k]) for k in anchors[row]), shares))
     return out
 
 
-def _anchors(contribution: np.ndarray, history: History, exclude: int) -> list[int]:
-    """Positions in ``history`` of the items adding most (> 0), strongest first, ties by index."""
-    if not len(contribution):
-        return []
+def _anchors(attribution: np.ndarray, history: History, items: np.ndarray) -> list[list[int]]:
+    """Per item, positions in ``history`` of the items adding most (> 0), strongest first, ties by
+    item index, never the item itself; at most :data:`MAX_ANCHORS`."""
+    if not len(history) or not len(items):
+        return [[] for _ in range(len(items))]
     indices = np.asarray(history.indices)
-    order = np.lexsort((indices, -contribution))
-    return [int(k) for k in order if contribution[k] > 0 and int(indices[k]) != exclude][:MAX_ANCHORS]
+    by_index = np.argsort(indices, kind="stable")
+    scores = attribution[:, by_index]
+    scores = np.where(indices[by_index][None, :] == np.asarray(items)[:, None], -np.inf, scores)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :MAX_ANCHORS]
+    values = np.take_along_axis(scores, top, axis=1)
+    positions = by_index[top]
+    return [
+        [int(p) for p, v in zip(row_positions, row_values, strict=True) if v > 0]
+        for row_positions, row_values in zip(positions.tolist(), values.tolist(), strict=True)
+    ]
 
 
 def explain_popular(n_items: int) -> list[Explanation]:

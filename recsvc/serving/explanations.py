@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from recsvc.core.answers import Source
-from recsvc.core.explain import Explanation, History, describe, explain_items, explain_popular
+from recsvc.core.explain import (
+    Explanation,
+    FactorStats,
+    History,
+    describe,
+    explain_items,
+    explain_popular,
+)
 from recsvc.core.weighting import scale_row
 from recsvc.serving.realtime import foldin_state, raw_training_row
 
@@ -74,7 +81,20 @@ def explain_answer(
     """One explanation per item: ``trending`` for popular lists, else from the model's parts."""
     if source is Source.FALLBACK or history is None:
         return explain_popular(len(items))
-    return explain_items(model.scorer, history, vector, items, yty=foldin_state(model).yty)
+    return explain_items(model.scorer, history, vector, items, stats=factor_stats(model))
+
+
+def factor_stats(model: Any) -> FactorStats | None:
+    """The version's :class:`~recsvc.core.explain.FactorStats` (``Y^T Y`` shared with fold-in),
+    built once per version; None for a version fold-in cannot use."""
+
+    def build() -> FactorStats | None:
+        state = foldin_state(model)
+        if state.params is None:
+            return None
+        return FactorStats.of(model.item_factors, state.yty)
+
+    return model.memo("explain.factor_stats", build)
 
 
 def rendered(model: Any, items: np.ndarray, explanations: list[Explanation]) -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 from recsvc.core.explain import (
     Code,
     Explanation,
+    FactorStats,
     History,
     als_attribution,
     describe,
@@ -96,7 +97,7 @@ def test_plain_als_names_the_history_item_pointing_the_same_way():
     indices, conf, alpha, reg = np.array([0, 1]), np.array([1.0, 1.0]), 10.0, 0.1
     x = fold_in(y, indices, conf, reg, alpha, yty=gramian(y))
     h = History(indices, conf, effective=alpha * conf, regularization=reg)
-    found = explain_items(Scorer(PLAIN_ALS, y), h, x, np.array([2, 3]), yty=gramian(y))
+    found = explain_items(Scorer(PLAIN_ALS, y), h, x, np.array([2, 3]), stats=FactorStats.of(y))
     assert [(e.code, e.anchors[0]) for e in found] == [(Code.VIEWED, 0), (Code.VIEWED, 1)]
     assert found[0].parts["als"] == pytest.approx(float(y[2] @ x), abs=1e-4)
 
@@ -109,9 +110,17 @@ def test_parts_add_up_to_the_scorers_score_up_to_a_per_user_constant():
     raw, x = np.array([2.0, 1.0]), rng.normal(size=4).astype(np.float32)
     scores = scorer.score_one(np.array([0, 1]), raw, x).astype(np.float64)
     items = np.arange(5)
-    found = explain_items(scorer, history([0, 1], raw), x, items)
-    summed = np.array([sum(e.parts.values()) for e in found])
-    assert scores - summed == pytest.approx(np.full(5, (scores - summed)[0]), abs=1e-3)
+    for stats in (None, FactorStats.of(y)):  # the ALS row whole, or its mean and spread from Y^T Y
+        found = explain_items(scorer, history([0, 1], raw), x, items, stats=stats)
+        summed = np.array([sum(e.parts.values()) for e in found])
+        assert scores - summed == pytest.approx(np.full(5, (scores - summed)[0]), abs=1e-3)
+
+
+def test_factor_stats_give_the_rows_mean_and_spread_without_the_row():
+    rng = np.random.default_rng(5)
+    y, x = rng.normal(size=(300, 8)), rng.normal(size=8)
+    mean, std = FactorStats.of(y).row_z(x)
+    assert (mean, std) == pytest.approx((float((y @ x).mean()), float((y @ x).std())), rel=1e-9)
 
 
 def test_an_empty_history_explains_by_popularity():

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from recsvc.core.artifact import write_artifact
-from recsvc.core.explain import History, explain_items
-from recsvc.core.foldin import gramian
+from recsvc.core.explain import FactorStats, History, explain_items
 from recsvc.serving.model import ServingModel
 from recsvc.storage import versions
 from tests.factories import API_KEY, blend_artifact
@@ -47,7 +46,11 @@ def expected(artifact, user: int, item_ids: list[str]):
     )
     items = np.array([artifact.item_ids.index(i) for i in item_ids])
     return explain_items(
-        artifact.scorer(), history, artifact.user_factors[user], items, yty=gramian(artifact.item_factors)
+        artifact.scorer(),
+        history,
+        artifact.user_factors[user],
+        items,
+        stats=FactorStats.of(artifact.item_factors),
     )
 
 
