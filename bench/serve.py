@@ -547,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'server':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
         for label, r in (
             ("bare Flask: 1 Redis GET of a 20-item list", best["bare"]),
-            ("recsvc /v1/users/<id>/recommendations?n=20", best["recsvc"]),
+            ("recsvc .../recommendations?n=20            ("recsvc /v1/users/<id>/recommendations?n=20", best["recsvc"]),explain=false", best["recsvc"]),
             (f"recsvc paced at half max (~{half_rate:,.0f} req/s)", paced),
         ):
             print(f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")
