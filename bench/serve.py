@@ -137,12 +137,13 @@ def floor_app():
 # ------------------------------------------------------------------------------------------------
 
 
-def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0, blend: bool = False):
-    """Random users and items; ``blend``: the default model's shape (ALS + item-kNN with 50
-    neighbours per item + popularity prior + own items), else plain ALS."""
+def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0, blend: bool = True):
+    """A random model of the given size: the default blend (an item-kNN similarity of 100 neighbours
+    per item and a popularity prior, scores stored per user), or plain ALS with ``blend=False``."""
     import scipy.sparse as sp
 
     from recsvc.core.artifact import Artifact, BundleCandidates
+    from recsvc.core.scoring import PLAIN_ALS, ModelSpec, popularity_prior
 
     rng = np.random.default_rng(seed)
     per_user = 10
@@ -156,6 +157,17 @@ def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0, 
     )
     purchases.sum_duplicates()
     categories = [f"cat{c}" for c in range(20)]
+    similarity = prior = None
+    if blend:
+        neighbours = min(100, n_items)
+        anchors = np.repeat(np.arange(n_items), neighbours)
+        similarity = sp.csr_matrix(
+            (rng.random(len(anchors)).astype(np.float32), (anchors, rng.integers(0, n_items, len(anchors)))),
+            shape=(n_items, n_items),
+        )
+        similarity.sum_duplicates()
+        prior = popularity_prior(rng.pareto(1.5, n_items))
+    spec = ModelSpec(exclude="purchased") if blend else PLAIN_ALS
     return Artifact(
         item_ids=[f"sku{i:06d}" for i in range(n_items)],
         user_ids=[f"user{u:07d}" for u in range(n_users)],
@@ -170,23 +182,14 @@ def synthetic_artifact(n_users: int, n_items: int, factors: int, seed: int = 0, 
         interactions=interactions,
         purchases=purchases,
         bundles=BundleCandidates.empty(n_items),
-        manifest={"data_fingerprint": f"bench{seed}", "params": {"factors": factors}},
-        **(_blend_parts(rng, n_items) if blend else {}),
+        manifest={
+            "data_fingerprint": f"bench{seed}",
+            "params": {"factors": factors, "scaling": "linear"},
+            "model": spec.to_dict(),
+        },
+        similarity=similarity,
+        prior=prior,
     )
-
-
-def _blend_parts(rng: np.random.Generator, n_items: int, neighbours: int = 50) -> dict:
-    import scipy.sparse as sp
-
-    from recsvc.core.scoring import popularity_prior
-
-    rows = np.repeat(np.arange(n_items), neighbours)
-    cols = rng.integers(0, n_items, n_items * neighbours)
-    similarity = sp.csr_matrix(
-        (rng.random(len(rows)).astype(np.float32), (rows, cols)), shape=(n_items, n_items)
-    )
-    similarity.sum_duplicates()
-    return {"similarity": similarity, "prior": popularity_prior(rng.pareto(1.5, n_items) * 100)}
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:
@@ -337,6 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         "default one in the same rounds (paired)",
     )
     parser.add_argument("--seconds", type=int, default=None, help="seconds per load run")
+    parser.add_argument(
+        "--model",
+        choices=("blend", "als"),
+        default="blend",
+        help="the served model: the default blend (scores stored per user) or plain ALS",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds (default 5, --quick 2)")
     parser.add_argument(
         "--floor",
@@ -386,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             f"# publish: {publish_users:,} users x {publish_items:,} items x {factors} factors, K=200",
             flush=True,
         )
-        big = synthetic_artifact(publish_users, publish_items, factors, seed=1)
+        big = synthetic_artifact(publish_users, publish_items, factors, seed=1, blend=args.model == "blend")
         write_artifact(big, models)
         stats: list[versions.PublishStats] = []
         versions.publish(client, big, config, stats=stats)
@@ -407,11 +416,7 @@ def main(argv: list[str] | None = None) -> int:
             f"# serving: model of {serve_users:,} users x {serve_items:,} items x {factors} factors",
             flush=True,
         )
-        artifact = synthetic_artifact(serve_users, serve_items, factors, seed=2, blend=args.explain)
-        if args.explain:
-            from recsvc.core.scoring import ModelSpec
-
-            artifact.manifest["model"] = ModelSpec(exclude="purchased").to_dict()
+        artifact = synthetic_artifact(serve_users, serve_items, factors, seed=2, blend=args.model == "blend")
         write_artifact(artifact, models)
         versions.publish(client, artifact, config)
         rng = np.random.default_rng(3)
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'server':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
         for label, r in (
             ("bare Flask: 1 Redis GET of a 20-item list", best["bare"]),
-            ("recsvc .../recommendations?n=20            ("recsvc /v1/users/<id>/recommendations?n=20", best["recsvc"]),explain=false", best["recsvc"]),
+            ("recsvc .../recommendations?n=20&explain=false", best["recsvc"]),
             (f"recsvc paced at half max (~{half_rate:,.0f} req/s)", paced),
         ):
             print(f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")

@@ -73,5 +73,4 @@ def convert_command(name: str, data_dir: str, out_dir: str | None) -> None:
     click.echo(
         f"evaluate with: recsvc evaluate --events {result.events}"
         + (f" --catalog {result.catalog}" if result.catalog else "")
-        + f" --split-days {result.split_days:g}"
     )

@@ -386,7 +386,6 @@ def evaluate(**kwargs: Any) -> None:
         params = params.replace(model=replace(params.model, exclude=kwargs["exclude"]))
     events_paths = list(kwargs["events"])
     catalog_path = kwargs["catalog"]
-    split_days = kwargs["split_days"]
     if kwargs["dataset"]:
         if events_paths:
             raise BadInput("give either --events or --dataset, not both")
@@ -404,7 +403,6 @@ def evaluate(**kwargs: Any) -> None:
             raise BadInput(str(e)) from None
         _err(f"converted {kwargs['dataset']}: {converted.notes}")
         events_paths, catalog_path = [converted.events], converted.catalog
-        split_days = split_days or converted.split_days
     if not events_paths:
         raise BadInput("give --events PATH (or --dataset NAME)")
     try:
@@ -415,7 +413,6 @@ def evaluate(**kwargs: Any) -> None:
             catalog, catalog_report = load_catalog(catalog_path, max_bad_fraction=kwargs["max_bad_fraction"])
             _err("catalog: " + catalog_report.format())
         start = time.perf_counter()
-        kwargs["split_days"] = split_days
         metrics = run_evaluation(
             events,
             catalog,

@@ -112,6 +112,15 @@ def popularity_prior(buyers: np.ndarray, interested: np.ndarray | None = None) -
     return prior.astype(np.float32)
 
 
+def _row_stats(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each row (float64; a constant row gets std 1)."""
+    n = scores.shape[1]
+    mean = scores.sum(axis=1, dtype=np.float64) / n
+    square = np.einsum("ij,ij->i", scores, scores, dtype=np.float64) / n
+    std = np.sqrt(np.maximum(square - mean * mean, 0.0))
+    return mean, np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+
+
 def zscore_rows(scores: np.ndarray) -> np.ndarray:
     """Each row minus its mean, over its standard deviation (a constant row becomes zeros)."""
     mean = scores.mean(axis=1, keepdims=True)
@@ -129,15 +138,19 @@ def _popularity_weight(spec: ModelSpec, n_items_of_user: np.ndarray) -> np.ndarr
 class ScoreParts:
     """The unweighted parts of a block of users' scores (:meth:`Scorer.parts`).
 
-    ``als`` and ``knn`` are ``(n_users, n_items)`` float32, z-scored per row (``als`` is the raw
-    dot product for plain ALS); ``history`` is each user's number of distinct items; ``seen`` holds
-    ``log1p(c_ui) / max_j log1p(c_uj)`` for the items of each user's history.
+    ``als`` and ``knn`` are the raw ``(n_users, n_items)`` float32 scores with each row's mean and
+    standard deviation (``als_stats``, ``knn_stats``: two ``(n_users,)`` arrays), so that
+    :meth:`Scorer.combine` z-scores while it weighs, in one pass; ``history`` is each user's number
+    of distinct items; ``seen`` holds ``log1p(c_ui) / max_j log1p(c_uj)`` for the items of each
+    user's history.
     """
 
     als: np.ndarray | None
     knn: np.ndarray | None
     history: np.ndarray
     seen: sp.csr_matrix | None
+    als_stats: tuple[np.ndarray, np.ndarray] | None = None
+    knn_stats: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Scorer:
@@ -220,17 +233,23 @@ class Scorer:
                 raise ValueError("the model has an ALS weight: pass the users' vectors")
             assert self.item_factors is not None  # checked at construction
             als = np.asarray(vectors, dtype=np.float32) @ self.item_factors.T
-            if not spec.is_plain_als:  # alone, ALS keeps its own scale (the order is the same)
-                als = zscore_rows(als).astype(np.float32)
         if spec.knn > 0:
             assert self.similarity is not None  # checked at construction
-            knn = zscore_rows((rows @ self.similarity).toarray()).astype(np.float32)
+            knn = (rows @ self.similarity).toarray()
         if spec.seen > 0 and rows.nnz:
             seen = rows.copy()
             seen.data = np.log1p(np.maximum(seen.data, 0))
             row_max = np.asarray(seen.max(axis=1).toarray()).ravel()
             seen = sp.csr_matrix(sp.diags(1.0 / np.where(row_max > 0, row_max, 1.0)) @ seen)
-        return ScoreParts(als, knn, np.diff(rows.indptr), seen)
+        plain = spec.is_plain_als  # alone, ALS keeps its own scale (the order is the same)
+        return ScoreParts(
+            als,
+            knn,
+            np.diff(rows.indptr),
+            seen,
+            None if als is None or plain else _row_stats(als),
+            None if knn is None else _row_stats(knn),
+        )
 
     def combine(self, parts: ScoreParts, spec: ModelSpec | None = None) -> np.ndarray:
         """The weighted sum of ``parts`` under ``spec`` (default: this scorer's).
@@ -242,12 +261,27 @@ class Scorer:
         n_users = len(parts.history)
         if spec.is_plain_als and parts.als is not None:
             return parts.als
-        total = np.zeros((n_users, self.n_items), dtype=np.float32)
-        for weight, part, name in ((spec.als, parts.als, "ALS"), (spec.knn, parts.knn, "item-kNN")):
+        # sum_p w_p (x_p - mean_p) / std_p = sum_p (w_p / std_p) x_p - sum_p w_p mean_p / std_p: the
+        # z-scores are never materialised (one pass per part instead of four).
+        total: np.ndarray | None = None
+        offset = np.zeros(n_users)
+        for weight, part, stats, name in (
+            (spec.als, parts.als, parts.als_stats, "ALS"),
+            (spec.knn, parts.knn, parts.knn_stats, "item-kNN"),
+        ):
             if weight > 0:
-                if part is None:
+                if part is None or stats is None:
                     raise ValueError(f"these parts have no {name} part")
-                total += np.float32(weight) * part
+                mean, std = stats
+                scale = (weight / std).astype(np.float32)[:, None]
+                if total is None:
+                    total = part * scale
+                else:
+                    total += part * scale
+                offset += weight * mean / std
+        if total is None:
+            total = np.zeros((n_users, self.n_items), dtype=np.float32)
+        total -= offset.astype(np.float32)[:, None]
         if spec.popularity > 0 or spec.popularity_boost > 0:
             if self.prior_z is None:
                 raise ValueError("this scorer has no popularity prior")
