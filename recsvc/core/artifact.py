@@ -536,17 +536,24 @@ def update_manifest(path: str | os.PathLike, **fields: Any) -> dict[str, Any]:
         raise ArtifactError(f"{path / MANIFEST}: field(s) {', '.join(fixed)} cannot be updated")
     manifest = read_manifest(path)
     manifest.update(fields)
-    tmp = path / f".{MANIFEST}.{os.getpid()}.tmp"
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default)
+    _replace_atomically(path / MANIFEST, text.encode("utf-8"))
+    return manifest
+
+
+def _replace_atomically(target: Path, data: bytes) -> None:
+    """Write ``target`` through a temporary sibling, fsynced and renamed: readers see the old or the
+    new file, never half of one."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True, default=_json_default)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path / MANIFEST)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return manifest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -568,16 +575,7 @@ def write_document(path: str | os.PathLike, name: str, data: bytes) -> Path:
     if name not in DOCUMENTS:
         raise ArtifactError(f"{name!r} is not a version document ({', '.join(DOCUMENTS)})")
     read_manifest(path)  # only into a real version folder
-    tmp = path / f".{name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _replace_atomically(path / name, data)
     return path / name
 
 
