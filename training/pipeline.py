@@ -34,6 +34,7 @@ from training.cooccurrence import mine_bundles_report
 from training.evaluation import DEFAULT_MAX_TEST_USERS, category_codes
 from training.evaluation import evaluate as evaluate_split
 from training.model import fit_model
+from training.report import write_documents
 from training.repurchase import fit_repurchase
 from training.splits import SplitSpec, exclusion_rule, split_events
 from training.tuning import save_choice
@@ -174,10 +175,13 @@ def write_model(
     similarity: Any = None,
     prior: np.ndarray | None = None,
     repurchase: RepurchaseModel | None = None,
+    events: Any = None,
 ) -> tuple[Path, Artifact]:
     """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``.
 
     ``similarity`` and ``prior`` are the blend's item-kNN and popularity parts (None for plain ALS).
+    Then the version's documents: customer segments (from ``events``, when given) and the training
+    report (``timings["documents"]`` says how long they took; a failure only logs a warning).
     """
     artifact = Artifact(
         item_ids=[str(x) for x in item_ids],
@@ -200,7 +204,11 @@ def write_model(
     )
     # Stage timings up to here (writing itself is not in them: the manifest is written last).
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
-    return write_artifact(artifact, models_dir, version=version), artifact
+    path = write_artifact(artifact, models_dir, version=version)
+    t0 = time.perf_counter()
+    write_documents(path, artifact, events)
+    timings["documents"] = time.perf_counter() - t0
+    return path, artifact
 
 
 def train_model(
@@ -448,6 +456,7 @@ def train_model(
         similarity=fitted.similarity,
         prior=fitted.prior,
         repurchase=repurchase,
+        events=events,
     )
     if tuning is not None:
         # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.
