@@ -7,7 +7,7 @@ RECSVC := $(BIN)/recsvc
 SAMPLE := var/sample
 PORT   ?= 8000
 
-.PHONY: install install-service install-train install-spark locks run test test-spark test-cluster lint bench faults loadtest clean
+.PHONY: install install-service install-train install-spark locks run test test-spark test-cluster test-browser lint bench faults loadtest clean
 
 # Dependencies by role, each pinned with hashes in its own lock (requirements/*.lock, generated from
 # pyproject.toml by `make locks`): the service installs no training or test tools.
@@ -58,6 +58,11 @@ test-spark: install
 
 test-cluster: install
 	$(BIN)/python -m pytest -q -m cluster
+
+# The console in headless Chromium (Debian's chromium + chromium-driver; screenshots under var/).
+# Part of `make test`.
+test-browser: install
+	$(BIN)/python -m pytest -q -m browser
 
 # Style, the one-way import rule (import-linter contracts in pyproject.toml) and types (mypy).
 lint: install

@@ -6,6 +6,7 @@ Run from the repository root::
     .venv/bin/python bench/serve.py --quick    # ~40 seconds
     .venv/bin/python bench/serve.py --floor    # also two partial apps that show the floor
     .venv/bin/python bench/serve.py --observability   # metrics + request log on vs off
+    .venv/bin/python bench/serve.py --explain  # the cost of explanations (explain=true vs false)
 
 What it does, all on 127.0.0.1 with a throw-away redis-server:
 
@@ -15,12 +16,18 @@ What it does, all on 127.0.0.1 with a throw-away redis-server:
 2. Serving: ``recsvc serve`` (gunicorn, gthread) and a bare Flask app whose one route does one Redis
    GET of a stored 20-item JSON list, each with the same gunicorn worker and thread count, are loaded
    with ``wrk`` at a fixed connection count (max throughput). recsvc answers
-   ``GET /v1/users/<id>/recommendations?n=20`` for random known users. Target: recsvc >= 0.8 x bare.
+   ``GET /v1/users/<id>/recommendations?n=20&explain=false`` (the lean answer, the shape of the bare
+   app's list) for random known users. Target: recsvc >= 0.8 x bare.
 3. Latency at half load: recsvc is paced at half its measured max throughput (wrk's Lua ``delay()``
    per connection) and p50/p99 are reported. Target: p99 <= 10 ms.
 4. With ``--observability``, a second recsvc with metrics and the per-request log line switched
    off (``RECSVC_METRICS_ENABLED=0 RECSVC_REQUEST_LOG=0``) joins the alternating rounds; the ratio
    of recsvc (both on, its log written to a file) to it is the cost of observing. Target: >= 0.95.
+6. With ``--explain``, the same recsvc answers with explanations (``explain=true``, the default:
+   one more Redis read of the user's training row, and the blend's parts split by history item)
+   in the same alternating rounds; the ratio to the lean answer is their cost in throughput. Before
+   the load runs, the same requests go through the app in-process (Flask's test client, one thread,
+   alternating lean and explained per user) and the median time per answer of each is printed.
 5. With ``--floor``, two partial apps in the same gunicorn set-up (``floor_app``): recsvc's Redis
    round trip alone, and that plus the least work a personalised answer needs. Their ratios to
    the bare app bound what any implementation of recsvc's answer could reach here.
@@ -272,6 +279,37 @@ def parse_wrk(out: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 
 
+def explain_in_process(config, users: list[str], rounds: int) -> None:
+    """Median time per answer in-process, lean (``explain=false``) and explained, alternating per
+    user so both see the same host load; prints both and their difference."""
+    import time as _time
+
+    from recsvc.web.app import create_app
+
+    app = create_app(config.with_overrides(metrics_enabled=False, request_log=False), warn_unknown=False)
+    client = app.test_client()
+    for user in users[:50]:  # warm-up: model load, scorer, caches
+        client.get(f"/v1/users/{user}/recommendations?n=20")
+    times: dict[str, list[float]] = {"lean": [], "explained": []}
+    for round_no in range(max(rounds, 3)):
+        for k, user in enumerate(users):
+            order = ("lean", "explained") if (k + round_no) % 2 == 0 else ("explained", "lean")
+            for name in order:
+                query = "n=20&explain=false" if name == "lean" else "n=20"
+                t0 = _time.perf_counter()
+                r = client.get(f"/v1/users/{user}/recommendations?{query}")
+                times[name].append(_time.perf_counter() - t0)
+                assert r.status_code == 200, r.get_data(as_text=True)
+    lean, explained = (float(np.median(times[n])) * 1e6 for n in ("lean", "explained"))
+    app.extensions["recsvc"].served_log.close()
+    app.extensions["recsvc"].client.close()
+    print(
+        f"in-process, one thread, {len(times['lean']):,} answers each (medians): lean {lean:.0f} us, "
+        f"explained {explained:.0f} us, explanations cost {explained - lean:.0f} us per 20-item answer\n",
+        flush=True,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model, short load runs (~40 s)")
@@ -318,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         "--observability",
         action="store_true",
         help="also load recsvc with metrics and the request log off: the cost of observing it",
+    )
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="also load recsvc answering with explanations (explain=true): their cost per answer",
     )
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -449,7 +492,10 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"{bare_base}/bare/{sample_users[0]}")
         wait_http(f"{rec_base}/health/ready")
         bare_paths = [f"/bare/{u}" for u in sample_users]
-        rec_paths = [f"/v1/users/{u}/recommendations?n=20" for u in sample_users]
+        rec_paths = [f"/v1/users/{u}/recommendations?n=20&explain=false" for u in sample_users]
+        explained_paths = [f"/v1/users/{u}/recommendations?n=20" for u in sample_users]
+        if args.explain:
+            explain_in_process(config, sample_users[:300], rounds=rounds)
         # Sanity: recsvc answers personalised 20-item lists for these users.
         with urllib.request.urlopen(rec_base + rec_paths[0]) as r:
             body = json.loads(r.read())
@@ -463,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         if other_base:
             targets["other"] = (other_base, rec_paths)
             run_wrk(other_base, rec_paths, 2, args.connections, 0, workdir)
+        if args.explain:
+            targets["explained"] = (rec_base, explained_paths)
+            run_wrk(rec_base, explained_paths, 2, args.connections, 0, workdir)
         if quiet_base:
             targets["quiet"] = (quiet_base, rec_paths)
             run_wrk(quiet_base, rec_paths, 2, args.connections, 0, workdir)
@@ -503,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'server':<44}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
         for label, r in (
             ("bare Flask: 1 Redis GET of a 20-item list", best["bare"]),
-            ("recsvc /v1/users/<id>/recommendations?n=20", best["recsvc"]),
+            ("recsvc .../recommendations?n=20&explain=false", best["recsvc"]),
             (f"recsvc paced at half max (~{half_rate:,.0f} req/s)", paced),
         ):
             print(f"{label:<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}{r['p99']:>9.2f}{r['errors']:>8}")
@@ -545,11 +594,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"\nratio recsvc (metrics + request log on) / off, req/s: {observed:.3f} "
                 f"(per round: {rounds_text})   target >= 0.95: {'PASS' if observed >= 0.95 else 'MISS'}"
             )
+        if args.explain:
+            pairs = list(zip(results["explained"], results["recsvc"], strict=True))
+            explained = float(np.median([e["rps"] / r["rps"] for e, r in pairs]))
+            r = best["explained"]
+            print(
+                f"{'recsvc with explanations (explain=true)':<44}{r['rps']:>10,.0f}{r['p50']:>9.2f}"
+                f"{r['p99']:>9.2f}{r['errors']:>8}"
+            )
+            print(
+                f"\nratio recsvc explained / lean, req/s: {explained:.3f} (per round: "
+                + ", ".join(f"{e['rps'] / r['rps']:.3f}" for e, r in pairs)
+                + ")"
+            )
         per_round = ", ".join(
             f"{r['rps'] / b['rps']:.2f}" for r, b in zip(results["recsvc"], results["bare"], strict=True)
         )
         print(
-            f"\nratio recsvc / bare req/s: {ratio:.2f} (per round: {per_round}; "
+            f"\nratio recsvc (lean: explain=false) / bare req/s: {ratio:.2f} (per round: {per_round}; "
             f"best/best {best['recsvc']['rps'] / best['bare']['rps']:.2f})   "
             f"target >= 0.80: {'PASS' if ratio >= 0.8 else 'MISS'}"
         )

@@ -37,6 +37,7 @@ from training.cooccurrence import MiningParams, build_baskets, mine_baskets_repo
 from training.evaluation import DEFAULT_MAX_TEST_USERS, category_codes
 from training.evaluation import evaluate as evaluate_split
 from training.model import fit_parts, model_matrices
+from training.report import customer_segments, write_documents
 from training.repurchase import fit_repurchase
 from training.splits import SplitSpec, exclusion_rule, split_events
 from training.tuning import save_choice
@@ -227,11 +228,16 @@ def write_model(
     similarity: Any = None,
     prior: np.ndarray | None = None,
     repurchase: RepurchaseModel | None = None,
+    events: Any = None,
+    segments: Any = None,
 ) -> tuple[Path, Artifact]:
     """Assemble the artifact (the same for every engine) and write it atomically; ``(path, artifact)``.
 
     ``similarity`` and ``prior`` are the blend's item-kNN and popularity parts (None for plain ALS);
     ``resources`` (CPU seconds and peak RSS per stage, :class:`StageClock`) goes to the manifest.
+    Then the version's documents: customer segments (``segments``, or computed from ``events``
+    when given) and the training report (``timings["documents"]`` says how long they took; a
+    failure only logs a warning).
     """
     artifact = Artifact(
         item_ids=[str(x) for x in item_ids],
@@ -256,7 +262,11 @@ def write_model(
     manifest["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
     if resources is not None:
         manifest["resources"] = resources
-    return write_artifact(artifact, models_dir, version=version), artifact
+    path = write_artifact(artifact, models_dir, version=version)
+    t0 = time.perf_counter()
+    write_documents(path, artifact, events, segments=segments)
+    timings["documents"] = time.perf_counter() - t0
+    return path, artifact
 
 
 def train_model(
@@ -327,7 +337,7 @@ def train_model(
         Receives progress lines (the CLI passes ``click.echo`` to stderr).
     stages : Progress, optional
         Told each stage as it starts (load, tune, exclusion, evaluate, matrix, extras, baskets,
-        repurchase, fit, bundles, write); its total is set here.
+        repurchase, segments, fit, bundles, write); its total is set here.
 
     Returns
     -------
@@ -346,7 +356,7 @@ def train_model(
         show_progress = True  # recsvc.core.progress decides: a bar on a terminal, else log lines
     clock = StageClock(stages.step if stages is not None else None)
     if stages is not None:
-        stages.total = 9 + int(tune) + int(evaluate)
+        stages.total = 10 + int(tune) + int(evaluate)
     params = params or TrainParams()
     paths = (
         [Path(event_paths)] if isinstance(event_paths, str | os.PathLike) else [Path(p) for p in event_paths]
@@ -433,6 +443,8 @@ def train_model(
         repurchase, repurchase_report = fit_repurchase(
             events, user_ids, item_ids, meta["category"], trained_until
         )
+    with clock("segments"):
+        segments = customer_segments(events)
     del events
     release_unused_memory()
 
@@ -496,6 +508,7 @@ def train_model(
             similarity=fitted.similarity,
             prior=fitted.prior,
             repurchase=repurchase,
+            segments=segments,
         )
         if tuning is not None:
             # `recsvc train` and the nightly retrain reuse the choice until it is re-tuned.

@@ -33,7 +33,8 @@ def write_recommendations(
     artifact : recsvc.core.artifact.Artifact
         A loaded model.
     out : Path
-        CSV file to write (``user_id,rank,item_id,score``; rank starts at 1).
+        CSV file to write (``user_id,rank,item_id,title,category,price,score``; rank starts at 1;
+        title, category and price are the model's catalogue's, empty when unknown).
     n : int
         Items per user (fewer when filters leave fewer).
     include_purchased : bool
@@ -67,8 +68,22 @@ def write_recommendations(
     item_ids = np.asarray(artifact.item_ids, dtype=object)
     unavailable = np.flatnonzero(~artifact.available) if not include_unavailable else np.zeros(0, np.int64)
     schema = pa.schema(
-        [("user_id", pa.string()), ("rank", pa.int32()), ("item_id", pa.string()), ("score", pa.float32())]
+        [
+            ("user_id", pa.string()),
+            ("rank", pa.int32()),
+            ("item_id", pa.string()),
+            ("title", pa.string()),
+            ("category", pa.string()),
+            ("price", pa.float32()),
+            ("score", pa.float32()),
+        ]
     )
+    titles = pa.array(list(artifact.titles), pa.string())
+    categories = pa.array(
+        [artifact.categories[c] if c >= 0 else None for c in np.asarray(artifact.category).tolist()],
+        pa.string(),
+    )
+    prices = pa.array(np.asarray(artifact.price, dtype=np.float32), pa.float32(), from_pandas=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     written = 0
@@ -84,12 +99,16 @@ def write_recommendations(
                 blocked = None if include_purchased else never[users]
                 ids, scores = scorer.top_k(raw[users], artifact.user_factors[users], n, blocked, unavailable)
                 rows, cols = mask_positions(ids >= 0)
+                picked = pa.array(ids[rows, cols])
                 writer.write_table(
                     pa.table(
                         {
                             "user_id": pa.array(user_ids[users[rows]], pa.string()),
                             "rank": pa.array(cols + 1, pa.int32()),
                             "item_id": pa.array(item_ids[ids[rows, cols]], pa.string()),
+                            "title": titles.take(picked),
+                            "category": categories.take(picked),
+                            "price": prices.take(picked),
                             "score": pa.array(scores[rows, cols], pa.float32()),
                         },
                         schema=schema,

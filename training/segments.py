@@ -23,6 +23,7 @@ command.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Sequence
@@ -357,3 +358,17 @@ def catalog_price_map(catalog: Any) -> dict[str, float] | None:
     if item_ids is None or prices is None:
         return None
     return {item: float(p) for item, p in zip(item_ids, prices, strict=True) if np.isfinite(p)}
+
+
+def segments_document(table: SegmentTable, user_ids: Sequence[str]) -> bytes:
+    """``segments.npz`` of a model version: the segment code per user of its ``user_ids`` (-1 for a
+    user the table does not have) and the segment names, as the console reads it."""
+    position = {u: k for k, u in enumerate(table.user_ids.tolist())}
+    codes = np.fromiter(
+        (table.segment[position[u]] if u in position else -1 for u in user_ids),
+        dtype=np.int8,
+        count=len(user_ids),
+    )
+    buffer = io.BytesIO()
+    np.savez(buffer, codes=codes, names=np.asarray(SEGMENTS), as_of=np.asarray(table.as_of, dtype=np.int64))
+    return buffer.getvalue()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -90,3 +91,52 @@ def make_report(
         end=definition.end if definition is not None else None,
         catalog_prices=catalog_prices,
     )
+
+
+def rate_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float] | None:
+    """Wilson score interval of a rate (``successes`` out of ``trials``); None without trials.
+
+    Used to draw each variant's conversion rate with its interval: unlike the normal
+    approximation it stays inside [0, 1] and is sensible for small counts and rates near 0.
+    """
+    if trials <= 0:
+        return None
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = successes / trials
+    denominator = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * ((p * (1 - p) / trials + z * z / (4 * trials * trials)) ** 0.5) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def verdict_sentences(report: Any) -> list[str]:
+    """The report's verdict in words, one sentence per variant compared with the control.
+
+    ``report`` is an :class:`~recsvc.analytics.attribution.ExperimentReport`; the sentences use
+    its primary attribution model's comparisons (conversion z-test, Bonferroni-corrected).
+    """
+    result = report.results[report.primary]
+    out = []
+    for c in result.comparisons:
+        test = c.conversion
+        level = f"{test.confidence:.0%}"
+        interval = (
+            f"{100 * test.diff:+.2f} points ({level} interval "
+            f"{100 * test.ci_low:+.2f} to {100 * test.ci_high:+.2f})"
+        )
+        if c.verdict == "better":
+            out.append(f"{c.variant} converts better than {c.control}: {interval}, p = {test.p_value:.3g}.")
+        elif c.verdict == "worse":
+            out.append(f"{c.variant} converts worse than {c.control}: {interval}, p = {test.p_value:.3g}.")
+        elif c.verdict == "insufficient_data":
+            out.append(f"Not enough data yet to compare {c.variant} with {c.control}.")
+        else:
+            out.append(
+                f"No significant difference between {c.variant} and {c.control} yet: {interval}, "
+                f"p = {test.p_value:.3g}."
+            )
+    if report.winner:
+        out.append(f"Winner under {report.primary.replace('_', '-')} attribution: {report.winner}.")
+    elif out:
+        out.append("No winner yet.")
+    return out

@@ -635,14 +635,76 @@ def update_manifest(path: str | os.PathLike, **fields: Any) -> dict[str, Any]:
         raise ArtifactError(f"{path / MANIFEST}: field(s) {', '.join(fixed)} cannot be updated")
     manifest = read_manifest(path)
     manifest.update(fields)
-    tmp = path / f".{MANIFEST}.{os.getpid()}.tmp"
+    text = json.dumps(manifest, indent=2, sort_keys=True, default=_json_default)
+    _replace_atomically(path / MANIFEST, text.encode("utf-8"))
+    return manifest
+
+
+def _replace_atomically(target: Path, data: bytes) -> None:
+    """Write ``target`` through a temporary sibling, fsynced and renamed: readers see the old or the
+    new file, never half of one."""
+    tmp = target.parent / f".{target.name}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True, default=_json_default)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path / MANIFEST)
+        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# Documents beside a version: written after it, never part of what is served or checksummed
+# ------------------------------------------------------------------------------------------------
+
+#: Files a version folder may hold besides those its manifest lists: the training report
+#: (``report.html``, self-contained) and customer segments (``segments.npz``: ``codes`` int8 per
+#: user of ``user_ids.json``, -1 = none, and ``names``). They describe a version; none is read to
+#: serve it, so they are written after the version (a failure to make one never costs the model),
+#: are not in ``manifest["files"]`` (the checksums cover what serving reads) and are replaced
+#: atomically.
+DOCUMENTS = ("report.html", "segments.npz")
+
+
+def write_document(path: str | os.PathLike, name: str, data: bytes) -> Path:
+    """Write document ``name`` (one of :data:`DOCUMENTS`) into version folder ``path`` atomically."""
+    path = Path(path)
+    if name not in DOCUMENTS:
+        raise ArtifactError(f"{name!r} is not a version document ({', '.join(DOCUMENTS)})")
+    read_manifest(path)  # only into a real version folder
+    _replace_atomically(path / name, data)
+    return path / name
+
+
+def read_document(path: str | os.PathLike, name: str) -> bytes | None:
+    """Document ``name`` of version folder ``path``, or None when the version has none."""
+    if name not in DOCUMENTS:
+        raise ArtifactError(f"{name!r} is not a version document ({', '.join(DOCUMENTS)})")
+    try:
+        return (Path(path) / name).read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def read_item_counts(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Per item of version folder ``path``: ``buyers`` (distinct), ``units`` bought and ``users``
+    who interacted with it, from the training matrices (int64 arrays, one entry per item)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    n_items = int(manifest.get("counts", {}).get("items", 0))
+    try:
+        purchases = _load_csr(path / "purchases.npz")
+        interactions = _load_csr(path / "interactions.npz")
+    except (OSError, KeyError, ValueError) as e:
+        raise ArtifactError(f"{path}: unreadable training matrices ({type(e).__name__}: {e})") from None
+    n_items = n_items or purchases.shape[1]
+    bought = purchases.data > 0
+    return {
+        "buyers": np.bincount(purchases.indices[bought], minlength=n_items).astype(np.int64),
+        "units": np.rint(np.bincount(purchases.indices, weights=purchases.data, minlength=n_items)).astype(
+            np.int64
+        ),
+        "users": np.bincount(interactions.indices, minlength=n_items).astype(np.int64),
+    }

@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from recsvc.core.artifact import BundleCandidates
+from recsvc.core.explain import MAX_ANCHORS, Code, Explanation, describe
 
 DISCOUNT_RULES: tuple[str, ...] = ("percent", "cheapest")
 MAX_BUNDLE_SIZE = 10  # anchor included; a storefront widget shows a handful, not a catalogue
@@ -400,7 +401,7 @@ class Bundle:
 
     def to_dict(self, catalog: BundleCatalog, rules: BundleRules) -> dict[str, Any]:
         """JSON-ready form: item ids, titles, categories and prices, and the priced offer."""
-        items = []
+        items: list[dict[str, Any]] = []
         for position, item in enumerate(self.items):
             price = float(catalog.price[item])
             cat = int(catalog.category[item])
@@ -416,6 +417,13 @@ class Bundle:
                     "bought_together": int(self.support[position]),
                 }
             )
+            if position >= self.base and self.sources[position] == REASON_BOUGHT_TOGETHER:
+                why = Explanation(Code.BOUGHT_TOGETHER, tuple(self.items[: min(self.base, MAX_ANCHORS)]))
+                items[-1]["explanation"] = {
+                    "code": why.code.value,
+                    "text": describe(why, item, catalog.titles, catalog.item_ids, None),
+                    "because": [catalog.item_ids[a] for a in why.anchors],
+                }
         return {
             "items": items,
             "size": len(self.items),

@@ -73,6 +73,8 @@ class ServingSettings:
     # Proxies in front that append to X-Forwarded-For (nginx: 1); 0 trusts no such header. The
     # client address (for the wrong-key throttle) is taken that many hops back.
     proxy_hops: int = _env("RECSVC_PROXY_HOPS", 0)
+    # How long a console login lasts (the signed session cookie's lifetime).
+    console_session_s: float = _env("RECSVC_CONSOLE_SESSION_S", 8 * 3600.0)
 
 
 @dataclass(frozen=True)

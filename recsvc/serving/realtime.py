@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -87,6 +87,8 @@ class RealtimeVector:
     indices, raw : numpy.ndarray
         The row solved for: item indices (training row plus new events) and their raw summed
         weights, which a blended model's item-kNN and history parts score from.
+    recent_items : numpy.ndarray
+        int32 item indices of the new events (what explanations call "just viewed").
     """
 
     vector: np.ndarray
@@ -95,6 +97,7 @@ class RealtimeVector:
     known_user: bool
     indices: np.ndarray
     raw: np.ndarray
+    recent_items: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
 
 
 def realtime_vector(
@@ -167,6 +170,7 @@ def realtime_vector(
         known_user=known_user,
         indices=indices.astype(np.int32),
         raw=raw.astype(np.float32),
+        recent_items=np.asarray(new_indices, dtype=np.int32),
     )
 
 

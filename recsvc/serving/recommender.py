@@ -35,8 +35,10 @@ from recsvc.core.answers import Reason, Source, Strategy
 from recsvc.core.config import Config, ServingSettings
 from recsvc.core.contract import CART, PURCHASE, VIEW
 from recsvc.core.errors import NotFound, NotPublished
+from recsvc.core.explain import Code, Explanation
 from recsvc.core.ranking import EMPTY_ITEMS, Filters
 from recsvc.serving import realtime
+from recsvc.serving.explanations import Basis, explain_answer, user_history
 from recsvc.serving.health import RedisHealth
 from recsvc.serving.model import ModelCache, ServingModel, UserRecord, fetch_history, fetch_user
 from recsvc.storage import stream
@@ -130,6 +132,8 @@ class Answer:
     variant_applied: bool = True
     #: More fields of some items, by item index (a "buy again" item's dates and reason).
     item_fields: dict[int, dict[str, Any]] | None = None
+    #: Why each item is in the list (asked for with ``explain``), one per item; None when not asked.
+    explanations: list[Explanation] | None = None
 
     @property
     def model_version(self) -> str | None:
@@ -189,6 +193,17 @@ class UserState:
     variant_applied: bool = True
 
 
+@dataclass(frozen=True)
+class _Found:
+    """A strategy's list, and what it was scored from (``basis``: for explanations)."""
+
+    items: np.ndarray
+    scores: np.ndarray
+    source: Source
+    reason: Reason | None = None
+    basis: Basis | None = None
+
+
 @dataclass
 class _Context:
     """What a strategy sees: the request and the user's state under one model."""
@@ -224,7 +239,7 @@ class Recommender:
 
     def __init__(self, config: Config, client: redis.Redis, models: ModelCache, health: RedisHealth):
         self.config, self.client, self.models, self.health = config, client, models, health
-        self._strategies: dict[Strategy, Callable[[_Context], tuple[Any, ...] | None]] = {
+        self._strategies: dict[Strategy, Callable[[_Context], _Found | None]] = {
             Strategy.REALTIME: self._realtime,
             Strategy.CACHED: self._cached,
             Strategy.POPULAR: self._popular,
@@ -321,6 +336,7 @@ class Recommender:
         variant: Variant | None = None,
         include_due: bool = False,
         now: float | None = None,
+        explain: bool = False,
     ) -> Answer:
         """Top ``n`` items for ``user_id`` under ``wanted``, by the chain of ``variant`` or the default.
 
@@ -339,13 +355,17 @@ class Recommender:
             probability at least ``repurchase_due_probability``) first, in at most half the places.
         now : float, optional
             The moment due-ness is computed for (default: the clock).
+        explain : bool
+            Say why each item is in the list (:attr:`Answer.explanations`). A cached list then
+            costs one more Redis read (the user's training row); without it, nothing more.
         """
         fields = {"user_id": user_id}
         state = self.user_state(user_id, model_version=variant.model_version if variant else None)
         chain = variant.chain if variant is not None and state.variant_applied else DEFAULT_CHAIN
         model = state.model
         if state.reason is not None or model is None:
-            return self._popular_answer(state.model, wanted, n, state.reason, fields, applied=False)
+            found_popular = self._popular_answer(state.model, wanted, n, state.reason, fields, applied=False)
+            return _explained(found_popular) if explain else found_popular
         ctx = _Context(
             model=model,
             user_id=user_id,
@@ -365,7 +385,7 @@ class Recommender:
                 found = self._strategies[step](ctx)
             except REDIS_DOWN_ERRORS as e:
                 self.health.mark_down(e)
-                return self._popular_answer(
+                degraded = self._popular_answer(
                     self.fallback(Reason.REDIS_UNAVAILABLE).model,
                     wanted,
                     n,
@@ -373,18 +393,44 @@ class Recommender:
                     fields,
                     applied=False,
                 )
+                return _explained(degraded) if explain else degraded
             except Exception:  # a bug in one strategy must cost this answer that strategy, not a 5xx
                 log.exception("strategy %s failed for a user; trying the next one", step.value)
                 continue
             if found is not None:
-                items, scores, source, reason = found
                 answer = Answer(
-                    model, items, scores, source, reason, fields, variant_applied=state.variant_applied
+                    model,
+                    found.items,
+                    found.scores,
+                    found.source,
+                    found.reason,
+                    fields,
+                    variant_applied=state.variant_applied,
+                    explanations=self._explain(ctx, found) if explain else None,
                 )
                 return self._mix_due(answer, user_id, wanted, n, now) if include_due else answer
-        return Answer(model, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, chain.popular_reason, fields)
+        empty = Answer(model, EMPTY_ITEMS, EMPTY_ITEMS, Source.FALLBACK, chain.popular_reason, fields)
+        return _explained(empty) if explain else empty
 
-    def _realtime(self, ctx: _Context) -> tuple[Any, ...] | None:
+    def _explain(self, ctx: _Context, found: _Found) -> list[Explanation]:
+        """Why each item of ``found`` is there; a cached list reads the user's training row first."""
+        model, record = ctx.model, ctx.record
+        basis = found.basis
+        if found.source is not Source.FALLBACK and basis is not None and basis.raw is None:
+            if basis.confidence is None:
+                try:
+                    indices, confidence = model.training_row(self.client, ctx.user_id)
+                except (redis.RedisError, *REDIS_DOWN_ERRORS) as e:
+                    # The list stands; its reasons then rest on the model's other parts alone.
+                    log.warning("training row for explanations unavailable: %s", type(e).__name__)
+                    indices, confidence = EMPTY_ITEMS, np.zeros(0, np.float32)
+                basis = Basis(indices, basis.vector, confidence=confidence, recent_items=basis.recent_items)
+        history = None
+        if basis is not None:
+            history = user_history(model, basis, record.purchased if record is not None else None)
+        return explain_answer(model, found.items, found.source, history, basis.vector if basis else None)
+
+    def _realtime(self, ctx: _Context) -> _Found | None:
         if not ctx.has_recent:
             return None
         folded = realtime.recommend(
@@ -398,19 +444,23 @@ class Recommender:
         )
         if folded is None:
             return None
-        return folded[0], folded[1], Source.REALTIME, None
+        items, scores, vector = folded
+        basis = Basis(vector.indices, vector.vector, raw=vector.raw, recent_items=vector.recent_items)
+        return _Found(items, scores, Source.REALTIME, basis=basis)
 
-    def _cached(self, ctx: _Context) -> tuple[Any, ...] | None:
+    def _cached(self, ctx: _Context) -> _Found | None:
         record = ctx.record
         if record is None:
             return None
         model = ctx.model
+        row: list[Basis] = []  # the training row, when scoring read it (explanations reuse it)
         if model.stored_scores:
             # A blend: the list carries its scores; when it runs short every item is scored from
             # the user's training row (one more read, only then).
             def score_all() -> np.ndarray:
                 indices, confidence = model.training_row(self.client, record.user_id)
                 raw = realtime.raw_training_row(model, indices, confidence)
+                row.append(Basis(indices, record.vector, raw=raw, confidence=confidence))
                 return model.scorer.score_one(indices, raw, record.vector)
 
             items, scores, _how = ranking.recommend_from_cache(
@@ -421,11 +471,12 @@ class Recommender:
             items, scores, _how = ranking.recommend_from_cache(
                 model, record.topk_items, None, record.vector, ctx.filters, ctx.n
             )
-        return items, scores, Source.PERSONALIZED, None
+        basis = row[0] if row else Basis(EMPTY_ITEMS, record.vector)
+        return _Found(items, scores, Source.PERSONALIZED, basis=basis)
 
-    def _popular(self, ctx: _Context) -> tuple[Any, ...]:
+    def _popular(self, ctx: _Context) -> _Found:
         items, scores = ranking.popular_items(ctx.model, ctx.filters, ctx.n)
-        return items, scores, Source.FALLBACK, ctx.chain.popular_reason
+        return _Found(items, scores, Source.FALLBACK, ctx.chain.popular_reason)
 
     def _popular_answer(
         self,
@@ -766,6 +817,10 @@ class Recommender:
         rest = ~np.isin(answer.items, due_items)
         items = np.concatenate((due_items, answer.items[rest]))[:n].astype(np.int32)
         scores = np.concatenate((due_scores, answer.scores[rest]))[:n].astype(np.float32)
+        why = None
+        if answer.explanations is not None:
+            kept = [e for e, keep in zip(answer.explanations, rest, strict=True) if keep]
+            why = ([Explanation(Code.BUY_AGAIN)] * len(due_items) + kept)[:n]
         return Answer(
             model,
             items,
@@ -775,6 +830,7 @@ class Recommender:
             answer.fields,
             answer.variant_applied,
             item_fields=extra,
+            explanations=why,
         )
 
 
@@ -798,6 +854,12 @@ def _with_recent_purchases(
         return history
     base = history if history is not None else rebuy.UserHistory.empty()
     return rebuy.merge_purchases(base, positions[known], recent.timestamps[rows][known])
+
+
+def _explained(answer: Answer) -> Answer:
+    """A popular answer with its explanations (every item ``trending``)."""
+    answer.explanations = explain_answer(answer.model, answer.items, Source.FALLBACK, None, None)
+    return answer
 
 
 def bundle_catalog(model: ServingModel) -> bundle_rules.BundleCatalog:

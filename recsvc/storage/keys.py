@@ -11,6 +11,7 @@ the tags are just part of the names. Layout::
     {recsvc}:model:epoch               epoch of the last flip (server ms); orders the pointer copies
     {recsvc}:model:versions            zset    version -> unix time it went live (complete versions only)
     {recsvc}:model:previous            list    versions that were live before, newest first (rollback)
+    {recsvc}:model:history             list    the last pointer moves (publish, rollback), newest first
     {recsvc}:publishing:<version>      string  lease held while a publish writes <version>
     {recsvc}:v:<V>:info                hash    status (writing | complete), counts, layout parameters
     {recsvc}:v:<V>:manifest            string  the artifact's manifest.json
@@ -91,6 +92,8 @@ CURRENT = f"{CONTROL_TAG}:model:current"
 EPOCH = f"{CONTROL_TAG}:model:epoch"
 VERSIONS = f"{CONTROL_TAG}:model:versions"
 PREVIOUS = f"{CONTROL_TAG}:model:previous"
+#: Capped list of pointer moves (publish, activate, rollback), newest first, as JSON objects.
+HISTORY = f"{CONTROL_TAG}:model:history"
 PUBLISHING_PREFIX = f"{CONTROL_TAG}:publishing:"
 VERSION_PREFIX = f"{CONTROL_TAG}:v:"
 #: SCAN pattern matching the ``info`` hash of every version in Redis.

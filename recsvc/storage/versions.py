@@ -71,10 +71,24 @@ local function next_epoch(key)
 end
 """
 
+#: Pointer moves kept in ``keys.HISTORY`` (the console's publish/rollback history).
+HISTORY_LENGTH = 200
+
+# One entry of the pointer's history, written in the same script as the move it records.
+_RECORD = """
+local function record(key, action, version, previous, at)
+  local entry = cjson.encode({action = action, version = version, previous = previous or cjson.null,
+                              at = tonumber(at)})
+  redis.call('LPUSH', key, entry)
+  redis.call('LTRIM', key, 0, {last})
+end
+""".replace("{last}", str(HISTORY_LENGTH - 1))
+
 # Flip the pointer only if the version is complete; remember the old live version for rollback;
-# take a new epoch for the pointer copies. Returns {old version or false, epoch}.
+# record the move; take a new epoch for the pointer copies. Returns {old version or false, epoch}.
 _FLIP_SCRIPT = (
     _NEXT_EPOCH
+    + _RECORD
     + """
 if redis.call('HGET', KEYS[4], 'status') ~= 'complete' then
   return redis.error_reply('version ' .. ARGV[1] .. ' is not completely published')
@@ -87,13 +101,16 @@ end
 redis.call('LREM', KEYS[2], 0, ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+record(KEYS[6], ARGV[3], ARGV[1], old, ARGV[2])
 return {old, next_epoch(KEYS[5])}
 """
 )
 
-# Pop previous versions until one that is still published; make it live. Returns {version, epoch}.
+# Pop previous versions until one that is still published; make it live; record the move.
+# Returns {version, epoch}.
 _ROLLBACK_SCRIPT = (
     _NEXT_EPOCH
+    + _RECORD
     + """
 local current = redis.call('GET', KEYS[1])
 while true do
@@ -101,6 +118,7 @@ while true do
   if not v then return false end
   if v ~= current and redis.call('ZSCORE', KEYS[3], v) then
     redis.call('SET', KEYS[1], v)
+    record(KEYS[5], 'rollback', v, current, ARGV[1])
     return {v, next_epoch(KEYS[4])}
   end
 end
@@ -161,6 +179,36 @@ def list_published(client: redis.Redis) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def history(client: redis.Redis, limit: int = 50) -> list[dict[str, Any]]:
+    """The last ``limit`` moves of the live pointer, newest first.
+
+    Each is ``{"action": "publish" | "activate" | "rollback", "version", "previous", "at"}`` (``at``:
+    unix seconds), recorded by the same script that moved the pointer, so none is missing or
+    invented; at most :data:`HISTORY_LENGTH` are kept.
+    """
+    out = []
+    for raw in client.lrange(keys.HISTORY, 0, max(0, min(limit, HISTORY_LENGTH)) - 1):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def read_manifest(client: redis.Redis, version: str) -> dict[str, Any] | None:
+    """The manifest a published version was written with (None when Redis has none)."""
+    raw = client.get(keys.version(version, "manifest"))
+    if raw is None:
+        return None
+    try:
+        manifest = json.loads(raw)
+    except ValueError:
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def pointer_copies(client: redis.Redis) -> list[str | None]:
@@ -641,18 +689,20 @@ def verify_version(client: redis.Redis, artifact: Artifact, config: Config) -> N
         raise PublishError(f"verify {version}: {problem}")
 
 
-def _flip(client: redis.Redis, version: str) -> None:
+def _flip(client: redis.Redis, version: str, action: str = "publish") -> None:
     try:
         reply = client.eval(
             _FLIP_SCRIPT,
-            5,
+            6,
             keys.CURRENT,
             keys.PREVIOUS,
             keys.VERSIONS,
             keys.version(version, "info"),
             keys.EPOCH,
+            keys.HISTORY,
             version,
             time.time(),
+            action,
         )
     except redis.ResponseError as e:
         raise PublishError(str(e)) from e
@@ -704,7 +754,7 @@ def activate(client: redis.Redis, version: str) -> str:
         raise PublishError(f"invalid model version {version!r}")
     if client.zscore(keys.VERSIONS, version) is None:
         raise PublishError(f"version {version} is not published")
-    _flip(client, version)
+    _flip(client, version, action="activate")
     return version
 
 
@@ -717,7 +767,9 @@ def rollback(client: redis.Redis, config: Config) -> str:
         No earlier version is still published (only one version was ever live, or the older ones
         were deleted by retention).
     """
-    reply = client.eval(_ROLLBACK_SCRIPT, 4, keys.CURRENT, keys.PREVIOUS, keys.VERSIONS, keys.EPOCH)
+    reply = client.eval(
+        _ROLLBACK_SCRIPT, 5, keys.CURRENT, keys.PREVIOUS, keys.VERSIONS, keys.EPOCH, keys.HISTORY, time.time()
+    )
     if not reply:
         raise RollbackError("no previous published version to roll back to")
     version = codec.text(reply[0])

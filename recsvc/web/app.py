@@ -37,6 +37,7 @@ from recsvc.web.services import Services
 from recsvc.web.views import (
     admin,
     bundles,
+    console,
     docs,
     events,
     experiments,
@@ -48,7 +49,7 @@ from recsvc.web.views import (
 
 log = logging.getLogger(__name__)
 
-BLUEPRINTS = (health, recommendations, items, bundles, admin, docs, events, experiments, metrics)
+BLUEPRINTS = (health, recommendations, items, bundles, admin, docs, events, experiments, metrics, console)
 
 
 def _make_config(config: Config | dict[str, Any] | None) -> Config:

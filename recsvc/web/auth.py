@@ -105,13 +105,19 @@ def check_api_key(also: tuple[str, ...] = ()) -> str:
         raise ApiError(
             401, "unauthorized", "an API key is required (Authorization: Bearer <key> or X-API-Key)"
         )
+    accept_key(key, configured)
+    return key
+
+
+def accept_key(key: str, configured: tuple[str, ...]) -> None:
+    """Check ``key`` against ``configured`` under the wrong-key throttle, and remember it for the
+    request; raise 429 (throttled) or 401 (wrong). Every way a key comes in goes through here."""
     _refuse_if_throttled()
     if not key_matches(key, configured):
         _count_failure()
         raise ApiError(401, "unauthorized", "the API key is not valid")
     g.api_key = key  # for per-key rate limits; never logged
     g.api_key_fingerprint = key_fingerprint(key)
-    return key
 
 
 def require_api_key(view: F) -> F:

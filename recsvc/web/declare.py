@@ -24,7 +24,7 @@ from typing import Any
 from recsvc.core.bundles import MAX_BUNDLE_SIZE
 from recsvc.core.config import Config
 from recsvc.core.contract import EPOCH_UNITS, MAX_TIMESTAMP, MIN_TIMESTAMP
-from recsvc.core.ids import ID_PATTERN, MAX_ID_LENGTH
+from recsvc.core.ids import ID_PATTERN, MAX_ID_LENGTH, VERSION_PATTERN
 from recsvc.serving.recommender import MAX_USER_BUNDLES
 from recsvc.web.errors import bad_request
 
@@ -227,6 +227,15 @@ EXPERIMENT = Text(
 )
 
 
+EXPLAIN = Boolean(
+    "explain",
+    "query",
+    "Say why each item is in the list (`explanation`: a reason code, its text, the history items "
+    "behind it); `false` for the lean answer.",
+    default=True,
+)
+
+
 def _filters(config: Config) -> tuple[Param, ...]:
     serving = config.serving
     return (
@@ -336,7 +345,7 @@ def endpoints(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
     """(method, OpenAPI path) -> the operation's parameters (the request-id header included)."""
     filters, bundle = _filters(config), _bundle(config, with_n=False)
     table: dict[tuple[str, str], tuple[Param, ...]] = {
-        ("get", "/v1/users/{user_id}/recommendations"): (USER_ID, *filters, *_include_due()),
+        ("get", "/v1/users/{user_id}/recommendations"): (USER_ID, *filters, *_include_due(), EXPLAIN),
         ("get", "/v1/users/{user_id}/buy-again"): (USER_ID, *filters, *_buy_again(config)),
         ("get", "/v1/items/{item_id}/similar"): (ITEM_ID, *filters),
         ("get", "/v1/popular"): filters,
@@ -364,6 +373,31 @@ def endpoints(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
     return {key: (*params, REQUEST_ID) for key, params in table.items()}
 
 
+def console_endpoints(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
+    """The console's pages (HTML, not in the OpenAPI document): their parameters, checked alike."""
+    version = Text(
+        "version", "path", required=True, pattern=f"^{VERSION_PATTERN.pattern}$", what="a version name"
+    )
+    table: dict[tuple[str, str], tuple[Param, ...]] = {
+        ("get", "/console"): (),
+        ("get", "/console/login"): (),
+        ("post", "/console/login"): (),
+        ("post", "/console/logout"): (),
+        ("get", "/console/users"): (
+            _id_text("user_id", "query", "The user to look up."),
+            Integer(
+                "n", "query", "Recommendations shown.", low=1, high=min(50, config.serving.max_n), default=10
+            ),
+        ),
+        ("get", "/console/items"): (_id_text("item_id", "query", "The item to look up."),),
+        ("get", "/console/models"): (),
+        ("get", "/console/models/{version}/report"): (version,),
+        ("get", "/console/experiments"): (),
+        ("get", "/console/experiments/{name}"): (EXPERIMENT,),
+    }
+    return {key: (*params, REQUEST_ID) for key, params in table.items()}
+
+
 def openapi_parameters(config: Config) -> Callable[[str, str], list[dict[str, Any]]]:
     """A function (method, path) -> the operation's ``parameters`` list for the OpenAPI document."""
     table = endpoints(config)
@@ -381,9 +415,8 @@ def flask_rule(path: str) -> str:
 
 def by_rule(config: Config) -> dict[tuple[str, str], tuple[Param, ...]]:
     """The declarations keyed by (HTTP method, Flask rule), for the request path."""
-    return {
-        (method.upper(), flask_rule(path)): params for (method, path), params in endpoints(config).items()
-    }
+    table = {**endpoints(config), **console_endpoints(config)}
+    return {(method.upper(), flask_rule(path)): params for (method, path), params in table.items()}
 
 
 #: ISO-8601 timestamps the document promises to take: 2001-2099, days 1-28 of a month (every one

@@ -16,6 +16,7 @@ from flask.wrappers import Response
 
 from recsvc.analytics.recids import new_rec_id
 from recsvc.analytics.registry import Assignment, served_as_defined
+from recsvc.serving import explanations
 from recsvc.serving.model import ServingModel
 from recsvc.serving.recommender import Answer, Variant
 from recsvc.web import jsonio
@@ -132,6 +133,10 @@ def render(
     if result.reason is not None:
         body["reason"] = result.reason.value
     body["items"] = item_list(result.model, result.items, result.scores, result.item_fields)
+    if result.explanations is not None and result.model is not None:
+        why = explanations.rendered(result.model, result.items, result.explanations)
+        for item, explanation in zip(body["items"], why, strict=True):
+            item["explanation"] = explanation
     tag(body, user_id, strict=strict and result.variant_applied, applied=result.variant_applied)
     return answer(body, status, item_answer=True)
 

@@ -69,7 +69,7 @@ def test_recommend_writes_top_n_without_purchased_items(trained, tmp_path):
     artifact = read_artifact(list_versions(models)[0])
     with open(out, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["user_id", "rank", "item_id", "score"]
+    assert list(rows[0]) == ["user_id", "rank", "item_id", "title", "category", "price", "score"]
     users = {r["user_id"] for r in rows}
     assert users == set(artifact.user_ids)
     item_index, user_index = artifact.item_index(), artifact.user_index()
@@ -82,6 +82,10 @@ def test_recommend_writes_top_n_without_purchased_items(trained, tmp_path):
         u, i = user_index[r["user_id"]], item_index[r["item_id"]]
         assert bought[u, i] == 0, "purchased item recommended"
         assert r["item_id"] not in unavailable
+        code, price = int(artifact.category[i]), float(artifact.price[i])
+        assert r["title"] == artifact.titles[i]
+        assert r["category"] == (artifact.categories[code] if code >= 0 else "")
+        assert r["price"] == "" if price != price else float(r["price"]) == pytest.approx(price)
         per_user.setdefault(r["user_id"], []).append((int(r["rank"]), float(r["score"])))
     for ranked in per_user.values():
         assert [rank for rank, _ in ranked] == list(range(1, len(ranked) + 1)) and len(ranked) == 5

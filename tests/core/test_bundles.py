@@ -400,6 +400,9 @@ def test_to_dict_shape():
     assert companion == {
         "item_id": "i1", "title": "Item 1", "category": "cases", "price": 5.01,
         "role": "companion", "source": "bought_together", "score": 0.07, "bought_together": 7,
+        "explanation": {
+            "code": "bought_together", "text": "Often bought together with Item 0", "because": ["i0"],
+        },
     }  # fmt: skip
     # Half of 501 cents is 250.5: rounded half up to 251 cents saved.
     assert (body["total_price"], body["bundle_price"], body["savings"]) == (25.0, 22.49, 2.51)

@@ -154,6 +154,17 @@ def test_flip_rollback_and_history(redis_client, models_dir, config):
     assert versions.publish(redis_client, models_dir / v2, config, stats=stats) == v2
     assert stats[0].reused and versions.current_version(redis_client) == v2
     assert versions.rollback(redis_client, config) == v1
+    # Every move of the pointer is in its history, newest first; the refused rollback is not.
+    moves = [(h["action"], h["version"], h["previous"]) for h in versions.history(redis_client)]
+    assert moves == [
+        ("rollback", v1, v2),
+        ("publish", v2, v1),
+        ("rollback", v1, v2),
+        ("publish", v2, v1),
+        ("publish", v1, None),
+    ]
+    assert all(h["at"] > 1.7e9 for h in versions.history(redis_client))
+    assert len(versions.history(redis_client, limit=2)) == 2
 
 
 def test_retention_keeps_the_newest_versions_and_never_the_live_one(redis_client, models_dir, config):

@@ -117,8 +117,8 @@ def test_export_all_hand_computed(tmp_path):
     )
     rows = read_rows(out)
     assert list(rows[0]) == [
-        "user_id", "segment", "rank", "item_id", "title", "price", "score", "reason", "model_version",
-        "export_id",
+        "user_id", "segment", "rank", "item_id", "title", "category", "price", "score", "reason",
+        "model_version", "export_id",
     ]  # fmt: skip
     P, OC, OP, PC, PO, WB = (
         "personalized", "onboarding_category", "onboarding_popular", "popular_in_category", "popular",
@@ -137,6 +137,7 @@ def test_export_all_hand_computed(tmp_path):
     first = rows[0]
     assert first["segment"] == "active" and first["rank"] == "1" and float(first["score"]) == 4.0
     assert first["title"] == 'Item "2", special' and float(first["price"]) == 3.0
+    assert first["category"] == "hats"
     assert first["model_version"] == "v2" and first["export_id"] == "E1"
     c1 = [r for r in rows if r["user_id"] == "c1"]
     assert [float(r["score"]) for r in c1] == [0.8, 0.7, 1.0, 0.9]  # popularity / max
@@ -169,6 +170,7 @@ def test_export_one_segment_and_jsonl(tmp_path):
         ("w2", 2, "i0", "personalized"),
     ]
     assert lines[0]["title"] == 'Item "3", special' and lines[0]["price"] == 4.0 and lines[0]["score"] == 3.0
+    assert lines[0]["category"] == "hats" and lines[1]["category"] == "shoes"
     assert [r["item_id"] for r in read_rows(csv_out)] == ["i3", "i0"]
 
 

@@ -35,7 +35,9 @@ def test_known_user_gets_the_models_top_n(client, published):
     assert body["user_id"] == "u3"
     assert item_ids(body) == expected_top(published, 3, 5)
     first = body["items"][0]
-    assert set(first) == ITEM_FIELDS
+    assert set(first) == ITEM_FIELDS | {"explanation"}
+    lean = get(client, "/v1/users/u3/recommendations?n=5&explain=false")
+    assert item_ids(lean) == item_ids(body) and set(lean["items"][0]) == ITEM_FIELDS
     i = int(first["item_id"][1:])
     assert first["title"] == f"Item {i}" and first["price"] == i + 1
     assert first["category"] == ("shoes", "shirts", "hats")[i % 3]

@@ -56,6 +56,13 @@ def test_item_bundle_is_priced_and_explained(client, published):
     assert [it["role"] for it in bundle["items"]] == ["anchor", "companion", "companion"]
     assert [it["bought_together"] for it in bundle["items"]] == [0, 12, 10]
     assert [it["category"] for it in bundle["items"]] == ["shoes", "shirts", "shirts"]
+    # Each co-purchased companion says with what.
+    assert "explanation" not in bundle["items"][0]
+    assert bundle["items"][1]["explanation"] == {
+        "code": "bought_together",
+        "text": "Often bought together with Item 0",
+        "because": ["i0"],
+    }
     # prices 1 + 2 + 5, 10% off (Config defaults)
     assert (bundle["total_price"], bundle["bundle_price"], bundle["savings"]) == (8.0, 7.2, 0.8)
     assert (

@@ -124,6 +124,16 @@ def test_include_due_puts_due_items_first(client, published):
         ]
     )
     assert not any(it.get("due") for it in plain["items"])
+    # Due items say so; the others keep the reasons the plain answer gave them.
+    assert all(it["explanation"]["code"] == "buy_again" for it in due)
+    assert due[0]["explanation"]["text"] == "Time to buy this again"
+    plain_why = {it["item_id"]: it["explanation"] for it in plain["items"]}
+    assert all(it["explanation"] == plain_why[it["item_id"]] for it in items if not it.get("due"))
+    lean = _get(
+        client, f"/v1/users/u1/recommendations?n=6&include_due=true&explain=false&as_of={REPURCHASE_NOW}"
+    )
+    assert [it["item_id"] for it in lean["items"]] == [it["item_id"] for it in items]
+    assert not any("explanation" in it for it in lean["items"])
     # Nobody is due: the answer is the plain one.
     nobody = _get(client, f"/v1/users/u5/recommendations?n=6&include_due=true&as_of={REPURCHASE_NOW}")
     assert (

@@ -16,8 +16,11 @@ from tests.web.test_openapi import _routes
 
 CONFIG = Config()
 TABLE = declare.endpoints(CONFIG)
+CONSOLE = declare.console_endpoints(CONFIG)
 PARAMS = sorted(
-    {(p.where, p.name, repr(p)): p for params in TABLE.values() for p in params}.values(),
+    {
+        (p.where, p.name, repr(p)): p for params in (*TABLE.values(), *CONSOLE.values()) for p in params
+    }.values(),
     key=lambda p: (p.where, p.name, repr(p)),
 )
 IDS = [f"{p.where}:{p.name}:{i}" for i, p in enumerate(PARAMS)]
@@ -25,6 +28,7 @@ IDS = [f"{p.where}:{p.name}:{i}" for i, p in enumerate(PARAMS)]
 
 def test_every_route_has_a_declaration_and_the_document_carries_it(app):
     assert set(TABLE) == {(method, path) for path, method in _routes(app)}
+    assert set(CONSOLE) == {(method, path) for path, method in _routes(app, console=True)}
     doc = openapi_document(CONFIG)
     for (method, path), params in TABLE.items():
         assert doc["paths"][path][method]["parameters"] == [p.openapi() for p in params], (method, path)

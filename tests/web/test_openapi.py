@@ -9,9 +9,13 @@ from recsvc.web.views.docs import openapi_document
 IGNORED_METHODS = {"HEAD", "OPTIONS"}
 
 
-def _routes(app) -> set[tuple[str, str]]:
+def _routes(app, console: bool = False) -> set[tuple[str, str]]:
+    """The app's (path, method) pairs: the JSON API's, or with ``console`` the console's HTML pages
+    (declared in ``declare.console_endpoints``, not part of the API document)."""
     out = set()
     for rule in app.url_map.iter_rules():
+        if rule.rule.startswith("/console") != console:
+            continue
         path = re.sub(r"<(?:[^:<>]+:)?([^<>]+)>", r"{\1}", rule.rule)
         for method in rule.methods - IGNORED_METHODS:
             out.add((path, method.lower()))
@@ -86,6 +90,7 @@ def test_query_parameters_in_the_document_are_the_ones_the_app_accepts(client, p
             "include_due": "true",
             "horizon_days": "14",
             "as_of": "1719000000",
+            "explain": "true",
         }
         query = "&".join(f"{n}={sample.get(n, 'x')}" for n in names)
         r = client.get(f"{url}?{query}" if query else url)

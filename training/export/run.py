@@ -2,7 +2,7 @@
 
 ``recsvc export --segment dormant --events events.csv --n 8 --out campaign.csv``
 
-One row per (user, pick): ``user_id, segment, rank, item_id, title, price, score, reason,
+One row per (user, pick): ``user_id, segment, rank, item_id, title, category, price, score, reason,
 model_version, export_id`` (plus ``bundle_item_ids, bundle_price`` with ``--with-bundles``).
 
 How picks are made (see docs/batch.md for the full story):
@@ -505,6 +505,7 @@ def _row_table(
         pa.array((rank0 + 1).astype(np.int16)),
         item_ids,
         strings["titles"].take(item_take),
+        strings["categories"].take(item_take),
         pa.array(np.round(price[item].astype(np.float64), 4), from_pandas=True),
         pa.array(np.round(scores[row, rank0], 6)),
         strings["reasons"].take(pa.array(reason[row, rank0])),
@@ -731,6 +732,14 @@ def run_export(
         "user_ids": pa.array(plan.user_ids, type=pa.string()),
         "item_ids": pa.array(artifact.item_ids, type=pa.string()),
         "titles": pa.array(titles if fmt == "csv" else [json_string(t) for t in titles], type=pa.string()),
+        "categories": pa.array(
+            [
+                None if code < 0 else (name if fmt == "csv" else json_string(name))
+                for code in artifact.category.tolist()
+                for name in (artifact.categories[code] if code >= 0 else "",)
+            ],
+            type=pa.string(),
+        ),
         "segments": pa.array(SEGMENTS, type=pa.string()),
         "reasons": pa.array(REASONS, type=pa.string()),
         "model_version": pa.array([artifact.version], type=pa.string()),

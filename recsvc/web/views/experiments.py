@@ -24,6 +24,7 @@ from flask import Blueprint, request
 
 from recsvc.analytics import experiments as ex
 from recsvc.analytics import registry as reg
+from recsvc.analytics.attribution import ExperimentReport
 from recsvc.analytics.report import combine_events, make_report
 from recsvc.core.eventfiles import BadInputError, load_events
 from recsvc.storage import versions
@@ -228,6 +229,42 @@ def report(name: str):
     include_dumps = q["include_dumps"] is not False
     control = q["control"]
 
+    result, warnings = build_report(
+        name,
+        window_days=window_days,
+        alpha=alpha,
+        attribution=attribution,
+        control=control,
+        max_events=max_events,
+        include_dumps=include_dumps,
+    )
+    body = result.to_dict()
+    body["warnings"] = warnings + body["warnings"]
+    body["definition_source"] = services().experiments.source_of(name)
+    body["request_id"] = request_id()
+    return answer(body)
+
+
+def build_report(
+    name: str,
+    *,
+    window_days: float = 7.0,
+    alpha: float = 0.05,
+    attribution: str = "last_click",
+    control: str | None = None,
+    max_events: int = DEFAULT_REPORT_EVENTS,
+    include_dumps: bool = True,
+) -> tuple[ExperimentReport, list[str]]:
+    """The attribution report of experiment ``name`` over the events that went through the service
+    (stream dumps, the live stream, the served log), and warnings about what was skipped. The API's
+    report endpoint and the console show the same numbers.
+
+    Raises
+    ------
+    ApiError
+        404 (no such experiment and no event of it), 413 (too many dumps), 503 (Redis down); 400
+        for a control that is not a variant.
+    """
     svc = services()
     registry = services().experiments
     definition = registry.get(name)
@@ -279,8 +316,4 @@ def report(name: str):
                 404, "not_found", f"no experiment named {name!r} and no event of it", field="name"
             ) from None
         raise bad_request("control" if "control" in str(e) else "name", str(e)) from None
-    body = result.to_dict()
-    body["warnings"] = warnings + body["warnings"]
-    body["definition_source"] = registry.source_of(name)
-    body["request_id"] = request_id()
-    return answer(body)
+    return result, warnings

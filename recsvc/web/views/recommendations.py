@@ -21,8 +21,15 @@ def recommendations(user_id: str):
     n = q["n"] or svc.config.serving.default_n
     wanted = filter_args(q)
     variant = variant_of(assignment(user_id))
+    explain = q["explain"] is not False
     result = svc.recommender.recommend(
-        user_id, n, wanted, variant=variant, include_due=bool(q["include_due"]), now=q["as_of"]
+        user_id,
+        n,
+        wanted,
+        variant=variant,
+        include_due=bool(q["include_due"]),
+        now=q["as_of"],
+        explain=explain,
     )
     return render(result, user_id=user_id, strict=True)
 
