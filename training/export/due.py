@@ -280,6 +280,14 @@ def run_due_export(
             pa.array(
                 title_values if fmt == "csv" else [json_string(t) for t in title_values], type=pa.string()
             ),
+            pa.array(
+                [
+                    None if code < 0 else (name if fmt == "csv" else json_string(name))
+                    for code in artifact.category[picks.item].tolist()
+                    for name in (artifact.categories[code] if code >= 0 else "",)
+                ],
+                type=pa.string(),
+            ),
             pa.array(np.round(price[picks.item].astype(np.float64), 4), from_pandas=True),
             pa.array(np.round(picks.probability.astype(np.float64), 6)),
             pa.array([REASON] * count, type=pa.string()),
