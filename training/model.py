@@ -31,18 +31,24 @@ KNN_K1, KNN_B = 1.2, 0.75
 
 
 @dataclass
-class FittedModel:
-    """A fitted model: its parts, the matrices they were fitted on, and the resolved parameters."""
+class ModelMatrices:
+    """What the parts of a model are fitted on, built from the events (which can go afterwards)."""
 
     params: TrainParams  # regularization resolved for this catalogue
     raw: sp.csr_matrix  # users x items, summed event weights (float32)
-    confidence: sp.csr_matrix  # users x items, scaled as ALS saw it (float32)
+    confidence: sp.csr_matrix  # users x items, scaled as ALS sees it (float32)
     purchases: sp.csr_matrix  # users x items, purchase counts
+    extra_params: dict[str, Any] = field(default_factory=dict)  # BM25 statistics for fold-in
+
+
+@dataclass(kw_only=True)
+class FittedModel(ModelMatrices):
+    """A fitted model: its parts, the matrices they were fitted on, and the resolved parameters."""
+
     user_factors: np.ndarray
     item_factors: np.ndarray
     similarity: sp.csr_matrix | None
     prior: np.ndarray
-    extra_params: dict[str, Any] = field(default_factory=dict)  # BM25 statistics for fold-in
 
     @property
     def spec(self) -> ModelSpec:
@@ -71,17 +77,6 @@ def fit_similarity(raw: sp.csr_matrix, neighbours: int, threads: int = 0) -> sp.
         model = BM25Recommender(K=int(neighbours), K1=KNN_K1, B=KNN_B, num_threads=threads)
         model.fit(sp.csr_matrix(raw, dtype=np.float32), show_progress=False)
     return sp.csr_matrix(model.similarity, dtype=np.float32)
-
-
-@dataclass
-class ModelMatrices:
-    """What the parts of a model are fitted on, built from the events (which can go afterwards)."""
-
-    params: TrainParams  # regularization resolved for this catalogue
-    raw: sp.csr_matrix  # users x items, summed event weights (float32)
-    confidence: sp.csr_matrix  # users x items, scaled as ALS sees it (float32)
-    purchases: sp.csr_matrix  # users x items, purchase counts
-    extra_params: dict[str, Any] = field(default_factory=dict)  # BM25 statistics for fold-in
 
 
 def model_matrices(
