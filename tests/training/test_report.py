@@ -72,6 +72,18 @@ def test_sampled_lists_are_the_scorers_without_what_a_user_bought(version):
         assert lists["items"][row].tolist() == np.lexsort((np.arange(50), -scores))[:10].tolist()
 
 
+def test_sampled_lists_scored_in_blocks_equal_one_block(version, monkeypatch):
+    # The sample is ranked a block of users at a time (memory bounded by the catalogue's width);
+    # a block of 3 users on the 50-item test catalogue must give what one block gives.
+    _, artifact = version
+    whole = report.sample_lists(artifact, sample=20, seed=3)
+    monkeypatch.setattr(report, "_BLOCK_FLOATS", 3 * artifact.n_items)
+    blocks = report.sample_lists(artifact, sample=20, seed=3)
+    assert len(whole["users"]) == 20
+    assert (blocks["users"] == whole["users"]).all() and (blocks["items"] == whole["items"]).all()
+    np.testing.assert_array_equal(blocks["scores"], whole["scores"])
+
+
 def test_documents_leave_the_version_intact(version):
     path, artifact = version
     report.write_report(path, artifact)
