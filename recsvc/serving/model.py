@@ -347,6 +347,8 @@ class UserRecord:
     purchased: np.ndarray  # int32 item indices
     item_factors: np.ndarray | None = field(default=None, repr=False)  # the model's, for topk_scores
     stored_scores: np.ndarray | None = field(default=None, repr=False)
+    # (item indices, confidence before alpha), when read with the record (explanations need it).
+    training_row: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     @functools.cached_property
     def topk_scores(self) -> np.ndarray:
@@ -374,20 +376,33 @@ def fetch_history(
 
 
 def fetch_user(
-    client: redis.Redis, model: ServingModel, user_id: str, probe_keys: tuple[str, ...] = ()
+    client: redis.Redis,
+    model: ServingModel,
+    user_id: str,
+    probe_keys: tuple[str, ...] = (),
+    *,
+    with_training_row: bool = False,
 ) -> tuple[str | None, UserRecord | None, list[int]]:
     """The live pointer, ``user_id``'s record under ``model``'s version and ``EXISTS`` of each probe.
 
     One round trip. ``record`` is None when the user is unknown to ``model``; when the live version
     differs from ``model.version`` the caller should switch models and fetch again.
+    ``with_training_row`` reads the user's training row in the same round trip
+    (:attr:`UserRecord.training_row`; what explaining a cached list needs).
     """
-    live, value, probes = reads.read_user(client, model.user_key("topk", user_id), user_id, probe_keys)
+    record_keys = (model.user_key("topk", user_id),)
+    if with_training_row:
+        record_keys += (model.user_key("interactions", user_id),)
+    live, values, probes = reads.read_user_records(client, record_keys, user_id, probe_keys)
+    value = values[0]
     if value is None:
         return live, None, probes
     items, scores, vector, purchased = codec.unpack_user(
         value, model.k, model.factors, model.index_dtype, model.stored_scores
     )
-    return live, UserRecord(user_id, items, vector, purchased, model.item_factors, scores), probes
+    training_row = codec.unpack_weighted(values[1]) if with_training_row else None
+    record = UserRecord(user_id, items, vector, purchased, model.item_factors, scores, training_row)
+    return live, record, probes
 
 
 class ModelCache:

@@ -18,6 +18,7 @@ Nothing here knows Flask: the web layer parses the request, calls one method and
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -270,13 +271,17 @@ class Recommender:
             return self.fallback(Reason.NOT_PUBLISHED)
         return ModelChoice(model)
 
-    def user_state(self, user_id: str, *, model_version: str | None = None) -> UserState:
+    def user_state(
+        self, user_id: str, *, model_version: str | None = None, with_training_row: bool = False
+    ) -> UserState:
         """The live model (or ``model_version``) and ``user_id``'s record, in one round trip.
 
         A publish or rollback seen in the reply switches the process to the new version and reads
         the user again. ``model_version`` (an A/B variant's) that is no longer published gives the
-        live model's state with ``variant_applied=False``.
+        live model's state with ``variant_applied=False``. ``with_training_row`` reads the user's
+        training row in the same round trip (:attr:`UserRecord.training_row`).
         """
+        fetch = functools.partial(fetch_user, with_training_row=with_training_row)
         if self.health.is_down():
             return self._degraded(Reason.REDIS_UNAVAILABLE, model_version)
         probes = (stream.recent_key(user_id),)
@@ -286,19 +291,25 @@ class Recommender:
                     model = self.models.model_for(self.client, model_version)
                 except NotPublished:
                     log.warning("model version %s of an A/B variant is not published", model_version)
-                    return self._live_state(user_id, probes, variant_applied=False)
-                _, record, (has_recent,) = fetch_user(self.client, model, user_id, probes)
+                    return self._live_state(user_id, probes, fetch, variant_applied=False)
+                _, record, (has_recent,) = fetch(self.client, model, user_id, probes)
                 self.health.mark_up()
                 return UserState(model, record, bool(has_recent))
-            return self._live_state(user_id, probes)
+            return self._live_state(user_id, probes, fetch)
         except REDIS_DOWN_ERRORS as e:
             self.health.mark_down(e)
             return self._degraded(Reason.REDIS_UNAVAILABLE, model_version)
         except NotPublished:
             return self._degraded(Reason.NOT_PUBLISHED, model_version)
 
-    def _live_state(self, user_id: str, probes: tuple[str, ...], variant_applied: bool = True) -> UserState:
-        found = self._read_live(user_id, probes, fetch_user)
+    def _live_state(
+        self,
+        user_id: str,
+        probes: tuple[str, ...],
+        fetch: Callable[..., tuple[Any, Any, list[int]]] = fetch_user,
+        variant_applied: bool = True,
+    ) -> UserState:
+        found = self._read_live(user_id, probes, fetch)
         if found is None:
             return self._degraded(Reason.NOT_PUBLISHED, None, variant_applied)
         model, record, (has_recent,) = found
@@ -356,11 +367,13 @@ class Recommender:
         now : float, optional
             The moment due-ness is computed for (default: the clock).
         explain : bool
-            Say why each item is in the list (:attr:`Answer.explanations`). A cached list then
-            costs one more Redis read (the user's training row); without it, nothing more.
+            Say why each item is in the list (:attr:`Answer.explanations`). The user's training row
+            is then read in the same round trip as the record; without it, nothing more.
         """
         fields = {"user_id": user_id}
-        state = self.user_state(user_id, model_version=variant.model_version if variant else None)
+        state = self.user_state(
+            user_id, model_version=variant.model_version if variant else None, with_training_row=explain
+        )
         chain = variant.chain if variant is not None and state.variant_applied else DEFAULT_CHAIN
         model = state.model
         if state.reason is not None or model is None:
@@ -417,7 +430,10 @@ class Recommender:
         model, record = ctx.model, ctx.record
         basis = found.basis
         if found.source is not Source.FALLBACK and basis is not None and basis.raw is None:
-            if basis.confidence is None:
+            if basis.confidence is None and record is not None and record.training_row is not None:
+                indices, confidence = record.training_row
+                basis = Basis(indices, basis.vector, confidence=confidence, recent_items=basis.recent_items)
+            elif basis.confidence is None:
                 try:
                     indices, confidence = model.training_row(self.client, ctx.user_id)
                 except (redis.RedisError, *REDIS_DOWN_ERRORS) as e:
@@ -458,7 +474,10 @@ class Recommender:
             # A blend: the list carries its scores; when it runs short every item is scored from
             # the user's training row (one more read, only then).
             def score_all() -> np.ndarray:
-                indices, confidence = model.training_row(self.client, record.user_id)
+                if record.training_row is not None:
+                    indices, confidence = record.training_row
+                else:
+                    indices, confidence = model.training_row(self.client, record.user_id)
                 raw = realtime.raw_training_row(model, indices, confidence)
                 row.append(Basis(indices, record.vector, raw=raw, confidence=confidence))
                 return model.scorer.score_one(indices, raw, record.vector)

@@ -18,28 +18,41 @@ import redis
 from recsvc.storage import codec, keys
 
 _FETCH_SCRIPT = """
-local out = {redis.call('GET', KEYS[1]), redis.call('HGET', KEYS[2], ARGV[1])}
-for i = 3, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
+local records = tonumber(ARGV[2])
+local out = {redis.call('GET', KEYS[1])}
+for i = 2, records + 1 do out[i] = redis.call('HGET', KEYS[i], ARGV[1]) end
+for i = records + 2, #KEYS do out[i] = redis.call('EXISTS', KEYS[i]) end
 return out
 """
 _FETCH_SHA = hashlib.sha1(_FETCH_SCRIPT.encode()).hexdigest()
 
 
+def read_user_records(
+    client: redis.Redis, record_keys: tuple[str, ...], user_id: str, probe_keys: tuple[str, ...] = ()
+) -> tuple[str | None, list[bytes | None], list[int]]:
+    """The live version, ``user_id``'s field in each of ``record_keys`` and ``EXISTS`` of each probe.
+
+    ``record_keys`` are bucket hashes of the user and ``probe_keys`` keys of the same user (built
+    from validated ids by :mod:`recsvc.storage.keys`): all of them share the user's hash slot.
+    """
+    request_keys = (keys.live_pointer(user_id), *record_keys, *probe_keys)
+    args = (len(request_keys), *request_keys, user_id, len(record_keys))
+    try:
+        replies = client.evalsha(_FETCH_SHA, *args)
+    except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
+        client.script_load(_FETCH_SCRIPT)
+        replies = client.evalsha(_FETCH_SHA, *args)
+    split = 1 + len(record_keys)
+    return codec.text(replies[0]), list(replies[1:split]), [int(x) for x in replies[split:]]
+
+
 def read_user(
     client: redis.Redis, record_key: str, user_id: str, probe_keys: tuple[str, ...] = ()
 ) -> tuple[str | None, bytes | None, list[int]]:
-    """The live version, ``user_id``'s packed record in ``record_key`` and ``EXISTS`` of each probe.
-
-    ``record_key`` is the user's bucket and ``probe_keys`` are keys of the same user (built from
-    validated ids by :mod:`recsvc.storage.keys`): all of them share the user's hash slot.
-    """
-    request_keys = (keys.live_pointer(user_id), record_key, *probe_keys)
-    try:
-        replies = client.evalsha(_FETCH_SHA, len(request_keys), *request_keys, user_id)
-    except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
-        client.script_load(_FETCH_SCRIPT)
-        replies = client.evalsha(_FETCH_SHA, len(request_keys), *request_keys, user_id)
-    return codec.text(replies[0]), replies[1], [int(x) for x in replies[2:]]
+    """The live version, ``user_id``'s packed record in ``record_key`` and ``EXISTS`` of each probe
+    (:func:`read_user_records` with one record)."""
+    live, (value,), probes = read_user_records(client, (record_key,), user_id, probe_keys)
+    return live, value, probes
 
 
 @dataclass(frozen=True)

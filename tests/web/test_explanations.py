@@ -8,8 +8,7 @@ import pytest
 
 from recsvc.core.artifact import write_artifact
 from recsvc.core.explain import FactorStats, History, explain_items
-from recsvc.serving.model import ServingModel
-from recsvc.storage import versions
+from recsvc.storage import reads, versions
 from tests.factories import API_KEY, blend_artifact
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -93,19 +92,27 @@ def test_unknown_users_get_trending_items(client):
 
 
 def test_explain_false_reads_nothing_more_and_adds_nothing(client, monkeypatch):
-    reads = []
-    original = ServingModel.training_row
+    """Explaining reads the training row in the request's one round trip; the lean path does not."""
+    round_trips, hgets = [], []
+    original_records, original_field = reads.read_user_records, reads.read_field
 
-    def counted(self, redis_client, user_id):
-        reads.append(user_id)
-        return original(self, redis_client, user_id)
+    def counted_records(redis_client, record_keys, user_id, probe_keys=()):
+        round_trips.append(len(record_keys))
+        return original_records(redis_client, record_keys, user_id, probe_keys)
 
-    monkeypatch.setattr(ServingModel, "training_row", counted)
+    def counted_field(redis_client, key, field):
+        hgets.append(field)
+        return original_field(redis_client, key, field)
+
+    monkeypatch.setattr(reads, "read_user_records", counted_records)
+    monkeypatch.setattr(reads, "read_field", counted_field)
     lean = client.get("/v1/users/u6/recommendations?n=5&explain=false").get_json()
-    assert reads == [] and all("explanation" not in it for it in lean["items"])
+    assert round_trips == [1] and hgets == [] and all("explanation" not in it for it in lean["items"])
     full = client.get("/v1/users/u6/recommendations?n=5").get_json()
-    assert reads == ["u6"]  # one read of the training row, only when explaining
+    assert round_trips == [1, 2] and hgets == []  # the record and the training row, one round trip
     assert [it["item_id"] for it in full["items"]] == [it["item_id"] for it in lean["items"]]
+    personal = [it for it in full["items"] if it["explanation"]["code"] in ("viewed", "bought")]
+    assert personal and all(it["explanation"]["because"] for it in personal)
 
 
 def test_explain_must_be_true_or_false(client):
