@@ -390,7 +390,7 @@ def fetch_user(
     ``with_training_row`` reads the user's training row in the same round trip
     (:attr:`UserRecord.training_row`; what explaining a cached list needs).
     """
-    record_keys = (model.user_key("topk", user_id),)
+    record_keys: tuple[str, ...] = (model.user_key("topk", user_id),)
     if with_training_row:
         record_keys += (model.user_key("interactions", user_id),)
     live, values, probes = reads.read_user_records(client, record_keys, user_id, probe_keys)

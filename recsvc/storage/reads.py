@@ -36,12 +36,12 @@ def read_user_records(
     from validated ids by :mod:`recsvc.storage.keys`): all of them share the user's hash slot.
     """
     request_keys = (keys.live_pointer(user_id), *record_keys, *probe_keys)
-    args = (len(request_keys), *request_keys, user_id, len(record_keys))
+    n_keys, n_records = len(request_keys), len(record_keys)
     try:
-        replies = client.evalsha(_FETCH_SHA, *args)
+        replies = client.evalsha(_FETCH_SHA, n_keys, *request_keys, user_id, n_records)
     except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
         client.script_load(_FETCH_SCRIPT)
-        replies = client.evalsha(_FETCH_SHA, *args)
+        replies = client.evalsha(_FETCH_SHA, n_keys, *request_keys, user_id, n_records)
     split = 1 + len(record_keys)
     return codec.text(replies[0]), list(replies[1:split]), [int(x) for x in replies[split:]]
 
