@@ -132,7 +132,11 @@ class PairStats:
 
 
 def pair_stats(
-    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, order: np.ndarray | None = None
+    user: np.ndarray,
+    item: np.ndarray,
+    timestamp: np.ndarray,
+    order: np.ndarray | None = None,
+    presorted: bool = False,
 ) -> PairStats:
     """Occasions and intervals of every (customer, item) pair from purchase lines.
 
@@ -146,6 +150,9 @@ def pair_stats(
         int order code per line (-1 = none): lines of one order are one occasion however far
         apart their timestamps are. Lines of a pair less than :data:`MIN_GAP_S` apart are one
         occasion too (two orders of the same trip).
+    presorted : bool
+        The lines are already sorted by user, item and time (saves the sort when the same lines
+        are summarised up to several cutoffs).
     """
     user = np.asarray(user, dtype=np.int64)
     item = np.asarray(item, dtype=np.int64)
@@ -153,8 +160,9 @@ def pair_stats(
     keep = (user >= 0) & (item >= 0)
     user, item, ts = user[keep], item[keep], ts[keep]
     order_code = np.full(len(user), -1, np.int64) if order is None else np.asarray(order, np.int64)[keep]
-    sort = np.lexsort((ts, item, user))
-    user, item, ts, order_code = user[sort], item[sort], ts[sort], order_code[sort]
+    if not presorted:
+        sort = np.lexsort((ts, item, user))
+        user, item, ts, order_code = user[sort], item[sort], ts[sort], order_code[sort]
     n = len(user)
     if n == 0:
         empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)
@@ -425,32 +433,46 @@ _RANKER_L2 = 1.0
 IDENTITY_RANKER = (1.0,) + (0.0,) * (len(RANKER_FEATURES) - 1)
 
 
+def _top_count(stats: PairStats) -> np.ndarray:
+    """Per pair: the largest occasion count of its customer (pairs are sorted by user)."""
+    if len(stats.user) == 0:
+        return np.zeros(0)
+    starts = np.flatnonzero(np.r_[True, stats.user[1:] != stats.user[:-1]])
+    top = np.maximum.reduceat(stats.count.astype(np.float64), starts)
+    return np.repeat(top, np.diff(np.r_[starts, len(stats.user)]))
+
+
 def _conditional_logit(x: np.ndarray, y: np.ndarray, group: np.ndarray, l2: float) -> np.ndarray:
     """Coefficients of a conditional (per-customer softmax) logit by Newton's method.
 
     Each customer-window is one choice set: the likelihood of the items bought again against the
     customer's other items, so only differences *between a customer's items* are fitted -- what
-    the ranking needs, whatever makes one customer shop more than another.
+    the ranking needs, whatever makes one customer shop more than another. ``group`` numbers the
+    choice sets 0, 1, ... in contiguous runs (each set's rows together, in order).
     """
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
     z = (x - mean) / scale
-    n_groups = int(group.max()) + 1
-    positives = np.bincount(group, weights=y, minlength=n_groups)
+    zt = np.ascontiguousarray(z.T)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.r_[starts, len(group)])
+    positives = np.add.reduceat(y, starts)
     beta = np.zeros(z.shape[1])
     penalty = l2 * np.eye(z.shape[1])
     for _ in range(50):
         eta = z @ beta
-        top = np.full(n_groups, -np.inf)
-        np.maximum.at(top, group, eta)
-        weight = np.exp(eta - top[group])
-        share = weight / np.bincount(group, weights=weight, minlength=n_groups)[group]
-        centre = np.zeros((n_groups, z.shape[1]))
-        np.add.at(centre, group, z * share[:, None])
-        centred = z - centre[group]
+        # One shift for all sets unless that could underflow a whole set (then each set's own).
+        if float(eta.max() - eta.min()) < 700.0:
+            weight = np.exp(eta - eta.max())
+        else:
+            weight = np.exp(eta - np.repeat(np.maximum.reduceat(eta, starts), sizes))
+        share = weight / np.repeat(np.add.reduceat(weight, starts), sizes)
+        centre = np.add.reduceat(zt * share, starts, axis=1).T  # each set's expected features
         gradient = z.T @ y - positives @ centre - l2 * beta
-        hessian = (centred * (positives[group] * share)[:, None]).T @ centred + penalty
-        step = np.linalg.solve(hessian, gradient)
+        # Sum over sets of positives x the covariance of the features under the set's softmax.
+        hessian = (z * (np.repeat(positives, sizes) * share)[:, None]).T @ z
+        hessian -= (centre * positives[:, None]).T @ centre
+        step = np.linalg.solve(hessian + penalty, gradient)
         beta += step
         if float(np.abs(step).max()) < 1e-9:
             break
@@ -486,6 +508,9 @@ def fit_ranker(
     if settings is not None and not settings.ranker:
         return None, {"ranker": "off"}
     horizon_s = int(round(horizon_days * SECONDS_PER_DAY))
+    # Sorted once: every window's history is a prefix in time of each pair's lines, still sorted.
+    sort = np.lexsort((timestamp, item, user))
+    user, item, timestamp, order = user[sort], item[sort], timestamp[sort], order[sort]
     blocks: list[np.ndarray] = []
     labels: list[np.ndarray] = []
     groups: list[np.ndarray] = []
@@ -495,7 +520,7 @@ def fit_ranker(
         early = timestamp < split
         if not early.any():
             break
-        stats = pair_stats(user[early], item[early], timestamp[early], order[early])
+        stats = pair_stats(user[early], item[early], timestamp[early], order[early], presorted=True)
         late = (timestamp >= split) & (timestamp < split + horizon_s) & (user >= 0) & (item >= 0)
         bought = np.isin(stats.user * n_items + stats.item, np.unique(user[late] * n_items + item[late]))
         n_users = int(stats.user.max()) + 1 if len(stats.user) else 0
@@ -509,13 +534,12 @@ def fit_ranker(
             fitted.params, stats.item[sel], stats.last[sel], stats.count[sel], stats.log_mean[sel],
             split, horizon_days, fitted.pace[u],
         )  # fmt: skip
-        top = np.zeros(n_users)
-        np.maximum.at(top, stats.user, stats.count.astype(np.float64))
+        top = _top_count(stats)
         elapsed = np.maximum(0.0, (split - stats.last[sel]) / SECONDS_PER_DAY)
         blocks.append(
             ranker_features(
                 estimate.probability, stats.count[sel], elapsed, estimate.interval_days,
-                fitted.params.rate[stats.item[sel]], stats.recent[sel], top[u],
+                fitted.params.rate[stats.item[sel]], stats.recent[sel], top[sel],
             )
         )  # fmt: skip
         labels.append(bought[sel].astype(np.float64))
@@ -809,12 +833,10 @@ def evaluate_repurchase(
         params, stats.item, stats.last, stats.count, stats.log_mean, cutoff, horizon_days,
         split.fitted.pace[stats.user],
     )  # fmt: skip
-    top = np.zeros(len(users))
-    np.maximum.at(top, stats.user, stats.count.astype(np.float64))
     model_key = rank_key(
         params, estimate.probability, stats.item, stats.count,
         np.maximum(0.0, (cutoff - stats.last) / SECONDS_PER_DAY), estimate.interval_days, stats.recent,
-        top[stats.user],
+        _top_count(stats),
     )  # fmt: skip
     span = 1.0 + float(np.ptp(stats.last)) if len(stats.last) else 1.0
     keys = {
