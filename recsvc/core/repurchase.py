@@ -113,8 +113,14 @@ class UserHistory:
 
     @classmethod
     def empty(cls) -> UserHistory:
+        # With the recency column: purchases merged into it (a customer new since the model) keep
+        # their weights, which a version with a ranker orders by.
         return cls(
-            np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32)
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.float32),
+            recent=np.zeros(0, np.float32),
         )
 
 
@@ -601,8 +607,8 @@ def newest(history: UserHistory, limit: int) -> UserHistory:
 
 
 def rank_due(probability: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Positions of the pairs by decreasing probability (ties: lower position first), only the
-    ``allowed`` ones when a mask is given."""
+    """Positions of the pairs by decreasing ``probability`` (or any :func:`rank_key`; ties: lower
+    position first), only the ``allowed`` ones when a mask is given."""
     order = np.argsort(-np.asarray(probability), kind="stable")
     if allowed is not None:
         order = order[np.asarray(allowed, dtype=bool)[order]]

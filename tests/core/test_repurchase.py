@@ -292,6 +292,11 @@ def test_merge_purchases_ages_the_recency_weighted_occasions():
     assert merged.recent is not None
     # 1.5 aged by one RECENT_DAYS, plus the new occasion; a new item starts at one occasion.
     assert merged.recent.tolist() == pytest.approx([1.5 / math.e + 1.0, 1.0], rel=1e-6)
+    # A customer new since the model: their repeated purchases are weighted too.
+    new = rebuy.merge_purchases(
+        rebuy.UserHistory.empty(), np.array([5, 5]), np.array([REPURCHASE_NOW - DAY, REPURCHASE_NOW])
+    )
+    assert new.recent is not None and new.recent.tolist() == pytest.approx([math.exp(-1 / 30) + 1.0])
     # A history from a version without a ranker stays without the column.
     old = rebuy.UserHistory(history.items, history.last, history.count, history.log_interval)
     assert rebuy.merge_purchases(old, np.array([3]), np.array([REPURCHASE_NOW])).recent is None
