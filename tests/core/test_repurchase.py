@@ -213,7 +213,18 @@ SOME_RANKER = (0.7, -0.1, 0.1, 0.05, -0.06, -0.14, -0.26, 0.21, 0.98)
 
 
 @pytest.mark.parametrize("ranker", [None, SOME_RANKER], ids=["probability", "ranker"])
-@pytest.mark.parametrize("size", [1, 5, rebuy.SMALL_HISTORY, rebuy.SMALL_HISTORY + 1, 200])
+@pytest.mark.parametrize(
+    "size",
+    [
+        1,
+        5,
+        rebuy.SMALL_HISTORY_RANKED,
+        rebuy.SMALL_HISTORY_RANKED + 1,
+        rebuy.SMALL_HISTORY,
+        rebuy.SMALL_HISTORY + 1,
+        200,
+    ],
+)
 def test_ranking_a_history_agrees_with_the_batch_formulas(model, size, ranker):
     from dataclasses import replace
 
