@@ -146,8 +146,9 @@ REPURCHASE_HISTORIES: dict[int, list[tuple[int, int, float, float]]] = {
 }
 
 
-def repurchase_model(n_users: int, n_items: int) -> RepurchaseModel:
-    """A repurchase model with :data:`REPURCHASE_HISTORIES` (variances 0.1, strength 2)."""
+def repurchase_model(n_users: int, n_items: int, ranker: tuple[float, ...] | None = None) -> RepurchaseModel:
+    """A repurchase model with :data:`REPURCHASE_HISTORIES` (variances 0.1, strength 2); with a
+    ``ranker``, each pair's recency-weighted occasions are ``1 + (occasions - 1) / 2``."""
     rate = np.full(n_items, 0.05, np.float32)
     rate[:10] = 0.8
     params = RepurchaseParams(
@@ -158,6 +159,7 @@ def repurchase_model(n_users: int, n_items: int) -> RepurchaseModel:
         within_var=0.1,
         between_var=0.1,
         strength=2.0,
+        ranker=ranker,
     )
     indptr, items, last, count, log_interval = [0], [], [], [], []
     for user in range(n_users):
@@ -174,12 +176,14 @@ def repurchase_model(n_users: int, n_items: int) -> RepurchaseModel:
         count=np.asarray(count, np.int32),
         log_interval=np.asarray(log_interval, np.float32),
         pace=np.zeros(n_users, np.float32),
+        recent=None if ranker is None else (1.0 + (np.asarray(count, np.float32) - 1.0) / 2.0),
     )
     return RepurchaseModel(params, history)
 
 
-def repurchase_artifact(seed: int = 1) -> Artifact:
-    """:func:`make_artifact` (20 users, 50 items) with :func:`repurchase_model`."""
+def repurchase_artifact(seed: int = 1, ranker: tuple[float, ...] | None = None) -> Artifact:
+    """:func:`make_artifact` (20 users, 50 items) with :func:`repurchase_model` (without a ranker:
+    a version trained before it existed)."""
     a = make_artifact(n_users=20, n_items=50, seed=seed)
-    a.repurchase = repurchase_model(a.n_users, a.n_items)
+    a.repurchase = repurchase_model(a.n_users, a.n_items, ranker)
     return a

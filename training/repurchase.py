@@ -35,12 +35,16 @@ from recsvc.core.ids import IdMap
 from recsvc.core.repurchase import (
     DEFAULT_HORIZON_DAYS,
     MIN_GAP_S,
+    RANKER_FEATURES,
+    RECENT_DAYS,
     SECONDS_PER_DAY,
     PurchaseHistory,
     RepurchaseModel,
     RepurchaseParams,
     due,
     pair_posterior,
+    rank_key,
+    ranker_features,
 )
 
 #: Bounds of the variance estimates (log-days squared): a data set with one repeat must not give
@@ -67,6 +71,9 @@ class RepurchaseSettings:
         Estimate each customer's pace (off: every customer at the items' typical intervals).
     choose_dispersion : bool
         Choose the variance factor on held-out history (off: the moment estimates as they are).
+    ranker : bool
+        Learn the order of a customer's items on held-out history (:func:`fit_ranker`; off: by
+        the probability, as versions trained before it).
     """
 
     strength: float = 2.0
@@ -74,6 +81,7 @@ class RepurchaseSettings:
     prior_purchases: float = 10.0
     pace: bool = True
     choose_dispersion: bool = True
+    ranker: bool = True
 
     def to_manifest(self) -> dict[str, Any]:
         return {
@@ -82,6 +90,7 @@ class RepurchaseSettings:
             "prior_purchases": self.prior_purchases,
             "pace": self.pace,
             "choose_dispersion": self.choose_dispersion,
+            "ranker": self.ranker,
         }
 
 
@@ -95,6 +104,7 @@ class PairStats:
     last: np.ndarray  # int64 unix seconds of the newest occasion
     log_sum: np.ndarray  # float64 sum of log(days) between consecutive occasions
     log_sumsq: np.ndarray  # float64 sum of squares of the same
+    recent: np.ndarray  # float64 occasions weighted by their age at `last` (RECENT_DAYS)
 
     @property
     def intervals(self) -> np.ndarray:
@@ -117,11 +127,16 @@ class PairStats:
             count=self.count.astype(np.int32),
             log_interval=self.log_mean.astype(np.float32),
             pace=np.asarray(pace, dtype=np.float32)[:n_users],
+            recent=self.recent.astype(np.float32),
         )
 
 
 def pair_stats(
-    user: np.ndarray, item: np.ndarray, timestamp: np.ndarray, order: np.ndarray | None = None
+    user: np.ndarray,
+    item: np.ndarray,
+    timestamp: np.ndarray,
+    order: np.ndarray | None = None,
+    presorted: bool = False,
 ) -> PairStats:
     """Occasions and intervals of every (customer, item) pair from purchase lines.
 
@@ -135,6 +150,9 @@ def pair_stats(
         int order code per line (-1 = none): lines of one order are one occasion however far
         apart their timestamps are. Lines of a pair less than :data:`MIN_GAP_S` apart are one
         occasion too (two orders of the same trip).
+    presorted : bool
+        The lines are already sorted by user, item and time (saves the sort when the same lines
+        are summarised up to several cutoffs).
     """
     user = np.asarray(user, dtype=np.int64)
     item = np.asarray(item, dtype=np.int64)
@@ -142,12 +160,13 @@ def pair_stats(
     keep = (user >= 0) & (item >= 0)
     user, item, ts = user[keep], item[keep], ts[keep]
     order_code = np.full(len(user), -1, np.int64) if order is None else np.asarray(order, np.int64)[keep]
-    sort = np.lexsort((ts, item, user))
-    user, item, ts, order_code = user[sort], item[sort], ts[sort], order_code[sort]
+    if not presorted:
+        sort = np.lexsort((ts, item, user))
+        user, item, ts, order_code = user[sort], item[sort], ts[sort], order_code[sort]
     n = len(user)
     if n == 0:
         empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float64)
-        return PairStats(empty_i, empty_i, empty_i, empty_i, empty_f, empty_f)
+        return PairStats(empty_i, empty_i, empty_i, empty_i, empty_f, empty_f, empty_f)
     new_pair = np.ones(n, dtype=bool)
     new_pair[1:] = (user[1:] != user[:-1]) | (item[1:] != item[:-1])
     new_occasion = new_pair.copy()
@@ -171,8 +190,10 @@ def pair_stats(
     logs = np.log(np.maximum(days[same], MIN_GAP_S / SECONDS_PER_DAY))
     log_sum = np.bincount(occ_pair[same], weights=logs, minlength=n_pairs)
     log_sumsq = np.bincount(occ_pair[same], weights=logs * logs, minlength=n_pairs)
+    age_days = (last[occ_pair] - occ_time) / SECONDS_PER_DAY
+    recent = np.bincount(occ_pair, weights=np.exp(-age_days / RECENT_DAYS), minlength=n_pairs)
     first_line = np.flatnonzero(new_pair)
-    return PairStats(user[first_line], item[first_line], count, last, log_sum, log_sumsq)
+    return PairStats(user[first_line], item[first_line], count, last, log_sum, log_sumsq, recent)
 
 
 def purchase_lines(
@@ -399,6 +420,151 @@ def choose_dispersion(
     return best, scores
 
 
+#: Held-out windows the ranker learns from: the last ``RANKER_WINDOWS`` horizons of the history,
+#: each labelled by the purchases of its own horizon (a small shop gets enough customers).
+RANKER_WINDOWS = 4
+#: Fewer customers who bought again in those windows, or fewer items bought again, and the ranker
+#: keeps the probability's order (identity coefficients): too little to weigh nine features.
+RANKER_MIN_CUSTOMERS = 200
+RANKER_MIN_POSITIVES = 500
+#: Ridge penalty of the ranker on standardised features (a guard against collinear features, not
+#: a prior: the windows hold thousands of pairs wherever the ranker is used).
+_RANKER_L2 = 1.0
+IDENTITY_RANKER = (1.0,) + (0.0,) * (len(RANKER_FEATURES) - 1)
+
+
+def _top_count(stats: PairStats) -> np.ndarray:
+    """Per pair: the largest occasion count of its customer (pairs are sorted by user)."""
+    if len(stats.user) == 0:
+        return np.zeros(0)
+    starts = np.flatnonzero(np.r_[True, stats.user[1:] != stats.user[:-1]])
+    top = np.maximum.reduceat(stats.count.astype(np.float64), starts)
+    return np.repeat(top, np.diff(np.r_[starts, len(stats.user)]))
+
+
+def _conditional_logit(x: np.ndarray, y: np.ndarray, group: np.ndarray, l2: float) -> np.ndarray:
+    """Coefficients of a conditional (per-customer softmax) logit by Newton's method.
+
+    Each customer-window is one choice set: the likelihood of the items bought again against the
+    customer's other items, so only differences *between a customer's items* are fitted -- what
+    the ranking needs, whatever makes one customer shop more than another. ``group`` numbers the
+    choice sets 0, 1, ... in contiguous runs (each set's rows together, in order).
+    """
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale == 0] = 1.0
+    z = (x - mean) / scale
+    zt = np.ascontiguousarray(z.T)
+    starts = np.flatnonzero(np.r_[True, group[1:] != group[:-1]])
+    sizes = np.diff(np.r_[starts, len(group)])
+    positives = np.add.reduceat(y, starts)
+    beta = np.zeros(z.shape[1])
+    penalty = l2 * np.eye(z.shape[1])
+    for _ in range(50):
+        eta = z @ beta
+        # One shift for all sets unless that could underflow a whole set (then each set's own).
+        if float(eta.max() - eta.min()) < 700.0:
+            weight = np.exp(eta - eta.max())
+        else:
+            weight = np.exp(eta - np.repeat(np.maximum.reduceat(eta, starts), sizes))
+        share = weight / np.repeat(np.add.reduceat(weight, starts), sizes)
+        centre = np.add.reduceat(zt * share, starts, axis=1).T  # each set's expected features
+        gradient = z.T @ y - positives @ centre - l2 * beta
+        # Sum over sets of positives x the covariance of the features under the set's softmax.
+        hessian = (z * (np.repeat(positives, sizes) * share)[:, None]).T @ z
+        hessian -= (centre * positives[:, None]).T @ centre
+        step = np.linalg.solve(hessian + penalty, gradient)
+        beta += step
+        if float(np.abs(step).max()) < 1e-9:
+            break
+    return beta / scale
+
+
+def fit_ranker(
+    user: np.ndarray,
+    item: np.ndarray,
+    timestamp: np.ndarray,
+    order: np.ndarray,
+    n_items: int,
+    category: np.ndarray,
+    until: int,
+    horizon_days: float = DEFAULT_HORIZON_DAYS,
+    settings: RepurchaseSettings | None = None,
+    dispersion: float = 1.0,
+) -> tuple[tuple[float, ...] | None, dict[str, Any]]:
+    """Coefficients of :data:`RANKER_FEATURES` learned on held-out history, never on what follows ``until``.
+
+    For each of the last :data:`RANKER_WINDOWS` horizons before ``until``, the model is fitted on
+    the history before the window and every pair of the customers who buy something again in the
+    window is labelled "bought again within it" (only those customers can be ranked well or
+    badly, as in the evaluation). A conditional logit over each customer's items weighs the
+    features. Too few customers or positives (:data:`RANKER_MIN_CUSTOMERS`,
+    :data:`RANKER_MIN_POSITIVES`): :data:`IDENTITY_RANKER`, the probability's order.
+
+    Returns
+    -------
+    (tuple or None, dict)
+        The coefficients (None when ``settings.ranker`` is off), and a report for the manifest.
+    """
+    if settings is not None and not settings.ranker:
+        return None, {"ranker": "off"}
+    horizon_s = int(round(horizon_days * SECONDS_PER_DAY))
+    # Sorted once: every window's history is a prefix in time of each pair's lines, still sorted.
+    sort = np.lexsort((timestamp, item, user))
+    user, item, timestamp, order = user[sort], item[sort], timestamp[sort], order[sort]
+    blocks: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    groups: list[np.ndarray] = []
+    n_groups = 0
+    for k in range(1, RANKER_WINDOWS + 1):
+        split = until - k * horizon_s
+        early = timestamp < split
+        if not early.any():
+            break
+        stats = pair_stats(user[early], item[early], timestamp[early], order[early], presorted=True)
+        late = (timestamp >= split) & (timestamp < split + horizon_s) & (user >= 0) & (item >= 0)
+        bought = np.isin(stats.user * n_items + stats.item, np.unique(user[late] * n_items + item[late]))
+        n_users = int(stats.user.max()) + 1 if len(stats.user) else 0
+        shoppers = np.bincount(stats.user, weights=bought, minlength=n_users) > 0
+        sel = np.flatnonzero(shoppers[stats.user])
+        if len(sel) == 0:
+            continue
+        fitted = fit_params(stats, n_items, category, split, settings, dispersion, n_users=n_users)
+        u = stats.user[sel]
+        estimate = due(
+            fitted.params, stats.item[sel], stats.last[sel], stats.count[sel], stats.log_mean[sel],
+            split, horizon_days, fitted.pace[u],
+        )  # fmt: skip
+        top = _top_count(stats)
+        elapsed = np.maximum(0.0, (split - stats.last[sel]) / SECONDS_PER_DAY)
+        blocks.append(
+            ranker_features(
+                estimate.probability, stats.count[sel], elapsed, estimate.interval_days,
+                fitted.params.rate[stats.item[sel]], stats.recent[sel], top[sel],
+            )
+        )  # fmt: skip
+        labels.append(bought[sel].astype(np.float64))
+        _, within = np.unique(u, return_inverse=True)
+        groups.append(within + n_groups)
+        n_groups += int(within.max()) + 1
+    positives = int(sum(float(y.sum()) for y in labels))
+    report: dict[str, Any] = {
+        "ranker_windows": len(blocks),
+        "ranker_customers": n_groups,
+        "ranker_positives": positives,
+    }
+    if n_groups < RANKER_MIN_CUSTOMERS or positives < RANKER_MIN_POSITIVES:
+        coefficients = IDENTITY_RANKER
+        report["ranker"] = "identity (too few customers bought again in the held-out windows)"
+    else:
+        beta = _conditional_logit(
+            np.vstack(blocks), np.concatenate(labels), np.concatenate(groups), _RANKER_L2
+        )
+        coefficients = tuple(round(float(b), 6) for b in beta)
+        report["ranker"] = "learned"
+    report["ranker_coefficients"] = dict(zip(RANKER_FEATURES, coefficients, strict=True))
+    return coefficients, report
+
+
 def fit_repurchase(
     events: Any,
     user_ids: Sequence[str] | np.ndarray,
@@ -422,12 +588,14 @@ def fit_repurchase(
         Newest event time of the training data (unix seconds).
     settings : RepurchaseSettings, optional
     horizon_days : float
-        Horizon the variance factor is chosen for (:func:`choose_dispersion`).
+        Horizon the variance factor is chosen for (:func:`choose_dispersion`) and the ranker
+        learned on (:func:`fit_ranker`).
 
     Returns
     -------
     (RepurchaseModel, dict)
-        The model, and a report for the manifest (settings, variances, the factor chosen, counts).
+        The model, and a report for the manifest (settings, variances, the factor chosen, the
+        ranker's coefficients or why it kept the probability's order, counts).
     """
     settings = settings or RepurchaseSettings()
     users, items = IdMap(user_ids), IdMap(item_ids)
@@ -435,13 +603,17 @@ def fit_repurchase(
     factor, tried = choose_dispersion(
         user, item, ts, order, len(items), category, until, horizon_days, settings
     )
+    ranker, ranker_report = fit_ranker(
+        user, item, ts, order, len(items), category, until, horizon_days, settings, factor
+    )
     stats = pair_stats(user, item, ts, order)
     fitted = fit_params(stats, len(items), category, until, settings, factor, n_users=len(users))
-    params = fitted.params
+    params = replace(fitted.params, ranker=ranker)
     report = {
         **settings.to_manifest(),
         "dispersion": factor,
         "dispersion_log_likelihood": tried,
+        **ranker_report,
         "within_var": round(params.within_var, 5),
         "between_var": round(params.between_var, 5),
         "pairs": len(stats.user),
@@ -575,8 +747,15 @@ def _split(
             horizon_days,
             settings,
         )
+    ranker = None
+    if choose:
+        ranker, _ = fit_ranker(
+            user[train], item[train], ts[train], order[train], n_items, category, cutoff,
+            horizon_days, settings, factor,
+        )  # fmt: skip
     stats = pair_stats(user[train], item[train], ts[train], order[train])
     fitted = fit_params(stats, n_items, category, cutoff, settings, factor, n_users=n_users)
+    fitted = FittedParams(replace(fitted.params, ranker=ranker), fitted.pace)
     key = stats.user * n_items + stats.item  # sorted: pairs are ordered by user, then item
     later = ~train & (user >= 0) & (item >= 0)
     later_key = user[later] * n_items + item[later]
@@ -604,9 +783,10 @@ def evaluate_repurchase(
     Purchases before ``cutoff`` (default: newest event minus ``horizon_days``) train; for every
     customer who bought before it, the candidates are the items they bought, and the relevant ones
     those they buy again in ``[cutoff, cutoff + horizon_days)``. Customers without any such
-    purchase cannot score and are counted apart. Ranked: the model's probability of a purchase
-    within the horizon at the cutoff; ``frequency`` (occasions, ties by recency); ``recency``
-    (newest occasion, ties by frequency).
+    purchase cannot score and are counted apart. Ranked: the model's
+    :func:`~recsvc.core.repurchase.rank_key` at the cutoff (the ranker learned on the windows
+    before it over the probability of a purchase within the horizon); ``frequency`` (occasions,
+    ties by recency); ``recency`` (newest occasion, ties by frequency).
 
     Calibration of ``due_in_days``, on its own split ``follow_up_days`` (at least the horizon)
     before the newest event: for every candidate bought again before the log ends, the absolute
@@ -653,9 +833,14 @@ def evaluate_repurchase(
         params, stats.item, stats.last, stats.count, stats.log_mean, cutoff, horizon_days,
         split.fitted.pace[stats.user],
     )  # fmt: skip
+    model_key = rank_key(
+        params, estimate.probability, stats.item, stats.count,
+        np.maximum(0.0, (cutoff - stats.last) / SECONDS_PER_DAY), estimate.interval_days, stats.recent,
+        _top_count(stats),
+    )  # fmt: skip
     span = 1.0 + float(np.ptp(stats.last)) if len(stats.last) else 1.0
     keys = {
-        "repurchase": estimate.probability,
+        "repurchase": model_key,
         "frequency": stats.count + (stats.last - (stats.last.min() if len(stats.last) else 0)) / span * 0.5,
         "recency": stats.last + stats.count / (1.0 + (stats.count.max() if len(stats.count) else 0)),
     }
@@ -681,6 +866,7 @@ def evaluate_repurchase(
         "relevant": int(relevant.sum()),
         "params": {
             "dispersion": params.dispersion,
+            "ranker": None if params.ranker is None else list(params.ranker),
             "within_var": round(params.within_var, 4),
             "between_var": round(params.between_var, 4),
         },

@@ -46,7 +46,13 @@ import scipy.sparse as sp
 
 from recsvc.core import tempfiles
 from recsvc.core.ids import VERSION_PATTERN, IdMap, is_valid_id, is_valid_version
-from recsvc.core.repurchase import PurchaseHistory, RepurchaseModel, RepurchaseParams, repurchasable_items
+from recsvc.core.repurchase import (
+    RANKER_FEATURES,
+    PurchaseHistory,
+    RepurchaseModel,
+    RepurchaseParams,
+    repurchasable_items,
+)
 from recsvc.core.scoring import ModelSpec, Scorer
 from recsvc.core.weighting import RowRecipe, unscale
 
@@ -261,6 +267,13 @@ def _validate_repurchase(model: RepurchaseModel, n_users: int, n_items: int) -> 
         _check(int(h.items.min()) >= 0 and int(h.items.max()) < n_items, name, "item index out of range")
         _check(int(h.count.min()) >= 1, name, "count below 1")
     _check(bool(np.isfinite(h.log_interval).all() and np.isfinite(h.pace).all()), name, "contains NaN or inf")
+    if p.ranker is not None:
+        _check(len(p.ranker) == len(RANKER_FEATURES), name, f"{len(p.ranker)} ranker coefficients")
+        _check(all(math.isfinite(c) for c in p.ranker), name, "ranker contains NaN or inf")
+        _check(h.recent is not None, name, "a ranker without the recency-weighted occasions")
+    if h.recent is not None:
+        _check(len(h.recent) == nnz, name, "recent length differs")
+        _check(bool(np.isfinite(h.recent).all()), name, "recent contains NaN or inf")
 
 
 def _check(ok: bool, file: str, problem: str) -> None:
@@ -419,20 +432,25 @@ REPURCHASE_FILE = "repurchase.npz"
 
 def _save_repurchase(path: Path, model: RepurchaseModel) -> None:
     p, h = model.params, model.history
-    np.savez(
-        path,
-        rate=p.rate.astype(np.float32),
-        log_interval=p.log_interval.astype(np.float32),
-        buyers=p.buyers.astype(np.int32),
-        repeat_buyers=p.repeat_buyers.astype(np.int32),
-        hyper=np.asarray([p.within_var, p.between_var, p.strength, p.dispersion], dtype=np.float64),
-        indptr=h.indptr.astype(np.int64),
-        items=h.items.astype(np.int32),
-        last=h.last.astype(np.int64),
-        count=h.count.astype(np.int32),
-        pair_log_interval=h.log_interval.astype(np.float32),
-        pace=h.pace.astype(np.float32),
-    )
+    arrays: dict[str, Any] = {
+        "rate": p.rate.astype(np.float32),
+        "log_interval": p.log_interval.astype(np.float32),
+        "buyers": p.buyers.astype(np.int32),
+        "repeat_buyers": p.repeat_buyers.astype(np.int32),
+        "hyper": np.asarray([p.within_var, p.between_var, p.strength, p.dispersion], dtype=np.float64),
+        "indptr": h.indptr.astype(np.int64),
+        "items": h.items.astype(np.int32),
+        "last": h.last.astype(np.int64),
+        "count": h.count.astype(np.int32),
+        "pair_log_interval": h.log_interval.astype(np.float32),
+        "pace": h.pace.astype(np.float32),
+    }
+    # Both optional: a version trained before the ranker has neither, and loads as it did.
+    if p.ranker is not None:
+        arrays["ranker"] = np.asarray(p.ranker, dtype=np.float64)
+    if h.recent is not None:
+        arrays["pair_recent"] = h.recent.astype(np.float32)
+    np.savez(path, **arrays)
 
 
 def _load_repurchase(path: Path) -> RepurchaseModel | None:
@@ -449,6 +467,7 @@ def _load_repurchase(path: Path) -> RepurchaseModel | None:
             between_var=hyper[1],
             strength=hyper[2],
             dispersion=hyper[3],
+            ranker=tuple(float(x) for x in z["ranker"]) if "ranker" in z.files else None,
         )
         history = PurchaseHistory(
             indptr=z["indptr"],
@@ -457,6 +476,7 @@ def _load_repurchase(path: Path) -> RepurchaseModel | None:
             count=z["count"],
             log_interval=z["pair_log_interval"],
             pace=z["pace"],
+            recent=z["pair_recent"] if "pair_recent" in z.files else None,
         )
     return RepurchaseModel(params, history)
 

@@ -372,7 +372,9 @@ def fetch_history(
     )
     if value is None:
         return live, None, probes
-    return live, repurchase_store.unpack_history(value, model.index_dtype), probes
+    params = model.repurchase
+    with_recent = params is not None and params.ranker is not None
+    return live, repurchase_store.unpack_history(value, model.index_dtype, with_recent), probes
 
 
 def fetch_user(

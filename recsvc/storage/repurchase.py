@@ -3,12 +3,14 @@
 Layout (names from :mod:`recsvc.storage.keys`)::
 
     recsvc:v:<V>:repurchase          hash  rate, log_interval, buyers, repeat_buyers (numpy bytes),
-                                           hyper (JSON: within_var, between_var, strength, dispersion)
+                                           hyper (JSON: within_var, between_var, strength, dispersion,
+                                           ranker when the version has one)
     recsvc:v:<V>:repurchase:<b>      hash  user_id -> the customer's packed bought items
 
 A customer's record is ``pace`` (float32) followed by four columns of ``n`` entries: item indices
 (the version's index dtype), last purchase (uint32 unix seconds), occasions (uint16, capped) and
-the customer's mean log interval (float32). At most
+the customer's mean log interval (float32); a version with a ranker adds a fifth, the
+recency-weighted occasions (float32; the hyper's ``ranker`` says which layout to read). At most
 :data:`~recsvc.core.repurchase.MAX_ITEMS_PER_USER` items are kept: the most recently bought.
 Versions published without a repurchase model have none of these keys; serving then exempts only
 the operator's repurchase categories and the buy-again endpoint answers from popularity.
@@ -37,12 +39,14 @@ def item_mapping(params: RepurchaseParams) -> dict[str, bytes]:
         name: np.ascontiguousarray(getattr(params, name), dtype=dtype).tobytes()
         for name, dtype in _ITEM_FIELDS
     }
-    hyper = {
+    hyper: dict[str, Any] = {
         "within_var": params.within_var,
         "between_var": params.between_var,
         "strength": params.strength,
         "dispersion": params.dispersion,
     }
+    if params.ranker is not None:  # absent for versions trained before it: their bytes are unchanged
+        hyper["ranker"] = list(params.ranker)
     out["hyper"] = json.dumps(hyper, sort_keys=True).encode()
     return out
 
@@ -61,11 +65,12 @@ def params_from_mapping(stored: Mapping[bytes, bytes]) -> RepurchaseParams | Non
         between_var=float(hyper["between_var"]),
         strength=float(hyper["strength"]),
         dispersion=float(hyper.get("dispersion", 1.0)),
+        ranker=tuple(float(x) for x in hyper["ranker"]) if "ranker" in hyper else None,
     )
 
 
-def _entry_bytes(index_dtype: str) -> int:
-    return np.dtype(index_dtype).itemsize + 4 + 2 + 4
+def _entry_bytes(index_dtype: str, recent: bool = False) -> int:
+    return np.dtype(index_dtype).itemsize + 4 + 2 + 4 + (4 if recent else 0)
 
 
 def pack_history(history: UserHistory, index_dtype: str) -> bytes:
@@ -78,12 +83,14 @@ def pack_history(history: UserHistory, index_dtype: str) -> bytes:
             np.clip(h.last, 0, np.iinfo(np.uint32).max).astype("<u4").tobytes(),
             np.minimum(h.count, _MAX_COUNT).astype("<u2").tobytes(),
             np.ascontiguousarray(h.log_interval, dtype="<f4").tobytes(),
+            b"" if h.recent is None else np.ascontiguousarray(h.recent, dtype="<f4").tobytes(),
         )
     )
 
 
-def unpack_history(value: bytes, index_dtype: str) -> UserHistory:
-    """The inverse of :func:`pack_history`.
+def unpack_history(value: bytes, index_dtype: str, recent: bool = False) -> UserHistory:
+    """The inverse of :func:`pack_history`; ``recent``: the record has the fifth column (the
+    version's parameters have a ranker).
 
     Raises
     ------
@@ -91,7 +98,7 @@ def unpack_history(value: bytes, index_dtype: str) -> UserHistory:
         The record's length does not fit the layout (a corrupt value).
     """
     width = np.dtype(index_dtype).itemsize
-    n, rest = divmod(len(value) - 4, _entry_bytes(index_dtype))
+    n, rest = divmod(len(value) - 4, _entry_bytes(index_dtype, recent))
     if len(value) < 4 or rest:
         raise ValueError(f"repurchase record of {len(value)} bytes does not fit the layout")
     # Views into the reply, no copies (read-only, like every per-request array).
@@ -101,7 +108,8 @@ def unpack_history(value: bytes, index_dtype: str) -> UserHistory:
     last = np.frombuffer(value, dtype="<u4", count=n, offset=at)
     count = np.frombuffer(value, dtype="<u2", count=n, offset=at + 4 * n)
     log_interval = np.frombuffer(value, dtype="<f4", count=n, offset=at + 6 * n)
-    return UserHistory(items, last, count, log_interval, pace)
+    weighted = np.frombuffer(value, dtype="<f4", count=n, offset=at + 10 * n) if recent else None
+    return UserHistory(items, last, count, log_interval, pace, weighted)
 
 
 def customers(artifact: Artifact) -> np.ndarray:

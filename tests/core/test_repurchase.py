@@ -208,27 +208,106 @@ def test_every_already_bought_rule_uses_the_exemption_mask():
     ]
 
 
-@pytest.mark.parametrize("size", [1, 5, rebuy.SMALL_HISTORY, rebuy.SMALL_HISTORY + 1, 200])
-def test_ranking_a_history_agrees_with_the_batch_formulas(model, size):
+#: A ranker that weighs every feature (its values mean nothing; the paths must agree on them).
+SOME_RANKER = (0.7, -0.1, 0.1, 0.05, -0.06, -0.14, -0.26, 0.21, 0.98)
+
+
+@pytest.mark.parametrize("ranker", [None, SOME_RANKER], ids=["probability", "ranker"])
+@pytest.mark.parametrize(
+    "size",
+    [
+        1,
+        5,
+        rebuy.SMALL_HISTORY_RANKED,
+        rebuy.SMALL_HISTORY_RANKED + 1,
+        rebuy.SMALL_HISTORY,
+        rebuy.SMALL_HISTORY + 1,
+        200,
+    ],
+)
+def test_ranking_a_history_agrees_with_the_batch_formulas(model, size, ranker):
     from dataclasses import replace
 
     rng = np.random.default_rng(size)
+    count = rng.integers(1, 9, size).astype(np.int32)
     history = rebuy.UserHistory(
         rng.choice(50, size, replace=size > 50).astype(np.int32),
         (REPURCHASE_NOW - rng.uniform(0, 90, size) * DAY).astype(np.int64),
-        rng.integers(1, 9, size).astype(np.int32),
+        count,
         np.log(rng.uniform(3, 40, size)).astype(np.float32),
         pace=0.2,
+        recent=None if ranker is None else (count * rng.uniform(0.2, 1.0, size)).astype(np.float32),
     )
-    params = replace(model.params, dispersion=2.0)
+    params = replace(model.params, dispersion=2.0, ranker=ranker)
     allowed = rng.random(size) < 0.8
     ranked = rebuy.rank_history(params, history, REPURCHASE_NOW, 7.0, 10, allowed, min_probability=0.05)
     batch = rebuy.due(
         params, history.items, history.last, history.count, history.log_interval, REPURCHASE_NOW, 7.0, 0.2
     )
     keep = allowed & (batch.probability >= 0.05)
-    want = rebuy.rank_due(batch.probability, keep)[:10]
+    elapsed = (REPURCHASE_NOW - history.last) / DAY
+    key = rebuy.rank_key(
+        params, batch.probability, history.items, history.count, elapsed, batch.interval_days,
+        history.recent, float(count.max()),
+    )  # fmt: skip
+    want = rebuy.rank_due(key, keep)[:10]
     assert ranked.order.tolist() == want.tolist()
+    # The probability shown stays the cure model's, whatever orders the items.
     assert ranked.probability == pytest.approx(batch.probability[want], rel=1e-6, abs=1e-12)
     assert ranked.due_in_days == pytest.approx(batch.due_in_days[want], rel=1e-5, abs=1e-6)
     assert ranked.interval_days == pytest.approx(batch.interval_days[want], rel=1e-6)
+
+
+def test_without_a_ranker_items_are_ordered_by_their_probability(model):
+    from dataclasses import replace
+
+    probability = np.array([0.2, 0.5, 0.1])
+    args = (np.array([3, 4, 5]), np.array([1, 2, 3]), np.array([5.0, 9.0, 1.0]), np.full(3, 10.0), None, 3.0)
+    assert rebuy.rank_key(model.params, probability, *args).tolist() == probability.tolist()
+    # The identity ranker (what training keeps without enough held-out customers): the log-odds.
+    identity = replace(model.params, ranker=(1.0,) + (0.0,) * (len(rebuy.RANKER_FEATURES) - 1))
+    key = rebuy.rank_key(identity, probability, *args)
+    assert key == pytest.approx(np.log(probability / (1 - probability)))
+
+
+def test_ranker_features_by_hand():
+    x = rebuy.ranker_features(
+        np.array([0.25]), np.array([4]), np.array([30.0]), np.array([9.0]), np.array([0.5]),
+        np.array([2.0]), np.array([8.0]),
+    )[0]  # fmt: skip
+    assert dict(zip(rebuy.RANKER_FEATURES, x.tolist(), strict=True)) == pytest.approx(
+        {
+            "probability_log_odds": math.log(1 / 3),
+            "log1p_occasions": math.log(5),
+            "log1p_days_since": math.log(31),
+            "rate_log_odds": 0.0,
+            "log_overdue": math.log(31) - math.log(10),
+            "log_odds_x_occasions": math.log(1 / 3) * math.log(5),
+            "bought_once": 0.0,
+            "occasions_share_of_top": 0.5,
+            # Weighted occasions 2 at the last purchase, 30 days (one RECENT_DAYS) ago.
+            "log1p_recent": math.log1p(2.0 / math.e),
+        }
+    )
+
+
+def test_merge_purchases_ages_the_recency_weighted_occasions():
+    history = rebuy.UserHistory(
+        np.array([3], np.int32),
+        np.array([REPURCHASE_NOW - 30 * DAY], np.int64),
+        np.array([2], np.int32),
+        np.array([math.log(10.0)], np.float32),
+        recent=np.array([1.5], np.float32),
+    )
+    merged = rebuy.merge_purchases(history, np.array([3, 8]), np.array([REPURCHASE_NOW, REPURCHASE_NOW]))
+    assert merged.recent is not None
+    # 1.5 aged by one RECENT_DAYS, plus the new occasion; a new item starts at one occasion.
+    assert merged.recent.tolist() == pytest.approx([1.5 / math.e + 1.0, 1.0], rel=1e-6)
+    # A customer new since the model: their repeated purchases are weighted too.
+    new = rebuy.merge_purchases(
+        rebuy.UserHistory.empty(), np.array([5, 5]), np.array([REPURCHASE_NOW - DAY, REPURCHASE_NOW])
+    )
+    assert new.recent is not None and new.recent.tolist() == pytest.approx([math.exp(-1 / 30) + 1.0])
+    # A history from a version without a ranker stays without the column.
+    old = rebuy.UserHistory(history.items, history.last, history.count, history.log_interval)
+    assert rebuy.merge_purchases(old, np.array([3]), np.array([REPURCHASE_NOW])).recent is None

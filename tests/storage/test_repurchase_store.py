@@ -83,3 +83,51 @@ def test_deleted_with_its_version(redis_client, published, config, models_dir):
     assert not redis_client.exists(keys.version(other.version, "repurchase"))  # none in that version
     versions.delete_version(redis_client, published.version)
     assert not list(redis_client.scan_iter(match=f"*{published.version}*"))
+
+
+def test_a_record_with_the_recency_weighted_occasions():
+    h = UserHistory(
+        np.array([3, 7], np.int32),
+        np.array([1_700_000_000, 1_710_000_000], np.int64),
+        np.array([5, 1], np.int32),
+        np.array([2.3, 0.0], np.float32),
+        pace=0.5,
+        recent=np.array([2.5, 1.0], np.float32),
+    )
+    packed = store.pack_history(h, "<u2")
+    back = store.unpack_history(packed, "<u2", recent=True)
+    assert back.recent is not None and back.recent.tolist() == [2.5, 1.0]
+    assert back.items.tolist() == [3, 7] and back.log_interval.tolist() == pytest.approx([2.3, 0.0])
+    with pytest.raises(ValueError):  # read with the old layout: does not fit
+        store.unpack_history(packed, "<u2")
+
+
+def test_the_ranker_travels_in_the_version_hash_and_old_hashes_are_unchanged():
+    from dataclasses import replace
+
+    from tests.factories import repurchase_model
+
+    params = repurchase_model(20, 50).params
+    old = store.item_mapping(params)
+    assert b"ranker" not in old["hyper"]  # a version without one publishes the bytes it always did
+    assert store.params_from_mapping({k.encode(): v for k, v in old.items()}).ranker is None
+    ranker = tuple(float(i) / 10 for i in range(9))
+    new = store.item_mapping(replace(params, ranker=ranker))
+    assert store.params_from_mapping({k.encode(): v for k, v in new.items()}).ranker == ranker
+
+
+@pytest.mark.parametrize("ranker", [None, (1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0)])
+def test_published_records_read_back_in_the_versions_layout(redis_client, config, models_dir, ranker):
+    a = repurchase_artifact(seed=5, ranker=ranker)
+    write_artifact(a, models_dir)
+    versions.publish(redis_client, a, config)
+    versions.verify_version(redis_client, a, config)  # raises on any difference
+    model = ServingModel.load(redis_client, a.version)
+    assert model.repurchase is not None and model.repurchase.ranker == ranker
+    _, history, _ = fetch_history(redis_client, model, "u1")
+    want = a.repurchase.history.row(1)
+    assert history is not None and history.items.tolist() == want.items.tolist()
+    if ranker is None:
+        assert history.recent is None
+    else:
+        assert history.recent is not None and history.recent.tolist() == want.recent.tolist()

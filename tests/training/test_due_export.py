@@ -174,3 +174,22 @@ def test_the_command(tmp_path, config):
     assert len(ExportLedger(config.var_dir / "exports").records()) == 1
     bad = CliRunner().invoke(export, [*args, "--horizon-days", "0"], env=env)
     assert bad.exit_code == 2
+
+
+def test_a_version_with_a_ranker_sends_the_due_items_in_its_order(tmp_path, config):
+    from recsvc.core.repurchase import RANKER_FEATURES
+
+    # A ranker that puts the most recently bought first: u1's i6 (2 days ago) before i3 (9 days).
+    ranker = tuple(-1.0 if name == "log1p_days_since" else 0.0 for name in RANKER_FEATURES)
+    artifact = repurchase_artifact(ranker=ranker)
+    write_artifact(artifact, config.models_dir, version="v1")
+    out = tmp_path / "due.csv"
+    run_due_export(artifact, purchases(), out, DueExportOptions(as_of=NOW), config=config)
+    rows = _rows(out)
+    # The same due items (the threshold is on the probability), in the ranker's order.
+    assert [(r["user_id"], r["item_id"], r["rank"]) for r in rows] == [
+        ("u1", "i6", "1"),
+        ("u1", "i3", "2"),
+        ("u2", "i7", "1"),
+    ]
+    assert float(rows[0]["score"]) == pytest.approx(0.325, abs=0.002)

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from recsvc.core import repurchase as rebuy
 from recsvc.core.artifact import ArtifactError, read_artifact, write_artifact
 from recsvc.core.contract import PURCHASE, VIEW
 from recsvc.core.events import Catalog, EventTable
-from recsvc.core.repurchase import MIN_GAP_S
+from recsvc.core.repurchase import MIN_GAP_S, RANKER_FEATURES, RECENT_DAYS
 from tests.factories import repurchase_artifact
 from tests.shops import CYCLES, DAY, T, replenishment_shop
 from training.repurchase import (
     DISPERSIONS,
+    IDENTITY_RANKER,
+    RepurchaseSettings,
+    _conditional_logit,
     choose_dispersion,
     evaluate_repurchase,
     fit_params,
+    fit_ranker,
     fit_repurchase,
     format_report,
     pair_stats,
@@ -40,6 +46,10 @@ def test_pair_stats_counts_occasions_and_intervals():
     assert stats.log_sum[0] == pytest.approx(math.log(10) + math.log(30))
     assert stats.log_sumsq[0] == pytest.approx(math.log(10) ** 2 + math.log(30) ** 2)
     assert stats.log_mean.tolist() == pytest.approx([(math.log(10) + math.log(30)) / 2, 0.0, 0.0])
+    # Occasions weighted by their age at the last one: 1 + e^(-30/RECENT_DAYS) + e^(-40/RECENT_DAYS).
+    assert stats.recent.tolist() == pytest.approx(
+        [1 + math.exp(-30 / RECENT_DAYS) + math.exp(-40 / RECENT_DAYS), 1.0, 1.0]
+    )
     # Without order ids the 20-hour gap starts a new occasion; 12 hours or less never does.
     assert pair_stats(user, item, ts).count.tolist() == [4, 1, 1]
     assert MIN_GAP_S == 12 * 3600
@@ -186,3 +196,99 @@ def test_artifact_round_trip_and_validation(tmp_path):
     short.repurchase = replace(short.repurchase, history=history)
     with pytest.raises(ArtifactError, match="pace shape"):
         short.validate()
+
+
+def test_conditional_logit_weighs_a_separating_feature_positive():
+    # 300 customers of 5 items each, exactly one bought again: the one with the highest feature 0.
+    # Feature 1 is noise, feature 2 the same for all of a customer's items.
+    rng = np.random.default_rng(0)
+    group = np.repeat(np.arange(300), 5)
+    x = np.column_stack((rng.normal(size=1500), rng.normal(size=1500), np.repeat(rng.normal(size=300), 5)))
+    best = np.argmax(x[:, 0].reshape(300, 5), axis=1) + np.arange(300) * 5
+    y = np.zeros(1500)
+    y[best] = 1.0
+    beta = _conditional_logit(x, y, group, l2=1.0)
+    assert beta[0] > 2.0 and abs(beta[1]) < 0.5 and abs(beta[2]) < 1e-6
+
+
+def _habit_history(customers: int):
+    """Every customer buys one staple every 3 days for 60 days, and three one-off items (bought
+    once each, never again) spread over the same days. Items 0-4: staples; 10+: one-offs."""
+    rng = np.random.default_rng(1)
+    end = T + 60 * DAY
+    user, item, ts = [], [], []
+    for u in range(customers):
+        staple = u % 5
+        start = rng.uniform(0, 3)
+        for day in np.arange(start, 60, 3.0):
+            user.append(u), item.append(staple), ts.append(T + int(day * DAY))
+        for one_off in rng.choice(np.arange(10, 40), 3, replace=False):
+            user.append(u), item.append(int(one_off)), ts.append(T + int(rng.uniform(30, 60) * DAY))
+    order = np.full(len(user), -1)
+    return np.array(user), np.array(item), np.array(ts), order, end
+
+
+def test_fit_ranker_learns_on_held_out_windows_and_ranks_the_rebought_items_first():
+    user, item, ts, order, end = _habit_history(300)
+    category = np.zeros(40, int)
+    coefficients, report = fit_ranker(user, item, ts, order, 40, category, end, 7.0)
+    assert report["ranker"] == "learned" and report["ranker_windows"] == 4
+    assert report["ranker_customers"] >= 1000 and report["ranker_positives"] >= 1000
+    assert coefficients is not None and len(coefficients) == len(RANKER_FEATURES)
+    assert list(report["ranker_coefficients"]) == list(RANKER_FEATURES)
+    # Ranked at the end of the log with those coefficients: each customer's staple first.
+    stats = pair_stats(user, item, ts, order)
+    fitted = fit_params(stats, 40, category, end)
+    estimate = rebuy.due(
+        fitted.params, stats.item, stats.last, stats.count, stats.log_mean, end, 7.0, fitted.pace[stats.user]
+    )
+    params = replace(fitted.params, ranker=coefficients)
+    top = np.zeros(300)
+    np.maximum.at(top, stats.user, stats.count.astype(float))
+    key = rebuy.rank_key(
+        params, estimate.probability, stats.item, stats.count, (end - stats.last) / DAY,
+        estimate.interval_days, stats.recent, top[stats.user],
+    )  # fmt: skip
+    for u in range(300):
+        mine = np.flatnonzero(stats.user == u)
+        assert stats.item[mine[np.argmax(key[mine])]] == u % 5
+
+
+def test_fit_ranker_keeps_the_probability_order_without_enough_held_out_customers():
+    user, item, ts, order, end = _habit_history(30)
+    coefficients, report = fit_ranker(user, item, ts, order, 40, np.zeros(40, int), end, 7.0)
+    assert coefficients == IDENTITY_RANKER and report["ranker"].startswith("identity")
+    assert report["ranker_customers"] < 200
+    off, why = fit_ranker(
+        user, item, ts, order, 40, np.zeros(40, int), end, 7.0, RepurchaseSettings(ranker=False)
+    )
+    assert off is None and why == {"ranker": "off"}
+
+
+def test_fit_repurchase_records_the_ranker_in_its_report(shop):
+    events, categories = shop
+    item_ids = np.array(sorted(categories), dtype=object)
+    model, report = fit_repurchase(
+        events, np.unique(events.user_id), item_ids, np.zeros(len(item_ids), int), int(events.timestamp.max())
+    )
+    assert report["ranker"] in (
+        "learned",
+        "identity (too few customers bought again in the held-out windows)",
+    )
+    assert model.params.ranker == tuple(report["ranker_coefficients"].values())
+    assert model.history.recent is not None and len(model.history.recent) == len(model.history.items)
+    json.dumps(report)
+
+
+def test_an_artifact_with_a_ranker_round_trips_and_one_without_loads_as_before(tmp_path):
+    old = read_artifact(write_artifact(repurchase_artifact(), tmp_path / "old"))
+    assert old.repurchase is not None
+    assert old.repurchase.params.ranker is None and old.repurchase.history.recent is None
+    ranked = repurchase_artifact(seed=2, ranker=(0.5,) * len(RANKER_FEATURES))
+    back = read_artifact(write_artifact(ranked, tmp_path / "new"))
+    assert back.repurchase is not None and back.repurchase.params.ranker == (0.5,) * len(RANKER_FEATURES)
+    assert back.repurchase.history.recent is not None
+    assert back.repurchase.history.recent.tolist() == ranked.repurchase.history.recent.tolist()
+    wrong = repurchase_artifact(seed=3, ranker=(0.5, 0.5))
+    with pytest.raises(ArtifactError, match="2 ranker coefficients"):
+        wrong.validate()

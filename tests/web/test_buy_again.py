@@ -191,3 +191,25 @@ def test_a_version_without_a_repurchase_model(models_dir, config, redis_client, 
     # Nothing learned: only the operator's categories are exempt (u1 bought i1, a shirt).
     assert "i1" not in [it["item_id"] for it in _get(client, "/v1/users/u1/recommendations?n=50")["items"]]
     assert math.isfinite(_get(client, "/v1/users/u1/recommendations?include_due=true")["items"][0]["score"])
+
+
+def test_a_version_with_a_ranker_orders_by_it_and_shows_the_probability(
+    models_dir, config, redis_client, make_app, client, published
+):
+    from recsvc.core.repurchase import RANKER_FEATURES
+
+    before = {
+        it["item_id"]: it for it in _get(client, f"/v1/users/u1/buy-again?as_of={REPURCHASE_NOW}")["items"]
+    }
+    # A ranker that weighs only the days since the last purchase: the oldest purchase first.
+    ranker = tuple(1.0 if name == "log1p_days_since" else 0.0 for name in RANKER_FEATURES)
+    ranked = repurchase_artifact(seed=6, ranker=ranker)
+    ranked.manifest["trained_until"] = REPURCHASE_NOW - 3600
+    write_artifact(ranked, models_dir)
+    versions.publish(redis_client, ranked, config)
+    items = _get(make_app(config).test_client(), f"/v1/users/u1/buy-again?as_of={REPURCHASE_NOW}")["items"]
+    assert [it["item_id"] for it in items] == ["i12", "i20", "i3", "i6"]  # 40, 10, 9, 2 days ago
+    # What each item shows is the cure model's, as before: the ranker only orders.
+    for it in items:
+        assert it["score"] == pytest.approx(before[it["item_id"]]["score"], rel=1e-6)
+        assert it["due_in_days"] == before[it["item_id"]]["due_in_days"]

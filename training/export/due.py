@@ -151,6 +151,14 @@ def due_picks(
         horizon_days,
         pace_of_user[stats.user] if len(stats.user) else 0.0,
     )
+    top = np.zeros(len(users))
+    np.maximum.at(top, stats.user, stats.count.astype(np.float64))
+    # Due = the probability's threshold; most due first = the endpoint's order (the ranker's).
+    key = rebuy.rank_key(
+        model.params, estimate.probability, stats.item, stats.count,
+        np.maximum(0.0, (as_of - stats.last) / rebuy.SECONDS_PER_DAY), estimate.interval_days,
+        stats.recent, top[stats.user],
+    )  # fmt: skip
     keep = available[stats.item] & (estimate.probability >= serving.repurchase_due_probability)
     capped = 0
     sent_users, sent_items = sent
@@ -163,7 +171,7 @@ def due_picks(
         capped = int((keep & blocked).sum())
         keep &= ~blocked
     rows = np.flatnonzero(keep)
-    order_rows = rows[np.lexsort((stats.item[rows], -estimate.probability[rows], stats.user[rows]))]
+    order_rows = rows[np.lexsort((stats.item[rows], -key[rows], stats.user[rows]))]
     u = stats.user[order_rows]
     first = np.searchsorted(u, u, side="left")
     rank = np.arange(len(u)) - first
