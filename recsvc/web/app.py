@@ -33,6 +33,7 @@ from recsvc.web.body import read_body
 from recsvc.web.declare import REQUEST_ID, by_rule
 from recsvc.web.errors import register_error_handlers
 from recsvc.web.jsonio import OrjsonProvider, dumps, loads
+from recsvc.web.params import query_specs
 from recsvc.web.services import Services
 from recsvc.web.views import (
     admin,
@@ -137,7 +138,7 @@ def create_app(config: Config | dict[str, Any] | None = None, *, warn_unknown: b
     app.after_request(_finish_response)
     for view in BLUEPRINTS:
         app.register_blueprint(view.bp)
-    app.extensions["recsvc.params"] = by_rule(config)
+    app.extensions["recsvc.query"] = query_specs(by_rule(config))
     if serving.proxy_hops > 0:
         # The client address (wrong-key throttle) is the one the trusted proxies saw.
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=serving.proxy_hops)  # type: ignore[method-assign]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from flask import current_app, request
@@ -20,28 +21,50 @@ from recsvc.web.errors import bad_request
 FILTER_PARAMS = ("category", "min_price", "max_price", "exclude")
 
 
+@dataclass(frozen=True)
+class QuerySpec:
+    """One endpoint's query parameters, arranged once for the request path."""
+
+    by_name: dict[str, Any]  # name -> declared parameter (:class:`recsvc.web.declare.Param`)
+    required: tuple[str, ...]
+    absent: dict[str, None]  # every name, None: the values of a request without a query string
+    expected: str  # the names, for the unknown-parameter message
+
+    @classmethod
+    def of(cls, params: Iterable[Any]) -> QuerySpec:
+        query = [p for p in params if p.where == "query"]
+        names = sorted(p.name for p in query)
+        return cls(
+            by_name={p.name: p for p in query},
+            required=tuple(p.name for p in query if p.required),
+            absent=dict.fromkeys((p.name for p in query), None),
+            expected=", ".join(names) or "none",
+        )
+
+
+def query_specs(table: dict[tuple[str, str], tuple[Any, ...]]) -> dict[tuple[str, str], QuerySpec]:
+    """:class:`QuerySpec` per (HTTP method, Flask rule) of :func:`recsvc.web.declare.by_rule`."""
+    return {key: QuerySpec.of(params) for key, params in table.items()}
+
+
 def declared() -> dict[str, Any]:
     """The request's query parameters parsed by the endpoint's declaration (:mod:`recsvc.web.declare`).
 
     Every declared name is in the result (None when absent); a name the endpoint does not declare
-    is a 400 naming it.
+    is a 400 naming it. Only the parameters a request carries are parsed.
     """
-    table = current_app.extensions["recsvc.params"]
-    params = table[(request.method, request.url_rule.rule)]  # type: ignore[union-attr]
-    query = [p for p in params if p.where == "query"]
+    spec: QuerySpec = current_app.extensions["recsvc.query"][(request.method, request.url_rule.rule)]  # type: ignore[union-attr]
+    values = dict(spec.absent)
     args = request.args
     if args:
-        names = {p.name for p in query}
         for name in args:
-            if name not in names:
-                expected = ", ".join(sorted(names)) or "none"
-                raise bad_request(name, f"unknown query parameter {name!r} (expected: {expected})")
-        values = {p.name: p.parse(args.getlist(p.name)) for p in query}
-    else:
-        values = dict.fromkeys((p.name for p in query), None)
-    for p in query:
-        if p.required and values[p.name] is None:
-            raise bad_request(p.name, f"{p.name} is required")
+            param = spec.by_name.get(name)
+            if param is None:
+                raise bad_request(name, f"unknown query parameter {name!r} (expected: {spec.expected})")
+            values[name] = param.parse(args.getlist(name))
+    for name in spec.required:
+        if values[name] is None:
+            raise bad_request(name, f"{name} is required")
     return values
 
 
