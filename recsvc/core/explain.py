@@ -152,12 +152,14 @@ def als_attribution(
     e = np.asarray(history.effective, dtype=np.float64)
     a = np.asarray(yty, dtype=np.float64) + history.regularization * np.eye(y_h.shape[1])
     a += (y_h.T * (np.abs(e) - 1.0)) @ y_h
-    try:
-        z = np.linalg.solve(a, y_h.T)
-    except np.linalg.LinAlgError:
-        z = np.linalg.lstsq(a, y_h.T, rcond=None)[0]
     y_i = np.asarray(item_factors[np.asarray(items, dtype=np.intp)], dtype=np.float64)
-    return (y_i @ z) * np.where(e > 0, e, 0.0)[None, :]
+    # A is symmetric, so y_i A^-1 y_h^T = (A^-1 y_i^T)^T y_h^T: one right-hand side per listed
+    # item, however long the history.
+    try:
+        z = np.linalg.solve(a, y_i.T)
+    except np.linalg.LinAlgError:
+        z = np.linalg.lstsq(a, y_i.T, rcond=None)[0]
+    return (z.T @ y_h.T) * np.where(e > 0, e, 0.0)[None, :]
 
 
 def _history_rows(similarity: Any, history: History) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -243,17 +245,18 @@ def explain_items(
     if spec.knn > 0 and scorer.similarity is not None:
         # (c_u S) is non-zero only on the history's neighbours: its sums there give the row's
         # mean and spread over every item.
-        support: np.ndarray = np.zeros(0, np.int64)
-        sums: np.ndarray = np.zeros(0)
         rows = None
         if n_hist:
             rows = owner, column, value = _history_rows(scorer.similarity, history)
             raw = np.asarray(history.raw, dtype=np.float64)
-            support, inverse = np.unique(column, return_inverse=True)
-            sums = np.bincount(inverse, weights=value * raw[owner], minlength=len(support))
-        mean, std = _z(sums, scorer.n_items)
-        at = np.minimum(np.searchsorted(support, items), max(len(support) - 1, 0))
-        own = np.where(support[at] == items, sums[at], 0.0) if len(support) else np.zeros(len(items))
+            # The whole row, dense: one pass over the catalogue costs less than sorting the
+            # history's neighbours to add them up.
+            sums = np.bincount(column, weights=value * raw[owner], minlength=scorer.n_items)
+            mean, std = _z(sums)
+            own = sums[items]
+        else:
+            mean, std = _z(np.zeros(0), scorer.n_items)
+            own = np.zeros(len(items))
         parts["item_knn"] = spec.knn * (own - mean) / std
         if n_hist:
             attribution += spec.knn / std * knn_attribution(scorer.similarity, history, items, rows)
@@ -306,8 +309,17 @@ def _anchors(attribution: np.ndarray, history: History, items: np.ndarray) -> li
     by_index = np.argsort(indices, kind="stable")
     scores = attribution[:, by_index]
     scores = np.where(indices[by_index][None, :] == np.asarray(items)[:, None], -np.inf, scores)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :MAX_ANCHORS]
-    values = np.take_along_axis(scores, top, axis=1)
+    # The best MAX_ANCHORS per row by repeated argmax (the first maximum: ties go to the lower item
+    # index), as a stable descending sort would order them, without sorting whole rows.
+    rows = np.arange(len(scores))
+    picks, values_list = [], []
+    for _ in range(min(MAX_ANCHORS, scores.shape[1])):
+        best = scores.argmax(axis=1)
+        picks.append(best)
+        values_list.append(scores[rows, best].copy())
+        scores[rows, best] = -np.inf
+    top = np.column_stack(picks)
+    values = np.column_stack(values_list)
     positions = by_index[top]
     return [
         [int(p) for p, v in zip(row_positions, row_values, strict=True) if v > 0]
