@@ -57,11 +57,11 @@ def declared() -> dict[str, Any]:
     values = dict(spec.absent)
     args = request.args
     if args:
-        for name in args:
-            param = spec.by_name.get(name)
-            if param is None:
+        for name in args:  # every name first: an unknown one is the error, whatever else is wrong
+            if name not in spec.by_name:
                 raise bad_request(name, f"unknown query parameter {name!r} (expected: {spec.expected})")
-            values[name] = param.parse(args.getlist(name))
+        for name in args:
+            values[name] = spec.by_name[name].parse(args.getlist(name))
     for name in spec.required:
         if values[name] is None:
             raise bad_request(name, f"{name} is required")

@@ -188,6 +188,7 @@ def test_model_and_health(client, published):
         ("/v1/users/u1/recommendations?n=ten", "n"),
         ("/v1/users/u1/recommendations?n=1&n=2", "n"),
         ("/v1/users/u1/recommendations?count=5", "count"),
+        ("/v1/users/u1/recommendations?n=ten&count=5", "count"),  # an unknown name comes first
         ("/v1/users/u1/recommendations?min_price=-1", "min_price"),
         ("/v1/users/u1/recommendations?max_price=abc", "max_price"),
         ("/v1/users/u1/recommendations?max_price=inf", "max_price"),
