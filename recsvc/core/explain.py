@@ -243,8 +243,8 @@ def explain_items(
         if stats is not None:
             attribution += weight / std * als_attribution(scorer.item_factors, history, items, stats.gramian)
     if spec.knn > 0 and scorer.similarity is not None:
-        # (c_u S) is non-zero only on the history's neighbours: its sums there give the row's
-        # mean and spread over every item.
+        # (c_u S) is non-zero only on the history's neighbours; summed into a dense row, it gives the
+        # row's mean and spread over every item.
         rows = None
         if n_hist:
             rows = owner, column, value = _history_rows(scorer.similarity, history)
@@ -254,9 +254,8 @@ def explain_items(
             sums = np.bincount(column, weights=value * raw[owner], minlength=scorer.n_items)
             mean, std = _z(sums)
             own = sums[items]
-        else:
-            mean, std = _z(np.zeros(0), scorer.n_items)
-            own = np.zeros(len(items))
+        else:  # an all-zero row: mean 0, and _z's std of a constant row
+            mean, std, own = 0.0, 1.0, np.zeros(len(items))
         parts["item_knn"] = spec.knn * (own - mean) / std
         if n_hist:
             attribution += spec.knn / std * knn_attribution(scorer.similarity, history, items, rows)

@@ -430,12 +430,9 @@ class Recommender:
         model, record = ctx.model, ctx.record
         basis = found.basis
         if found.source is not Source.FALLBACK and basis is not None and basis.raw is None:
-            if basis.confidence is None and record is not None and record.training_row is not None:
-                indices, confidence = record.training_row
-                basis = Basis(indices, basis.vector, confidence=confidence, recent_items=basis.recent_items)
-            elif basis.confidence is None:
+            if basis.confidence is None:
                 try:
-                    indices, confidence = model.training_row(self.client, ctx.user_id)
+                    indices, confidence = self._training_row(model, record, ctx.user_id)
                 except (redis.RedisError, *REDIS_DOWN_ERRORS) as e:
                     # The list stands; its reasons then rest on the model's other parts alone.
                     log.warning("training row for explanations unavailable: %s", type(e).__name__)
@@ -445,6 +442,14 @@ class Recommender:
         if basis is not None:
             history = user_history(model, basis, record.purchased if record is not None else None)
         return explain_answer(model, found.items, found.source, history, basis.vector if basis else None)
+
+    def _training_row(
+        self, model: ServingModel, record: UserRecord | None, user_id: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The user's training row: the one read with the record when it was, else one more read."""
+        if record is not None and record.training_row is not None:
+            return record.training_row
+        return model.training_row(self.client, user_id)
 
     def _realtime(self, ctx: _Context) -> _Found | None:
         if not ctx.has_recent:
@@ -472,12 +477,9 @@ class Recommender:
         row: list[Basis] = []  # the training row, when scoring read it (explanations reuse it)
         if model.stored_scores:
             # A blend: the list carries its scores; when it runs short every item is scored from
-            # the user's training row (one more read, only then).
+            # the user's training row (read with the record when explaining, else one more read).
             def score_all() -> np.ndarray:
-                if record.training_row is not None:
-                    indices, confidence = record.training_row
-                else:
-                    indices, confidence = model.training_row(self.client, record.user_id)
+                indices, confidence = self._training_row(model, record, record.user_id)
                 raw = realtime.raw_training_row(model, indices, confidence)
                 row.append(Basis(indices, record.vector, raw=raw, confidence=confidence))
                 return model.scorer.score_one(indices, raw, record.vector)

@@ -42,7 +42,7 @@ def read_user_records(
     except redis.exceptions.NoScriptError:  # first call, or Redis restarted and lost its script cache
         client.script_load(_FETCH_SCRIPT)
         replies = client.evalsha(_FETCH_SHA, n_keys, *request_keys, user_id, n_records)
-    split = 1 + len(record_keys)
+    split = 1 + n_records
     return codec.text(replies[0]), list(replies[1:split]), [int(x) for x in replies[split:]]
 
 
